@@ -1,0 +1,227 @@
+"""The ``lorabench`` command: the only module that sees a Hydra ``DictConfig``.
+
+    lorabench train [hydra overrides...]     one run, or a sweep with -m
+    lorabench table [--format md|csv|latex]  comparison table of the records
+    lorabench methods                        registered method presets and components
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from lorabench.errors import ConfigError, DataError, ModelSourceError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+USER_ERRORS = (ConfigError, DataError, ModelSourceError)
+SWEEP_SUMMARY: list[dict] = []
+
+
+def _err(message: str) -> None:
+    print(f"lorabench: error: {message}", file=sys.stderr)
+
+
+# -- config -----------------------------------------------------------------------------------------
+def build_run(cfg_dict: dict):
+    """Plain dict (resolved config) -> validated (RunConfig, MethodSpec). Raises ConfigError."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    import lorabench.data  # noqa: F401  registers datasets
+    import lorabench.methods  # noqa: F401  registers methods
+    from lorabench.config import RunConfig, validate_run
+    from lorabench.methods.spec import resolve_method
+    from lorabench.registry import DATASETS
+
+    try:
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), cfg_dict))
+    except OmegaConfBaseException as exc:
+        cause = exc.__cause__ if isinstance(exc.__cause__, ConfigError) else None
+        if cause is not None:
+            raise cause from None
+        raise ConfigError(str(exc).splitlines()[0] + f" (at {getattr(exc, 'full_key', '?')})") from None
+    validate_run(cfg)
+    spec = resolve_method(dict(cfg.method))
+    task = DATASETS.get(cfg.dataset.name, where="dataset")
+    if task.head == "causal_lm" and cfg.model.architecture != "decoder":
+        raise ConfigError(f"dataset={cfg.dataset.name!r} needs a decoder model (generation); model={cfg.model.name!r} "
+                          f"is an {cfg.model.architecture}")
+    _check_device(cfg)
+    return cfg, spec
+
+
+def _check_device(cfg) -> None:
+    import torch
+
+    if cfg.hardware.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"hardware={cfg.hardware.name!r} needs CUDA, but torch.cuda.is_available() is False; "
+                          "use hardware=cpu")
+    if cfg.hardware.mixed_precision == "bf16" and cfg.hardware.device == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("hardware.mixed_precision='bf16' is not supported by this GPU; use 'fp16' or 'no'")
+
+
+# -- train ------------------------------------------------------------------------------------------
+def _under_launcher() -> bool:
+    return "LOCAL_RANK" in os.environ or "ACCELERATE_LAUNCHED" in os.environ
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_distributed(cfg, command: str) -> int:
+    """Re-launch this run under ``accelerate launch`` with the resolved config (every rank then
+    agrees on the run id), instead of letting each rank compose Hydra configs itself."""
+    from lorabench.results.record import run_id
+
+    cfg_dict = dataclasses.asdict(cfg)
+    run_dir = Path(cfg.results_dir) / run_id(cfg_dict)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / "launch_config.json"
+    config_path.write_text(json.dumps({"config": cfg_dict, "command": command}, indent=2))
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(cfg.hardware.num_processes),
+              "--num_machines", "1", "--multi_gpu", "--main_process_port", str(_free_port()),
+              "--mixed_precision", cfg.hardware.mixed_precision, "-m", "lorabench.worker", str(config_path)]
+    print(f"[lorabench] launching {cfg.hardware.num_processes} processes: {shlex.join(launch[2:])}")
+    env = {**os.environ, "ACCELERATE_LAUNCHED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return subprocess.call(launch, env=env)
+
+
+def run_one(cfg_dict: dict, command: str, multirun: bool) -> int:
+    """Validate and run one configuration; returns an exit code. Failures inside a sweep are
+    collected for the summary instead of stopping the sweep."""
+    from lorabench.train import RunCanceled, train
+
+    label = cfg_dict.get("method", {}).get("label", "?")
+    try:
+        cfg, spec = build_run(cfg_dict)
+    except USER_ERRORS as exc:
+        _err(str(exc))
+        SWEEP_SUMMARY.append({"run": label, "status": "invalid", "error": str(exc)})
+        return 2
+    if cfg.hardware.num_processes > 1 and not _under_launcher():
+        code = launch_distributed(cfg, command)
+        SWEEP_SUMMARY.append({"run": label, "status": "completed" if code == 0 else "failed", "error": None})
+        return code
+    try:
+        record = train(cfg, spec, command)
+    except (RunCanceled, KeyboardInterrupt) as exc:
+        _err(f"run canceled ({exc}); the record says so")
+        raise SystemExit(130)
+    except USER_ERRORS as exc:
+        _err(str(exc))
+        SWEEP_SUMMARY.append({"run": label, "status": "failed", "error": str(exc)})
+        return 2
+    except Exception as exc:  # noqa: BLE001 - the record holds the traceback
+        _err(f"run failed: {type(exc).__name__}: {exc}")
+        SWEEP_SUMMARY.append({"run": label, "status": "failed", "error": f"{type(exc).__name__}: {exc}"})
+        return 1
+    SWEEP_SUMMARY.append({"run": record["run_id"], "status": "skipped" if record.get("skipped") else record["status"],
+                          "error": None})
+    return 0
+
+
+def train_command(argv: list[str]) -> int:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from lorabench.config_store import register_schemas
+
+    register_schemas()
+    SWEEP_SUMMARY.clear()
+    command = "lorabench train " + shlex.join(argv)
+    codes: list[int] = []
+
+    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
+    def _task(cfg) -> None:
+        multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+        cfg_dict = OmegaConf.to_container(cfg, resolve=True)
+        code = run_one(cfg_dict, command, multirun)
+        codes.append(code)
+        if code and not multirun:
+            raise SystemExit(code)
+
+    sys.argv = ["lorabench train", *argv]
+    _task()
+    if len(SWEEP_SUMMARY) > 1:
+        print("\n[lorabench] sweep summary:")
+        for row in SWEEP_SUMMARY:
+            print(f"  {row['status']:>9}  {row['run']}" + (f"  ({row['error']})" if row["error"] else ""))
+    return max(codes, default=0)
+
+
+# -- table / methods --------------------------------------------------------------------------------
+def table_command(argv: list[str]) -> int:
+    from lorabench.results.table import FORMATS, build_table
+
+    parser = argparse.ArgumentParser(prog="lorabench table", description="Comparison table of run records.")
+    parser.add_argument("--results-dir", default="results/runs", help="folder searched for record.json files")
+    parser.add_argument("--format", default="md", choices=FORMATS)
+    parser.add_argument("--method", action="append", help="keep only these method labels (repeatable)")
+    parser.add_argument("--model", action="append", help="keep only these models (repeatable)")
+    parser.add_argument("--dataset", action="append", help="keep only these datasets (repeatable)")
+    args = parser.parse_args(argv)
+    if not Path(args.results_dir).is_dir():
+        _err(f"--results-dir {args.results_dir!r} does not exist")
+        return 2
+    text, problems = build_table(Path(args.results_dir), args.format, args.method, args.model, args.dataset)
+    for path, problem in problems:
+        print(f"lorabench: skipped {path}: {problem}", file=sys.stderr)
+    print(text)
+    return 0
+
+
+def methods_command(argv: list[str]) -> int:
+    from lorabench.methods.catalog import method_rows
+
+    argparse.ArgumentParser(prog="lorabench methods", description="Registered method presets.").parse_args(argv)
+    rows = method_rows(CONF_DIR / "method")
+    header = ("preset", "family", "backed by", "components", "paper")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+    return 0
+
+
+COMMANDS = {"train": train_command, "table": table_command, "methods": methods_command}
+USAGE = """usage: lorabench <command> [args]
+
+commands:
+  train    run one experiment, or a sweep with -m (Hydra overrides: method=galore dataset=sst2 ...)
+           `lorabench train --help` lists the config groups and options
+  table    comparison table of the run records (markdown, csv or latex)
+  methods  registered method presets: family, backing library, paper
+
+examples:
+  lorabench train method=galore
+  lorabench train method=lora method.rank=16 dataset=sst2 model=minilm_l6 train.max_steps=200
+  lorabench train -m method=full,lora,galore seed=0,1
+  lorabench table --format csv
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        raise SystemExit(0)
+    command = COMMANDS.get(argv[0])
+    if command is None:
+        _err(f"unknown command {argv[0]!r}; valid choices: {', '.join(COMMANDS)}")
+        raise SystemExit(2)
+    raise SystemExit(command(argv[1:]))
+
+
+if __name__ == "__main__":
+    main()

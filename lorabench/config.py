@@ -1,0 +1,184 @@
+"""Dataclass schemas for a run. YAML under ``conf/`` only selects options and overrides values.
+
+``cli.py`` composes the Hydra config, converts it once with ``OmegaConf.to_object`` (so each
+``__post_init__`` validates its own fields) and then calls :func:`validate_run` for the checks
+that span several groups. Nothing downstream sees a Hydra ``DictConfig``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from lorabench.errors import ConfigError
+
+
+def check_choice(where: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{where}={value!r} is invalid; valid choices: {', '.join(map(str, choices))}")
+
+
+def check_positive(where: str, value: float | int, allow_zero: bool = False) -> None:
+    if value is None or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{where}={value!r} is invalid; it must be {bound}")
+
+
+@dataclass
+class ModelConfig:
+    """Which pretrained model to fine-tune and where its weights come from."""
+
+    name: str = "minilm_l6"
+    hub_id: Optional[str] = None  # primary source
+    name_or_path: Optional[str] = None  # user override: a local folder or another hub id
+    revision: Optional[str] = None
+    source: str = "auto"  # auto: name_or_path -> hub -> offline package; or force one of them
+    offline: Optional[str] = None  # name of an offline source in lorabench.models.OFFLINE_SOURCES
+    random_init: Optional[str] = None  # name of a tiny config builder (random weights, for tests)
+    architecture: str = "encoder"  # encoder | decoder | encoder_decoder
+    target_modules: list[str] = field(default_factory=list)  # default adapter/projection targets
+    trust_remote_code: bool = False
+
+    SOURCES = ("auto", "hub", "local", "offline", "random")
+    ARCHITECTURES = ("encoder", "decoder", "encoder_decoder")
+
+    def __post_init__(self) -> None:
+        check_choice("model.source", self.source, self.SOURCES)
+        check_choice("model.architecture", self.architecture, self.ARCHITECTURES)
+
+
+@dataclass
+class DatasetConfig:
+    """Which task, from which source, and the protocol that travels with its score."""
+
+    name: str = "sst2"
+    data_dir: Optional[str] = None  # local folder in the dataset's official file format
+    hub_id: Optional[str] = None
+    source: str = "auto"  # auto: data_dir -> hub; or hub | local | generated
+    max_length: int = 128
+    train_size: Optional[int] = None  # fixed subset of the training split (None = all)
+    eval_size: Optional[int] = None  # fixed subset of the evaluation split (None = all)
+    subset_seed: int = 0  # the subsets do not change with the run seed
+    prompt_template: str = "plain"
+    max_new_tokens: int = 256
+    num_beams: int = 1
+    eval_batch_size: int = 32
+    primary_metric: Optional[str] = None  # override the task's default primary metric
+
+    SOURCES = ("auto", "hub", "local", "generated")
+
+    def __post_init__(self) -> None:
+        check_choice("dataset.source", self.source, self.SOURCES)
+        check_positive("dataset.max_length", self.max_length)
+        check_positive("dataset.max_new_tokens", self.max_new_tokens)
+        check_positive("dataset.num_beams", self.num_beams)
+        check_positive("dataset.eval_batch_size", self.eval_batch_size)
+        for key in ("train_size", "eval_size"):
+            if getattr(self, key) is not None:
+                check_positive(f"dataset.{key}", getattr(self, key))
+
+
+@dataclass
+class TrainConfig:
+    """The science of the optimisation: batch, steps, learning rate and schedule."""
+
+    max_steps: int = 100  # 0 evaluates the untouched model (zero-shot baseline)
+    global_batch_size: int = 16
+    lr: float = 1e-4  # a method preset may set method.lr to override this default
+    weight_decay: float = 0.0
+    schedule: str = "linear"
+    warmup_ratio: float = 0.06
+    max_grad_norm: Optional[float] = 1.0
+    eval_every: int = 0  # steps between evaluations; 0 = evaluate once, at the end
+    log_every: int = 10
+    report: str = "last"  # which evaluation the table reports: last | best (both are recorded)
+    init_batches: int = 8  # training batches that data- and gradient-driven initialisers may see
+
+    SCHEDULES = ("linear", "cosine", "constant")
+    REPORTS = ("last", "best")
+
+    def __post_init__(self) -> None:
+        check_positive("train.max_steps", self.max_steps, allow_zero=True)
+        check_positive("train.global_batch_size", self.global_batch_size)
+        check_positive("train.lr", self.lr)
+        check_positive("train.weight_decay", self.weight_decay, allow_zero=True)
+        check_choice("train.schedule", self.schedule, self.SCHEDULES)
+        check_choice("train.report", self.report, self.REPORTS)
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"train.warmup_ratio={self.warmup_ratio!r} is invalid; it must be in [0, 1)")
+        if self.max_grad_norm is not None:
+            check_positive("train.max_grad_norm", self.max_grad_norm)
+        check_positive("train.eval_every", self.eval_every, allow_zero=True)
+        check_positive("train.log_every", self.log_every)
+        check_positive("train.init_batches", self.init_batches)
+
+
+@dataclass
+class HardwareConfig:
+    """Where and how the run executes; changing it must not change the science."""
+
+    name: str = "cpu"
+    device: str = "cpu"  # cpu | cuda
+    num_processes: int = 1
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    micro_batch_size: int = 8
+    gradient_checkpointing: bool = False
+    num_threads: Optional[int] = None
+
+    DEVICES = ("cpu", "cuda")
+    PRECISIONS = ("no", "bf16", "fp16")
+
+    def __post_init__(self) -> None:
+        check_choice("hardware.device", self.device, self.DEVICES)
+        check_choice("hardware.mixed_precision", self.mixed_precision, self.PRECISIONS)
+        check_positive("hardware.num_processes", self.num_processes)
+        check_positive("hardware.micro_batch_size", self.micro_batch_size)
+        if self.num_threads is not None:
+            check_positive("hardware.num_threads", self.num_threads)
+
+
+@dataclass
+class RunConfig:
+    """One run = model x method x dataset x train x hardware, plus a seed."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: dict[str, Any] = field(default_factory=dict)  # validated by lorabench.methods.spec
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    seed: int = 0
+    results_dir: str = "results/runs"
+    force: bool = False  # rerun even if a record for this run id exists
+    progress: bool = True
+    tracker: str = "none"  # none | wandb
+
+    TRACKERS = ("none", "wandb")
+
+    def __post_init__(self) -> None:
+        check_choice("tracker", self.tracker, self.TRACKERS)
+        check_positive("seed", self.seed, allow_zero=True)
+
+    def gradient_accumulation(self) -> int:
+        per_step = self.hardware.micro_batch_size * self.hardware.num_processes
+        return self.train.global_batch_size // per_step
+
+
+def validate_run(cfg: RunConfig) -> None:
+    """Cross-group checks that no single dataclass can make. Raises ``ConfigError``."""
+    hw, tr, model = cfg.hardware, cfg.train, cfg.model
+    if not (model.hub_id or model.name_or_path or model.offline or model.random_init):
+        raise ConfigError(f"model {model.name!r} has no source: set model.name_or_path to a local folder or hub id")
+    per_step = hw.micro_batch_size * hw.num_processes
+    if tr.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={tr.global_batch_size} is not divisible by "
+            f"hardware.micro_batch_size x hardware.num_processes = {hw.micro_batch_size} x "
+            f"{hw.num_processes} = {per_step}; choose a global batch that is a multiple of {per_step}"
+        )
+    if hw.mixed_precision == "fp16" and hw.device == "cpu":
+        raise ConfigError("hardware.mixed_precision='fp16' needs hardware.device='cuda'; use 'bf16' or 'no' on CPU")
+    if tr.eval_every and tr.max_steps and tr.eval_every > tr.max_steps:
+        raise ConfigError(
+            f"train.eval_every={tr.eval_every} is larger than train.max_steps={tr.max_steps}; "
+            "use 0 to evaluate only at the end"
+        )

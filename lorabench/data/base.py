@@ -1,0 +1,111 @@
+"""The dataset interface every task family implements, and the shared collate/subset helpers.
+
+A family (``glue.py``, ``gsm8k.py``, ...) registers one :class:`Task` per dataset option. A task
+loads raw examples from its source, turns training examples into token features, predicts on raw
+evaluation examples (the loop shards them over processes) and scores the gathered predictions with
+its official metric. Its ``version`` must be bumped whenever
+the prompt, preprocessing or metric changes; it travels with every score in the record.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from lorabench.config import DatasetConfig
+from lorabench.errors import ConfigError, DataError
+
+
+@dataclass
+class Splits:
+    """Raw examples of one dataset plus where they came from."""
+
+    train: list[dict]
+    eval: list[dict]
+    source: dict  # e.g. {"kind": "local", "path": ...} or {"kind": "hub", "hub_id": ..., "revision": ...}
+    train_split: str = "train"
+    eval_split: str = "validation"
+    notes: list[str] = field(default_factory=list)
+
+
+class Task(Protocol):
+    name: str
+    version: str
+    head: str  # "classification" (sequence-classification head) or "causal_lm"
+    num_labels: int | None
+    metrics: tuple[str, ...]
+    primary_metric: str
+    higher_is_better: dict[str, bool]
+
+    def load(self, cfg: DatasetConfig) -> Splits: ...
+
+    def features(self, example: dict, tokenizer: Any, cfg: DatasetConfig) -> dict: ...
+
+    def predict(self, model, tokenizer, examples: list[dict], cfg: DatasetConfig, device) -> list: ...
+
+    def score(self, predictions: list, examples: list[dict]) -> dict[str, float]: ...
+
+    def protocol(self, cfg: DatasetConfig) -> dict: ...
+
+
+def subset(examples: list[dict], size: int | None, seed: int) -> list[dict]:
+    """A fixed random subset (same for every run seed), or everything when size is None."""
+    if size is None or size >= len(examples):
+        return examples
+    rng = random.Random(seed)
+    return [examples[i] for i in sorted(rng.sample(range(len(examples)), size))]
+
+
+def require_file(path: Path, dataset: str) -> Path:
+    if not path.is_file():
+        raise DataError(f"dataset {dataset!r}: expected file {path} is missing")
+    return path
+
+
+def check_columns(path: Path, found: list[str], required: list[str]) -> None:
+    missing = [c for c in required if c not in found]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; found {found}")
+
+
+def resolve_primary(task: Task, cfg: DatasetConfig) -> str:
+    primary = cfg.primary_metric or task.primary_metric
+    if primary not in task.metrics:
+        raise ConfigError(
+            f"dataset.primary_metric={primary!r} is not a metric of {task.name!r}; "
+            f"valid choices: {', '.join(task.metrics)}"
+        )
+    return primary
+
+
+def collate(features: list[dict], pad_token_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
+    """Pad a list of token features into a batch. ``labels`` are padded with -100 when they are
+    sequences (language modelling) and stacked when they are class ids or regression targets."""
+    width = max(len(f["input_ids"]) for f in features)
+    batch: dict[str, list] = {"input_ids": [], "attention_mask": []}
+    seq_labels = "labels" in features[0] and isinstance(features[0]["labels"], list)
+    if seq_labels:
+        batch["labels"] = []
+    for f in features:
+        pad = width - len(f["input_ids"])
+        left = padding_side == "left"
+
+        def padded(seq, value):
+            return [value] * pad + list(seq) if left else list(seq) + [value] * pad
+
+        batch["input_ids"].append(padded(f["input_ids"], pad_token_id))
+        batch["attention_mask"].append(padded([1] * len(f["input_ids"]), 0))
+        if seq_labels:
+            batch["labels"].append(padded(f["labels"], -100))
+    out = {k: torch.tensor(v) for k, v in batch.items()}
+    if "labels" in features[0] and not seq_labels:
+        out["labels"] = torch.tensor([f["labels"] for f in features])
+    return out
+
+
+def count_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return int(batch["attention_mask"].sum())

@@ -1,0 +1,174 @@
+"""GLUE (Wang et al., 2018) for encoder models with a classification or regression head.
+
+Sources: the hub dataset ``nyu-mll/glue`` or a local folder with the official GLUE TSV files
+(``dataset.data_dir=``, e.g. ``SST-2/`` holding ``train.tsv`` and ``dev.tsv``). Official metrics:
+Matthews correlation (CoLA), accuracy and F1 (MRPC, QQP), Pearson and Spearman (STS-B, regression),
+accuracy (the others). Labels follow the hub's integer ids on both sources.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lorabench.config import DatasetConfig
+from lorabench.data.base import Splits, check_columns, collate, require_file, resolve_primary, subset
+from lorabench.errors import DataError
+from lorabench.evaluation.classification import compute
+from lorabench.hub import hub_reachable
+from lorabench.registry import DATASETS
+
+csv.field_size_limit(sys.maxsize)
+
+NLI3 = {"entailment": 0, "neutral": 1, "contradiction": 2}
+NLI2 = {"entailment": 0, "not_entailment": 1}
+HIGHER_IS_BETTER = {"accuracy": True, "f1": True, "matthews_correlation": True, "pearson": True, "spearmanr": True}
+
+
+@dataclass
+class GlueTask:
+    """One GLUE task: where its files and columns are, how labels map, and how it is scored."""
+
+    name: str
+    hub_config: str
+    folder: str  # the official folder name inside the GLUE distribution
+    text_columns: tuple[str, ...]  # local TSV columns
+    hub_columns: tuple[str, ...]
+    label_column: str
+    metrics: tuple[str, ...]
+    primary_metric: str
+    num_labels: int
+    label_map: dict[str, int] | None = None  # local string labels -> hub ids; None = already ints
+    header: tuple[str, ...] | None = None  # for files shipped without a header row (CoLA)
+    train_file: str = "train.tsv"
+    eval_file: str = "dev.tsv"
+    hub_eval_split: str = "validation"
+    version: str = "1"
+    head: str = "classification"
+    higher_is_better: dict[str, bool] = field(default_factory=lambda: dict(HIGHER_IS_BETTER))
+
+    # -- loading ---------------------------------------------------------------------------------
+    def load(self, cfg: DatasetConfig) -> Splits:
+        use_local = cfg.source == "local" or (cfg.source == "auto" and cfg.data_dir)
+        if use_local:
+            if not cfg.data_dir:
+                raise DataError(f"dataset.source=local needs dataset.data_dir for {self.name!r}")
+            root = Path(cfg.data_dir)
+            if not root.is_dir():
+                raise DataError(f"dataset.data_dir={cfg.data_dir!r} does not exist or is not a folder")
+            if (root / self.folder).is_dir() and not (root / self.train_file).exists():
+                root = root / self.folder
+            train = self._read_tsv(require_file(root / self.train_file, self.name))
+            evals = self._read_tsv(require_file(root / self.eval_file, self.name))
+            source = {"kind": "local", "path": str(root.resolve()), "format": "GLUE tsv"}
+            splits = Splits(train, evals, source, "train", Path(self.eval_file).stem)
+        else:
+            splits = self._load_hub(cfg)
+        if not splits.train or not splits.eval:
+            raise DataError(f"dataset {self.name!r} has an empty split (train={len(splits.train)}, eval={len(splits.eval)})")
+        splits.train = subset(splits.train, cfg.train_size, cfg.subset_seed)
+        splits.eval = subset(splits.eval, cfg.eval_size, cfg.subset_seed)
+        return splits
+
+    def _read_tsv(self, path: Path) -> list[dict]:
+        with path.open(encoding="utf-8", newline="") as fh:
+            reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
+            header = list(self.header) if self.header else next(reader, [])
+            check_columns(path, header, [*self.text_columns, self.label_column])
+            idx = [header.index(c) for c in self.text_columns]
+            label_idx = header.index(self.label_column)
+            rows = []
+            for line_no, row in enumerate(reader, start=1 if self.header else 2):
+                if len(row) < len(header):
+                    raise DataError(f"{path}:{line_no}: expected {len(header)} tab-separated fields, found {len(row)}")
+                rows.append({"texts": [row[i] for i in idx], "label": self._label(row[label_idx], path, line_no)})
+        return rows
+
+    def _label(self, raw: str, path: Path, line_no: int) -> float | int:
+        try:
+            if self.num_labels == 1:
+                return float(raw)
+            if self.label_map is not None:
+                return self.label_map[raw]
+            return int(raw)
+        except (KeyError, ValueError):
+            valid = list(self.label_map) if self.label_map else "integers" if self.num_labels > 1 else "floats"
+            raise DataError(f"{path}:{line_no}: label {raw!r} is not one of {valid}") from None
+
+    def _load_hub(self, cfg: DatasetConfig) -> Splits:
+        reachable, reason = hub_reachable()
+        if not reachable:
+            raise DataError(
+                f"dataset {self.name!r}: the hub is unreachable ({reason}); download GLUE {self.folder} "
+                "and pass dataset.data_dir=<folder with train.tsv and dev.tsv>"
+            )
+        import datasets
+
+        hub_id = cfg.hub_id or "nyu-mll/glue"
+        ds = datasets.load_dataset(hub_id, self.hub_config)
+
+        def rows(split):
+            return [{"texts": [ex[c] for c in self.hub_columns], "label": ex["label"]} for ex in ds[split]]
+
+        revision = getattr(ds["train"].info, "version", None)
+        source = {"kind": "hub", "hub_id": hub_id, "config": self.hub_config, "version": str(revision)}
+        return Splits(rows("train"), rows(self.hub_eval_split), source, "train", self.hub_eval_split)
+
+    # -- features and evaluation -----------------------------------------------------------------
+    def features(self, example: dict, tokenizer, cfg: DatasetConfig) -> dict:
+        enc = tokenizer(*example["texts"], truncation=True, max_length=cfg.max_length)
+        return {"input_ids": enc["input_ids"], "labels": example["label"]}
+
+    @torch.no_grad()
+    def predict(self, model, tokenizer, examples: list[dict], cfg: DatasetConfig, device) -> list:
+        """Class ids (argmax of the logits), or scores for the regression task (STS-B)."""
+        preds = []
+        for start in range(0, len(examples), cfg.eval_batch_size):
+            chunk = examples[start : start + cfg.eval_batch_size]
+            batch = collate([self.features(e, tokenizer, cfg) for e in chunk], tokenizer.pad_token_id)
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits.float()
+            out = logits.squeeze(-1) if self.num_labels == 1 else logits.argmax(-1)
+            preds.extend(out.cpu().tolist())
+        return preds
+
+    def score(self, predictions: list, examples: list[dict]) -> dict:
+        return compute(self.metrics, predictions, [e["label"] for e in examples])
+
+    def protocol(self, cfg: DatasetConfig) -> dict:
+        return {"max_length": cfg.max_length, "prompt_template": None, "decoding": None,
+                "primary_metric": resolve_primary(self, cfg)}
+
+
+def _register(task: GlueTask) -> None:
+    DATASETS.register(task.name)(task)
+
+
+_ACC = ("accuracy",)
+for _task in [
+    GlueTask("cola", "cola", "CoLA", ("sentence",), ("sentence",), "label", ("matthews_correlation",),
+             "matthews_correlation", 2, header=("source", "label", "label_orig", "sentence")),
+    GlueTask("sst2", "sst2", "SST-2", ("sentence",), ("sentence",), "label", _ACC, "accuracy", 2),
+    GlueTask("mrpc", "mrpc", "MRPC", ("#1 String", "#2 String"), ("sentence1", "sentence2"), "Quality",
+             ("accuracy", "f1"), "accuracy", 2),
+    GlueTask("stsb", "stsb", "STS-B", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "score",
+             ("pearson", "spearmanr"), "pearson", 1),
+    GlueTask("qqp", "qqp", "QQP", ("question1", "question2"), ("question1", "question2"), "is_duplicate",
+             ("accuracy", "f1"), "accuracy", 2),
+    GlueTask("mnli", "mnli", "MNLI", ("sentence1", "sentence2"), ("premise", "hypothesis"), "gold_label",
+             _ACC, "accuracy", 3, label_map=NLI3, eval_file="dev_matched.tsv", hub_eval_split="validation_matched"),
+    GlueTask("mnli_mm", "mnli", "MNLI", ("sentence1", "sentence2"), ("premise", "hypothesis"), "gold_label",
+             _ACC, "accuracy", 3, label_map=NLI3, eval_file="dev_mismatched.tsv",
+             hub_eval_split="validation_mismatched"),
+    GlueTask("qnli", "qnli", "QNLI", ("question", "sentence"), ("question", "sentence"), "label", _ACC,
+             "accuracy", 2, label_map=NLI2),
+    GlueTask("rte", "rte", "RTE", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "label", _ACC,
+             "accuracy", 2, label_map=NLI2),
+    GlueTask("wnli", "wnli", "WNLI", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "label", _ACC,
+             "accuracy", 2),
+]:
+    _register(_task)

@@ -1,0 +1,132 @@
+"""The contracts of the four method axes and the context they receive.
+
+A published method is a combination of components (DESIGN.md): an adapter (what trains), an
+initializer (how the adapter starts), an optimizer (how gradients become updates) and a procedure
+(what trains when). Each component is a class registered under a name, with a ``Params`` dataclass
+that declares its hyper-parameters and their defaults (the papers' where there are any), and class
+attributes ``paper`` (citation) and ``backed_by`` (``peft``, ``transformers``, ``galore-torch``,
+``torch`` or ``lorabench``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+
+@dataclass
+class MethodContext:
+    """What components may look at while they build. ``calibration_batches()`` yields a few real
+    training batches (``train.init_batches`` of them) for data- and gradient-driven inits."""
+
+    target_modules: list[str]
+    head: str  # "classification" or "causal_lm"
+    lr: float
+    weight_decay: float
+    max_steps: int
+    seed: int
+    calibration_batches: Callable[[], Iterator[dict[str, torch.Tensor]]] = lambda: iter(())
+    extras: dict[str, Any] = field(default_factory=dict)  # things a component reports to the record
+
+
+@dataclass
+class NoParams:
+    """For components without hyper-parameters."""
+
+
+class Adapter:
+    """Wraps target modules of a model; afterwards only the parameters meant to train require grad."""
+
+    Params: type = NoParams
+    paper: str = ""
+    backed_by: str = "lorabench"
+
+    def apply(self, model: nn.Module, params: Any, ctx: MethodContext, init_kwargs: dict) -> nn.Module:
+        raise NotImplementedError
+
+
+class Initializer:
+    """Changes how an adapter starts. ``adapter_kwargs`` feed the adapter's constructor (e.g. peft's
+    ``init_lora_weights``); ``before_adapter`` / ``after_adapter`` may look at calibration batches."""
+
+    Params: type = NoParams
+    paper: str = ""
+    backed_by: str = "lorabench"
+
+    def adapter_kwargs(self, params: Any) -> dict:
+        return {}
+
+    def before_adapter(self, model: nn.Module, params: Any, ctx: MethodContext) -> None:
+        return None
+
+    def after_adapter(self, model: nn.Module, params: Any, ctx: MethodContext) -> None:
+        return None
+
+
+class OptimizerBuilder:
+    """Builds the optimizer over the model's trainable parameters."""
+
+    Params: type = NoParams
+    paper: str = ""
+    backed_by: str = "torch"
+
+    def build(self, model: nn.Module, params: Any, ctx: MethodContext) -> torch.optim.Optimizer:
+        raise NotImplementedError
+
+
+class Procedure:
+    """Changes what trains when. The loop calls the hooks at the named points."""
+
+    Params: type = NoParams
+    paper: str = ""
+    backed_by: str = "lorabench"
+
+    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, params: Any, ctx: MethodContext) -> None:
+        return None
+
+    def after_backward(self, step: int) -> None:
+        """After the last backward of an optimizer step, before clipping and ``optimizer.step()``."""
+
+    def on_step_end(self, step: int) -> None:
+        """After ``optimizer.step()`` and the scheduler step."""
+
+    def state(self) -> dict:
+        return {}
+
+
+def trainable_parameters(model: nn.Module) -> Iterable[tuple[str, nn.Parameter]]:
+    return ((n, p) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def decay_groups(model: nn.Module, weight_decay: float, exclude: set[int] = frozenset()) -> list[dict]:
+    """AdamW param groups: no weight decay on biases and norms (1-D tensors)."""
+    decay, no_decay = [], []
+    for _, p in trainable_parameters(model):
+        if id(p) in exclude:
+            continue
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def target_linear_weights(model: nn.Module, targets: list[str]) -> list[tuple[str, nn.Parameter]]:
+    """2-D weights of the linear modules whose name ends with one of ``targets``."""
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
+            found.append((f"{name}.weight", module.weight))
+    return found
+
+
+HEAD_MODULES = ("classifier", "score")
+
+
+def head_parameter_count(model: nn.Module, head: str) -> int:
+    """Parameters of a freshly initialised classification head (peft trains it in full for SEQ_CLS);
+    0 for causal LMs, whose LM head is pretrained and stays frozen."""
+    if head != "classification":
+        return 0
+    return sum(p.numel() for name, p in model.named_parameters() if name.split(".")[0] in HEAD_MODULES)

@@ -1,0 +1,48 @@
+"""Apply a resolved method to a model: initializer -> adapter -> optimizer -> procedure.
+
+Shared by the training loop and the tests, so both exercise exactly the same path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorabench.methods.base import MethodContext
+from lorabench.methods.spec import MethodSpec
+
+
+@dataclass
+class BuiltMethod:
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    procedure: Any | None  # a Procedure instance, or None
+
+
+def apply_method(model: nn.Module, spec: MethodSpec, ctx: MethodContext) -> BuiltMethod:
+    init, adapter = spec.components.get("init"), spec.components.get("adapter")
+    if init:
+        init.before_adapter(model, spec.params["init"], ctx)
+    if adapter:
+        init_kwargs = init.adapter_kwargs(spec.params["init"]) if init else {}
+        model = adapter.apply(model, spec.params["adapter"], ctx, init_kwargs)
+    if init:
+        init.after_adapter(model, spec.params["init"], ctx)
+    optimizer = spec.components["optimizer"].build(model, spec.params["optimizer"], ctx)
+    procedure = spec.components.get("procedure")
+    if procedure:
+        procedure.setup(model, optimizer, spec.params["procedure"], ctx)
+    return BuiltMethod(model, optimizer, procedure)
+
+
+def expected_trainable(base_model: nn.Module, spec: MethodSpec, ctx: MethodContext) -> int | None:
+    """The method's closed-form trainable-parameter count on ``base_model`` (before it is wrapped),
+    from the adapter's ``expected_trainable``; without an adapter every parameter trains."""
+    adapter = spec.components.get("adapter")
+    if adapter is None:
+        return sum(p.numel() for p in base_model.parameters())
+    formula = getattr(adapter, "expected_trainable", None)
+    return None if formula is None else formula(base_model, spec.params["adapter"], ctx)

@@ -1,0 +1,23 @@
+"""The rows of ``lorabench methods``: every preset in conf/method, resolved through the registries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+import lorabench.methods  # noqa: F401  registers components
+from lorabench.methods.spec import resolve_method
+
+
+def load_presets(method_dir: Path) -> dict[str, dict]:
+    return {p.stem: OmegaConf.to_container(OmegaConf.load(p), resolve=True) for p in sorted(method_dir.glob("*.yaml"))}
+
+
+def method_rows(method_dir: Path) -> list[tuple[str, ...]]:
+    rows = []
+    for name, raw in load_presets(method_dir).items():
+        spec = resolve_method(raw)
+        parts = "+".join(f"{axis}:{n}" for axis, n in spec.names.items() if n != "none")
+        rows.append((name, spec.family, spec.backed_by(), parts, spec.paper))
+    return rows

@@ -1,0 +1,56 @@
+"""GaLore (Zhao et al., 2024, "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
+Projection") through the authors' ``galore-torch`` package.
+
+Update rule, per targeted 2-D weight W (m x n): every T steps P = top-r singular vectors of the
+current gradient G (left if m < n, else right); R = P^T G (or G P^T); Adam moments live on R only;
+W -= lr * scale * P Adam(R) (projected back). Every other trainable parameter uses plain AdamW.
+Hyper-parameters (GLUE README): rank 4 or 8, update_proj_gap 500 (pre-training: 200),
+scale 4 on GLUE (pre-training: 0.25), proj_type std.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lorabench.config import check_choice, check_positive
+from lorabench.methods.base import MethodContext, OptimizerBuilder, decay_groups, target_linear_weights
+from lorabench.registry import OPTIMIZERS
+
+PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+
+
+@dataclass
+class GaLoreParams:
+    rank: int = 8
+    update_proj_gap: int = 200
+    scale: float = 0.25
+    proj_type: str = "std"
+
+    def __post_init__(self) -> None:
+        check_positive("method.rank", self.rank)
+        check_positive("method.update_proj_gap", self.update_proj_gap)
+        check_positive("method.scale", self.scale)
+        check_choice("method.proj_type", self.proj_type, PROJ_TYPES)
+
+
+def galore_param_groups(model, params: GaLoreParams, ctx: MethodContext) -> list[dict]:
+    """Targeted 2-D weights in one GaLore group; the rest in ordinary AdamW groups."""
+    projected = [p for _, p in target_linear_weights(model, ctx.target_modules) if p.requires_grad]
+    groups = decay_groups(model, ctx.weight_decay, exclude={id(p) for p in projected})
+    groups.append({"params": projected, "weight_decay": ctx.weight_decay, "rank": params.rank,
+                   "update_proj_gap": params.update_proj_gap, "scale": params.scale, "proj_type": params.proj_type})
+    return groups
+
+
+@OPTIMIZERS.register("galore_torch")
+class GaLoreTorch(OptimizerBuilder):
+    Params = GaLoreParams
+    paper = "Zhao et al., 2024, arXiv:2403.03507"
+    backed_by = "galore-torch"
+
+    def build(self, model, params: GaLoreParams, ctx: MethodContext) -> torch.optim.Optimizer:
+        from galore_torch import GaLoreAdamW
+
+        return GaLoreAdamW(galore_param_groups(model, params, ctx), lr=ctx.lr, no_deprecation_warning=True)

@@ -1,0 +1,1 @@
+"""Result records: schema, atomic writes, reading, tables."""

@@ -1,0 +1,98 @@
+"""The run record: one JSON file per run, written atomically for success, failure and cancel alike.
+
+Schema (version 1), snake_case keys:
+  schema_version, run_id, status (running | completed | failed | canceled), error {type, message},
+  started_at, finished_at, config (fully resolved), config_hash, command,
+  method {label, family, paper, adapter, init, optimizer, procedure, backed_by, params},
+  model {name, source}, dataset {name, version, source, train_split, eval_split, train_size,
+  eval_size, protocol}, metrics {primary, higher_is_better, report, final, best {step, ...}},
+  history [{step, metrics}], train_log [{step, loss, lr}], samples [...],
+  cost {wall_time_s, init_time_s, train_time_s, eval_time_s, tokens_per_s, train_tokens,
+  peak_memory {cpu_peak_rss_bytes, cuda_allocated_bytes, cuda_reserved_bytes}, trainable_params,
+  total_params, optimizer_state_bytes, adapter_file_bytes}, method_report {...},
+  hardware {device, num_processes, mixed_precision, micro_batch_size, gradient_accumulation,
+  global_batch_size, torch_threads}, provenance {versions, git_commit, git_dirty, python, platform}.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+SCHEMA_VERSION = 1
+STATUSES = ("running", "completed", "failed", "canceled")
+RECORD_NAME = "record.json"
+# Config keys that do not change what a run computes, so they are left out of the run id.
+NON_SCIENCE_KEYS = ("results_dir", "force", "progress", "tracker")
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def config_hash(config: dict) -> str:
+    science = {k: v for k, v in config.items() if k not in NON_SCIENCE_KEYS}
+    blob = json.dumps(science, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def run_id(config: dict) -> str:
+    """Deterministic and readable: method-dataset-model-seed-hash."""
+    label = str(config["method"].get("label", "method"))
+    return f"{label}-{config['dataset']['name']}-{config['model']['name']}-s{config['seed']}-{config_hash(config)[:10]}"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Temp file in the same folder, fsync, rename: readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, sort_keys=False, default=str)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_record(path: Path) -> dict:
+    with Path(path).open(encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def iter_records(root: Path) -> Iterator[tuple[Path, dict | None, str | None]]:
+    """Every ``record.json`` under ``root`` as (path, record or None, problem or None)."""
+    for path in sorted(Path(root).rglob(RECORD_NAME)):
+        try:
+            record = read_record(path)
+        except (OSError, json.JSONDecodeError) as exc:
+            yield path, None, f"unreadable record ({exc})"
+            continue
+        problem = validate_record(record)
+        yield path, (record if problem is None else None), problem
+
+
+REQUIRED_KEYS = ("schema_version", "run_id", "status", "config", "config_hash", "method", "model", "dataset",
+                 "metrics", "cost", "hardware", "provenance")
+
+
+def validate_record(record: Any) -> str | None:
+    """None if the record is usable, else what is wrong with it."""
+    if not isinstance(record, dict):
+        return "record is not a JSON object"
+    missing = [k for k in REQUIRED_KEYS if k not in record]
+    if missing:
+        return f"record lacks {missing}"
+    if record["schema_version"] != SCHEMA_VERSION:
+        return f"schema_version {record['schema_version']!r} is not {SCHEMA_VERSION}"
+    if record["status"] not in STATUSES:
+        return f"status {record['status']!r} is not one of {STATUSES}"
+    return None

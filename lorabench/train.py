@@ -1,0 +1,352 @@
+"""THE training loop: build -> init -> optimizer -> accelerator.prepare -> train/eval -> record.
+
+One flat function, :func:`train`, on Hugging Face Accelerate. Methods act only at the named points:
+``Initializer.before_adapter`` / ``after_adapter`` (with a few real training batches), the
+optimizer they build, and ``Procedure.after_backward`` (after the last backward of a step, before
+clipping and ``optimizer.step()``) and ``Procedure.on_step_end``. Every run leaves a record, also
+when it fails or is interrupted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import os
+import signal
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from lorabench.config import RunConfig
+from lorabench.data.base import collate, count_tokens, resolve_primary
+from lorabench.measure import PeakMemory, optimizer_state_bytes, parameter_counts, provenance
+from lorabench.methods.base import MethodContext
+from lorabench.methods.build import apply_method
+from lorabench.methods.spec import MethodSpec
+from lorabench.models import load_model
+from lorabench.registry import DATASETS
+from lorabench.results.record import RECORD_NAME, SCHEMA_VERSION, config_hash, now, read_record, run_id, write_json_atomic
+
+HEAD_MODULES = ("classifier", "score", "lm_head", "qa_outputs")
+
+
+class RunCanceled(Exception):
+    """Raised in the main thread by the first SIGTERM/SIGINT; a second signal exits at once."""
+
+
+def _install_signal_handlers() -> dict:
+    received = {"count": 0}
+
+    def handler(signum, _frame):
+        received["count"] += 1
+        if received["count"] > 1:
+            os._exit(128 + signum)
+        raise RunCanceled(f"received {signal.Signals(signum).name}")
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    return previous
+
+
+def resolve_targets(spec: MethodSpec, default: list[str], model: torch.nn.Module) -> list[str]:
+    """Module-name suffixes the method targets: the model's defaults, every linear layer except the
+    task head ("all-linear"), or an explicit list (checked against the model)."""
+    linear_names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    if spec.target_modules == "default":
+        targets = list(default)
+    elif spec.target_modules == "all-linear":
+        targets = sorted({n.split(".")[-1] for n in linear_names} - set(HEAD_MODULES))
+    else:
+        targets = list(spec.target_modules)
+    suffixes = {n.split(".")[-1] for n in linear_names} | set(linear_names)
+    missing = [t for t in targets if t not in suffixes and not any(n.endswith("." + t) for n in linear_names)]
+    if missing or not targets:
+        raise ValueError(f"method.target_modules {missing or targets} match no linear layer of the model; "
+                         f"linear layers are named: {', '.join(sorted({n.split('.')[-1] for n in linear_names}))}")
+    return targets
+
+
+def _infinite(loader: DataLoader):
+    for epoch in itertools.count():
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        yield from loader
+
+
+def _evaluate(task, model, tokenizer, examples, cfg: RunConfig, accelerator: Accelerator) -> tuple[dict, list]:
+    """Each process predicts its shard; predictions are gathered in order and scored once."""
+    model.eval()
+    unwrapped = accelerator.unwrap_model(model)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    indices = list(range(rank, len(examples), world))
+    preds = task.predict(unwrapped, tokenizer, [examples[i] for i in indices], cfg.dataset, accelerator.device)
+    gathered = sorted(gather_object(list(zip(indices, preds))) if world > 1 else zip(indices, preds))
+    predictions = [p for _, p in gathered]
+    model.train()
+    return task.score(predictions, examples), predictions
+
+
+class Recorder:
+    """Holds the record of one run and writes it atomically (main process only)."""
+
+    def __init__(self, path: Path, record: dict, enabled: bool):
+        self.path, self.record, self.enabled = path, record, enabled
+
+    def write(self) -> None:
+        if self.enabled:
+            write_json_atomic(self.path, self.record)
+
+
+def existing_record(cfg_dict: dict, results_dir: str) -> tuple[str, Path, dict | None]:
+    rid = run_id(cfg_dict)
+    path = Path(results_dir) / rid / RECORD_NAME
+    record = None
+    if path.exists():
+        try:
+            record = read_record(path)
+        except (OSError, ValueError):
+            record = None
+    return rid, path, record
+
+
+def train(cfg: RunConfig, spec: MethodSpec, command: str = "") -> dict:
+    cfg_dict = dataclasses.asdict(cfg)
+    rid, record_path, previous = existing_record(cfg_dict, cfg.results_dir)
+    if previous and previous.get("status") == "completed" and not cfg.force:
+        print(f"[lorabench] skip {rid}: a completed record exists at {record_path} (force=true reruns it)")
+        return {**previous, "skipped": True}
+
+    accum = cfg.gradient_accumulation()
+    accelerator = Accelerator(cpu=cfg.hardware.device == "cpu", mixed_precision=cfg.hardware.mixed_precision)
+    is_main = accelerator.is_main_process
+    if cfg.hardware.num_threads:
+        torch.set_num_threads(cfg.hardware.num_threads)
+    task = DATASETS.get(cfg.dataset.name, where="dataset")
+    recorder = Recorder(record_path, {
+        "schema_version": SCHEMA_VERSION, "run_id": rid, "status": "running", "error": None,
+        "started_at": now(), "finished_at": None, "config": cfg_dict, "config_hash": config_hash(cfg_dict),
+        "command": command, "method": spec.describe(), "model": {"name": cfg.model.name, "source": None},
+        "dataset": {"name": cfg.dataset.name, "version": task.version, "source": None},
+        "metrics": {"primary": resolve_primary(task, cfg.dataset), "report": cfg.train.report},
+        "history": [], "train_log": [], "samples": [], "cost": {}, "method_report": {},
+        "hardware": {"device": str(accelerator.device), "device_name": _device_name(accelerator),
+                     "num_processes": accelerator.num_processes, "mixed_precision": cfg.hardware.mixed_precision,
+                     "micro_batch_size": cfg.hardware.micro_batch_size, "gradient_accumulation": accum,
+                     "global_batch_size": cfg.train.global_batch_size, "torch_threads": torch.get_num_threads()},
+        "provenance": provenance(),
+    }, is_main)
+    record = recorder.record
+    primary = record["metrics"]["primary"]
+    higher = task.higher_is_better[primary]
+    record["metrics"]["higher_is_better"] = higher
+    recorder.write()
+    previous_handlers = _install_signal_handlers()
+    t_start = time.perf_counter()
+    timers = {"init_time_s": 0.0, "train_time_s": 0.0, "eval_time_s": 0.0}
+    tracker = _start_tracker(cfg, rid, cfg_dict, record_path.parent) if is_main else None
+    memory = PeakMemory().__enter__()
+    step = 0
+    try:
+        set_seed(cfg.seed)
+        splits = task.load(cfg.dataset)
+        record["dataset"].update({
+            "source": splits.source, "train_split": splits.train_split, "eval_split": splits.eval_split,
+            "train_size": len(splits.train), "eval_size": len(splits.eval), "protocol": task.protocol(cfg.dataset),
+            "eval_schedule": {"every": cfg.train.eval_every, "at_end": True}, "notes": splits.notes,
+        })
+        loaded = load_model(cfg.model, task.head, task.num_labels)
+        model, tokenizer = loaded.model, loaded.tokenizer
+        record["model"]["source"] = loaded.source
+        if loaded.source.get("kind") != "hub":
+            print(f"[lorabench] model {cfg.model.name}: loaded from {loaded.source.get('kind')} source "
+                  f"({loaded.source.get('package') or loaded.source.get('path') or loaded.source.get('config')})")
+        if splits.source.get("kind") == "generated":
+            print(f"[lorabench] WARNING dataset {cfg.dataset.name}: {splits.source['note']}")
+        features = [task.features(e, tokenizer, cfg.dataset) for e in splits.train]
+        pad_id = tokenizer.pad_token_id
+        loader = DataLoader(features, batch_size=cfg.hardware.micro_batch_size, shuffle=True, drop_last=True,
+                            collate_fn=lambda b: collate(b, pad_id), generator=torch.Generator().manual_seed(cfg.seed))
+        if len(loader) == 0:
+            raise ValueError(f"the training split has {len(features)} examples, fewer than one micro-batch "
+                             f"(hardware.micro_batch_size={cfg.hardware.micro_batch_size})")
+        if cfg.hardware.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+
+        # -- method: initializer, adapter, optimizer, procedure --------------------------------------
+        targets = resolve_targets(spec, cfg.model.target_modules, model)
+        lr = spec.lr or cfg.train.lr
+
+        def calibration_batches():
+            return itertools.islice(iter(loader), cfg.train.init_batches)
+
+        ctx = MethodContext(targets, task.head, lr, cfg.train.weight_decay, cfg.train.max_steps, cfg.seed,
+                            calibration_batches)
+        t0 = time.perf_counter()
+        built = apply_method(model, spec, ctx)
+        model, optimizer, procedure = built.model, built.optimizer, built.procedure
+        timers["init_time_s"] = time.perf_counter() - t0
+        warmup = math.ceil(cfg.train.warmup_ratio * cfg.train.max_steps)
+        scheduler = get_scheduler(cfg.train.schedule, optimizer, num_warmup_steps=warmup,
+                                  num_training_steps=max(cfg.train.max_steps, 1))
+        model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+        trainable, total = parameter_counts(model)
+        record["cost"].update({"trainable_params": trainable, "total_params": total})
+        record["method_report"].update({"target_modules": targets, "lr": lr, **ctx.extras})
+        if is_main:
+            _print_start(cfg, spec, accum, accelerator.num_processes, trainable, total, features, lr, targets)
+
+        # -- train / eval ---------------------------------------------------------------------------
+        best = None
+
+        def evaluate_now():
+            nonlocal best
+            t_eval = time.perf_counter()
+            metrics, predictions = _evaluate(task, model, tokenizer, splits.eval, cfg, accelerator)
+            timers["eval_time_s"] += time.perf_counter() - t_eval
+            record["history"].append({"step": step, "metrics": metrics})
+            better = best is None or (metrics[primary] > best[primary] if higher else metrics[primary] < best[primary])
+            if better:
+                best = {"step": step, **metrics}
+            record["metrics"].update({"final": metrics, "best": best})
+            if not record["samples"] and isinstance(predictions[0], str):
+                record["samples"] = [{"input": e.get("question", e.get("texts")), "prediction": p}
+                                     for e, p in zip(splits.eval[:3], predictions[:3])]
+            if is_main:
+                print(f"[lorabench] eval @ step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+                if tracker:
+                    tracker.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+            recorder.write()
+
+        batches = _infinite(loader)
+        model.train()
+        tokens, t_train = 0, time.perf_counter()
+        bar = tqdm(total=cfg.train.max_steps, disable=not (is_main and cfg.progress), desc=spec.label, unit="step")
+        while step < cfg.train.max_steps:
+            loss_sum = 0.0
+            for micro in range(accum):
+                batch = next(batches)
+                tokens += count_tokens(batch) * accelerator.num_processes
+                sync = accelerator.no_sync(model) if micro < accum - 1 else _nullcontext()
+                with sync:
+                    loss = model(**batch).loss / accum
+                    accelerator.backward(loss)
+                loss_sum += loss.detach().float()
+            if procedure:
+                procedure.after_backward(step)
+            if cfg.train.max_grad_norm:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if procedure:
+                procedure.on_step_end(step)
+            loss_value = accelerator.reduce(loss_sum, reduction="mean").item()
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"non-finite training loss {loss_value} at step {step}")
+            elapsed = time.perf_counter() - t_train
+            if step % cfg.train.log_every == 0 or step == 1 or step == cfg.train.max_steps:
+                record["train_log"].append({"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0]})
+                if tracker:
+                    tracker.log({"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0]}, step=step)
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                            tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
+            bar.update(1)
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
+                timers["train_time_s"] += time.perf_counter() - t_train
+                evaluate_now()
+                t_train = time.perf_counter()
+        bar.close()
+        timers["train_time_s"] += time.perf_counter() - t_train
+        record["cost"].update({"optimizer_state_bytes": optimizer_state_bytes(optimizer), "train_tokens": tokens,
+                               "tokens_per_s": tokens / timers["train_time_s"] if step else None})
+        evaluate_now()
+        record["cost"]["adapter_file_bytes"] = _save_trainable(model, accelerator, record_path.parent, "adapter" in spec.components)
+        if procedure:
+            record["method_report"].update(procedure.state())
+        record["status"] = "completed"
+    except (RunCanceled, KeyboardInterrupt) as exc:
+        record["status"] = "canceled"
+        record["error"] = {"type": type(exc).__name__, "message": str(exc) or "interrupted", "step": step}
+        raise
+    except BaseException as exc:
+        record["status"] = "failed"
+        record["error"] = {"type": type(exc).__name__, "message": str(exc), "step": step,
+                           "traceback": traceback.format_exc(limit=8)}
+        raise
+    finally:
+        memory.__exit__(None, None, None)
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+        record["cost"].update({"wall_time_s": time.perf_counter() - t_start, **timers,
+                               "peak_memory": memory.report()})
+        record["finished_at"] = now()
+        recorder.write()
+        if tracker:
+            tracker.finish(exit_code=0 if record["status"] == "completed" else 1)
+    if is_main:
+        final = record["metrics"]["final"][primary]
+        print(f"[lorabench] {rid}: {primary}={final:.4f} ({cfg.dataset.name}, {record['dataset']['source']['kind']} "
+              f"source) in {record['cost']['wall_time_s']:.1f}s; record: {record_path}")
+    return record
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _device_name(accelerator: Accelerator) -> str:
+    if accelerator.device.type == "cuda":
+        return torch.cuda.get_device_name(accelerator.device)
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _save_trainable(model, accelerator: Accelerator, run_dir: Path, has_adapter: bool) -> int | None:
+    """Adapter methods save their trainable tensors (safetensors); full-weight methods save nothing
+    here (their 'adapter' is the whole model) and record None."""
+    if not has_adapter or not accelerator.is_main_process:
+        return None
+    unwrapped = accelerator.unwrap_model(model)
+    tensors = {n: p.detach().cpu().contiguous() for n, p in unwrapped.named_parameters() if p.requires_grad}
+    path = run_dir / "adapter.safetensors"
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+    return path.stat().st_size
+
+
+def _print_start(cfg, spec, accum, processes, trainable, total, features, lr, targets) -> None:
+    mean_len = sum(len(f["input_ids"]) for f in features) / len(features)
+    print(
+        f"[lorabench] method={spec.label} ({spec.describe()['backed_by']}) model={cfg.model.name} "
+        f"dataset={cfg.dataset.name} seed={cfg.seed}\n"
+        f"[lorabench] global batch {cfg.train.global_batch_size} = micro {cfg.hardware.micro_batch_size} x "
+        f"processes {processes} x accumulation {accum}; ~{mean_len * cfg.train.global_batch_size:.0f} tokens/step "
+        f"(mean length {mean_len:.0f}); {cfg.train.max_steps} steps, lr {lr:g}, {cfg.train.schedule} schedule\n"
+        f"[lorabench] trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.3f}%); "
+        f"targets: {', '.join(targets)}"
+    )
+
+
+def _start_tracker(cfg: RunConfig, rid: str, cfg_dict: dict, run_dir: Path):
+    if cfg.tracker != "wandb":
+        return None
+    import wandb
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return wandb.init(project=os.environ.get("WANDB_PROJECT", "lorabench"), name=rid, id=rid, config=cfg_dict,
+                      dir=str(run_dir), resume="allow")

@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny data files in the official formats (written here, never downloaded),
+config composition through Hydra's compose API, and a one-step method harness."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+POSITIVE = ["a delight", "wonderful acting", "moving and funny", "a great film", "sharp , warm and smart"]
+NEGATIVE = ["a dull mess", "boring and flat", "painfully slow", "a waste of time", "clumsy , tired jokes"]
+
+
+def write_sst2(folder: Path, n_train: int = 48, n_dev: int = 16, seed: int = 0) -> Path:
+    """SST-2 in the GLUE TSV format: header ``sentence<TAB>label``."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n in (("train.tsv", n_train), ("dev.tsv", n_dev)):
+        rows = ["sentence\tlabel"]
+        for i in range(n):
+            label = i % 2
+            phrase = rng.choice(POSITIVE if label else NEGATIVE)
+            rows.append(f"the movie is {phrase}\t{label}")
+        (folder / name).write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return folder
+
+
+def write_gsm8k(folder: Path, n_train: int = 24, n_test: int = 6, seed: int = 0) -> Path:
+    """GSM8K in the official jsonl format: ``question`` and ``answer`` ending in ``#### N``."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n in (("train.jsonl", n_train), ("test.jsonl", n_test)):
+        with (folder / name).open("w", encoding="utf-8") as fh:
+            for _ in range(n):
+                a, b = rng.randint(1, 20), rng.randint(1, 20)
+                row = {"question": f"Tom has {a} apples and gets {b} more. How many?",
+                       "answer": f"{a}+{b}={a + b}\n#### {a + b}"}
+                fh.write(json.dumps(row) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def sst2_dir(tmp_path_factory) -> Path:
+    return write_sst2(tmp_path_factory.mktemp("glue") / "SST-2")
+
+
+@pytest.fixture(scope="session")
+def gsm8k_dir(tmp_path_factory) -> Path:
+    return write_gsm8k(tmp_path_factory.mktemp("gsm8k"))
+
+
+def compose(overrides: list[str]) -> dict:
+    """The resolved config dict that ``lorabench train <overrides>`` would run."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from lorabench.config_store import register_schemas
+
+    register_schemas()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = hydra_compose("config", overrides=overrides)
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def tiny_overrides(kind: str, data_dir: Path, results_dir: Path, *extra: str) -> list[str]:
+    """Overrides for a seconds-long run on a random-weight model and a fixture dataset."""
+    if kind == "classification":
+        base = ["model=tiny_bert", "dataset=sst2", "dataset.max_length=32"]
+    else:
+        base = ["model=tiny_llama", "dataset=gsm8k", "dataset.max_length=64", "dataset.max_new_tokens=8",
+                "dataset.prompt_template=plain"]
+    return [*base, f"dataset.data_dir={data_dir}", "train=quickstart", "train.max_steps=2",
+            "train.global_batch_size=4", "hardware.micro_batch_size=2", f"results_dir={results_dir}",
+            "progress=false", *extra]
