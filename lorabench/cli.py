@@ -47,6 +47,7 @@ def build_run(cfg_dict: dict):
         if cause is not None:
             raise cause from None
         raise ConfigError(str(exc).splitlines()[0] + f" (at {getattr(exc, 'full_key', '?')})") from None
+    _check_device(cfg)
     validate_run(cfg)
     spec = resolve_method(dict(cfg.method))
     task = DATASETS.get(cfg.dataset.name, where="dataset")

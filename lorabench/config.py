@@ -53,6 +53,7 @@ class DatasetConfig:
 
     name: str = "sst2"
     data_dir: Optional[str] = None  # local folder in the dataset's official file format
+    eval_data_dir: Optional[str] = None  # separate evaluation data (MetaMathQA -> GSM8K test.jsonl folder)
     hub_id: Optional[str] = None
     source: str = "auto"  # auto: data_dir -> hub; or hub | local | generated
     max_length: int = 128

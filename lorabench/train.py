@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from lorabench.config import RunConfig
+from lorabench.data.cache import cached_features
 from lorabench.data.base import collate, count_tokens, resolve_primary
 from lorabench.measure import PeakMemory, optimizer_state_bytes, parameter_counts, provenance
 from lorabench.methods.base import MethodContext
@@ -153,7 +154,7 @@ def train(cfg: RunConfig, spec: MethodSpec, command: str = "") -> dict:
     timers = {"init_time_s": 0.0, "train_time_s": 0.0, "eval_time_s": 0.0}
     tracker = _start_tracker(cfg, rid, cfg_dict, record_path.parent) if is_main else None
     memory = PeakMemory().__enter__()
-    step = 0
+    step, t_train = 0, None  # t_train: start of the current training stretch (None while not training)
     try:
         set_seed(cfg.seed)
         splits = task.load(cfg.dataset)
@@ -170,7 +171,8 @@ def train(cfg: RunConfig, spec: MethodSpec, command: str = "") -> dict:
                   f"({loaded.source.get('package') or loaded.source.get('path') or loaded.source.get('config')})")
         if splits.source.get("kind") == "generated":
             print(f"[lorabench] WARNING dataset {cfg.dataset.name}: {splits.source['note']}")
-        features = [task.features(e, tokenizer, cfg.dataset) for e in splits.train]
+        with accelerator.main_process_first():  # rank 0 tokenizes and caches, the others read the cache
+            features = cached_features(task, splits.train, tokenizer, cfg.dataset)
         pad_id = tokenizer.pad_token_id
         loader = DataLoader(features, batch_size=cfg.hardware.micro_batch_size, shuffle=True, drop_last=True,
                             collate_fn=lambda b: collate(b, pad_id), generator=torch.Generator().manual_seed(cfg.seed))
@@ -209,20 +211,24 @@ def train(cfg: RunConfig, spec: MethodSpec, command: str = "") -> dict:
         def evaluate_now():
             nonlocal best
             t_eval = time.perf_counter()
-            metrics, predictions = _evaluate(task, model, tokenizer, splits.eval, cfg, accelerator)
+            scores, predictions = _evaluate(task, model, tokenizer, splits.eval, cfg, accelerator)
             timers["eval_time_s"] += time.perf_counter() - t_eval
+            if scores.get("missing"):  # metrics this environment cannot compute, with the reason
+                record["metrics"]["missing"] = scores["missing"]
+            metrics = {k: v for k, v in scores.items() if k != "missing"}
             record["history"].append({"step": step, "metrics": metrics})
             better = best is None or (metrics[primary] > best[primary] if higher else metrics[primary] < best[primary])
             if better:
                 best = {"step": step, **metrics}
             record["metrics"].update({"final": metrics, "best": best})
             if not record["samples"] and isinstance(predictions[0], str):
-                record["samples"] = [{"input": e.get("question", e.get("texts")), "prediction": p}
+                record["samples"] = [{"input": e.get("question", e.get("mr", e.get("texts"))), "prediction": p}
                                      for e, p in zip(splits.eval[:3], predictions[:3])]
             if is_main:
-                print(f"[lorabench] eval @ step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+                print(f"[lorabench] eval @ step {step}: " + ", ".join(
+                    f"{k}={v:.4f}" if v is not None else f"{k}=missing" for k, v in metrics.items()))
                 if tracker:
-                    tracker.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+                    tracker.log({f"eval/{k}": v for k, v in metrics.items() if v is not None}, step=step)
             recorder.write()
 
         batches = _infinite(loader)
@@ -230,10 +236,10 @@ def train(cfg: RunConfig, spec: MethodSpec, command: str = "") -> dict:
         tokens, t_train = 0, time.perf_counter()
         bar = tqdm(total=cfg.train.max_steps, disable=not (is_main and cfg.progress), desc=spec.label, unit="step")
         while step < cfg.train.max_steps:
-            loss_sum = 0.0
+            loss_sum, step_tokens = 0.0, 0
             for micro in range(accum):
                 batch = next(batches)
-                tokens += count_tokens(batch) * accelerator.num_processes
+                step_tokens += count_tokens(batch)
                 sync = accelerator.no_sync(model) if micro < accum - 1 else _nullcontext()
                 with sync:
                     loss = model(**batch).loss / accum
@@ -250,11 +256,13 @@ def train(cfg: RunConfig, spec: MethodSpec, command: str = "") -> dict:
             if procedure:
                 procedure.on_step_end(step)
             loss_value = accelerator.reduce(loss_sum, reduction="mean").item()
+            tokens += int(accelerator.reduce(torch.tensor(step_tokens, device=accelerator.device), reduction="sum"))
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"non-finite training loss {loss_value} at step {step}")
             elapsed = time.perf_counter() - t_train
             if step % cfg.train.log_every == 0 or step == 1 or step == cfg.train.max_steps:
                 record["train_log"].append({"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0]})
+                recorder.write()
                 if tracker:
                     tracker.log({"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0]}, step=step)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
@@ -262,10 +270,12 @@ def train(cfg: RunConfig, spec: MethodSpec, command: str = "") -> dict:
             bar.update(1)
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
                 timers["train_time_s"] += time.perf_counter() - t_train
+                t_train = None
                 evaluate_now()
                 t_train = time.perf_counter()
         bar.close()
         timers["train_time_s"] += time.perf_counter() - t_train
+        t_train = None
         record["cost"].update({"optimizer_state_bytes": optimizer_state_bytes(optimizer), "train_tokens": tokens,
                                "tokens_per_s": tokens / timers["train_time_s"] if step else None})
         evaluate_now()
@@ -284,6 +294,8 @@ def train(cfg: RunConfig, spec: MethodSpec, command: str = "") -> dict:
         raise
     finally:
         memory.__exit__(None, None, None)
+        if t_train is not None:  # interrupted while training
+            timers["train_time_s"] += time.perf_counter() - t_train
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
         record["cost"].update({"wall_time_s": time.perf_counter() - t_start, **timers,

@@ -1,3 +1,3 @@
 """Dataset families. Importing this package registers every dataset option."""
 
-from lorabench.data import glue, gsm8k  # noqa: F401  (registration side effects)
+from lorabench.data import e2e, glue, gsm8k, metamathqa  # noqa: F401  (registration side effects)

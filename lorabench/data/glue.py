@@ -2,8 +2,29 @@
 
 Sources: the hub dataset ``nyu-mll/glue`` or a local folder with the official GLUE TSV files
 (``dataset.data_dir=``, e.g. ``SST-2/`` holding ``train.tsv`` and ``dev.tsv``). Official metrics:
-Matthews correlation (CoLA), accuracy and F1 (MRPC, QQP), Pearson and Spearman (STS-B, regression),
-accuracy (the others). Labels follow the hub's integer ids on both sources.
+Matthews correlation (CoLA), accuracy and F1 (MRPC, QQP; ``dataset.primary_metric=f1`` picks F1),
+Pearson and Spearman (STS-B, regression), accuracy (the others). Labels follow the hub's integer ids
+on both sources (``label_names`` lists the hub's class names in id order).
+
+Local file formats (the official GLUE distribution; every file is a tab-separated file read
+without quote handling, as GLUE's own loaders do):
+
+=======  ==========================================  ============================================
+task     files                                       columns used (label)
+=======  ==========================================  ============================================
+CoLA     train.tsv, dev.tsv (no header)              source, label, label_orig, sentence (0/1)
+SST-2    train.tsv, dev.tsv                          sentence (label 0/1)
+MRPC     train.tsv, dev.tsv                          #1 String, #2 String (Quality 0/1)
+STS-B    train.tsv, dev.tsv                          sentence1, sentence2 (score, float 0..5)
+QQP      train.tsv, dev.tsv                          question1, question2 (is_duplicate 0/1)
+MNLI     train.tsv, dev_matched.tsv,                 sentence1, sentence2 (gold_label: entailment,
+         dev_mismatched.tsv (``mnli_mm``)            neutral, contradiction)
+QNLI     train.tsv, dev.tsv                          question, sentence (entailment/not_entailment)
+RTE      train.tsv, dev.tsv                          sentence1, sentence2 (entailment/not_entailment)
+WNLI     train.tsv, dev.tsv                          sentence1, sentence2 (label 0/1)
+=======  ==========================================  ============================================
+
+A row with too few fields or an unknown label raises ``DataError`` naming the file and line.
 """
 
 from __future__ import annotations
@@ -42,6 +63,7 @@ class GlueTask:
     metrics: tuple[str, ...]
     primary_metric: str
     num_labels: int
+    label_names: tuple[str, ...] = ()  # the hub's ClassLabel names in id order (empty for STS-B)
     label_map: dict[str, int] | None = None  # local string labels -> hub ids; None = already ints
     header: tuple[str, ...] | None = None  # for files shipped without a header row (CoLA)
     train_file: str = "train.tsv"
@@ -50,6 +72,13 @@ class GlueTask:
     version: str = "1"
     head: str = "classification"
     higher_is_better: dict[str, bool] = field(default_factory=lambda: dict(HIGHER_IS_BETTER))
+
+    def __post_init__(self) -> None:
+        # The local label mapping must give the hub's ids: label_map[name] == label_names.index(name).
+        named = self.num_labels == 1 or len(self.label_names) == self.num_labels
+        if not named or any(self.label_names[i] != n for n, i in (self.label_map or {}).items()):
+            raise ValueError(f"GLUE task {self.name!r}: label_map {self.label_map} disagrees with the hub's "
+                             f"label names {self.label_names}")
 
     # -- loading ---------------------------------------------------------------------------------
     def load(self, cfg: DatasetConfig) -> Splits:
@@ -75,7 +104,7 @@ class GlueTask:
         return splits
 
     def _read_tsv(self, path: Path) -> list[dict]:
-        with path.open(encoding="utf-8", newline="") as fh:
+        with path.open(encoding="utf-8-sig", newline="") as fh:
             reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
             header = list(self.header) if self.header else next(reader, [])
             check_columns(path, header, [*self.text_columns, self.label_column])
@@ -83,6 +112,8 @@ class GlueTask:
             label_idx = header.index(self.label_column)
             rows = []
             for line_no, row in enumerate(reader, start=1 if self.header else 2):
+                if not row:  # a blank line (e.g. a trailing one)
+                    continue
                 if len(row) < len(header):
                     raise DataError(f"{path}:{line_no}: expected {len(header)} tab-separated fields, found {len(row)}")
                 rows.append({"texts": [row[i] for i in idx], "label": self._label(row[label_idx], path, line_no)})
@@ -94,9 +125,13 @@ class GlueTask:
                 return float(raw)
             if self.label_map is not None:
                 return self.label_map[raw]
-            return int(raw)
+            label = int(raw)
+            if not 0 <= label < self.num_labels:
+                raise ValueError(raw)
+            return label
         except (KeyError, ValueError):
-            valid = list(self.label_map) if self.label_map else "integers" if self.num_labels > 1 else "floats"
+            valid = (list(self.label_map) if self.label_map else f"integers 0..{self.num_labels - 1}"
+                     if self.num_labels > 1 else "floats")
             raise DataError(f"{path}:{line_no}: label {raw!r} is not one of {valid}") from None
 
     def _load_hub(self, cfg: DatasetConfig) -> Splits:
@@ -149,26 +184,28 @@ def _register(task: GlueTask) -> None:
 
 
 _ACC = ("accuracy",)
+_BIN = ("accuracy", "f1")
+_NLI3_NAMES = ("entailment", "neutral", "contradiction")
+_NLI2_NAMES = ("entailment", "not_entailment")
+_PAIR = ("sentence1", "sentence2")
 for _task in [
     GlueTask("cola", "cola", "CoLA", ("sentence",), ("sentence",), "label", ("matthews_correlation",),
-             "matthews_correlation", 2, header=("source", "label", "label_orig", "sentence")),
-    GlueTask("sst2", "sst2", "SST-2", ("sentence",), ("sentence",), "label", _ACC, "accuracy", 2),
-    GlueTask("mrpc", "mrpc", "MRPC", ("#1 String", "#2 String"), ("sentence1", "sentence2"), "Quality",
-             ("accuracy", "f1"), "accuracy", 2),
-    GlueTask("stsb", "stsb", "STS-B", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "score",
-             ("pearson", "spearmanr"), "pearson", 1),
+             "matthews_correlation", 2, ("unacceptable", "acceptable"),
+             header=("source", "label", "label_orig", "sentence")),
+    GlueTask("sst2", "sst2", "SST-2", ("sentence",), ("sentence",), "label", _ACC, "accuracy", 2,
+             ("negative", "positive")),
+    GlueTask("mrpc", "mrpc", "MRPC", ("#1 String", "#2 String"), _PAIR, "Quality", _BIN, "accuracy", 2,
+             ("not_equivalent", "equivalent")),
+    GlueTask("stsb", "stsb", "STS-B", _PAIR, _PAIR, "score", ("pearson", "spearmanr"), "pearson", 1),
     GlueTask("qqp", "qqp", "QQP", ("question1", "question2"), ("question1", "question2"), "is_duplicate",
-             ("accuracy", "f1"), "accuracy", 2),
-    GlueTask("mnli", "mnli", "MNLI", ("sentence1", "sentence2"), ("premise", "hypothesis"), "gold_label",
-             _ACC, "accuracy", 3, label_map=NLI3, eval_file="dev_matched.tsv", hub_eval_split="validation_matched"),
-    GlueTask("mnli_mm", "mnli", "MNLI", ("sentence1", "sentence2"), ("premise", "hypothesis"), "gold_label",
-             _ACC, "accuracy", 3, label_map=NLI3, eval_file="dev_mismatched.tsv",
-             hub_eval_split="validation_mismatched"),
+             _BIN, "accuracy", 2, ("not_duplicate", "duplicate")),
+    GlueTask("mnli", "mnli", "MNLI", _PAIR, ("premise", "hypothesis"), "gold_label", _ACC, "accuracy", 3,
+             _NLI3_NAMES, label_map=NLI3, eval_file="dev_matched.tsv", hub_eval_split="validation_matched"),
+    GlueTask("mnli_mm", "mnli", "MNLI", _PAIR, ("premise", "hypothesis"), "gold_label", _ACC, "accuracy", 3,
+             _NLI3_NAMES, label_map=NLI3, eval_file="dev_mismatched.tsv", hub_eval_split="validation_mismatched"),
     GlueTask("qnli", "qnli", "QNLI", ("question", "sentence"), ("question", "sentence"), "label", _ACC,
-             "accuracy", 2, label_map=NLI2),
-    GlueTask("rte", "rte", "RTE", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "label", _ACC,
-             "accuracy", 2, label_map=NLI2),
-    GlueTask("wnli", "wnli", "WNLI", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "label", _ACC,
-             "accuracy", 2),
+             "accuracy", 2, _NLI2_NAMES, label_map=NLI2),
+    GlueTask("rte", "rte", "RTE", _PAIR, _PAIR, "label", _ACC, "accuracy", 2, _NLI2_NAMES, label_map=NLI2),
+    GlueTask("wnli", "wnli", "WNLI", _PAIR, _PAIR, "label", _ACC, "accuracy", 2, ("not_entailment", "entailment")),
 ]:
     _register(_task)

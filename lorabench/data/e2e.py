@@ -1,0 +1,222 @@
+"""E2E NLG Challenge (Novikova et al., 2017): meaning representation -> restaurant description.
+
+Training: one (MR, reference) pair per human reference; the prompt ("plain":
+``Meaning representation: {mr}\\nDescription:``, or the tokenizer's chat template) gets no loss,
+the reference does (``gsm8k.lm_features``). Evaluation: one generation per distinct MR (greedy, or
+beam search with ``dataset.num_beams``; beams use the LoRA paper's length penalty 0.9 and
+no-repeat 4-grams, Hu et al. 2021 Table 11), cut at the first newline, scored against all of that
+MR's references with the official E2E metrics (``evaluation.data_to_text``; BLEU in 0..1).
+
+Sources:
+
+* ``dataset.data_dir``: a folder in the official format (tuetschek/e2e-dataset): ``trainset.csv``,
+  ``devset.csv``, ``testset_w_refs.csv``, each a CSV with header ``mr,ref`` and one row per
+  reference. Train on ``trainset.csv``; evaluate on ``testset_w_refs.csv`` (the LoRA paper's
+  table), else on ``devset.csv``. When the folder holds only ``devset.csv``, the dev set is split
+  by MR (see :func:`split_by_mr`) so no MR is in both halves; the split names and notes say so.
+* the hub (``dataset.hub_id``, default ``tuetschek/e2e_nlg``, columns ``meaning_representation``,
+  ``human_reference``; ``GEM/e2e_nlg`` also works: ``target`` plus a ``references`` list).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from pathlib import Path
+
+import torch
+
+from lorabench.config import DatasetConfig
+from lorabench.data.base import Splits, check_columns, collate, require_file, resolve_primary, subset
+from lorabench.data.gsm8k import lm_features, prompt_text
+from lorabench.errors import ConfigError, DataError
+from lorabench.evaluation.data_to_text import e2e_metrics
+from lorabench.hub import hub_reachable
+from lorabench.registry import DATASETS
+
+TEMPLATES = ("plain", "chat")
+DEV_EVAL_MODULUS = 5  # dev-only split: an MR is evaluated when sha256(mr) % 5 == 0 (about 20%)
+BEAM_KWARGS = {"length_penalty": 0.9, "no_repeat_ngram_size": 4}  # LoRA paper, Table 11 (E2E)
+
+
+def e2e_prompt(mr: str, tokenizer, template: str) -> str:
+    if template == "plain":
+        return f"Meaning representation: {mr}\nDescription:"
+    if template == "chat":
+        return prompt_text(f"Write a one-paragraph restaurant description that expresses exactly this "
+                           f"meaning representation:\n{mr}", tokenizer, "chat")
+    raise ConfigError(f"dataset.prompt_template={template!r} is invalid for e2e; valid choices: {', '.join(TEMPLATES)}")
+
+
+def read_e2e_csv(path: Path) -> list[dict]:
+    """(mr, ref) rows of one official E2E CSV file; extra columns (the cleaned release's) are ignored."""
+    with path.open(encoding="utf-8-sig", newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, [])
+        check_columns(path, header, ["mr", "ref"])
+        mr_i, ref_i = header.index("mr"), header.index("ref")
+        rows = []
+        start = reader.line_num
+        for row in reader:
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise DataError(f"{path}:{reader.line_num}: expected {len(header)} comma-separated fields "
+                                f"({','.join(header)}), found {len(row)}")
+            mr, ref = row[mr_i].strip(), row[ref_i].strip()
+            if not mr:
+                raise DataError(f"{path}:{reader.line_num}: empty 'mr' field")
+            rows.append({"mr": mr, "ref": ref})
+        if not rows:
+            raise DataError(f"{path}: no data rows after the header (line {start})")
+    return rows
+
+
+def group_by_mr(pairs: list[dict]) -> list[dict]:
+    """One evaluation example per distinct MR, in first-seen order, with all its references."""
+    groups: dict[str, list[str]] = {}
+    for pair in pairs:
+        groups.setdefault(pair["mr"], [])
+        refs = pair.get("references")
+        if refs:  # GEM rows carry the full reference list; take it once
+            if not groups[pair["mr"]]:
+                groups[pair["mr"]].extend(refs)
+        elif pair["ref"]:
+            groups[pair["mr"]].append(pair["ref"])
+    missing = [mr for mr, refs in groups.items() if not refs]
+    if missing:
+        raise DataError(f"e2e: {len(missing)} MR(s) have no reference, e.g. {missing[0]!r}")
+    return [{"mr": mr, "references": refs} for mr, refs in groups.items()]
+
+
+def split_by_mr(pairs: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Deterministic MR-level split of one file: an MR goes to eval when the SHA-256 of its UTF-8
+    text is 0 modulo ``DEV_EVAL_MODULUS``, else to train. It depends only on the MR text (not file
+    order or seeds), and all references of one MR land on the same side."""
+
+    def to_eval(mr: str) -> bool:
+        return int(hashlib.sha256(mr.encode("utf-8")).hexdigest(), 16) % DEV_EVAL_MODULUS == 0
+
+    return [p for p in pairs if not to_eval(p["mr"])], [p for p in pairs if to_eval(p["mr"])]
+
+
+class E2E:
+    name = "e2e"
+    version = "1"
+    head = "causal_lm"
+    num_labels = None
+    metrics = ("bleu", "nist", "meteor", "rouge_l", "cider")
+    primary_metric = "bleu"
+    higher_is_better = dict.fromkeys(metrics, True)
+
+    # -- loading ---------------------------------------------------------------------------------
+    def load(self, cfg: DatasetConfig) -> Splits:
+        if cfg.source == "generated":
+            raise ConfigError("dataset.source='generated' is not an e2e source; use local or hub")
+        if cfg.source == "local" or (cfg.source == "auto" and cfg.data_dir):
+            splits = self._load_local(cfg)
+        else:
+            splits = self._load_hub(cfg)
+        # train: (mr, ref) pairs; eval: one example per MR. Subsets count pairs and MRs respectively.
+        splits.train = subset(splits.train, cfg.train_size, cfg.subset_seed)
+        splits.eval = subset(group_by_mr(splits.eval), cfg.eval_size, cfg.subset_seed)
+        return splits
+
+    def _load_local(self, cfg: DatasetConfig) -> Splits:
+        root = Path(cfg.data_dir or "")
+        if not cfg.data_dir or not root.is_dir():
+            raise DataError(f"dataset.data_dir={cfg.data_dir!r} does not exist or is not a folder "
+                            "(expected the official E2E trainset.csv / devset.csv / testset_w_refs.csv)")
+        files = {n: root / f"{n}.csv" for n in ("trainset", "devset", "testset_w_refs")}
+        source = {"kind": "local", "path": str(root.resolve()), "format": "E2E csv (mr,ref)"}
+        if files["trainset"].is_file():
+            eval_name = "testset_w_refs" if files["testset_w_refs"].is_file() else "devset"
+            train = read_e2e_csv(files["trainset"])
+            evals = read_e2e_csv(require_file(files[eval_name], self.name))
+            return Splits(train, evals, source, "train", "test" if eval_name == "testset_w_refs" else "dev")
+        dev = read_e2e_csv(require_file(files["devset"], self.name))
+        train, evals = split_by_mr(dev)
+        rule = f"sha256(mr) % {DEV_EVAL_MODULUS}"
+        note = (f"no trainset.csv in {root}: devset.csv was split by MR ({rule} == 0 -> eval, else train); "
+                "scores are not comparable with official E2E test scores")
+        return Splits(train, evals, source, f"dev[{rule} != 0]", f"dev[{rule} == 0]", notes=[note])
+
+    def _load_hub(self, cfg: DatasetConfig) -> Splits:
+        hub_id = cfg.hub_id or "tuetschek/e2e_nlg"
+        reachable, reason = hub_reachable()
+        if not reachable:
+            raise DataError(f"dataset 'e2e': the hub is unreachable ({reason}); download the official E2E "
+                            "data (tuetschek/e2e-dataset) and pass dataset.data_dir=<folder with trainset.csv, "
+                            "devset.csv, testset_w_refs.csv> (devset.csv alone also works)")
+        import datasets
+
+        ds = datasets.load_dataset(hub_id)
+
+        def pairs(split: str) -> list[dict]:
+            cols = ds[split].column_names
+            ref_col = next((c for c in ("human_reference", "target", "ref") if c in cols), None)
+            mr_col = next((c for c in ("meaning_representation", "mr") if c in cols), None)
+            if mr_col is None or ref_col is None:
+                raise DataError(f"hub dataset {hub_id!r} split {split!r}: expected columns meaning_representation "
+                                f"and human_reference (or target); found {cols}")
+            return [{"mr": r[mr_col].strip(), "ref": r[ref_col].strip(), "references": r.get("references") or []}
+                    for r in ds[split]]
+
+        source = {"kind": "hub", "hub_id": hub_id, "version": str(getattr(ds["train"].info, "version", None))}
+        return Splits(pairs("train"), pairs("test"), source, "train", "test")
+
+    # -- features and evaluation -----------------------------------------------------------------
+    def features(self, example: dict, tokenizer, cfg: DatasetConfig) -> dict:
+        prompt = e2e_prompt(example["mr"], tokenizer, cfg.prompt_template)
+        target = " " + example["ref"] if cfg.prompt_template == "plain" else example["ref"]
+        return lm_features(prompt, target, tokenizer, cfg.max_length)
+
+    def predict(self, model, tokenizer, examples: list[dict], cfg: DatasetConfig, device) -> list[str]:
+        prompts = [e2e_prompt(e["mr"], tokenizer, cfg.prompt_template) for e in examples]
+        extra = BEAM_KWARGS if cfg.num_beams > 1 else {}
+        texts = generate_texts(model, tokenizer, prompts, cfg, device, **extra)
+        return [t.strip().split("\n")[0].strip() for t in texts]
+
+    def score(self, predictions: list[str], examples: list[dict]) -> dict:
+        """The five E2E scores (float, or None when a metric cannot run here); when any is None,
+        ``missing`` maps it to the reason (a plain dict, so the record's JSON keeps it)."""
+        scores, missing = e2e_metrics(list(predictions), [e["references"] for e in examples])
+        out: dict = {name: (None if scores.get(name) is None else float(scores[name])) for name in self.metrics}
+        if missing:
+            out["missing"] = dict(missing)
+        return out
+
+    def protocol(self, cfg: DatasetConfig) -> dict:
+        beam = cfg.num_beams > 1
+        return {
+            "max_length": cfg.max_length, "prompt_template": cfg.prompt_template,
+            "decoding": {"strategy": "beam" if beam else "greedy", "num_beams": cfg.num_beams,
+                         "max_new_tokens": cfg.max_new_tokens, **(BEAM_KWARGS if beam else {}),
+                         "postprocess": "first line, stripped"},
+            "references": "all references of an MR (multi-reference); one generation per MR",
+            "primary_metric": resolve_primary(self, cfg),
+        }
+
+
+@torch.no_grad()
+def generate_texts(model, tokenizer, prompts: list[str], cfg: DatasetConfig, device, **generate_kwargs) -> list[str]:
+    """Batched generation (left padding, KV cache; greedy, or beam with ``cfg.num_beams``): the
+    decoded new tokens of each prompt. Prompts are tokenized as in ``lm_features`` (BOS only when
+    the tokenizer adds one)."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False) else []
+    outputs = []
+    for start in range(0, len(prompts), cfg.eval_batch_size):
+        chunk = prompts[start : start + cfg.eval_batch_size]
+        feats = [{"input_ids": bos + tokenizer(p, add_special_tokens=False)["input_ids"]} for p in chunk]
+        batch = collate(feats, tokenizer.pad_token_id, padding_side="left")
+        generated = model.generate(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+            max_new_tokens=cfg.max_new_tokens, do_sample=False, num_beams=cfg.num_beams,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True,
+            **generate_kwargs,
+        )
+        outputs.extend(tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1] :], skip_special_tokens=True))
+    return outputs
+
+
+DATASETS.register("e2e")(E2E())

@@ -1,0 +1,81 @@
+"""EVA (Paischer et al., 2024, "One Initialization to Rule them All: Fine-tuning via Explained
+Variance Adaptation", arXiv:2410.07170), backed by peft (``init_lora_weights="eva"`` +
+``initialize_lora_eva_weights``).
+
+Init: stream the calibration batches (``ctx.calibration_batches()``, i.e. ``train.init_batches``
+training batches, cycled until convergence) through the model and run an incremental SVD of every
+target layer's input activations X (padding masked; for causal LMs also tokens whose label is
+-100). A = top right-singular vectors of X, B = 0, so the model is unchanged at step 0. Rank
+redistribution: rho * r components per layer are ranked globally by explained variance and the
+top L * r kept, so a layer gets rank 0 .. rho * r (reported as ``rank_pattern``); with
+``adjust_scaling_factors`` alpha is rescaled per layer so alpha / r stays constant.
+Hyper-parameters (peft ``EvaConfig`` defaults): rho 2.0 (1.0 = uniform ranks), tau 0.99 (cosine
+threshold for convergence of the components between batches), use_label_mask True, whiten False,
+adjust_scaling_factors True.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from peft import EvaConfig, initialize_lora_eva_weights
+from peft.tuners.lora.eva import prepare_model_inputs_fn_language_modeling
+from torch import nn
+
+from lorabench.errors import ConfigError
+from lorabench.methods.base import Initializer, MethodContext, target_linear_weights
+from lorabench.registry import INITIALIZERS
+
+
+@dataclass
+class EvaParams:
+    rho: float = 2.0
+    tau: float = 0.99
+    use_label_mask: bool = True
+    whiten: bool = False
+    adjust_scaling_factors: bool = True
+
+    def __post_init__(self) -> None:
+        if self.rho < 1.0:
+            raise ConfigError(f"method.rho={self.rho!r} is invalid; it must be >= 1.0")
+        if not 0 < self.tau <= 1:
+            raise ConfigError(f"method.tau={self.tau!r} is invalid; it must be in (0, 1]")
+
+
+def _model_inputs(batch: dict, peft_config) -> object:
+    """peft's token mask, minus sequence-level labels (classification labels are not per token)."""
+    labels = batch.get("labels")
+    if labels is not None and labels.shape != batch["input_ids"].shape:
+        batch = {k: v for k, v in batch.items() if k != "labels"}
+    return prepare_model_inputs_fn_language_modeling(batch, peft_config)
+
+
+@INITIALIZERS.register("eva")
+class EvaInit(Initializer):
+    Params = EvaParams
+    paper = "Paischer et al., 2024, arXiv:2410.07170"
+    backed_by = "peft"
+    requires_adapter = ("lora",)
+
+    def adapter_kwargs(self, params: EvaParams) -> dict:
+        config = EvaConfig(rho=params.rho, tau=params.tau, use_label_mask=params.use_label_mask, whiten=params.whiten,
+                           adjust_scaling_factors=params.adjust_scaling_factors)
+        return {"init_lora_weights": "eva", "eva_config": config}
+
+    def after_adapter(self, model: nn.Module, params: EvaParams, ctx: MethodContext) -> None:
+        batches = list(ctx.calibration_batches())
+        if not batches:
+            raise ValueError("EVA needs calibration batches (train.init_batches > 0)")
+        initialize_lora_eva_weights(model, dataloader=batches, prepare_model_inputs_fn=_model_inputs,
+                                    show_progress_bar=False)
+        ctx.extras["rank_pattern"] = layer_ranks(model, ctx.target_modules)
+
+
+def layer_ranks(model: nn.Module, targets: list[str]) -> dict[str, int]:
+    """The LoRA rank of every targeted layer after EVA's redistribution (peft's own ``rank_pattern``
+    lists only the layers whose rank differs from r; EVA unwraps rank-0 layers, reported as 0)."""
+    ranks = {name.removeprefix("base_model.model."): int(m.r["default"])
+             for name, m in model.named_modules() if hasattr(m, "lora_A") and "default" in getattr(m, "r", {})}
+    for name, _ in target_linear_weights(model, targets):  # plain Linear again: rank 0
+        ranks[name.removesuffix(".weight").removeprefix("base_model.model.")] = 0
+    return ranks

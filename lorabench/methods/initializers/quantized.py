@@ -1,0 +1,114 @@
+"""Quantized-base initializers: QLoRA and LoftQ. Both need CUDA and bitsandbytes; on a machine
+without CUDA their parameters fail validation (a ``ConfigError`` when the method config is
+resolved, before any model is loaded). Their ``requires_cuda`` field is what the method matrix
+test reads to skip them on CPU.
+
+* ``nf4`` - QLoRA (Dettmers et al., 2023, "QLoRA: Efficient Finetuning of Quantized LLMs",
+  arXiv:2305.14314): every linear layer of the base model except the task head is replaced by a
+  frozen bitsandbytes 4-bit layer (NormalFloat4, double quantization of the block scales, compute
+  in bf16); the LoRA adapter then trains on top in bf16. Paper defaults: NF4, double_quant True,
+  compute bf16, LoRA on all linear layers, r 64, alpha 16, dropout 0.1 (7B-13B), lr 2e-4 (7B).
+* ``loftq`` - LoftQ (Li et al., 2023, "LoftQ: LoRA-Fine-Tuning-Aware Quantization for Large
+  Language Models", arXiv:2310.08659), peft ``init_lora_weights="loftq"``: alternate T times
+  Q = quant(W0 - B A), (B, A) = rank-r SVD of W0 - Q; the base weight becomes the dequantized Q
+  and LoRA starts at (B, A), so Q + B A ~ W0. peft applies B A without the alpha / r scale, so
+  the LoRA adapter must have alpha = rank. Defaults (peft ``LoftQConfig``): bits 4, iterations 1
+  (the paper also reports T = 5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lorabench.errors import ConfigError
+from lorabench.methods.base import HEAD_MODULES, Initializer, MethodContext
+from lorabench.registry import INITIALIZERS
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def check_cuda_backend(method: str) -> None:
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{method} needs CUDA (bitsandbytes 4-bit kernels), but torch.cuda.is_available() is False; "
+                          "it cannot run on this machine - pick a method without a quantized base (e.g. method=lora)")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"{method} needs the bitsandbytes package: pip install bitsandbytes") from None
+
+
+@dataclass
+class Nf4Params:
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: str = "bfloat16"
+    requires_cuda: bool = True  # read by the method matrix test; cannot be switched off
+
+    def __post_init__(self) -> None:
+        if self.quant_type not in ("nf4", "fp4"):
+            raise ConfigError(f"method.quant_type={self.quant_type!r} is invalid; valid choices: nf4, fp4")
+        if self.compute_dtype not in DTYPES:
+            raise ConfigError(f"method.compute_dtype={self.compute_dtype!r} is invalid; valid choices: {', '.join(DTYPES)}")
+        check_cuda_backend("QLoRA (method.init=nf4)")
+
+
+@INITIALIZERS.register("nf4")
+class Nf4Init(Initializer):
+    Params = Nf4Params
+    paper = "Dettmers et al., 2023, arXiv:2305.14314"
+    backed_by = "bitsandbytes"
+    requires_adapter = ("lora",)
+
+    def before_adapter(self, model: nn.Module, params: Nf4Params, ctx: MethodContext) -> None:
+        import bitsandbytes as bnb
+
+        for parent_name, parent in list(model.named_modules()):
+            for child_name, child in list(parent.named_children()):
+                if not isinstance(child, nn.Linear) or child_name in HEAD_MODULES or child_name == "lm_head":
+                    continue
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=DTYPES[params.compute_dtype], quant_type=params.quant_type,
+                                      compress_statistics=params.double_quant)
+                q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type=params.quant_type,
+                                             compress_statistics=params.double_quant)
+                if child.bias is not None:
+                    q.bias = nn.Parameter(child.bias.data, requires_grad=False)
+                setattr(parent, child_name, q.to("cuda"))  # quantizes on the move
+        model.to("cuda")
+
+
+@dataclass
+class LoftqParams:
+    loftq_bits: int = 4
+    loftq_iter: int = 1
+    requires_cuda: bool = True  # read by the method matrix test; cannot be switched off
+
+    def __post_init__(self) -> None:
+        if self.loftq_bits not in (4, 8):
+            raise ConfigError(f"method.loftq_bits={self.loftq_bits!r} is invalid; valid choices: 4, 8")
+        if self.loftq_iter < 1:
+            raise ConfigError(f"method.loftq_iter={self.loftq_iter!r} is invalid; it must be >= 1")
+        check_cuda_backend("LoftQ (method.init=loftq)")
+
+
+@INITIALIZERS.register("loftq")
+class LoftqInit(Initializer):
+    Params = LoftqParams
+    paper = "Li et al., 2023, arXiv:2310.08659"
+    backed_by = "peft"
+    requires_adapter = ("lora",)
+
+    def adapter_kwargs(self, params: LoftqParams) -> dict:
+        from peft import LoftQConfig
+
+        return {"init_lora_weights": "loftq", "loftq_config": LoftQConfig(loftq_bits=params.loftq_bits,
+                                                                            loftq_iter=params.loftq_iter)}
+
+    def after_adapter(self, model: nn.Module, params: LoftqParams, ctx: MethodContext) -> None:
+        scales = {s for m in model.modules() if isinstance(getattr(m, "scaling", None), dict) for s in m.scaling.values()}
+        if any(abs(s - 1.0) > 1e-6 for s in scales):
+            raise ConfigError(f"LoftQ needs method.alpha == method.rank (peft's LoftQ init ignores the alpha/r scale); "
+                              f"got scale(s) {sorted(scales)}")

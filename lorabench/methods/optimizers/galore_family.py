@@ -1,0 +1,315 @@
+"""The GaLore family on one optimizer class and the shared projectors (projectors.py).
+
+* GaLore (Zhao et al., 2024, arXiv:2403.03507): R = PᵀG, W -= lr·scale·P Adam(R). Defaults: rank 8,
+  update_proj_gap 200 (GLUE README: 500), scale 0.25 (GLUE: 4), eps 1e-6 (galore-torch's AdamW).
+* Fira (Chen et al., 2024, arXiv:2410.01623): W -= lr·(scale·P Adam(R) + φ⊙S), S = G - P R, with
+  φ = ‖Adam(R)‖/‖R‖ per column of R (per row when R is m x r), then the norm-growth limiter
+  ‖S_t‖ <= γ‖S_{t-1}‖, γ = 1.01. Defaults: rank 8, gap 200, scale 0.25 (pre-training scripts).
+* FRUGAL (Zmushko et al., 2025, arXiv:2411.07837): AdamW on R (moments only in the subspace, reset
+  when it is refreshed), state-free signSGD (or SGD) on S at lr·inactive_lr_scale. Defaults:
+  density 0.25 (rank = round(density·d)), update_gap 200, inactive_lr_scale 0.1 (fine-tuning; 1.0
+  pre-training), eps 1e-8.
+* Q-GaLore (Zhang et al., 2024, arXiv:2407.08296): GaLore with the basis stored in INT4 (per-vector
+  fp32 scale) and lazy layer-adaptive refresh (cos_threshold 0.4, patience 5, gap_growth 2). The
+  INT8 weights with stochastic rounding are not supported: lorabench keeps the model in its
+  training precision for every method, so quantized weights would confound the comparison and
+  need a custom quantized Linear; only the optimizer-side changes are implemented.
+* DCT-AdamW (arXiv:2505.17967, per METHODS.md): GaLore with the DCT projector (top-r DCT columns).
+
+All: Adam bias correction and eps as galore-torch (denom = sqrt(v) + eps, step size
+lr·sqrt(1-β2^t)/(1-β1^t)); decoupled weight decay W -= lr·wd·W after the update, on every group;
+non-projected parameters get plain AdamW in the same class. Differences from the authors' code
+(documented choices): Fira's residual is G - P R as in the paper (``fira_residual: package`` gives
+pip fira 1.0.2's G - scale·P R); FRUGAL's ``blocks`` are contiguous row/column blocks of each
+matrix (the authors' BAdam-like blocks are whole tensors); Q-GaLore's lazy rule counts consecutive
+similarities (the authors average a queue of 5) and uses |cos| (singular vectors have no sign).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from lorabench.config import check_choice, check_positive
+from lorabench.errors import ConfigError
+from lorabench.methods.base import MethodContext, OptimizerBuilder, decay_groups, target_linear_weights
+from lorabench.methods.optimizers.projectors import SIDE_RULES, DCTCache, make_projector
+from lorabench.registry import OPTIMIZERS
+
+RESIDUAL_RULES = ("none", "fira", "sign_sgd", "sgd")
+
+
+class GaLoreFamily(torch.optim.Optimizer):
+    """Adam(W) whose groups may carry ``projector`` (a name in projectors.PROJECTORS) plus rank,
+    update_proj_gap, scale, proj_type, residual, residual_lr_scale, gamma, fira_residual,
+    reset_on_refresh, bits, lazy (dict or None) and seed. Other groups are plain AdamW."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.0):
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "projector": None,
+                    "rank": 8, "update_proj_gap": 200, "scale": 1.0, "proj_type": "std", "residual": "none",
+                    "residual_lr_scale": 1.0, "gamma": 1.01, "fira_residual": "exact",
+                    "reset_on_refresh": False, "bits": 32, "lazy": None, "seed": 0}
+        super().__init__(params, defaults)
+        self.dct_cache = DCTCache()
+
+    def extra_state_tensors(self):
+        """The shared DCT matrices, counted once per optimizer."""
+        return list(self.dct_cache.matrices.values())
+
+    def _projector(self, p, group, index):
+        if group["residual"] not in RESIDUAL_RULES:
+            raise ValueError(f"residual={group['residual']!r} is invalid; valid: {', '.join(RESIDUAL_RULES)}")
+        extra = {"dct_cache": self.dct_cache} if group["projector"] == "dct" else dict(group["lazy"] or {})
+        return make_projector(group["projector"], p.shape, group["rank"], group["update_proj_gap"],
+                              proj_type=group["proj_type"], seed=group["seed"] * 100_003 + index,
+                              bits=group["bits"], **extra)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for index, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                projected = group["projector"] is not None and p.ndim == 2
+                update = self._update(p, group, index, projected)
+                p.add_(update.to(p.dtype))
+                if group["weight_decay"] > 0:
+                    p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+        return loss
+
+    def _update(self, p, group, index, projected: bool) -> torch.Tensor:
+        """The full-shape update (already multiplied by -step size) for one parameter."""
+        state = self.state[p]
+        grad = p.grad.float() if projected else p.grad
+        step = state.setdefault("step", 0)
+        low = grad
+        if projected:
+            if "projector" not in state:
+                state["projector"] = self._projector(p, group, index)
+            proj = state["projector"]
+            if proj.due(step):
+                proj.refresh(grad, step)
+                if group["reset_on_refresh"] and "exp_avg" in state:
+                    state["exp_avg"].zero_()
+                    state["exp_avg_sq"].zero_()
+                    state["adam_step"] = 0
+            low = proj.project(grad)
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(low)
+            state["exp_avg_sq"] = torch.zeros_like(low)
+            state["adam_step"] = 0
+        state["step"] = step + 1
+        state["adam_step"] += 1
+        t = state["adam_step"]
+        beta1, beta2 = group["betas"]
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.mul_(beta1).add_(low, alpha=1.0 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
+        normed = exp_avg / exp_avg_sq.sqrt().add_(group["eps"])
+        step_size = group["lr"] * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
+        if not projected:
+            return normed.mul_(-step_size)
+        update = proj.project_back(normed).mul_(group["scale"])
+        rule = group["residual"]
+        if rule == "none":
+            return update.mul_(-step_size)
+        back = proj.project_back(low)
+        residual = grad - (back * group["scale"] if group["fira_residual"] == "package" else back)
+        if rule == "fira":
+            update.add_(self._fira_residual(residual, normed, low, proj.side, state, group["gamma"]))
+            return update.mul_(-step_size)
+        lr_free = group["lr"] * group["residual_lr_scale"]
+        free = residual.sign() if rule == "sign_sgd" else residual
+        return update.mul_(-step_size).add_(free, alpha=-lr_free)
+
+    @staticmethod
+    def _fira_residual(residual, normed, low, side, state, gamma):
+        """φ⊙S with φ = ‖Adam(R)‖/‖R‖ along the rank dimension, then the norm-growth limiter."""
+        rank_dim = 0 if side == "left" else 1
+        phi = normed.norm(dim=rank_dim) / (low.norm(dim=rank_dim) + 1e-8)
+        scaled = residual * (phi.unsqueeze(0) if side == "left" else phi.unsqueeze(1))
+        norm = scaled.norm()
+        if "residual_norm" in state:
+            limiter = torch.clamp(norm / (state["residual_norm"] + 1e-8), min=gamma) / gamma
+            scaled.div_(limiter)
+            norm = norm / limiter
+        state["residual_norm"] = norm
+        return scaled
+
+
+# ----------------------------------------------------------------------------- builders
+
+
+@dataclass
+class ProjectedAdamParams:
+    rank: int = 8
+    update_proj_gap: int = 200
+    scale: float = 0.25
+    proj_type: str = "std"
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        check_positive("method.rank", self.rank)
+        check_positive("method.update_proj_gap", self.update_proj_gap)
+        check_positive("method.scale", self.scale)
+        check_choice("method.proj_type", self.proj_type, tuple(SIDE_RULES))
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"method.{name}={value!r} is invalid; it must be in [0, 1)")
+        check_positive("method.eps", self.eps)
+
+
+def build_family(model, ctx: MethodContext, params, cls: type | None = None, **options) -> GaLoreFamily:
+    """Targeted 2-D weights in one projected group (as galore_torch.py selects them); every other
+    trainable parameter in plain AdamW groups (no decay on 1-D tensors)."""
+    projected = [p for _, p in target_linear_weights(model, ctx.target_modules) if p.requires_grad]
+    groups = decay_groups(model, ctx.weight_decay, exclude={id(p) for p in projected})
+    if projected:
+        options.setdefault("update_proj_gap", getattr(params, "update_proj_gap", None))
+        groups.append({"params": projected, "weight_decay": ctx.weight_decay, "seed": ctx.seed,
+                       "proj_type": params.proj_type, **options})
+    return (cls or GaLoreFamily)(groups, lr=ctx.lr, betas=(params.beta1, params.beta2), eps=params.eps)
+
+
+@dataclass
+class GaLoreParams(ProjectedAdamParams):
+    projector: str = "svd"  # svd (the paper), randomized_svd, random
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("method.projector", self.projector, ("svd", "randomized_svd", "random"))
+
+
+@OPTIMIZERS.register("galore")
+class GaLore(OptimizerBuilder):
+    Params = GaLoreParams
+    paper = "Zhao et al., 2024, arXiv:2403.03507"
+    backed_by = "lorabench"
+
+    def build(self, model, params: GaLoreParams, ctx: MethodContext):
+        return build_family(model, ctx, params, projector=params.projector, rank=params.rank,
+                            scale=params.scale)
+
+
+@dataclass
+class FiraParams(ProjectedAdamParams):
+    gamma: float = 1.01  # norm-growth limiter
+    fira_residual: str = "exact"  # exact: S = G - P R (paper); package: S = G - scale·P R (pip fira)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.gamma >= 1.0:
+            raise ConfigError(f"method.gamma={self.gamma!r} is invalid; the norm-growth limit must be >= 1")
+        check_choice("method.fira_residual", self.fira_residual, ("exact", "package"))
+
+
+@OPTIMIZERS.register("fira")
+class Fira(OptimizerBuilder):
+    Params = FiraParams
+    paper = "Chen et al., 2024, arXiv:2410.01623"
+    backed_by = "lorabench"
+
+    def build(self, model, params: FiraParams, ctx: MethodContext):
+        return build_family(model, ctx, params, projector="svd", rank=params.rank, scale=params.scale,
+                            residual="fira", gamma=params.gamma, fira_residual=params.fira_residual)
+
+
+@dataclass
+class FrugalParams:
+    density: float = 0.25
+    update_gap: int = 200
+    projector: str = "svd"
+    inactive_update_rule: str = "sign_sgd"
+    inactive_lr_scale: float = 0.1
+    proj_params_lr_scale: float = 1.0
+    reset_statistics: bool = True
+    proj_type: str = "std"
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.density <= 1.0:
+            raise ConfigError(f"method.density={self.density!r} is invalid; it must be in (0, 1]")
+        check_positive("method.update_gap", self.update_gap)
+        check_choice("method.projector", self.projector, ("svd", "random", "randk", "blocks"))
+        check_choice("method.inactive_update_rule", self.inactive_update_rule, ("sign_sgd", "sgd", "none"))
+        check_positive("method.inactive_lr_scale", self.inactive_lr_scale, allow_zero=True)
+        check_positive("method.proj_params_lr_scale", self.proj_params_lr_scale)
+        check_choice("method.proj_type", self.proj_type, tuple(SIDE_RULES))
+        check_positive("method.eps", self.eps)
+
+
+class FrugalFamily(GaLoreFamily):
+    """FRUGAL's rank comes from density per matrix: r = max(1, round(density·d))."""
+
+    def _projector(self, p, group, index):
+        d = p.shape[0] if SIDE_RULES[group["proj_type"]](*p.shape) == "left" else p.shape[1]
+        group = {**group, "rank": max(1, round(group["density"] * d))}
+        return super()._projector(p, group, index)
+
+
+@OPTIMIZERS.register("frugal")
+class Frugal(OptimizerBuilder):
+    Params = FrugalParams
+    paper = "Zmushko et al., 2025, arXiv:2411.07837"
+    backed_by = "lorabench"
+
+    def build(self, model, params: FrugalParams, ctx: MethodContext):
+        opt = build_family(model, ctx, params, cls=FrugalFamily, projector=params.projector,
+                           density=params.density, update_proj_gap=params.update_gap, scale=1.0,
+                           residual=params.inactive_update_rule, residual_lr_scale=params.inactive_lr_scale,
+                           reset_on_refresh=params.reset_statistics)
+        for group in opt.param_groups:  # proj_params_lr_scale: lr of the projected group (both parts)
+            if group["projector"] is not None:
+                group["lr"] = ctx.lr * params.proj_params_lr_scale
+        return opt
+
+
+@dataclass
+class QGaLoreParams(ProjectedAdamParams):
+    proj_bits: int = 4
+    cos_threshold: float = 0.4
+    patience: int = 5
+    gap_growth: int = 2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("method.proj_bits", self.proj_bits, (4, 8, 32))
+        if not 0.0 <= self.cos_threshold <= 1.0:
+            raise ConfigError(f"method.cos_threshold={self.cos_threshold!r} is invalid; it must be in [0, 1]")
+        check_positive("method.patience", self.patience)
+        check_positive("method.gap_growth", self.gap_growth)
+
+
+@OPTIMIZERS.register("q_galore")
+class QGaLore(OptimizerBuilder):
+    Params = QGaLoreParams
+    paper = "Zhang et al., 2024, arXiv:2407.08296"
+    backed_by = "lorabench"
+
+    def build(self, model, params: QGaLoreParams, ctx: MethodContext):
+        lazy = {"cos_threshold": params.cos_threshold, "patience": params.patience,
+                "gap_growth": params.gap_growth}
+        return build_family(model, ctx, params, projector="svd", rank=params.rank, scale=params.scale,
+                            bits=params.proj_bits, lazy=lazy)
+
+
+@OPTIMIZERS.register("dct_adamw")
+class DCTAdamW(OptimizerBuilder):
+    Params = ProjectedAdamParams
+    paper = "arXiv:2505.17967"
+    backed_by = "lorabench"
+
+    def build(self, model, params: ProjectedAdamParams, ctx: MethodContext):
+        return build_family(model, ctx, params, projector="dct", rank=params.rank, scale=params.scale)

@@ -1,0 +1,45 @@
+"""LoRA+ (Hayou et al., 2024, "LoRA+: Efficient Low Rank Adaptation of Large Models",
+arXiv:2402.12354), backed by peft's ``create_loraplus_optimizer``.
+
+Update: AdamW with two learning rates, lr for A and lr * ratio for B (and, in peft's grouping, for
+the 1-D trainable tensors: biases, norms, DoRA magnitudes), because with B = 0 at init the
+efficient feature-learning rate of B is larger by a factor ~ width. Weight decay train.weight_decay
+on every group except 1-D tensors.
+Hyper-parameters: loraplus_lr_ratio = 16 (the paper's recommended 2^4 for LLMs), AdamW's
+beta1 0.9, beta2 0.999, eps 1e-8.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from peft.optimizers import create_loraplus_optimizer
+
+from lorabench.config import check_positive
+from lorabench.methods.base import MethodContext, OptimizerBuilder
+from lorabench.registry import OPTIMIZERS
+
+
+@dataclass
+class LoraPlusParams:
+    loraplus_lr_ratio: float = 16.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        check_positive("method.loraplus_lr_ratio", self.loraplus_lr_ratio)
+
+
+@OPTIMIZERS.register("loraplus")
+class LoraPlus(OptimizerBuilder):
+    Params = LoraPlusParams
+    paper = "Hayou et al., 2024, arXiv:2402.12354"
+    backed_by = "peft"
+    requires_adapter = ("lora",)
+
+    def build(self, model, params: LoraPlusParams, ctx: MethodContext) -> torch.optim.Optimizer:
+        return create_loraplus_optimizer(model, torch.optim.AdamW, lr=ctx.lr, loraplus_lr_ratio=params.loraplus_lr_ratio,
+                                         loraplus_weight_decay=ctx.weight_decay, betas=(params.beta1, params.beta2),
+                                         eps=params.eps)

@@ -1,0 +1,90 @@
+"""End-to-end runs of `lorabench train` on tiny models and fixture data: one per dataset family,
+the record schema, skip-on-rerun, failure records, and a 2-process run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lorabench.cli import main
+from lorabench.results.record import REQUIRED_KEYS, validate_record
+from tests.conftest import tiny_overrides
+
+
+def train(*overrides: str) -> int:
+    with pytest.raises(SystemExit) as exc:
+        main(["train", *overrides])
+    return exc.value.code
+
+
+def records(root: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(root.rglob("record.json"))]
+
+
+@pytest.mark.parametrize("kind,method", [("classification", "lora"), ("causal_lm", "galore"), ("classification", "full")])
+def test_smoke_run_writes_complete_record(kind, method, sst2_dir, gsm8k_dir, tmp_path):
+    data = sst2_dir if kind == "classification" else gsm8k_dir
+    assert train(f"method={method}", *tiny_overrides(kind, data, tmp_path)) == 0
+    (record,) = records(tmp_path)
+    assert validate_record(record) is None and set(REQUIRED_KEYS) <= set(record)
+    assert record["status"] == "completed" and record["error"] is None
+    primary = record["metrics"]["primary"]
+    assert primary == ("accuracy" if kind == "classification" else "exact_match")
+    assert 0.0 <= record["metrics"]["final"][primary] <= 1.0
+    assert record["metrics"]["best"]["step"] == 2
+    assert record["dataset"]["source"]["kind"] == "local"
+    assert record["model"]["source"]["kind"] == "random"
+    cost = record["cost"]
+    assert cost["trainable_params"] > 0 and cost["optimizer_state_bytes"] > 0 and cost["tokens_per_s"] > 0
+    assert cost["peak_memory"]["cpu_peak_rss_bytes"] > 0
+    assert (cost["adapter_file_bytes"] or 0) > 0 if method == "lora" else cost["adapter_file_bytes"] is None
+    assert record["provenance"]["versions"]["torch"]
+    assert len(record["train_log"]) >= 1 and record["hardware"]["gradient_accumulation"] == 2
+
+
+def test_rerun_is_skipped_unless_forced(sst2_dir, tmp_path, capsys):
+    args = ["method=lora", *tiny_overrides("classification", sst2_dir, tmp_path)]
+    assert train(*args) == 0
+    first = records(tmp_path)[0]
+    assert train(*args) == 0
+    assert "skip" in capsys.readouterr().out
+    assert records(tmp_path)[0]["finished_at"] == first["finished_at"]
+    assert train(*args, "force=true") == 0
+    assert len(records(tmp_path)) == 1  # same deterministic run id
+
+
+def test_failed_run_leaves_failed_record(sst2_dir, tmp_path):
+    # a data folder that does not exist fails inside the run, after the record exists
+    code = train("method=lora", *tiny_overrides("classification", Path("/nonexistent"), tmp_path))
+    assert code != 0
+    (record,) = records(tmp_path)
+    assert record["status"] == "failed"
+    assert "does not exist" in record["error"]["message"]
+
+
+def test_multirun_one_record_per_run(sst2_dir, tmp_path):
+    assert train("-m", "method=full,lora", "seed=0,1", *tiny_overrides("classification", sst2_dir, tmp_path)) == 0
+    recs = records(tmp_path)
+    assert len(recs) == 4
+    assert {(r["method"]["label"], r["config"]["seed"]) for r in recs} == {(m, s) for m in ("full", "lora") for s in (0, 1)}
+
+
+def test_two_process_run_matches_single_process_fields(sst2_dir, tmp_path):
+    base = tiny_overrides("classification", sst2_dir, tmp_path)
+    cmd = [sys.executable, "-m", "lorabench.cli", "train", "method=lora", *base]
+    one = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([*cmd, "hardware=cpu_ddp2", "hardware.micro_batch_size=1"], capture_output=True, text=True,
+                         timeout=300)
+    assert two.returncode == 0, (two.stdout + two.stderr)[-3000:]
+    recs = {r["hardware"]["num_processes"]: r for r in records(tmp_path)}
+    assert set(recs) == {1, 2}
+    assert set(recs[1]) == set(recs[2])
+    assert set(recs[1]["cost"]) == set(recs[2]["cost"])
+    assert recs[2]["status"] == "completed"
+    assert recs[2]["hardware"]["gradient_accumulation"] == 2
+    assert recs[2]["cost"]["train_tokens"] > 0
