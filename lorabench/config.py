@@ -94,8 +94,11 @@ class TrainConfig:
     log_every: int = 10
     report: str = "last"  # which evaluation the table reports: last | best (both are recorded)
     init_batches: int = 8  # training batches that data- and gradient-driven initialisers may see
+    nonfinite: str = "stop"  # stop | skip: what a non-finite loss or gradient does
+    max_skipped_steps: int = 10  # with nonfinite=skip, stop after this many skipped steps
 
     SCHEDULES = ("linear", "cosine", "constant")
+    NONFINITE = ("stop", "skip")
     REPORTS = ("last", "best")
 
     def __post_init__(self) -> None:
@@ -105,6 +108,8 @@ class TrainConfig:
         check_positive("train.weight_decay", self.weight_decay, allow_zero=True)
         check_choice("train.schedule", self.schedule, self.SCHEDULES)
         check_choice("train.report", self.report, self.REPORTS)
+        check_choice("train.nonfinite", self.nonfinite, self.NONFINITE)
+        check_positive("train.max_skipped_steps", self.max_skipped_steps, allow_zero=True)
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"train.warmup_ratio={self.warmup_ratio!r} is invalid; it must be in [0, 1)")
         if self.max_grad_norm is not None:
@@ -139,6 +144,18 @@ class HardwareConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Periodic checkpoints for resuming; not part of the run id (they do not change the science)."""
+
+    every: int = 0  # steps between checkpoints; 0 = off (a canceled run still checkpoints if > 0)
+    keep: int = 2  # newest checkpoints kept
+
+    def __post_init__(self) -> None:
+        check_positive("checkpoint.every", self.every, allow_zero=True)
+        check_positive("checkpoint.keep", self.keep)
+
+
+@dataclass
 class RunConfig:
     """One run = model x method x dataset x train x hardware, plus a seed."""
 
@@ -147,16 +164,20 @@ class RunConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     seed: int = 0
     results_dir: str = "results/runs"
     force: bool = False  # rerun even if a record for this run id exists
+    resume: str = "never"  # never | auto: continue this run id from its newest valid checkpoint
     progress: bool = True
     tracker: str = "none"  # none | wandb
 
     TRACKERS = ("none", "wandb")
+    RESUME = ("never", "auto")
 
     def __post_init__(self) -> None:
         check_choice("tracker", self.tracker, self.TRACKERS)
+        check_choice("resume", self.resume, self.RESUME)
         check_positive("seed", self.seed, allow_zero=True)
 
     def gradient_accumulation(self) -> int:

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from lorabench.checkpoint import list_checkpoints, load_checkpoint, restore_rng, save_checkpoint
 from lorabench.config import RunConfig
 from lorabench.data.cache import cached_features
 from lorabench.data.base import collate, count_tokens, resolve_primary
@@ -41,20 +42,39 @@ HEAD_MODULES = ("classifier", "score", "lm_head", "qa_outputs")
 
 
 class RunCanceled(Exception):
-    """Raised in the main thread by the first SIGTERM/SIGINT; a second signal exits at once."""
+    """The run was stopped by SIGTERM/SIGINT (Ctrl-C, SLURM preemption)."""
 
 
-def _install_signal_handlers() -> dict:
-    received = {"count": 0}
+class StopFlag:
+    """First SIGTERM/SIGINT: outside the training loop, raise at once; inside it, finish the current
+    optimizer step (never a half-applied update), checkpoint, then stop. A second signal exits at once."""
 
-    def handler(signum, _frame):
-        received["count"] += 1
-        if received["count"] > 1:
+    def __init__(self):
+        self.signal_name: str | None = None
+        self.in_loop = False
+        self.previous = {}
+
+    def __enter__(self) -> "StopFlag":
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, _frame) -> None:
+        if self.signal_name is not None:
             os._exit(128 + signum)
-        raise RunCanceled(f"received {signal.Signals(signum).name}")
+        self.signal_name = signal.Signals(signum).name
+        if not self.in_loop:
+            raise RunCanceled(f"received {self.signal_name}")
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    return previous
+
+def _fault_injection_step() -> int | None:
+    """LORABENCH_FAULT_AT_STEP=k makes the run send itself SIGTERM after step k (tests use it to
+    prove that an interrupted and resumed run equals an uninterrupted one)."""
+    value = os.environ.get("LORABENCH_FAULT_AT_STEP")
+    return int(value) if value else None
 
 
 def resolve_targets(spec: MethodSpec, default: list[str], model: torch.nn.Module) -> list[str]:
@@ -149,7 +169,7 @@ def train(cfg: RunConfig, spec: MethodSpec, command: str = "") -> dict:
     higher = task.higher_is_better[primary]
     record["metrics"]["higher_is_better"] = higher
     recorder.write()
-    previous_handlers = _install_signal_handlers()
+    stop = StopFlag().__enter__()
     t_start = time.perf_counter()
     timers = {"init_time_s": 0.0, "train_time_s": 0.0, "eval_time_s": 0.0}
     tracker = _start_tracker(cfg, rid, cfg_dict, record_path.parent) if is_main else None
@@ -231,14 +251,45 @@ def train(cfg: RunConfig, spec: MethodSpec, command: str = "") -> dict:
                     tracker.log({f"eval/{k}": v for k, v in metrics.items() if v is not None}, step=step)
             recorder.write()
 
+        # -- resume -------------------------------------------------------------------------------
+        run_dir = record_path.parent
+        tokens, consumed, skipped = 0, 0, []
+        checkpoints = list_checkpoints(run_dir) if cfg.resume == "auto" else []
+        if checkpoints:
+            meta = load_checkpoint(checkpoints[-1], model=model, optimizer=optimizer, scheduler=scheduler,
+                                   procedure=procedure, accelerator=accelerator)
+            step, consumed, tokens, best, skipped = (meta["step"], meta["consumed"], meta["tokens"], meta["best"],
+                                                     meta["skipped"])
+            record.update(history=meta["history"], train_log=meta["train_log"], samples=meta["samples"])
+            timers["train_time_s"] += meta["train_time_s"]
+            record.setdefault("resumed_from", []).append({"step": step, "checkpoint": str(checkpoints[-1])})
+            if is_main:
+                print(f"[lorabench] resuming {rid} from step {step} ({checkpoints[-1]})")
         batches = _infinite(loader)
+        for _ in range(consumed):  # the same data order as an uninterrupted run
+            next(batches)
+        if checkpoints:
+            restore_rng(checkpoints[-1], accelerator)
+
+        def checkpoint_now():
+            meta = {"consumed": consumed, "tokens": tokens, "best": best, "skipped": skipped,
+                    "history": record["history"], "train_log": record["train_log"], "samples": record["samples"],
+                    "train_time_s": timers["train_time_s"] + (time.perf_counter() - t_train if t_train else 0.0)}
+            save_checkpoint(run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                            procedure=procedure, meta=meta, accelerator=accelerator, keep=cfg.checkpoint.keep)
+
+        # -- train ----------------------------------------------------------------------------------
         model.train()
-        tokens, t_train = 0, time.perf_counter()
-        bar = tqdm(total=cfg.train.max_steps, disable=not (is_main and cfg.progress), desc=spec.label, unit="step")
+        fault_step = _fault_injection_step()
+        t_train = time.perf_counter()
+        stop.in_loop = True
+        bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not (is_main and cfg.progress), desc=spec.label,
+                   unit="step")
         while step < cfg.train.max_steps:
             loss_sum, step_tokens = 0.0, 0
             for micro in range(accum):
                 batch = next(batches)
+                consumed += 1
                 step_tokens += count_tokens(batch)
                 sync = accelerator.no_sync(model) if micro < accum - 1 else _nullcontext()
                 with sync:
@@ -247,18 +298,28 @@ def train(cfg: RunConfig, spec: MethodSpec, command: str = "") -> dict:
                 loss_sum += loss.detach().float()
             if procedure:
                 procedure.after_backward(step)
+            grad_norm = None
             if cfg.train.max_grad_norm:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+            loss_value = accelerator.reduce(loss_sum, reduction="mean").item()
+            if not math.isfinite(loss_value) or (grad_norm is not None and not math.isfinite(float(grad_norm))):
+                where = _first_nonfinite_grad(model)
+                event = {"step": step + 1, "loss": loss_value, "first_nonfinite_grad": where}
+                if cfg.train.nonfinite == "stop" or len(skipped) >= cfg.train.max_skipped_steps:
+                    raise FloatingPointError(f"non-finite loss {loss_value} or gradient at step {step + 1} "
+                                             f"(first non-finite gradient: {where}); train.nonfinite="
+                                             f"{cfg.train.nonfinite}, {len(skipped)} steps skipped before")
+                skipped.append(event)
+                optimizer.zero_grad(set_to_none=True)
+                print(f"[lorabench] skipped step {step + 1}: non-finite loss/gradient ({where})")
+                continue
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             if procedure:
                 procedure.on_step_end(step)
-            loss_value = accelerator.reduce(loss_sum, reduction="mean").item()
             tokens += int(accelerator.reduce(torch.tensor(step_tokens, device=accelerator.device), reduction="sum"))
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"non-finite training loss {loss_value} at step {step}")
             elapsed = time.perf_counter() - t_train
             if step % cfg.train.log_every == 0 or step == 1 or step == cfg.train.max_steps:
                 record["train_log"].append({"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0]})
@@ -266,18 +327,30 @@ def train(cfg: RunConfig, spec: MethodSpec, command: str = "") -> dict:
                 if tracker:
                     tracker.log({"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0]}, step=step)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                            tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
+                            tok_s=f"{tokens / max(elapsed + timers['train_time_s'], 1e-9):.0f}")
             bar.update(1)
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
                 timers["train_time_s"] += time.perf_counter() - t_train
                 t_train = None
+                stop.in_loop = False
                 evaluate_now()
+                stop.in_loop = True
                 t_train = time.perf_counter()
+            if step == fault_step:
+                os.kill(os.getpid(), signal.SIGTERM)
+            if stop.signal_name:
+                if cfg.checkpoint.every:
+                    checkpoint_now()
+                raise RunCanceled(f"received {stop.signal_name} after step {step}")
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+                checkpoint_now()
+        stop.in_loop = False
         bar.close()
         timers["train_time_s"] += time.perf_counter() - t_train
         t_train = None
         record["cost"].update({"optimizer_state_bytes": optimizer_state_bytes(optimizer), "train_tokens": tokens,
                                "tokens_per_s": tokens / timers["train_time_s"] if step else None})
+        record["method_report"]["skipped_nonfinite_steps"] = skipped
         evaluate_now()
         record["cost"]["adapter_file_bytes"] = _save_trainable(model, accelerator, record_path.parent, "adapter" in spec.components)
         if procedure:
@@ -291,13 +364,15 @@ def train(cfg: RunConfig, spec: MethodSpec, command: str = "") -> dict:
         record["status"] = "failed"
         record["error"] = {"type": type(exc).__name__, "message": str(exc), "step": step,
                            "traceback": traceback.format_exc(limit=8)}
+        if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
+            record["error"]["hint"] = ("out of memory: lower hardware.micro_batch_size (the global batch is kept "
+                                       "by gradient accumulation) or set hardware.gradient_checkpointing=true")
         raise
     finally:
         memory.__exit__(None, None, None)
         if t_train is not None:  # interrupted while training
             timers["train_time_s"] += time.perf_counter() - t_train
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
+        stop.__exit__(None, None, None)
         record["cost"].update({"wall_time_s": time.perf_counter() - t_start, **timers,
                                "peak_memory": memory.report()})
         record["finished_at"] = now()
@@ -309,6 +384,13 @@ def train(cfg: RunConfig, spec: MethodSpec, command: str = "") -> dict:
         print(f"[lorabench] {rid}: {primary}={final:.4f} ({cfg.dataset.name}, {record['dataset']['source']['kind']} "
               f"source) in {record['cost']['wall_time_s']:.1f}s; record: {record_path}")
     return record
+
+
+def _first_nonfinite_grad(model) -> str | None:
+    for name, p in model.named_parameters():
+        if p.grad is not None and not torch.isfinite(p.grad).all():
+            return name
+    return None
 
 
 class _nullcontext:

@@ -5,6 +5,7 @@ merge round trips, AdaLoRA's allocator, the CUDA-only presets' validation, and t
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -113,7 +114,7 @@ def test_closed_form_on_a_causal_lm_with_unequal_shapes(method, gsm8k_dir: Path,
 
 # -- inits: what they reproduce at step 0 ---------------------------------------------------------------
 def test_pissa_residual_plus_adapter_is_the_pretrained_weight(sst2_dir: Path, tmp_path: Path):
-    cfg, spec, loaded, loader, ctx = build("pissa", sst2_dir, tmp_path)
+    _, spec, loaded, _, ctx = build("pissa", sst2_dir, tmp_path)
     w0 = snapshot(loaded.model, ctx.target_modules)
     model = apply_method(loaded.model, spec, ctx).model
     checked = 0
@@ -130,7 +131,7 @@ def test_pissa_residual_plus_adapter_is_the_pretrained_weight(sst2_dir: Path, tm
 
 @pytest.mark.parametrize("method", ["lora_ga", "eva", "olora", "corda"])
 def test_data_driven_init_leaves_the_model_output_unchanged(method, sst2_dir: Path, tmp_path: Path):
-    cfg, spec, loaded, loader, ctx = build(method, sst2_dir, tmp_path)
+    _, spec, loaded, loader, ctx = build(method, sst2_dir, tmp_path)
     batch = _first_batch(loader)
     base = copy.deepcopy(loaded.model)
     model = apply_method(loaded.model, spec, ctx).model
@@ -144,7 +145,7 @@ def test_data_driven_init_leaves_the_model_output_unchanged(method, sst2_dir: Pa
 
 def test_lora_ga_init_is_driven_by_the_gradient(sst2_dir: Path, tmp_path: Path):
     """LoRA-GA's A must span the top right-singular vectors of the averaged gradient, not be random."""
-    cfg, spec, loaded, loader, ctx = build("lora_ga", sst2_dir, tmp_path)
+    _, spec, loaded, _, ctx = build("lora_ga", sst2_dir, tmp_path)
     model = loaded.model
     target = "bert.encoder.layer.0.attention.self.query"
     model.train()
@@ -177,6 +178,18 @@ def test_adalora_allocator_prunes_ranks_to_the_target_budget(sst2_dir: Path, tmp
     assert min(ranks.values()) < 6  # ranks changed from init_r
     pattern = result.built.model.peft_config["default"].rank_pattern
     assert pattern and sum(sum(m) for m in pattern.values()) == 8
+    saved = json.loads(json.dumps(proc.state_dict()))  # what a checkpoint holds
+    assert sum(sum(m) for m in saved["rank_pattern"].values()) == 8 and saved["calls"] == 6
+    # resume: loading the saved state into a fresh build re-applies the rank mask
+    _, spec, loaded, _, ctx = build("adalora", sst2_dir, tmp_path, "train.max_steps=6", "method.init_r=6",
+                                    "method.target_r=2", "method.tinit=1", "method.tfinal=1")
+    built = apply_method(loaded.model, spec, ctx)
+    with torch.no_grad():
+        for n, p in built.model.named_parameters():
+            if ".lora_E." in n:
+                p.fill_(1.0)  # all triplets alive before the state is loaded
+    built.procedure.load_state_dict(saved)
+    assert built.procedure.state()["adalora_ranks"] == ranks
 
 
 # -- save / load and merge round trips -------------------------------------------------------------------
@@ -186,11 +199,11 @@ def test_saved_trainable_tensors_reproduce_the_logits(method, stepped, sst2_dir:
     model = result.built.model
     path = tmp_path / "adapter.safetensors"
     save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}, str(path))
-    cfg, spec, loaded, loader, ctx = build(method, sst2_dir, tmp_path)  # same seed: same base and init
+    _, spec, loaded, loader, ctx = build(method, sst2_dir, tmp_path)  # same seed: same base and init
     fresh = apply_method(loaded.model, spec, ctx).model
     batch = _first_batch(loader)
-    assert not torch.allclose(_logits(fresh, batch), _logits(model, batch), atol=1e-6, rtol=0), "the step changed nothing"
-    missing, unexpected = fresh.load_state_dict(load_file(str(path)), strict=False)
+    assert not torch.allclose(_logits(fresh, batch), _logits(model, batch), atol=1e-6, rtol=0), "no change"
+    _, unexpected = fresh.load_state_dict(load_file(str(path)), strict=False)
     assert not unexpected
     torch.testing.assert_close(_logits(fresh, batch), _logits(model, batch), atol=1e-6, rtol=1e-6)
 
@@ -199,7 +212,7 @@ def test_saved_trainable_tensors_reproduce_the_logits(method, stepped, sst2_dir:
 def test_merged_weights_give_the_unmerged_logits(method, stepped):
     result = stepped(method)
     model = result.built.model
-    batch = {k: v for k, v in result.ctx.calibration_batches().__next__().items()}
+    batch = next(result.ctx.calibration_batches())
     unmerged = _logits(model, batch)
     merged_model = copy.deepcopy(model).merge_and_unload()
     assert not any("lora" in n for n, _ in merged_model.named_parameters())
@@ -243,7 +256,8 @@ def test_intruder_count_on_constructed_matrices(n):
     assert intruder_count(w0, w) == n
     assert intruder_count(w0, w0) == 0
     # a slight rotation inside W0's column space stays similar (cos > 0.5): no intruder
-    assert intruder_count(w0, w0 + 0.01 * torch.randn(64, 16, generator=torch.Generator().manual_seed(1))) == 0
+    noise = torch.randn(64, 16, generator=torch.Generator().manual_seed(1))
+    assert intruder_count(w0, w0 + 0.01 * noise) == 0
 
 
 def test_intruder_top_k_and_epsilon():
@@ -269,9 +283,30 @@ def test_model_intruders_per_layer_and_total():
 
 
 def test_model_intruders_on_a_peft_model_uses_base_names(sst2_dir: Path, tmp_path: Path):
-    cfg, spec, loaded, loader, ctx = build("lora", sst2_dir, tmp_path)
+    _, spec, loaded, _, ctx = build("lora", sst2_dir, tmp_path)
     pre = snapshot(loaded.model, ctx.target_modules)
     model = apply_method(loaded.model, spec, ctx).model
     report = model_intruders(pre, model)  # B = 0 at init: merged == pretrained
     assert set(report.per_layer) == set(pre) and len(pre) == 4 and not report.skipped
     assert report.total == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and bitsandbytes")
+@pytest.mark.parametrize("method", ["qlora", "loftq"])
+def test_cuda_only_presets_take_a_step(method, sst2_dir: Path, tmp_path: Path):
+    """Not run in CI without a GPU: one step on the 4-bit (qlora) or LoftQ-initialised base."""
+    _, spec, loaded, loader, ctx = build(method, sst2_dir, tmp_path)
+    built = apply_method(loaded.model, spec, ctx)
+    model = built.model.cuda()
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    batch = {k: v.cuda() for k, v in _first_batch(loader).items()}
+    loss = model(**batch).loss
+    loss.backward()
+    built.optimizer.step()
+    assert torch.isfinite(loss)
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters() if n in before)
+    if method == "qlora":
+        import bitsandbytes as bnb
+
+        assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())

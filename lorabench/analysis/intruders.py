@@ -19,8 +19,8 @@ LoftQ rewrite the base weight in place), then ``model_intruders(pre, trained_mod
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import torch
 from torch import nn

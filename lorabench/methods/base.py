@@ -94,7 +94,15 @@ class Procedure:
         """After ``optimizer.step()`` and the scheduler step."""
 
     def state(self) -> dict:
+        """What the run record reports about the procedure (e.g. the layers it sampled)."""
         return {}
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable state a checkpoint must hold to resume exactly (e.g. active layers)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        return None
 
 
 def trainable_parameters(model: nn.Module) -> Iterable[tuple[str, nn.Parameter]]:

@@ -12,6 +12,8 @@ top L * r kept, so a layer gets rank 0 .. rho * r (reported as ``rank_pattern``)
 Hyper-parameters (peft ``EvaConfig`` defaults): rho 2.0 (1.0 = uniform ranks), tau 0.99 (cosine
 threshold for convergence of the components between batches), use_label_mask True, whiten False,
 adjust_scaling_factors True.
+The LoRA adapter's closed-form count (r per layer) holds after redistribution only when all
+targets have one shape (the total rank L * r is kept, its split is not).
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ stable_gamma 16. Authors' Llama-2-7B recipe: r 32, alpha 8 (the paper's tables: 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 from peft import LoraConfig, LoraGAConfig
@@ -66,7 +67,9 @@ class LoraGaInit(Initializer):
                 model(**batch).loss.backward()
                 seen.append(1)
 
-        preprocess_loraga(model, config, train_step=train_step)
+        with warnings.catch_warnings():  # peft counts backward passes with full backward hooks; the
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")  # first layer's input needs no grad
+            preprocess_loraga(model, config, train_step=train_step)
         if not seen:
             raise ValueError("LoRA-GA needs calibration batches (train.init_batches > 0)")
         ctx.extras["lora_ga_batches"] = len(seen)

@@ -67,8 +67,9 @@ class Nf4Init(Initializer):
 
         for parent_name, parent in list(model.named_modules()):
             for child_name, child in list(parent.named_children()):
-                if not isinstance(child, nn.Linear) or child_name in HEAD_MODULES or child_name == "lm_head":
-                    continue
+                top = (parent_name or child_name).split(".")[0]
+                if not isinstance(child, nn.Linear) or top in (*HEAD_MODULES, "lm_head") or child_name == "lm_head":
+                    continue  # the task head (trained in full) and the LM head stay in full precision
                 q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
                                       compute_dtype=DTYPES[params.compute_dtype], quant_type=params.quant_type,
                                       compress_statistics=params.double_quant)
@@ -77,6 +78,7 @@ class Nf4Init(Initializer):
                 if child.bias is not None:
                     q.bias = nn.Parameter(child.bias.data, requires_grad=False)
                 setattr(parent, child_name, q.to("cuda"))  # quantizes on the move
+        model.is_loaded_in_4bit = True  # what transformers' bnb quantizer sets; peft dispatches its 4-bit LoRA on it
         model.to("cuda")
 
 

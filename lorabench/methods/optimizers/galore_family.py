@@ -35,7 +35,7 @@ import torch
 from lorabench.config import check_choice, check_positive
 from lorabench.errors import ConfigError
 from lorabench.methods.base import MethodContext, OptimizerBuilder, decay_groups, target_linear_weights
-from lorabench.methods.optimizers.projectors import SIDE_RULES, DCTCache, make_projector
+from lorabench.methods.optimizers.projectors import SIDE_RULES, DCTCache, Projector, make_projector
 from lorabench.registry import OPTIMIZERS
 
 RESIDUAL_RULES = ("none", "fira", "sign_sgd", "sgd")
@@ -54,6 +54,28 @@ class GaLoreFamily(torch.optim.Optimizer):
                     "reset_on_refresh": False, "bits": 32, "lazy": None, "seed": 0}
         super().__init__(params, defaults)
         self.dct_cache = DCTCache()
+
+    def state_dict(self) -> dict:
+        """Projector objects become plain dicts, so checkpoints load with weights_only=True."""
+        packed = super().state_dict()
+        packed["state"] = {k: ({**v, "projector": v["projector"].to_state()} if "projector" in v else v)
+                           for k, v in packed["state"].items()}
+        return packed
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # Rebuild projectors before torch's loader runs: it would mangle their strings.
+        params = [p for group in self.param_groups for p in group["params"]]
+        state = {}
+        for key, value in state_dict["state"].items():
+            if isinstance(value.get("projector"), dict):
+                device = params[int(key)].device
+                projector = Projector.from_state(value["projector"], self.dct_cache)
+                for name, item in vars(projector).items():
+                    if isinstance(item, torch.Tensor):
+                        setattr(projector, name, item.to(device))
+                value = {**value, "projector": projector}
+            state[key] = value
+        super().load_state_dict({**state_dict, "state": state})
 
     def extra_state_tensors(self):
         """The shared DCT matrices, counted once per optimizer."""

@@ -121,6 +121,22 @@ class Projector:
     def state_tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.basis_fp32, self.codes, self.scale) if t is not None]
 
+    # --- checkpoints: plain values and tensors only, so they load with torch.load(weights_only=True)
+    def to_state(self) -> dict:
+        state = {k: v for k, v in vars(self).items() if k != "cache"}
+        return {"kind": type(self).__name__, **state}
+
+    @staticmethod
+    def from_state(state: dict, dct_cache: "DCTCache") -> "Projector":
+        state = dict(state)
+        cls = {c.__name__: c for c in PROJECTORS.values()}[state.pop("kind")]
+        projector = cls.__new__(cls)
+        vars(projector).update(state)
+        projector.shape = tuple(projector.shape)
+        if isinstance(projector, DCTProjector):
+            projector.cache = dct_cache
+        return projector
+
     # --- the projection
     def refresh(self, grad: torch.Tensor, step: int) -> bool:
         """Recompute the basis from ``grad``; returns whether it changed."""

@@ -20,7 +20,7 @@ from lorabench.registry import PROCEDURES
 
 def effective_ranks(model: nn.Module) -> dict[str, int]:
     """Non-zero singular values (entries of lora_E) per adapted layer."""
-    return {name.rsplit(".lora_E", 1)[0]: int(torch.count_nonzero(p).item())
+    return {name.rsplit(".lora_E", 1)[0].removeprefix("base_model.model."): int(torch.count_nonzero(p).item())
             for name, p in model.named_parameters() if ".lora_E." in name}
 
 
@@ -46,3 +46,16 @@ class AdaLoraAllocator(Procedure):
 
     def state(self) -> dict:
         return {"adalora_ranks": effective_ranks(self.model), "adalora_allocator_calls": self.calls}
+
+    def state_dict(self) -> dict:
+        """The rank mask and the call count. The importance EMAs (one value per LoRA weight) are
+        not saved: after a resume they restart and re-converge within ~1 / (1 - beta) steps."""
+        pattern = self.tuner.peft_config[self.tuner.trainable_adapter_name].rank_pattern
+        return {"rank_pattern": {k: [bool(x) for x in v] for k, v in (pattern or {}).items()}, "calls": self.calls}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.calls = int(state.get("calls", 0))
+        pattern = state.get("rank_pattern") or None
+        self.tuner.peft_config[self.tuner.trainable_adapter_name].rank_pattern = pattern
+        if pattern:
+            self.tuner.rankallocator.mask_using_rank_pattern(self.tuner.model, pattern)

@@ -1,0 +1,85 @@
+"""DyLoRA (Valipour et al., 2023, "DyLoRA: Parameter-Efficient Tuning of Pre-trained Models using
+Dynamic Search-Free Low-Rank Adaptation", arXiv:2210.07558), our own layer.
+
+Update rule: a LoRA pair B (d_out x r_max, zero init), A (r_max x d_in, Kaiming-uniform init). At
+each training step a rank b ~ U{r_min..r_max} is drawn (the ``dylora`` procedure, one b for the
+whole model per step) and the forward uses only the first b ranks:
+Delta W_b = (alpha / b) B[:, :b] A[:b, :]. In eval mode the layer uses ``eval_rank`` (0 = r_max), so
+one trained adapter can be served at any rank <= r_max. Trainable parameters per target:
+r_max * (d_in + d_out), plus the task head.
+Hyper-parameters: rank (r_max; paper: 8 on GLUE), r_min (1), alpha (paper follows LoRA's GLUE
+scripts), eval_rank. The procedure's ``frozen`` flag is the paper's "frozen" mode (only row/column
+b receives gradient); the default updates all ranks <= b.
+Without the ``dylora`` procedure the layer trains at r_max (plain LoRA with scale alpha / r_max).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lorabench.config import check_positive
+from lorabench.errors import ConfigError
+from lorabench.methods.adapters.layer import AdapterLayer, OwnAdapter, seeded_generator
+from lorabench.methods.base import MethodContext
+from lorabench.registry import ADAPTERS
+
+
+def kaiming_uniform(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
+    """nn.Linear's default init (Kaiming uniform with a = sqrt(5)): U(-1/sqrt(cols), 1/sqrt(cols))."""
+    bound = 1.0 / math.sqrt(cols)
+    return (torch.rand(rows, cols, generator=generator) * 2 - 1) * bound
+
+
+class DyLoraLayer(AdapterLayer):
+    def __init__(self, base: nn.Linear, r_max: int, r_min: int, alpha: float, eval_rank: int, generator: torch.Generator):
+        super().__init__(base)
+        dtype, device = base.weight.dtype, base.weight.device
+        self.lora_A = nn.Parameter(kaiming_uniform(r_max, base.in_features, generator).to(device, dtype))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r_max, device=device, dtype=dtype))
+        self.r_max, self.r_min, self.alpha = r_max, r_min, alpha
+        self.eval_rank = eval_rank or r_max
+        self.train_rank = r_max  # set each step by the dylora procedure
+
+    def active_rank(self) -> int:
+        return self.train_rank if self.training else self.eval_rank
+
+    def delta_weight(self, rank: int | None = None) -> torch.Tensor:
+        b = rank or self.active_rank()
+        return (self.alpha / b) * self.lora_B[:, :b] @ self.lora_A[:b, :]
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.active_rank()
+        h = x.to(self.lora_A.dtype) @ self.lora_A[:b, :].T
+        return ((self.alpha / b) * h @ self.lora_B[:, :b].T).to(x.dtype)
+
+
+@dataclass
+class DyLoraParams:
+    rank: int = 8  # r_max
+    r_min: int = 1
+    alpha: float = 16.0
+    eval_rank: int = 0  # 0 = r_max
+
+    def __post_init__(self) -> None:
+        check_positive("method.rank", self.rank)
+        check_positive("method.alpha", self.alpha)
+        if not 1 <= self.r_min <= self.rank:
+            raise ConfigError(f"method.r_min={self.r_min!r} is invalid; it must be in [1, method.rank={self.rank}]")
+        if not 0 <= self.eval_rank <= self.rank:
+            raise ConfigError(f"method.eval_rank={self.eval_rank!r} is invalid; it must be in [0, method.rank={self.rank}] (0 = rank)")
+
+
+@ADAPTERS.register("dylora")
+class DyLoraAdapter(OwnAdapter):
+    Params = DyLoraParams
+    paper = "Valipour et al., 2023, arXiv:2210.07558"
+
+    def make_layer(self, name: str, linear: nn.Linear, params: DyLoraParams, ctx: MethodContext) -> DyLoraLayer:
+        return DyLoraLayer(linear, params.rank, params.r_min, params.alpha, params.eval_rank, seeded_generator(ctx.seed, name))
+
+    def layer_trainable(self, d_out: int, d_in: int, params: DyLoraParams) -> int:
+        return params.rank * (d_in + d_out)

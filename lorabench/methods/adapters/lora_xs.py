@@ -1,0 +1,83 @@
+"""LoRA-XS (Balazy et al., 2024, "LoRA-XS: Low-Rank Adaptation with Extremely Small Number of
+Parameters", arXiv:2405.17604), our own layer.
+
+Update rule: Delta W = s * B R A with B = U_r Sigma_r (d_out x r) and A = V_r^T (r x d_in) from the
+truncated SVD of the pretrained W0, both frozen; only the r x r matrix R trains, s = alpha / r.
+Trainable parameters per target: r^2 (independent of the width), plus the task head.
+Hyper-parameters: rank r (paper sweeps 4..25 on GLUE), alpha (scale s = alpha / r; the paper keeps
+alpha fixed and tunes lr, typically 10x LoRA's), r_init_std.
+Implemented detail: the paper draws R from a small Gaussian; here R starts at 0 by default
+(``r_init_std: 0.0``) so that the model is unchanged at step 0 (the gradient of R, s B^T G A^T, is
+non-zero because B and A are); set ``r_init_std`` to start from N(0, std^2) instead. B and A
+regenerate from W0 and are not saved (non-persistent buffers).
+
+``XsLayer`` is shared with LoRA-SB (lora_sb.py), which initialises B, A and R from gradients and
+keeps R's initial value R0 as a saved buffer: Delta W = s B (R - R0) A.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lorabench.config import check_positive
+from lorabench.methods.adapters.layer import AdapterLayer, OwnAdapter, check_rank, seeded_generator, top_svd
+from lorabench.methods.base import MethodContext
+from lorabench.registry import ADAPTERS
+
+
+class XsLayer(AdapterLayer):
+    """y = W0 x + s B (R - R0) A x with frozen B, A (and R0, absent when R starts at 0)."""
+
+    def __init__(self, base: nn.Linear, b: torch.Tensor, a: torch.Tensor, r: torch.Tensor, scale: float,
+                 r0: torch.Tensor | None = None, persistent_factors: bool = False):
+        super().__init__(base)
+        dtype, device = base.weight.dtype, base.weight.device
+        self.register_buffer("lora_B", b.to(device, dtype).contiguous(), persistent=persistent_factors)
+        self.register_buffer("lora_A", a.to(device, dtype).contiguous(), persistent=persistent_factors)
+        self.lora_R = nn.Parameter(r.to(device, dtype).clone())
+        if r0 is not None:
+            self.register_buffer("lora_R0", r0.to(device, dtype).clone())
+        else:
+            self.lora_R0 = None
+        self.scale = scale
+
+    def core(self) -> torch.Tensor:
+        return self.lora_R if self.lora_R0 is None else self.lora_R - self.lora_R0
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scale * self.lora_B @ self.core() @ self.lora_A
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.to(self.lora_A.dtype) @ self.lora_A.T
+        return (self.scale * (h @ self.core().T) @ self.lora_B.T).to(x.dtype)
+
+
+@dataclass
+class LoraXsParams:
+    rank: int = 8
+    alpha: float = 16.0
+    r_init_std: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_positive("method.rank", self.rank)
+        check_positive("method.alpha", self.alpha)
+
+
+@ADAPTERS.register("lora_xs")
+class LoraXsAdapter(OwnAdapter):
+    Params = LoraXsParams
+    paper = "Balazy et al., 2024, arXiv:2405.17604"
+
+    def make_layer(self, name: str, linear: nn.Linear, params: LoraXsParams, ctx: MethodContext) -> XsLayer:
+        check_rank(params.rank, linear.out_features, linear.in_features, name)
+        u, s, vh = top_svd(linear.weight, params.rank)
+        r = torch.zeros(params.rank, params.rank)
+        if params.r_init_std > 0:
+            r = torch.randn(params.rank, params.rank, generator=seeded_generator(ctx.seed, name)) * params.r_init_std
+        return XsLayer(linear, u * s, vh, r, params.alpha / params.rank)
+
+    def layer_trainable(self, d_out: int, d_in: int, params: LoraXsParams) -> int:
+        return params.rank * params.rank

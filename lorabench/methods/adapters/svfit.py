@@ -1,0 +1,77 @@
+"""SVFit (Sun et al., 2024, "SVFit: Parameter-Efficient Fine-Tuning of Large Pre-Trained Models Using
+Singular Values", arXiv:2409.05926), our own layer.
+
+Update rule: SVD W0 = U S V^T; the top-r singular vectors U_r, V_r stay frozen and the top-r singular
+values become trainable: W = W_res + U_r diag(sigma) V_r^T with sigma initialised to S_r, i.e.
+Delta W = U_r diag(sigma - S_r) V_r^T (the model is unchanged at step 0). Trainable parameters per
+target: r, plus the task head.
+Hyper-parameters: rank r (the paper picks r covering >99% of the spectrum "information"; a fixed r
+here). No official code was found (METHODS.md).
+
+``DiagLayer`` (frozen L, R around a trainable diagonal, optionally times a trainable scalar) is
+shared with LoLDU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lorabench.config import check_positive
+from lorabench.methods.adapters.layer import AdapterLayer, OwnAdapter, check_rank, top_svd
+from lorabench.methods.base import MethodContext
+from lorabench.registry import ADAPTERS
+
+
+class DiagLayer(AdapterLayer):
+    """Delta W = z L diag(d) R - z0 L diag(d0) R with frozen L (d_out x r), R (r x d_in)."""
+
+    def __init__(self, base: nn.Linear, left: torch.Tensor, diag: torch.Tensor, right: torch.Tensor,
+                 scalar: float | None = None):
+        super().__init__(base)
+        dtype, device = base.weight.dtype, base.weight.device
+        self.register_buffer("left", left.to(device, dtype).contiguous(), persistent=False)
+        self.register_buffer("right", right.to(device, dtype).contiguous(), persistent=False)
+        self.diag = nn.Parameter(diag.to(device, dtype).clone())
+        self.register_buffer("init_diag", diag.to(device, dtype).clone(), persistent=False)
+        if scalar is not None:
+            self.scalar = nn.Parameter(torch.tensor(float(scalar), device=device, dtype=dtype))
+            self.register_buffer("init_scalar", torch.tensor(float(scalar), device=device, dtype=dtype), persistent=False)
+        else:
+            self.scalar = None
+
+    def core(self) -> torch.Tensor:
+        if self.scalar is None:
+            return self.diag - self.init_diag
+        return self.scalar * self.diag - self.init_scalar * self.init_diag
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.left * self.core()) @ self.right
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.to(self.right.dtype) @ self.right.T
+        return ((h * self.core()) @ self.left.T).to(x.dtype)
+
+
+@dataclass
+class SvfitParams:
+    rank: int = 8
+
+    def __post_init__(self) -> None:
+        check_positive("method.rank", self.rank)
+
+
+@ADAPTERS.register("svfit")
+class SvfitAdapter(OwnAdapter):
+    Params = SvfitParams
+    paper = "Sun et al., 2024, arXiv:2409.05926"
+
+    def make_layer(self, name: str, linear: nn.Linear, params: SvfitParams, ctx: MethodContext) -> DiagLayer:
+        check_rank(params.rank, linear.out_features, linear.in_features, name)
+        u, s, vh = top_svd(linear.weight, params.rank)
+        return DiagLayer(linear, u, s, vh)
+
+    def layer_trainable(self, d_out: int, d_in: int, params: SvfitParams) -> int:
+        return params.rank

@@ -1,0 +1,61 @@
+"""DyLoRA's rank sampling (Valipour et al., 2023, arXiv:2210.07558), run from the training loop.
+
+Before every optimizer step one rank b ~ U{r_min..r_max} is drawn (a generator seeded from the run
+seed) and set on every ``dylora`` layer: the first step's rank in ``setup``, the next one in
+``on_step_end``. With ``frozen: true`` (the paper's "frozen" mode) ``after_backward`` zeroes the
+gradients of ranks < b so that only row b of A and column b of B receive gradient. ``state()``
+reports how often each rank was drawn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lorabench.methods.adapters.dylora import DyLoraLayer
+from lorabench.methods.base import MethodContext, Procedure
+from lorabench.registry import PROCEDURES
+
+
+@dataclass
+class DyLoraSamplingParams:
+    frozen: bool = False
+
+
+@PROCEDURES.register("dylora")
+class DyLoraSampling(Procedure):
+    Params = DyLoraSamplingParams
+    paper = "Valipour et al., 2023, arXiv:2210.07558"
+    requires_adapter = ("dylora",)
+
+    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, params: DyLoraSamplingParams, ctx: MethodContext) -> None:
+        self.layers = [m for m in model.modules() if isinstance(m, DyLoraLayer)]
+        if not self.layers:
+            raise ValueError("the dylora procedure found no DyLoRA layers")
+        self.frozen = params.frozen
+        self.r_min, self.r_max = self.layers[0].r_min, self.layers[0].r_max
+        self.generator = torch.Generator().manual_seed(ctx.seed + 7919)
+        self.counts: dict[int, int] = {}
+        self._sample()
+
+    def _sample(self) -> None:
+        self.rank = int(torch.randint(self.r_min, self.r_max + 1, (1,), generator=self.generator))
+        for layer in self.layers:
+            layer.train_rank = self.rank
+
+    def after_backward(self, step: int) -> None:
+        self.counts[self.rank] = self.counts.get(self.rank, 0) + 1
+        if self.frozen and self.rank > 1:
+            for layer in self.layers:
+                if layer.lora_A.grad is not None:
+                    layer.lora_A.grad[: self.rank - 1].zero_()
+                if layer.lora_B.grad is not None:
+                    layer.lora_B.grad[:, : self.rank - 1].zero_()
+
+    def on_step_end(self, step: int) -> None:
+        self._sample()
+
+    def state(self) -> dict:
+        return {"dylora_rank_counts": dict(sorted(self.counts.items())), "dylora_eval_rank": self.layers[0].eval_rank}
