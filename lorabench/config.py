@@ -156,6 +156,20 @@ class CheckpointConfig:
 
 
 @dataclass
+class AnalysisConfig:
+    """Post-training analyses recorded with every run; not part of the run id."""
+
+    intruders: bool = True  # intruder dimensions of the targeted weights (Shuttleworth et al., 2024)
+    intruder_top_k: int = 10
+    intruder_epsilon: float = 0.5
+
+    def __post_init__(self) -> None:
+        check_positive("analysis.intruder_top_k", self.intruder_top_k)
+        if not 0 < self.intruder_epsilon < 1:
+            raise ConfigError(f"analysis.intruder_epsilon={self.intruder_epsilon!r} is invalid; it must be in (0, 1)")
+
+
+@dataclass
 class RunConfig:
     """One run = model x method x dataset x train x hardware, plus a seed."""
 
@@ -165,6 +179,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     seed: int = 0
     results_dir: str = "results/runs"
     force: bool = False  # rerun even if a record for this run id exists

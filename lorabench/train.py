@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from lorabench.analysis.intruders import model_intruders, snapshot
 from lorabench.checkpoint import list_checkpoints, load_checkpoint, restore_rng, save_checkpoint
 from lorabench.config import RunConfig
 from lorabench.data.cache import cached_features
@@ -211,6 +212,7 @@ def train(cfg: RunConfig, spec: MethodSpec, command: str = "") -> dict:
 
         ctx = MethodContext(targets, task.head, lr, cfg.train.weight_decay, cfg.train.max_steps, cfg.seed,
                             calibration_batches)
+        pretrained = snapshot(model, targets) if cfg.analysis.intruders else None
         t0 = time.perf_counter()
         built = apply_method(model, spec, ctx)
         model, optimizer, procedure = built.model, built.optimizer, built.procedure
@@ -352,6 +354,11 @@ def train(cfg: RunConfig, spec: MethodSpec, command: str = "") -> dict:
                                "tokens_per_s": tokens / timers["train_time_s"] if step else None})
         record["method_report"]["skipped_nonfinite_steps"] = skipped
         evaluate_now()
+        if pretrained is not None and is_main:
+            report = model_intruders(pretrained, accelerator.unwrap_model(model), cfg.analysis.intruder_top_k,
+                                     cfg.analysis.intruder_epsilon)
+            record["analysis"] = report.as_dict()
+            pretrained = None
         record["cost"]["adapter_file_bytes"] = _save_trainable(model, accelerator, record_path.parent, "adapter" in spec.components)
         if procedure:
             record["method_report"].update(procedure.state())

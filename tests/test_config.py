@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lorabench.cli import build_run
+from lorabench.cli import build_run, main
 from lorabench.errors import ConfigError
 from tests.conftest import CONF_DIR, compose
 
@@ -59,17 +59,29 @@ BAD = [
 ]
 
 
+def in_process(args: list[str], capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    captured = capsys.readouterr()
+    return exc.value.code, captured.out + captured.err
+
+
 @pytest.mark.parametrize("args,needles", BAD, ids=[" ".join(a) for a, _ in BAD])
-def test_bad_input_is_one_clear_message(args, needles, tmp_path: Path):
+def test_bad_input_is_one_clear_message(args, needles, tmp_path: Path, capsys):
     if args[0] == "train":
         args = [*args, f"results_dir={tmp_path}"]
-    proc = cli(*args)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode != 0
+    code, out = in_process(args, capsys)
+    assert code != 0
     assert "Traceback" not in out, out
     for needle in needles:
         assert needle in out, f"{needle!r} not in: {out}"
     assert not list(tmp_path.rglob("record.json")), "validation must fail before any run starts"
+
+
+def test_bad_input_through_the_real_entry_point(tmp_path: Path):
+    """One subprocess check that the console entry point prints no traceback either."""
+    proc = cli("train", "method.rank=0", f"results_dir={tmp_path}")
+    assert proc.returncode == 2 and "method.rank=0" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_help_lists_groups():

@@ -208,18 +208,26 @@ def test_nola_bases_from_seed(sst2_dir, tmp_path):
     assert not torch.equal(layer0.basis_A, layer1.basis_A)
 
 
-def _first_step_delta(model, batches, params_filter, lr):
-    """One AdamW step on the mean loss over ``batches`` (eval mode: no dropout)."""
+def _first_step(model, batches, params_filter, lr, optimizer: str) -> None:
+    """One optimizer step on the mean loss over ``batches`` (eval mode: no dropout)."""
     model.eval()
     trainable = [p for n, p in model.named_parameters() if params_filter(n, p)]
-    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    opt = (torch.optim.SGD(trainable, lr=lr) if optimizer == "sgd"
+           else torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0))
     loss = sum(model(**b).loss for b in batches) / len(batches)
     loss.backward()
     opt.step()
 
 
-def test_lora_sb_first_update_tracks_full_finetuning(sst2_dir, tmp_path):
-    _, _, loaded, _, ctx = build("lora_sb", sst2_dir, tmp_path, "method.rank=4")
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_lora_sb_first_update_tracks_full_finetuning(optimizer, sst2_dir, tmp_path):
+    """The first LoRA-SB step approximates the first full-FT step better than LoRA-XS (SVD of W0).
+    SGD with ``grad_estimate=gradient`` and s = 1 is the paper's setting: the step is then exactly the
+    best rank-r approximation of the full-FT step. AdamW (the default, sign estimate) is checked at a
+    small rank only: Adam's entry-wise normalisation of R's r x r gradient weighs its small
+    off-diagonal entries like the diagonal, and at rank 16 of 32 LoRA-XS aligns better (see docs)."""
+    extra = ("method.rank=4", "method.alpha=4.0") + (("method.grad_estimate=gradient",) if optimizer == "sgd" else ())
+    _, _, loaded, _, ctx = build("lora_sb", sst2_dir, tmp_path, *extra)
     batches = list(ctx.calibration_batches())
     full = copy.deepcopy(loaded.model)
     targets = dict(target_linear_weights(full, ctx.target_modules))
@@ -228,19 +236,37 @@ def test_lora_sb_first_update_tracks_full_finetuning(sst2_dir, tmp_path):
         p.requires_grad_(False)
     for w in targets.values():
         w.requires_grad_(True)
-    _first_step_delta(full, batches, lambda n, p: p.requires_grad, ctx.lr)
-    full_delta = {n[: -len(".weight")]: targets[n].detach() - w0[n] for n in targets}
+    _first_step(full, batches, lambda n, p: p.requires_grad, ctx.lr, optimizer)
+    # SGD's step (~1e-10 here) is below float32 resolution of W0, so take it from the gradient
+    full_delta = {n[: -len(".weight")]: (-ctx.lr * targets[n].grad if optimizer == "sgd" else targets[n].detach() - w0[n])
+                  for n in targets}
 
-    def cosines(method: str) -> list[float]:
-        _, spec, loaded2, _, ctx2 = build(method, sst2_dir, tmp_path, "method.rank=4")
+    def errors(method: str) -> tuple[list[float], list[float]]:
+        _, spec, loaded2, _, ctx2 = build(method, sst2_dir, tmp_path, *extra[:2])
+        if method == "lora_sb":
+            _, spec, loaded2, _, ctx2 = build(method, sst2_dir, tmp_path, *extra)
         built = apply_method(loaded2.model, spec, ctx2)
-        _first_step_delta(built.model, batches, lambda n, p: p.requires_grad and "lora_R" in n, ctx.lr)
-        out = []
+        _first_step(built.model, batches, lambda n, p: p.requires_grad and "lora_R" in n, ctx.lr, optimizer)
+        cos, rel = [], []
         for name, layer in adapter_layers(built.model).items():
-            d, f = layer.delta_weight().detach().flatten(), full_delta[name].flatten()
-            out.append(float(torch.dot(d, f) / (d.norm() * f.norm())))
-        return out
+            d, f = layer.delta_weight().detach(), full_delta[name]
+            cos.append(float((d.flatten() @ f.flatten()) / (d.norm() * f.norm())))
+            rel.append(float((d - f).norm() / f.norm()))
+        return cos, rel
 
-    sb, xs = cosines("lora_sb"), cosines("lora_xs")
-    assert min(sb) > 0.1
-    assert sum(sb) / len(sb) > sum(xs) / len(xs) + 0.1, (sb, xs)
+    (sb_cos, sb_rel), (xs_cos, xs_rel) = errors("lora_sb"), errors("lora_xs")
+    assert sum(sb_cos) / len(sb_cos) > sum(xs_cos) / len(xs_cos) + 0.1, (sb_cos, xs_cos)
+    if optimizer == "sgd":
+        for name, rel in zip(full_delta, sb_rel):  # = the Eckart-Young optimum ||G - G_r|| / ||G||
+            s = torch.linalg.svdvals(full_delta[name])
+            assert rel == pytest.approx(float(s[4:].norm() / s.norm()), rel=1e-3, abs=1e-4)
+        assert all(a < b for a, b in zip(sb_rel, xs_rel))
+
+
+def test_lora_sb_apply_first_update(sst2_dir, tmp_path):
+    """``apply_first_update: true`` starts from W0 + s B R0 A, a rank-r update (no subtraction)."""
+    base, built, batch, spec, _ = make("lora_sb", sst2_dir, tmp_path, "method.apply_first_update=true", "method.rank=4")
+    for layer in adapter_layers(built.model).values():
+        assert layer.lora_R0 is None
+        assert int(torch.linalg.matrix_rank(layer.delta_weight().detach().double())) == 4
+    assert not torch.equal(logits(built.model, batch), logits(base, batch))

@@ -47,11 +47,19 @@ def run_pair(method: str, data: Path, tmp: Path, monkeypatch, *extra: str, kind=
     return a_dir, b_dir
 
 
-@pytest.mark.parametrize("method,kind", [("lora", "classification"), ("galore", "classification"),
-                                         ("full", "causal_lm")])
-def test_resume_is_bitwise_equal(method, kind, sst2_dir, gsm8k_dir, tmp_path, monkeypatch):
+CASES = [
+    ("lora", "classification", []),
+    ("galore", "classification", []),
+    ("lisa", "classification", ["method.lisa_activated_layers=1", "method.lisa_interval_steps=2"]),
+    ("eva", "classification", []),  # data-driven init: re-run from the same calibration batches
+    ("full", "causal_lm", []),
+]
+
+
+@pytest.mark.parametrize("method,kind,extra", CASES, ids=[c[0] for c in CASES])
+def test_resume_is_bitwise_equal(method, kind, extra, sst2_dir, gsm8k_dir, tmp_path, monkeypatch):
     data = sst2_dir if kind == "classification" else gsm8k_dir
-    a_dir, b_dir = run_pair(method, data, tmp_path, monkeypatch, kind=kind)
+    a_dir, b_dir = run_pair(method, data, tmp_path, monkeypatch, *extra, kind=kind)
     a, b = (json.loads((d / "record.json").read_text()) for d in (a_dir, b_dir))
     assert b["status"] == "completed" and b["resumed_from"][0]["step"] == 3
     assert a["history"] == b["history"] and len(a["history"]) == 2

@@ -39,8 +39,12 @@ def apply_method(model: nn.Module, spec: MethodSpec, ctx: MethodContext) -> Buil
 
 
 def expected_trainable(base_model: nn.Module, spec: MethodSpec, ctx: MethodContext) -> int | None:
-    """The method's closed-form trainable-parameter count on ``base_model`` (before it is wrapped),
-    from the adapter's ``expected_trainable``; without an adapter every parameter trains."""
+    """The method's closed-form trainable-parameter count on ``base_model`` (before it is wrapped):
+    the procedure's or the adapter's ``expected_trainable``; without either, every parameter trains."""
+    procedure = spec.components.get("procedure")
+    formula = getattr(procedure, "expected_trainable", None)
+    if formula is not None:  # layer-wise procedures train a subset from the start
+        return formula(base_model, spec.params["procedure"], ctx)
     adapter = spec.components.get("adapter")
     if adapter is None:
         return sum(p.numel() for p in base_model.parameters())

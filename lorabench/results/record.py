@@ -28,7 +28,7 @@ SCHEMA_VERSION = 1
 STATUSES = ("running", "completed", "failed", "canceled")
 RECORD_NAME = "record.json"
 # Config keys that do not change what a run computes, so they are left out of the run id.
-NON_SCIENCE_KEYS = ("results_dir", "force", "progress", "tracker", "checkpoint", "resume")
+NON_SCIENCE_KEYS = ("results_dir", "force", "progress", "tracker", "checkpoint", "resume", "analysis")
 
 
 def now() -> str:

@@ -13,13 +13,14 @@ Two Adam rules (``lora_pro_mode``):
 * ``full`` (default; the paper's Algorithm for AdamW): Adam moments of the m x n equivalent gradient
   g̃'; the normalised full update U = m̂/(√v̂ + eps) is mapped back to (A, B) with the same closed
   form applied to (s BᵀU, s U Aᵀ). Optimizer state is 2·m·n floats per adapted layer (close to
-  full fine-tuning; kept in ``optimizer.state[B]`` so the record counts it). Weight decay multiplies
+  full fine-tuning; kept in fp32 in ``optimizer.state[B]`` so the record counts it; the authors' code
+  keeps them in bf16). Weight decay multiplies
   A and B by √(1 - lr·wd) each, so s·B A decays by (1 - lr·wd) (the authors' code also decays the
   frozen W0; lorabench keeps W0 frozen).
-* ``efficient`` (the authors' ``mode="efficient"``): plain AdamW on the adjusted g_A', g_B'; LoRA's
-  memory (moments of A and B).
-Other trainable tensors (the task head) get plain AdamW. Hyper-parameters (paper: as LoRA-GA, r 8,
-alpha 16, lr 2e-5): betas (0.9, 0.999), eps 1e-8, ridge 1e-8. DoRA is refused (no pair form).
+* ``efficient`` (the authors' ``peta/optim.py`` ``mode="efficient"``, that class's default): plain
+  AdamW on the adjusted g_A', g_B'; LoRA's memory (moments of A and B).
+Other trainable tensors (the task head) get plain AdamW. Hyper-parameters (paper: LoRA-GA's protocol,
+r 8, alpha 16; lr 2e-5 uncertain): betas (0.9, 0.999), eps 1e-8, ridge 1e-8. DoRA is refused.
 """
 
 from __future__ import annotations

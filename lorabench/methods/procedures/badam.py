@@ -5,17 +5,20 @@ Block coordinate descent: partition the parameters into blocks π_1..π_D; in ea
 every block once (order ``switch_mode``) and run K = ``switch_every`` Adam steps on the active
 block only, θ_{π_i} <- Adam(θ_{π_i}; ∇_{π_i} L), all other blocks frozen. On a switch, the old
 block's Adam state (moments and step) is deleted, so optimizer memory is the active block's share
-and each visit starts fresh moments (as the authors' BlockOptimizer does).
+and each visit starts fresh moments (the authors' BlockOptimizer clears the base optimizer's state
+on every switch).
 Blocks: one per transformer layer (the layer list is found as in LISA). Non-layer parameters
 (``badam_non_layer``): ``blocks`` (default, the authors' automatic partition: the embeddings form one
 block, every other non-layer parameter - final norm, pooler, LM/task head - one more block, order
-embeddings, layer 0..L-1, rest) or ``always`` (non-layer parameters train every step, like LISA;
-an option for classification, whose randomly initialised head otherwise trains 1/D of the time).
+embeddings, layer 0..L-1, rest) or ``always`` (non-layer parameters train every step and keep their
+Adam state across switches, like LISA - the authors' ``active_modules`` also train every step but
+lose their state at each switch; an option for classification, whose randomly initialised head
+otherwise trains 1/D of the time).
 Embeddings are the non-layer parameters whose name contains "embed".
 Hyper-parameters: K = ``switch_every`` (authors' README and LLaMA-Factory ``badam_switch_interval``:
 50; the BlockOptimizer class default is 10), ``switch_mode`` ascending | descending | random
 (random reshuffling of the order every block-epoch; README and LLaMA-Factory default: ascending),
-seeded by ``seed``. lr as full fine-tuning (paper: 1e-6..1e-5 for Llama 2-7B).
+seeded by ``seed``. lr as full fine-tuning (LLaMA-Factory's BAdam example: 5e-5 on Llama-2-7B).
 Multi-process runs: changing ``requires_grad`` under DDP needs ``find_unused_parameters``.
 """
 
@@ -115,3 +118,13 @@ class BAdam(Procedure):
 
     def state(self) -> dict:
         return {"badam_blocks": [label for label, _ in self.blocks], "badam_periods": self.periods}
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.getstate(), "queue": self.queue, "active": self.active, "periods": self.periods}
+
+    def load_state_dict(self, state: dict) -> None:
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.queue, self.periods, self.active = list(state["queue"]), list(state["periods"]), state["active"]
+        for i, (_, params) in enumerate(self.blocks):
+            set_trainable(params, i == self.active, self.optimizer)

@@ -106,3 +106,13 @@ class Lisa(Procedure):
 
     def state(self) -> dict:
         return {"lisa_num_layers": len(self.layers), "lisa_periods": self.periods}
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.getstate(), "active": self.active, "periods": self.periods}
+
+    def load_state_dict(self, state: dict) -> None:
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.active, self.periods = list(state["active"]), list(state["periods"])
+        for i, params in enumerate(self.layers):
+            set_trainable(params, i in self.active, self.optimizer)
