@@ -34,6 +34,8 @@ FORMULA = {
     "flora": (lambda o, i, r: r * (i + o) + r * r, ("lora_A", "lora_M", "lora_B")),
     "hydra_lora": (lambda o, i, r: r * (i + o) + 2 * r * o, ("par_A", "par_B", "seq_A", "seq_B")),
     "salt": (lambda o, i, r: 2 * r + 8 * (i + o), ("sv_scale", "sv_shift", "lora_A", "lora_B")),
+    "lamda": (lambda o, i, r: r * o + r * r, ("lora_B", "lora_M")),
+    "increlora": (lambda o, i, r: r * (i + o + 1), ("lora_P", "lora_E", "lora_Q")),
 }
 OWN = sorted(FORMULA)
 # every own adapter starts from the base model's function (zero-init or initial product subtracted)
@@ -270,3 +272,55 @@ def test_lora_sb_apply_first_update(sst2_dir, tmp_path):
         assert layer.lora_R0 is None
         assert int(torch.linalg.matrix_rank(layer.delta_weight().detach().double())) == 4
     assert not torch.equal(logits(built.model, batch), logits(base, batch))
+
+
+def test_lamda_freezes_pmb_progressively(sst2_dir, tmp_path):
+    _, built, batch, spec, _ = make("lamda", sst2_dir, tmp_path, "train.max_steps=8", "method.pmb_freeze_end=0.5")
+    model, proc = built.model, built.procedure
+    layer = next(iter(adapter_layers(model).values()))
+    assert proc.freeze_at == [1, 1, 2, 2, 3, 3, 4, 4]
+    history = []
+    model.train()
+    for step in range(6):
+        model(**batch).loss.backward()
+        proc.after_backward(step)
+        built.optimizer.step()
+        built.optimizer.zero_grad(set_to_none=True)
+        proc.on_step_end(step + 1)
+        history.append(layer.lora_B.detach().clone())
+    assert proc.state()["lamda_pmb_frozen_columns"] == 8
+    for col, t in enumerate(proc.freeze_at):  # column col keeps its value from step t on
+        for later in history[t:]:
+            assert torch.equal(later[:, col], history[t - 1][:, col])
+    assert not torch.equal(history[0][:, 7], history[2][:, 7])  # columns frozen at step 4 moved before
+
+
+def test_increlora_grows_ranks_to_budget(sst2_dir, tmp_path):
+    _, built, batch, spec, _ = make("increlora", sst2_dir, tmp_path, "method.delta_t=1", "method.target_r=3")
+    model, proc = built.model, built.procedure
+    layers = adapter_layers(model)
+    assert {m.rank() for m in layers.values()} == {2} and proc.budget == 3 * len(layers)
+    model.train()
+    for step in range(len(layers) + 3):
+        model(**batch).loss.backward()
+        ranks = {n: m.rank() for n, m in layers.items()}
+        proc.after_backward(step)
+        assert sum(m.rank() - ranks[n] for n, m in layers.items()) == (1 if step >= 1 and step <= len(layers) else 0)
+        built.optimizer.step()
+        built.optimizer.zero_grad(set_to_none=True)
+        proc.on_step_end(step + 1)
+    assert sum(m.rank() for m in layers.values()) == proc.budget
+    assert proc.state()["increlora_additions"] == len(layers)
+    out = logits(model, batch)
+    with torch.no_grad():  # inactive components play no part
+        for m in layers.values():
+            m.lora_P[:, m.rank_mask == 0] = 1.0
+    torch.testing.assert_close(logits(model, batch), out, rtol=0, atol=0)
+    # the component goes to the module with the highest score
+    _, built, batch, _, _ = make("increlora", sst2_dir, tmp_path, "method.delta_t=1", "method.target_r=3")
+    layers = adapter_layers(built.model)
+    names = list(layers)
+    built.procedure.module_scores = lambda: {n: float(i) for i, n in enumerate(names)}
+    for step in range(len(layers) + 1):
+        built.procedure.after_backward(step)
+    assert [layers[n].rank() for n in names] == [2] * (len(names) - 1) + [2 + len(names)]

@@ -65,6 +65,7 @@ def resolve_method(raw: dict) -> MethodSpec:
         raise ConfigError(f"method {label!r}: method.optimizer is required; valid choices: {', '.join(OPTIMIZERS.names())}")
     components = {axis: AXES[axis].get(name, where=f"method.{axis}") for axis, name in names.items() if name != "none"}
     components = {axis: cls() for axis, cls in components.items()}
+    _check_compatibility(label, names, components)
 
     owned: dict[str, list[str]] = {}
     for axis, comp in components.items():
@@ -86,18 +87,16 @@ def resolve_method(raw: dict) -> MethodSpec:
     targets = raw.get("target_modules", "default")
     if isinstance(targets, str) and targets not in ("default", "all-linear"):
         raise ConfigError(f"method.target_modules={targets!r} is invalid; use 'default', 'all-linear' or a list of names")
-    spec = MethodSpec(label, str(raw.get("family", "other")), str(raw.get("paper", "")), lr,
+    return MethodSpec(label, str(raw.get("family", "other")), str(raw.get("paper", "")), lr,
                       list(targets) if not isinstance(targets, str) else targets, names, components, params)
-    _check_compatibility(spec)
-    return spec
 
 
-def _check_compatibility(spec: MethodSpec) -> None:
+def _check_compatibility(label: str, names: dict[str, str], components: dict[str, Any]) -> None:
     """Components may declare ``requires_adapter``: a tuple of adapter names they work with."""
-    for axis, comp in spec.components.items():
+    for axis, comp in components.items():
         needed = getattr(comp, "requires_adapter", None)
-        if needed and spec.names["adapter"] not in needed:
+        if needed and names["adapter"] not in needed:
             raise ConfigError(
-                f"method {spec.label!r}: {axis} {spec.names[axis]!r} needs method.adapter in {list(needed)}, "
-                f"got {spec.names['adapter']!r}"
+                f"method {label!r}: {axis} {names[axis]!r} needs method.adapter in {list(needed)}, "
+                f"got {names['adapter']!r}"
             )

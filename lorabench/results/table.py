@@ -1,31 +1,43 @@
 """``lorabench table``: records -> one comparison table.
 
-Rows are method variants (method label x model; a label run with different settings gets a short
-config hash). Each dataset column holds the reported primary metric (last or best evaluation, as
-the run's ``train.report`` says) as mean ± std over seeds with n. Records are only averaged when
-they share the dataset name, version and source: a dataset read from two sources gives two
-columns. Cost columns are the mean over the row's completed records.
+Rows are method variants (method label x model, plus any ``--group-by`` config keys; a label run
+with different settings gets a short config hash). Each dataset column holds the reported primary
+metric (last or best evaluation, as the run's ``train.report`` says) as mean ± std over seeds with
+n. Records are only averaged when they share the dataset name, version and source: a dataset read
+from two sources gives two columns. Cost columns are the mean over the row's completed records.
+
+The best value of every metric and cost column is marked (bold in md/html/latex, a trailing ``*``
+in csv) when at least two rows have a value; ties are all marked. ``paper`` entries (from a
+recipe, see ``lorabench.reproduce``) add a "paper" and a "Δ" column next to each dataset column
+they match; only entries whose status is verified are passed in by the caller.
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import hashlib
+import html
 import io
 import json
 import statistics
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorabench.results.record import iter_records
 
-FORMATS = ("md", "csv", "latex")
+FORMATS = ("md", "csv", "latex", "html")
+# (header, getter, format, higher_is_better or None for "do not mark")
 COST_COLUMNS = (
-    ("trainable params", lambda r: r["cost"].get("trainable_params"), "{:,.0f}"),
-    ("peak mem MB", lambda r: _peak_mb(r), "{:,.0f}"),
-    ("opt-state MB", lambda r: _mb(r["cost"].get("optimizer_state_bytes")), "{:,.2f}"),
-    ("tokens/s", lambda r: r["cost"].get("tokens_per_s"), "{:,.0f}"),
+    ("trainable params", lambda r: r["cost"].get("trainable_params"), "{:,.0f}", False),
+    ("peak mem MB", lambda r: _peak_mb(r), "{:,.0f}", False),
+    ("opt-state MB", lambda r: _mb(r["cost"].get("optimizer_state_bytes")), "{:,.2f}", False),
+    ("tokens/s", lambda r: r["cost"].get("tokens_per_s"), "{:,.0f}", True),
 )
+INTRUDERS = ("intruders", lambda r: (r.get("analysis") or {}).get("intruders_total"), "{:,.1f}", None)
+SCALE = 100.0  # metric cells are the 0..1 metrics x 100, like the papers' tables
+_UNSET = object()
 
 
 def _mb(value):
@@ -44,9 +56,35 @@ def source_key(record: dict) -> str:
     return f"{src.get('kind')}:{where}"
 
 
-def _variant(record: dict) -> str:
-    cfg = {k: v for k, v in record["config"].items() if k not in ("seed", "dataset", "results_dir", "force",
-                                                                   "progress", "tracker", "hardware")}
+def lookup(record: dict, dotted: str, default=None):
+    """``record["config"]`` at a dotted path (``method.rank``), else the record itself at that path."""
+    for root in (record.get("config") or {}, record):
+        node = root
+        for part in dotted.split("."):
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            else:
+                node = _UNSET
+                break
+        if node is not _UNSET:
+            return node
+    return default
+
+
+def _drop(config: dict, dotted: str) -> None:
+    *parents, last = dotted.split(".")
+    node = config
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+        node.pop(last, None)
+
+
+def _variant(record: dict, group_by: tuple[str, ...] = ()) -> str:
+    cfg = {k: copy.deepcopy(v) for k, v in record["config"].items()
+           if k not in ("seed", "dataset", "results_dir", "force", "progress", "tracker", "hardware")}
+    for key in group_by:
+        _drop(cfg, key)
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:6]
 
 
@@ -56,7 +94,7 @@ def reported_value(record: dict) -> float | None:
     return None if not chosen else chosen.get(metrics["primary"])
 
 
-def fmt_stats(values: list[float], scale: float = 100.0) -> str:
+def fmt_stats(values: list[float], scale: float = SCALE) -> str:
     if not values:
         return "–"
     mean = statistics.fmean(values) * scale
@@ -84,42 +122,144 @@ def collect(root: Path, methods=None, models=None, datasets=None):
     return records, problems, excluded
 
 
-def table_rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
+@dataclass
+class Table:
+    header: list[str]
+    rows: list[list[str]]
+    best: set[tuple[int, int]] = field(default_factory=set)  # (row, column) cells to mark
+    notes: list[str] = field(default_factory=list)
+
+
+def _fmt_key(value) -> str:
+    return "–" if value is None else str(value)
+
+
+def paper_match(entry: dict, label: str, model: str, dataset: str, metric: str, sample: dict) -> bool:
+    """Does a recipe's paper entry describe this row x column? Every key it names must agree."""
+    if entry.get("method") != label or entry.get("dataset") != dataset:
+        return False
+    if entry.get("model") and entry["model"] != model:
+        return False
+    if entry.get("metric") and entry["metric"] != metric:
+        return False
+    return all(lookup(sample, k) == v for k, v in (entry.get("match") or {}).items())
+
+
+def _mark_best(rows_values: list[float | None], higher: bool) -> set[int]:
+    present = [(i, v) for i, v in enumerate(rows_values) if v is not None]
+    if len(present) < 2:
+        return set()
+    target = (max if higher else min)(v for _, v in present)
+    return {i for i, v in present if abs(v - target) <= 1e-9 * max(1.0, abs(target))}
+
+
+def build_rows(records: list[dict], group_by: tuple[str, ...] = (), paper: list[dict] | None = None) -> Table:
+    group_by = tuple(group_by or ())
     labels_variants = defaultdict(set)
     for r in records:
-        labels_variants[(r["method"]["label"], r["model"]["name"])].add(_variant(r))
-    columns: dict[tuple, str] = {}
+        labels_variants[(r["method"]["label"], r["model"]["name"])].add(_variant(r, group_by))
+    columns: dict[tuple, None] = {}
+    col_higher: dict[tuple, bool] = {}
     cells: dict[tuple, dict[tuple, list[float]]] = defaultdict(lambda: defaultdict(list))
+    cell_sample: dict[tuple, dict[tuple, dict]] = defaultdict(dict)
     row_records: dict[tuple, list[dict]] = defaultdict(list)
-    for r in sorted(records, key=lambda r: (r["method"]["label"], r["model"]["name"])):
+
+    def sort_key(r):
+        return (r["method"]["label"], r["model"]["name"], *(_fmt_key(lookup(r, k)) for k in group_by))
+
+    for r in sorted(records, key=sort_key):
         label, model = r["method"]["label"], r["model"]["name"]
-        row = (label if len(labels_variants[(label, model)]) == 1 else f"{label} [{_variant(r)}]", model)
+        shown = label if len(labels_variants[(label, model)]) == 1 else f"{label} [{_variant(r, group_by)}]"
+        row = (shown, model, *(_fmt_key(lookup(r, k)) for k in group_by))
         col = (r["dataset"]["name"], r["dataset"]["version"], source_key(r), r["metrics"]["primary"])
         columns[col] = None
+        col_higher.setdefault(col, bool(r["metrics"].get("higher_is_better", True)))
         value = reported_value(r)
         if value is not None:
             cells[row][col].append(value)
+        cell_sample[row].setdefault(col, r)
         row_records[row].append(r)
+
     multi_source = defaultdict(set)
     for name, _, src, _ in columns:
         multi_source[name].add(src)
-    col_names = []
-    for name, version, src, metric in columns:
+    keys = list(row_records)
+    header = ["method", "model", *group_by]
+    body: list[list[str]] = [list(k) for k in keys]
+    best: set[tuple[int, int]] = set()
+    notes: list[str] = []
+
+    for col in columns:
+        name, version, src, metric = col
         suffix = f" @{src.split(':')[0]}" if len(multi_source[name]) > 1 or src.startswith("generated") else ""
-        col_names.append(f"{name}{suffix} v{version} {metric}")
-    header = ["method", "model", *col_names, *(c[0] for c in COST_COLUMNS)]
-    rows = []
-    for row, recs in row_records.items():
-        metric_cells = [fmt_stats(cells[row].get(col, [])) for col in columns]
-        cost_cells = []
-        for _, getter, pattern in COST_COLUMNS:
-            values = [v for v in (getter(r) for r in recs) if v is not None]
-            cost_cells.append(pattern.format(statistics.fmean(values)) if values else "–")
-        rows.append([row[0], row[1], *metric_cells, *cost_cells])
-    return header, rows
+        means = [statistics.fmean(cells[k][col]) * SCALE if cells[k].get(col) else None for k in keys]
+        header.append(f"{name}{suffix} v{version} {metric}")
+        best |= {(i, len(header) - 1) for i in _mark_best(means, col_higher[col])}
+        for i, k in enumerate(keys):
+            body[i].append(fmt_stats(cells[k].get(col, [])))
+        if paper:
+            theirs = []
+            for k in keys:
+                sample = cell_sample[k].get(col)
+                hit = None if sample is None else next(
+                    (e for e in paper if paper_match(e, sample["method"]["label"], k[1], name, metric, sample)), None)
+                theirs.append(hit)
+            if any(theirs):
+                header += [f"{name} paper", f"{name} Δ"]
+                for i, (hit, mean) in enumerate(zip(theirs, means)):
+                    if hit is None:
+                        body[i] += ["–", "–"]
+                        continue
+                    body[i].append(f"{hit['value']:.2f} [{hit.get('table', '?')}]")
+                    body[i].append("–" if mean is None else f"{mean - hit['value']:+.2f}")
+                    note = f"[{hit.get('table', '?')}] {hit.get('source', '')} ({hit.get('status', '')})".strip()
+                    if note not in notes:
+                        notes.append(note)
+
+    extra = [INTRUDERS] if any((r.get("analysis") or {}).get("intruders_total") is not None for r in records) else []
+    for title, getter, pattern, higher in (*COST_COLUMNS, *extra):
+        header.append(title)
+        means = []
+        for i, k in enumerate(keys):
+            values = [v for v in (getter(r) for r in row_records[k]) if v is not None]
+            means.append(statistics.fmean(values) if values else None)
+            body[i].append(pattern.format(means[-1]) if values else "–")
+        if higher is not None:
+            best |= {(i, len(header) - 1) for i in _mark_best(means, higher)}
+    return Table(header, body, best, notes)
 
 
-def render(header: list[str], rows: list[list[str]], fmt: str) -> str:
+def table_rows(records: list[dict], group_by: tuple[str, ...] = ()) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) without best marks; kept for callers that want plain strings."""
+    table = build_rows(records, group_by)
+    return table.header, table.rows
+
+
+def _marked(table: Table, fmt: str) -> list[list[str]]:
+    out = []
+    for i, row in enumerate(table.rows):
+        cells = []
+        for j, cell in enumerate(row):
+            if (i, j) not in table.best:
+                cells.append(cell)
+            elif fmt == "md":
+                cells.append(f"**{cell}**")
+            elif fmt == "csv":
+                cells.append(f"{cell}*")
+            else:
+                cells.append(cell)  # latex and html mark while escaping
+        out.append(cells)
+    return out
+
+
+def _latex_escape(s: str) -> str:
+    return (s.replace("\\", r"\textbackslash{}").replace("_", r"\_").replace("%", r"\%").replace("&", r"\&")
+            .replace("#", r"\#").replace("±", r"$\pm$").replace("Δ", r"$\Delta$"))
+
+
+def render_table(table: Table, fmt: str) -> str:
+    rows = _marked(table, fmt)
+    header = table.header
     if fmt == "csv":
         buf = io.StringIO()
         writer = csv.writer(buf)
@@ -127,27 +267,52 @@ def render(header: list[str], rows: list[list[str]], fmt: str) -> str:
         writer.writerows(rows)
         return buf.getvalue().rstrip("\n")
     if fmt == "latex":
-        def esc(s: str) -> str:
-            return s.replace("_", r"\_").replace("%", r"\%").replace("±", r"$\pm$").replace("&", r"\&")
-
         lines = [r"\begin{tabular}{" + "l" * 2 + "r" * (len(header) - 2) + "}", r"\toprule",
-                 " & ".join(esc(h) for h in header) + r" \\", r"\midrule"]
-        lines += [" & ".join(esc(c) for c in row) + r" \\" for row in rows]
+                 " & ".join(_latex_escape(h) for h in header) + r" \\", r"\midrule"]
+        for i, row in enumerate(rows):
+            cells = [(r"\textbf{" + _latex_escape(c) + "}") if (i, j) in table.best else _latex_escape(c)
+                     for j, c in enumerate(row)]
+            lines.append(" & ".join(cells) + r" \\")
         return "\n".join([*lines, r"\bottomrule", r"\end{tabular}"])
+    if fmt == "html":
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+        body = []
+        for i, row in enumerate(rows):
+            tds = "".join(f"<td class=\"best\"><strong>{html.escape(c)}</strong></td>" if (i, j) in table.best
+                          else f"<td>{html.escape(c)}</td>" for j, c in enumerate(row))
+            body.append(f"<tr>{tds}</tr>")
+        return ("<table class=\"lorabench-table\">\n<thead><tr>" + head + "</tr></thead>\n<tbody>\n"
+                + "\n".join(body) + "\n</tbody>\n</table>")
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def build_table(root: Path, fmt: str = "md", methods=None, models=None, datasets=None) -> tuple[str, list]:
+def render(header: list[str], rows: list[list[str]], fmt: str) -> str:
+    """Render plain rows (no best marks)."""
+    return render_table(Table(header, rows), fmt)
+
+
+def footnote(table: Table, excluded: dict) -> str:
+    text = ("Metric cells: reported primary metric x 100, mean ± std over seeds (n runs). "
+            "Best per column in bold (lowest for params, memory and optimizer state; highest otherwise).")
+    if table.notes:
+        text += " Paper numbers: " + "; ".join(table.notes) + ". Δ = ours − paper."
+    if excluded:
+        text += " Not shown: " + ", ".join(f"{n} {status}" for status, n in sorted(excluded.items())) + " runs."
+    return text
+
+
+def build_table(root: Path, fmt: str = "md", methods=None, models=None, datasets=None, group_by=(),
+                paper: list[dict] | None = None) -> tuple[str, list]:
     """The rendered table and the list of (path, problem) for unreadable or invalid records."""
     records, problems, excluded = collect(root, methods, models, datasets)
     if not records:
         return f"no completed records under {root}", problems
-    header, rows = table_rows(records)
-    text = render(header, rows, fmt)
+    table = build_rows(records, tuple(group_by or ()), paper)
+    text = render_table(table, fmt)
     if fmt == "md":
-        text += "\n\nMetric cells: reported primary metric x 100, mean ± std over seeds (n runs)."
-        if excluded:
-            text += " Not shown: " + ", ".join(f"{n} {status}" for status, n in sorted(excluded.items())) + " runs."
+        text += "\n\n" + footnote(table, excluded)
+    elif fmt == "html":
+        text += f"\n<p class=\"note\">{html.escape(footnote(table, excluded))}</p>"
     return text, problems
