@@ -3,6 +3,9 @@
     lorabench train [hydra overrides...]     one run, or a sweep with -m
     lorabench table [--format md|csv|latex]  comparison table of the records
     lorabench methods                        registered method presets and components
+    lorabench plot [--x F] [--y F]           Pareto fronts, training and rank curves (PNG, SVG)
+    lorabench report [--out FILE]            one static HTML page of tables and plots
+    lorabench reproduce <recipe> [scale=smoke]  a paper's grid, ours beside theirs
 """
 
 from __future__ import annotations
@@ -163,6 +166,10 @@ def train_command(argv: list[str]) -> int:
 
 
 # -- table / methods --------------------------------------------------------------------------------
+def _split_keys(values) -> list[str]:
+    return [k for v in values or [] for k in v.split(",") if k]
+
+
 def table_command(argv: list[str]) -> int:
     from lorabench.results.table import FORMATS, build_table
 
@@ -172,15 +179,125 @@ def table_command(argv: list[str]) -> int:
     parser.add_argument("--method", action="append", help="keep only these method labels (repeatable)")
     parser.add_argument("--model", action="append", help="keep only these models (repeatable)")
     parser.add_argument("--dataset", action="append", help="keep only these datasets (repeatable)")
+    parser.add_argument("--group-by", action="append", metavar="KEY",
+                        help="extra row keys: dotted config paths, e.g. method.rank (repeatable or comma-separated)")
+    parser.add_argument("--vs-paper", metavar="RECIPE",
+                        help="add the paper's number and ours minus theirs from a recipe (verified numbers only)")
+    parser.add_argument("--include-unverified", action="store_true",
+                        help="with --vs-paper: also show second-hand numbers, marked †")
     args = parser.parse_args(argv)
     if not Path(args.results_dir).is_dir():
         _err(f"--results-dir {args.results_dir!r} does not exist")
         return 2
-    text, problems = build_table(Path(args.results_dir), args.format, args.method, args.model, args.dataset)
+    paper = None
+    if args.vs_paper:
+        from lorabench.reproduce import load_recipe, paper_entries
+
+        try:
+            paper = paper_entries(load_recipe(args.vs_paper), args.include_unverified)
+        except ConfigError as exc:
+            _err(str(exc))
+            return 2
+    text, problems = build_table(Path(args.results_dir), args.format, args.method, args.model, args.dataset,
+                                 group_by=_split_keys(args.group_by), paper=paper)
     for path, problem in problems:
         print(f"lorabench: skipped {path}: {problem}", file=sys.stderr)
     print(text)
     return 0
+
+
+def plot_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="lorabench plot", description="Figures from run records: Pareto fronts, training curves, rank curves.",
+        epilog="Fields: metric, peak_mem, params, opt_state, tokens_per_s, train_time, wall_time, adapter_bytes, "
+               "intruders, or a dotted record path (cost.train_time_s, config.method.rank).")
+    parser.add_argument("--results-dir", default="results/runs", help="folder searched for record.json files")
+    parser.add_argument("--out", default="results/plots", help="folder the figures are written to")
+    parser.add_argument("--kind", action="append", choices=("pareto", "curves", "ranks"),
+                        help="which figures (repeatable; default: all three)")
+    parser.add_argument("--x", action="append", help="Pareto x field(s) (repeatable; default peak_mem)")
+    parser.add_argument("--y", default="metric", help="Pareto y field (default: the primary metric)")
+    parser.add_argument("--format", action="append", choices=("png", "svg"), help="default: png and svg")
+    parser.add_argument("--method", action="append", help="keep only these method labels (repeatable)")
+    parser.add_argument("--model", action="append", help="keep only these models (repeatable)")
+    parser.add_argument("--dataset", action="append", help="keep only these datasets (repeatable)")
+    parser.add_argument("--group-by", action="append", metavar="KEY", help="extra variant keys, e.g. method.rank")
+    args = parser.parse_args(argv)
+    from lorabench.results import plot
+    from lorabench.results.table import collect
+
+    if not Path(args.results_dir).is_dir():
+        _err(f"--results-dir {args.results_dir!r} does not exist")
+        return 2
+    records, problems, _ = collect(Path(args.results_dir), args.method, args.model, args.dataset)
+    for path, problem in problems:
+        print(f"lorabench: skipped {path}: {problem}", file=sys.stderr)
+    if not records:
+        _err(f"no completed records under {args.results_dir}")
+        return 1
+    kinds = args.kind or ["pareto", "curves", "ranks"]
+    formats = tuple(args.format or plot.FORMATS)
+    group_by = tuple(_split_keys(args.group_by))
+    out = Path(args.out)
+    written = []
+    try:
+        for x in (args.x or ["peak_mem"]) if "pareto" in kinds else []:
+            plot.field_spec(x), plot.field_spec(args.y)
+            name = f"pareto_{args.y}_vs_{x}".replace(".", "-").replace("/", "-")
+            paths, points = plot.plot_pareto(records, out / name, x, args.y, group_by, formats)
+            written += paths
+            for panel, pts in points.items():
+                front = ", ".join(p.label for p in pts if p.front)
+                print(f"[lorabench] {panel}: {len(pts)} points; Pareto front: {front or '-'}")
+    except ValueError as exc:
+        _err(str(exc))
+        return 2
+    if "curves" in kinds:
+        for record in records:
+            written += plot.plot_curves(record, out / "curves", formats)
+    if "ranks" in kinds:
+        written += plot.plot_rank_curves(records, out / "rank_curves", formats)
+    for path in written:
+        print(f"  wrote {path}")
+    return 0
+
+
+def report_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="lorabench report",
+                                     description="One static, offline HTML page: tables and plots of a results folder.")
+    parser.add_argument("--results-dir", default="results/runs", help="folder searched for record.json files")
+    parser.add_argument("--out", default=None, help="HTML file to write (default: <results-dir>/report.html)")
+    parser.add_argument("--title", default=None)
+    parser.add_argument("--group-by", action="append", metavar="KEY", help="extra row keys, e.g. method.rank")
+    parser.add_argument("--vs-paper", metavar="RECIPE", help="add a recipe's verified paper numbers to the table")
+    args = parser.parse_args(argv)
+    from lorabench.results.report import write_report
+
+    if not Path(args.results_dir).is_dir():
+        _err(f"--results-dir {args.results_dir!r} does not exist")
+        return 2
+    paper = None
+    if args.vs_paper:
+        from lorabench.reproduce import load_recipe, paper_entries
+
+        paper = paper_entries(load_recipe(args.vs_paper))
+    out = Path(args.out) if args.out else Path(args.results_dir) / "report.html"
+    path, problems = write_report(Path(args.results_dir), out, title=args.title, group_by=_split_keys(args.group_by),
+                                  paper=paper)
+    for p, problem in problems:
+        print(f"lorabench: skipped {p}: {problem}", file=sys.stderr)
+    print(f"[lorabench] report: {path}")
+    return 0
+
+
+def reproduce_command(argv: list[str]) -> int:
+    from lorabench.reproduce import reproduce_command as run
+
+    try:
+        return run(argv)
+    except ConfigError as exc:
+        _err(str(exc))
+        return 2
 
 
 def methods_command(argv: list[str]) -> int:
@@ -195,20 +312,26 @@ def methods_command(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": train_command, "table": table_command, "methods": methods_command}
+COMMANDS = {"train": train_command, "table": table_command, "methods": methods_command, "plot": plot_command,
+            "report": report_command, "reproduce": reproduce_command}
 USAGE = """usage: lorabench <command> [args]
 
 commands:
-  train    run one experiment, or a sweep with -m (Hydra overrides: method=galore dataset=sst2 ...)
-           `lorabench train --help` lists the config groups and options
-  table    comparison table of the run records (markdown, csv or latex)
-  methods  registered method presets: family, backing library, paper
+  train      run one experiment, or a sweep with -m (Hydra overrides: method=galore dataset=sst2 ...)
+             `lorabench train --help` lists the config groups and options; sweep presets: +sweep=seeds
+  table      comparison table of the run records (md, csv, latex or html; --group-by, --vs-paper)
+  methods    registered method presets: family, backing library, paper
+  plot       Pareto fronts (metric vs memory/params/...), loss and eval curves, rank curves (PNG, SVG)
+  report     one static offline HTML page with the tables and plots of a results folder
+  reproduce  run a paper recipe (recipes/<name>/recipe.yaml) and print ours beside theirs
 
 examples:
   lorabench train method=galore
   lorabench train method=lora method.rank=16 dataset=sst2 model=minilm_l6 train.max_steps=200
   lorabench train -m method=full,lora,galore seed=0,1
-  lorabench table --format csv
+  lorabench table --format csv --group-by method.rank
+  lorabench plot --x peak_mem --x params
+  lorabench reproduce galore_glue_roberta scale=smoke data_root=path/to/glue
 """
 
 

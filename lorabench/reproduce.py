@@ -87,8 +87,8 @@ def paper_entries(recipe: dict, include_unverified: bool = False) -> list[dict]:
     return out
 
 
-def grid_points(recipe: dict, scale: str = "full", data_root: str | None = None,
-                extra: list[str] | tuple[str, ...] = (), results_dir: str = "results/runs") -> list[tuple[str, list[str]]]:
+def grid_points(recipe: dict, scale: str = "full", data_root: str | None = None, extra=(),
+                results_dir: str = "results/runs") -> list[tuple[str, list[str]]]:
     """[(point name, overrides)] for every variant x dataset x seed of ``scale``."""
     if scale not in recipe["scales"]:
         raise ConfigError(f"recipe {recipe['name']!r} has no scale {scale!r}; valid choices: "
@@ -150,8 +150,8 @@ def _within(recipe: dict, table_paper: list[dict], results: Path) -> list[str]:
             continue
         mean = sum(ours) / len(ours)
         verdict = "within" if abs(mean - e["value"]) <= tol else "OUTSIDE"
-        lines.append(f"  {e['method']:>12} {e['dataset']:<10} ours {mean:.2f} (n={len(ours)}) vs paper {e['value']:.2f} "
-                     f"[{e['table']}]: Δ {mean - e['value']:+.2f}, {verdict} ±{tol}")
+        lines.append(f"  {e['method']:>12} {e['dataset']:<10} ours {mean:.2f} (n={len(ours)}) "
+                     f"vs paper {e['value']:.2f} [{e['table']}]: Δ {mean - e['value']:+.2f}, {verdict} ±{tol}")
     return lines
 
 
@@ -218,7 +218,7 @@ def reproduce_command(argv: list[str]) -> int:
     parser.add_argument("--include-unverified", action="store_true",
                         help="also show second-hand (unverified) paper numbers, marked †")
     parser.add_argument("--format", default="md", choices=("md", "csv", "latex", "html"))
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     if args.list or not args.recipe:
         for name in list_recipes():
             print(f"{name:<28} {load_recipe(name)['title']}")

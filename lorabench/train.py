@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
-from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -32,6 +31,7 @@ from lorabench.config import RunConfig
 from lorabench.data.cache import cached_features
 from lorabench.data.base import collate, count_tokens, resolve_primary
 from lorabench.measure import PeakMemory, optimizer_state_bytes, parameter_counts, provenance
+from lorabench.methods.adapters.layer import save_trainable
 from lorabench.methods.base import MethodContext
 from lorabench.methods.build import apply_method
 from lorabench.methods.spec import MethodSpec
@@ -417,15 +417,13 @@ def _device_name(accelerator: Accelerator) -> str:
 
 
 def _save_trainable(model, accelerator: Accelerator, run_dir: Path, has_adapter: bool) -> int | None:
-    """Adapter methods save their trainable tensors (safetensors); full-weight methods save nothing
-    here (their 'adapter' is the whole model) and record None."""
+    """Adapter methods save what a reload needs (trainable tensors and non-regenerable adapter
+    buffers, safetensors); full-weight methods save nothing here and record None."""
     if not has_adapter or not accelerator.is_main_process:
         return None
-    unwrapped = accelerator.unwrap_model(model)
-    tensors = {n: p.detach().cpu().contiguous() for n, p in unwrapped.named_parameters() if p.requires_grad}
     path = run_dir / "adapter.safetensors"
     tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp))
+    save_trainable(accelerator.unwrap_model(model), tmp)
     os.replace(tmp, path)
     return path.stat().st_size
 

@@ -25,7 +25,8 @@ def records(root: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(root.rglob("record.json"))]
 
 
-@pytest.mark.parametrize("kind,method", [("classification", "lora"), ("causal_lm", "galore"), ("classification", "full")])
+@pytest.mark.parametrize("kind,method", [("classification", "lora"), ("causal_lm", "galore"), ("classification", "full"),
+                                         ("classification", "lora_xs")])
 def test_smoke_run_writes_complete_record(kind, method, sst2_dir, gsm8k_dir, tmp_path):
     data = sst2_dir if kind == "classification" else gsm8k_dir
     assert train(f"method={method}", *tiny_overrides(kind, data, tmp_path)) == 0
@@ -41,7 +42,11 @@ def test_smoke_run_writes_complete_record(kind, method, sst2_dir, gsm8k_dir, tmp
     cost = record["cost"]
     assert cost["trainable_params"] > 0 and cost["optimizer_state_bytes"] > 0 and cost["tokens_per_s"] > 0
     assert cost["peak_memory"]["cpu_peak_rss_bytes"] > 0
-    assert (cost["adapter_file_bytes"] or 0) > 0 if method == "lora" else cost["adapter_file_bytes"] is None
+    has_adapter = method in ("lora", "lora_xs")
+    assert (cost["adapter_file_bytes"] or 0) > 0 if has_adapter else cost["adapter_file_bytes"] is None
+    analysis = record["analysis"]  # intruder dimensions of every targeted weight, whatever the method
+    assert analysis["intruders_per_layer"] and not analysis["intruders_skipped"]
+    assert analysis["intruders_total"] == sum(analysis["intruders_per_layer"].values())
     assert record["provenance"]["versions"]["torch"]
     assert len(record["train_log"]) >= 1 and record["hardware"]["gradient_accumulation"] == 2
 

@@ -41,7 +41,7 @@ class IntruderReport:
 
     def as_dict(self) -> dict:
         return {"intruders_total": self.total, "intruders_per_layer": dict(self.per_layer),
-                "intruders_top_k": self.top_k, "intruders_epsilon": self.epsilon}
+                "intruders_top_k": self.top_k, "intruders_epsilon": self.epsilon, "intruders_skipped": self.skipped}
 
 
 @torch.no_grad()
@@ -69,11 +69,21 @@ def snapshot(model: nn.Module, targets: list[str] | None = None) -> dict[str, to
 
 @torch.no_grad()
 def merged_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """2-D weights of ``model`` as a plain model would hold them: a peft model is merged on a copy
-    (``merge_and_unload``), so the names are the base model's."""
+    """2-D weights of ``model`` as a plain model would hold them, keyed by the base model's names:
+    a peft model is merged on a copy (``merge_and_unload``); lorabench's own adapter layers
+    contribute base weight + ``delta_weight()``."""
+    from lorabench.methods.adapters.layer import adapter_layers
+
     if hasattr(model, "peft_config") and hasattr(model, "merge_and_unload"):
         model = copy.deepcopy(model).merge_and_unload()
-    return {n: p.detach().float().cpu() for n, p in model.named_parameters() if p.ndim == 2}
+    weights = {n: p.detach().float().cpu() for n, p in model.named_parameters() if p.ndim == 2}
+    for name, layer in adapter_layers(model).items():
+        base = layer.base.weight.detach().float().cpu()
+        delta = layer.delta_weight().detach().float().cpu()
+        if layer.merged:
+            delta = torch.zeros_like(delta)
+        weights[f"{name}.weight"] = base + (delta if delta.shape == base.shape else delta.T)
+    return weights
 
 
 def model_intruders(pretrained: Mapping[str, torch.Tensor], finetuned: nn.Module | Mapping[str, torch.Tensor],

@@ -168,7 +168,8 @@ def pareto_figure(records: list[dict], x: str = "peak_mem", y: str = "metric", g
                               color="C3" if p.front else "C0", capsize=3, markersize=6)
             art[0].set_gid(f"point-{index}")
             index += 1
-            ax.annotate(f"{p.label} (n={p.n})", (p.x, p.y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+            ax.annotate(f"{p.label} (n={p.n})", (p.x, p.y), textcoords="offset points",
+                        xytext=(5, 5 + 9 * (index % 3)), fontsize=8)
         front = sorted((p for p in points if p.front), key=lambda p: p.x)
         if len(front) > 1:
             hx = _direction(xs, recs)

@@ -37,7 +37,7 @@ def kaiming_uniform(rows: int, cols: int, generator: torch.Generator) -> torch.T
 class DyLoraLayer(AdapterLayer):
     def __init__(self, base: nn.Linear, r_max: int, r_min: int, alpha: float, eval_rank: int, generator: torch.Generator):
         super().__init__(base)
-        dtype, device = base.weight.dtype, base.weight.device
+        dtype, device = self.adapter_dtype, base.weight.device
         self.lora_A = nn.Parameter(kaiming_uniform(r_max, base.in_features, generator).to(device, dtype))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r_max, device=device, dtype=dtype))
         self.r_max, self.r_min, self.alpha = r_max, r_min, alpha
@@ -76,6 +76,7 @@ class DyLoraParams:
 @ADAPTERS.register("dylora")
 class DyLoraAdapter(OwnAdapter):
     Params = DyLoraParams
+    size_knob = "rank"  # what a size budget sets (lorabench/budget.py)
     paper = "Valipour et al., 2023, arXiv:2210.07558"
 
     def make_layer(self, name: str, linear: nn.Linear, params: DyLoraParams, ctx: MethodContext) -> DyLoraLayer:

@@ -27,7 +27,7 @@ from lorabench.registry import ADAPTERS
 class HydraLayer(AdapterLayer):
     def __init__(self, base: nn.Linear, r: int, scale: float, generator: torch.Generator):
         super().__init__(base)
-        dtype, device = base.weight.dtype, base.weight.device
+        dtype, device = self.adapter_dtype, base.weight.device
         d_out, d_in = base.out_features, base.in_features
         self.par_A = nn.Parameter(kaiming_uniform(r, d_in, generator).to(device, dtype))
         self.par_B = nn.Parameter(torch.zeros(d_out, r, device=device, dtype=dtype))
@@ -75,6 +75,7 @@ class HydraParams:
 @ADAPTERS.register("hydra_lora")
 class HydraAdapter(OwnAdapter):
     Params = HydraParams
+    size_knob = "rank"  # what a size budget sets (lorabench/budget.py)
     paper = "Kim et al., 2024, arXiv:2309.06922"
 
     def make_layer(self, name: str, linear: nn.Linear, params: HydraParams, ctx: MethodContext) -> HydraLayer:

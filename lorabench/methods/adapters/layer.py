@@ -1,7 +1,8 @@
 """The shared contract of lorabench's own adapters (DESIGN.md: "wrap a target nn.Linear, expose
 delta_weight(), save/load trainable tensors with safetensors").
 
-* ``AdapterLayer`` wraps one frozen ``nn.Linear``: ``forward(x) = base(x) + adapter_forward(x)``.
+* ``AdapterLayer`` wraps one frozen ``nn.Linear``: ``forward(x) = base(x) + adapter_forward(x)``;
+  adapter tensors are float32 when the base is float16/bfloat16 (as peft's autocast_adapter_dtype).
   Subclasses implement ``delta_weight()`` (the dense d_out x d_in update that the adapter adds to
   the pretrained W0, used for merging, budgets and spectral metrics) and usually a cheaper
   ``adapter_forward``. Inits that promise an unchanged model at step 0 (LoRA-SB, NLoRA, SoMA, SVFit,
@@ -26,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorabench.errors import ConfigError
-from lorabench.methods.base import HEAD_MODULES, Adapter, MethodContext, head_parameter_count, target_linear_weights
+from lorabench.methods.base import HEAD_MODULES, Adapter, MethodContext, head_parameter_count
 
 
 class AdapterLayer(nn.Module):
@@ -38,6 +39,9 @@ class AdapterLayer(nn.Module):
         super().__init__()
         self.base = base
         self.merged = False
+        # like peft's autocast_adapter_dtype: half-precision bases get float32 adapter tensors
+        half = base.weight.dtype in (torch.float16, torch.bfloat16)
+        self.adapter_dtype = torch.float32 if half else base.weight.dtype
 
     @property
     def in_features(self) -> int:
@@ -93,15 +97,47 @@ def _is_target(name: str, targets: list[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 ``Conv1D``: a linear layer whose weight is stored as (d_in, d_out)."""
+    return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None and module.weight.ndim == 2
+
+
+def as_linear(module: nn.Module) -> nn.Linear | None:
+    """The module as an ``nn.Linear``: itself, or for a ``Conv1D`` an ``nn.Linear`` whose weight is a
+    transposed view of the same storage (merging writes through to the original weight)."""
+    if isinstance(module, nn.Linear):
+        return module
+    if not is_conv1d(module):
+        return None
+    d_in, d_out = module.weight.shape
+    linear = nn.Linear(d_in, d_out, bias=module.bias is not None, device="meta")
+    linear.weight = nn.Parameter(module.weight.data.T, requires_grad=module.weight.requires_grad)
+    if module.bias is not None:
+        linear.bias = module.bias
+    return linear
+
+
+def target_shapes(model: nn.Module, targets: list[str]) -> list[tuple[str, int, int]]:
+    """(name, d_out, d_in) of every targeted linear layer (``nn.Linear`` or GPT-2 ``Conv1D``)."""
+    found = []
+    for name, module in model.named_modules():
+        if _is_target(name, targets) and (isinstance(module, nn.Linear) or is_conv1d(module)):
+            d_out, d_in = module.weight.shape if isinstance(module, nn.Linear) else module.weight.shape[::-1]
+            found.append((name, d_out, d_in))
+    return found
+
+
 def wrap_targets(model: nn.Module, targets: list[str], factory: Callable[[str, nn.Linear], AdapterLayer],
                  head: str = "causal_lm") -> nn.Module:
-    """Freeze every parameter, then replace each targeted ``nn.Linear`` by ``factory(name, linear)``
-    (whose own parameters train); for classification the task head (``base.HEAD_MODULES``) trains."""
+    """Freeze every parameter, then replace each targeted ``nn.Linear`` (or GPT-2 ``Conv1D``, seen as
+    an ``nn.Linear`` view) by ``factory(name, linear)``, whose own parameters train; for
+    classification the task head (``base.HEAD_MODULES``) trains."""
     for p in model.parameters():
         p.requires_grad_(False)
-    found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and _is_target(name, targets)]
+    found = [(name, as_linear(m)) for name, m in model.named_modules() if _is_target(name, targets)]
+    found = [(name, linear) for name, linear in found if linear is not None]
     if not found:
-        raise ConfigError(f"no nn.Linear module matches target_modules={targets}")
+        raise ConfigError(f"no nn.Linear (or Conv1D) module matches target_modules={targets}")
     for name, linear in found:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -167,8 +203,7 @@ class OwnAdapter(Adapter):
         return wrap_targets(model, ctx.target_modules, lambda n, lin: self.make_layer(n, lin, params, ctx), ctx.head)
 
     def expected_trainable(self, base_model: nn.Module, params: Any, ctx: MethodContext) -> int:
-        own = sum(self.layer_trainable(w.shape[0], w.shape[1], params)
-                  for _, w in target_linear_weights(base_model, ctx.target_modules))
+        own = sum(self.layer_trainable(d_out, d_in, params) for _, d_out, d_in in target_shapes(base_model, ctx.target_modules))
         return own + head_parameter_count(base_model, ctx.head)
 
 

@@ -43,6 +43,7 @@ class LolduParams:
 @ADAPTERS.register("loldu")
 class LolduAdapter(OwnAdapter):
     Params = LolduParams
+    size_knob = "rank"  # what a size budget sets (lorabench/budget.py)
     paper = "Shi et al., 2024, arXiv:2410.13618"
 
     def make_layer(self, name: str, linear: nn.Linear, params: LolduParams, ctx: MethodContext) -> DiagLayer:

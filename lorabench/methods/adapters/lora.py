@@ -50,6 +50,7 @@ class LoraParams:
 @ADAPTERS.register("lora")
 class LoraAdapter(Adapter):
     Params = LoraParams
+    size_knob = "rank"  # what a size budget sets (lorabench/budget.py)
     paper = "Hu et al., 2021, arXiv:2106.09685"
     backed_by = "peft"
 

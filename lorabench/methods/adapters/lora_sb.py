@@ -30,15 +30,17 @@ from torch import nn
 
 from lorabench.config import check_positive
 from lorabench.errors import ConfigError
-from lorabench.methods.adapters.layer import OwnAdapter, check_rank, top_svd
+from lorabench.methods.adapters.layer import OwnAdapter, is_conv1d, check_rank, target_shapes, top_svd
 from lorabench.methods.adapters.lora_xs import XsLayer
-from lorabench.methods.base import MethodContext, target_linear_weights
+from lorabench.methods.base import MethodContext
 from lorabench.registry import ADAPTERS
 
 
 def estimate_gradients(model: nn.Module, targets: list[str], ctx: MethodContext) -> tuple[dict[str, torch.Tensor], int]:
-    """Mean dL/dW over the calibration batches for the target linear weights (keyed by module name)."""
-    weights = {name[: -len(".weight")]: w for name, w in target_linear_weights(model, targets)}
+    """Mean dL/dW (d_out x d_in) over the calibration batches for the target linear layers, by module name."""
+    names = {name for name, _, _ in target_shapes(model, targets)}
+    modules = {name: m for name, m in model.named_modules() if name in names}
+    weights = {name: m.weight for name, m in modules.items()}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     was_training = model.training
     for p in model.parameters():
@@ -54,8 +56,10 @@ def estimate_gradients(model: nn.Module, targets: list[str], ctx: MethodContext)
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             model(**batch).loss.backward()
             n += 1
-        grads = {name: (w.grad.float() / max(n, 1)) if w.grad is not None else torch.zeros_like(w, dtype=torch.float32)
-                 for name, w in weights.items()}
+        grads = {}
+        for name, w in weights.items():
+            g = w.grad.float() / max(n, 1) if w.grad is not None else torch.zeros_like(w, dtype=torch.float32)
+            grads[name] = g.T if is_conv1d(modules[name]) else g  # as (d_out, d_in)
     finally:
         for w in weights.values():
             w.grad = None
@@ -82,6 +86,7 @@ class LoraSbParams:
 @ADAPTERS.register("lora_sb")
 class LoraSbAdapter(OwnAdapter):
     Params = LoraSbParams
+    size_knob = "rank"  # what a size budget sets (lorabench/budget.py)
     paper = "Ponkshe et al., 2024, arXiv:2411.19557"
 
     def prepare(self, model: nn.Module, params: LoraSbParams, ctx: MethodContext) -> None:

@@ -1,14 +1,15 @@
 """LoRA-XS (Balazy et al., 2024, "LoRA-XS: Low-Rank Adaptation with Extremely Small Number of
 Parameters", arXiv:2405.17604), our own layer.
 
-Update rule: Delta W = s * B R A with B = U_r Sigma_r (d_out x r) and A = V_r^T (r x d_in) from the
-truncated SVD of the pretrained W0, both frozen; only the r x r matrix R trains, s = alpha / r.
+Update rule: Delta W = s * B R A with B = U_r (d_out x r) and A = Sigma_r V_r^T (r x d_in) from the
+truncated SVD of the pretrained W0 (the authors' ``get_svd_replacement_module``, which puts the
+singular values on the input side), both frozen; only the r x r matrix R trains, s = alpha / r.
 Trainable parameters per target: r^2 (independent of the width), plus the task head.
 Hyper-parameters: rank r (paper sweeps 4..25 on GLUE), alpha (scale s = alpha / r; the paper keeps
 alpha fixed and tunes lr, typically 10x LoRA's), r_init_std.
-Implemented detail: the paper draws R from a small Gaussian; here R starts at 0 by default
+Implemented detail: the authors draw R from N(0, 1e-5^2); here R starts at 0 by default
 (``r_init_std: 0.0``) so that the model is unchanged at step 0 (the gradient of R, s B^T G A^T, is
-non-zero because B and A are); set ``r_init_std`` to start from N(0, std^2) instead. B and A
+non-zero because B and A are); ``r_init_std: 1.0e-5`` reproduces the authors' init. B and A
 regenerate from W0 and are not saved (non-persistent buffers).
 
 ``XsLayer`` is shared with LoRA-SB (lora_sb.py), which initialises B, A and R from gradients and
@@ -34,7 +35,7 @@ class XsLayer(AdapterLayer):
     def __init__(self, base: nn.Linear, b: torch.Tensor, a: torch.Tensor, r: torch.Tensor, scale: float,
                  r0: torch.Tensor | None = None, persistent_factors: bool = False):
         super().__init__(base)
-        dtype, device = base.weight.dtype, base.weight.device
+        dtype, device = self.adapter_dtype, base.weight.device
         self.register_buffer("lora_B", b.to(device, dtype).contiguous(), persistent=persistent_factors)
         self.register_buffer("lora_A", a.to(device, dtype).contiguous(), persistent=persistent_factors)
         self.lora_R = nn.Parameter(r.to(device, dtype).clone())
@@ -69,6 +70,7 @@ class LoraXsParams:
 @ADAPTERS.register("lora_xs")
 class LoraXsAdapter(OwnAdapter):
     Params = LoraXsParams
+    size_knob = "rank"  # what a size budget sets (lorabench/budget.py)
     paper = "Balazy et al., 2024, arXiv:2405.17604"
 
     def make_layer(self, name: str, linear: nn.Linear, params: LoraXsParams, ctx: MethodContext) -> XsLayer:
@@ -77,7 +79,7 @@ class LoraXsAdapter(OwnAdapter):
         r = torch.zeros(params.rank, params.rank)
         if params.r_init_std > 0:
             r = torch.randn(params.rank, params.rank, generator=seeded_generator(ctx.seed, name)) * params.r_init_std
-        return XsLayer(linear, u * s, vh, r, params.alpha / params.rank)
+        return XsLayer(linear, u, s[:, None] * vh, r, params.alpha / params.rank)
 
     def layer_trainable(self, d_out: int, d_in: int, params: LoraXsParams) -> int:
         return params.rank * params.rank

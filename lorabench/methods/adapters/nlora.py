@@ -49,6 +49,7 @@ class NloraParams:
 @ADAPTERS.register("nlora")
 class NloraAdapter(OwnAdapter):
     Params = NloraParams
+    size_knob = "rank"  # what a size budget sets (lorabench/budget.py)
     paper = "Guo et al., 2025, arXiv:2502.14482"
     train = ("B", "M", "A")
 

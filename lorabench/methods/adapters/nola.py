@@ -6,9 +6,9 @@ Update rule: A = sum_{i=1..k} alpha_i A_i and B = sum_{j=1..l} beta_j B_j, Delta
 bases A_i (r x d_in) and B_j (d_out x r) are frozen random matrices regenerated from a seed
 (``basis_seed`` and the layer's name; never saved) and only the k + l coefficients per layer train
 (independent of rank and width), plus the task head. s = alpha / r.
-Init (our reading of the paper: Delta W = 0 at step 0, as in LoRA): alpha ~ U(-1/sqrt(k), 1/sqrt(k)),
-beta = 0; bases A_i ~ U(-1/sqrt(d_in), 1/sqrt(d_in)) (nn.Linear's init) and
-B_j ~ U(-1/sqrt(r), 1/sqrt(r)).
+Init: alpha ~ U(-1/sqrt(k), 1/sqrt(k)) and beta = 0, so Delta W = 0 at step 0 as in LoRA; bases
+A_i ~ U(-1/sqrt(d_in), 1/sqrt(d_in)) (nn.Linear's init) and B_j ~ U(-1/sqrt(r), 1/sqrt(r)). (The
+authors' ViT code starts both coefficient vectors at 1/k, a small non-zero Delta W at init.)
 Hyper-parameters: rank r (GPT-2 E2E scripts: 4-8 on q, v), num_basis_a = k and num_basis_b = l
 (about 1000 per layer in the paper; uncertain, 1024 here), alpha, a larger lr than LoRA. Quantised
 coefficients (an option in the paper) are not implemented.
@@ -40,7 +40,7 @@ def nola_bases(seed: int, name: str, k: int, l: int, r: int, d_in: int, d_out: i
 class NolaLayer(AdapterLayer):
     def __init__(self, base: nn.Linear, bases: tuple[torch.Tensor, torch.Tensor], scale: float, generator: torch.Generator):
         super().__init__(base)
-        dtype, device = base.weight.dtype, base.weight.device
+        dtype, device = self.adapter_dtype, base.weight.device
         basis_a, basis_b = bases
         k, l = basis_a.shape[0], basis_b.shape[0]
         self.register_buffer("basis_A", basis_a.to(device, dtype), persistent=False)
@@ -79,6 +79,7 @@ class NolaParams:
 @ADAPTERS.register("nola")
 class NolaAdapter(OwnAdapter):
     Params = NolaParams
+    size_knob = ("num_basis_a", "num_basis_b")  # what a size budget sets (lorabench/budget.py)
     paper = "Koohpayegani et al., 2024, arXiv:2310.02556"
 
     def make_layer(self, name: str, linear: nn.Linear, params: NolaParams, ctx: MethodContext) -> NolaLayer:

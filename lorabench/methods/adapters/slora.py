@@ -33,7 +33,7 @@ class TriLayer(AdapterLayer):
     def __init__(self, base: nn.Linear, b: torch.Tensor, m: torch.Tensor, a: torch.Tensor, scale: float,
                  train: tuple[str, ...] = ("B", "M", "A"), subtract_init: bool = False):
         super().__init__(base)
-        dtype, device = base.weight.dtype, base.weight.device
+        dtype, device = self.adapter_dtype, base.weight.device
         self.scale, self.subtract_init = scale, subtract_init
         for key, value in (("B", b), ("M", m), ("A", a)):
             value = value.to(device, dtype).contiguous()
@@ -74,6 +74,7 @@ class SloraParams:
 @ADAPTERS.register("slora")
 class SloraAdapter(OwnAdapter):
     Params = SloraParams
+    size_knob = "rank"  # what a size budget sets (lorabench/budget.py)
     paper = "Guo et al., 2025, arXiv:2502.14482"
 
     def make_layer(self, name: str, linear: nn.Linear, params: SloraParams, ctx: MethodContext) -> TriLayer:

@@ -2,7 +2,7 @@
 Language Models", arXiv:2311.11696), our own layer.
 
 Update rule: Delta W = s B diag(g) A with B (d_out x r_max, zero init), A (r_max x d_in, Kaiming
-uniform) and a gate g (r_max, init 1), s = alpha / r_max. A, B and g train with the run's optimizer
+uniform) and a gate g (r_max, init N(0, 1) as the authors' ``LowRankLinear``), s = alpha / r_max. A, B and g train with the run's optimizer
 (AdamW; g is 1-D so it gets no weight decay); after every optimizer step the ``sora`` procedure applies
 the proximal (soft-threshold) step of the L1 penalty to g: g <- sign(g) max(|g| - eta lambda, 0). The
 authors' ``SparseAdamW`` thresholds by a fixed lambda per step (eta = 1, ``lambda_times_lr: false``,
@@ -13,7 +13,7 @@ plus the task head.
 Hyper-parameters (authors' GLUE script, DeBERTaV3-base): r_max = 8, lr 8e-4, weight decay 0.1,
 max_grad_norm 0.1, ``--sparse_lambda_2 3e-4`` (read here as the SparseAdamW threshold lambda; the
 script's ``--sparse_lambda 10`` is not used: its role is uncertain), optional lambda schedule
-(linear from lambda to max_lambda in lambda_num stages over the run). The gate's init (1) is our choice.
+(linear from lambda to max_lambda in lambda_num stages over the run); lora_alpha 16 (authors' default).
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ from lorabench.registry import ADAPTERS
 class SoraLayer(AdapterLayer):
     def __init__(self, base: nn.Linear, r: int, alpha: float, generator: torch.Generator):
         super().__init__(base)
-        dtype, device = base.weight.dtype, base.weight.device
+        dtype, device = self.adapter_dtype, base.weight.device
         self.lora_A = nn.Parameter(kaiming_uniform(r, base.in_features, generator).to(device, dtype))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device, dtype=dtype))
-        self.gate = nn.Parameter(torch.ones(r, device=device, dtype=dtype))
+        self.gate = nn.Parameter(torch.randn(r, generator=generator).to(device, dtype))
         self.scale = alpha / r
 
     def rank(self) -> int:
@@ -73,7 +73,7 @@ def prune_model(model: nn.Module) -> dict[str, int]:
 @dataclass
 class SoraParams:
     rank: int = 8  # r_max
-    alpha: float = 8.0
+    alpha: float = 16.0
 
     def __post_init__(self) -> None:
         check_positive("method.rank", self.rank)
@@ -83,6 +83,7 @@ class SoraParams:
 @ADAPTERS.register("sora")
 class SoraAdapter(OwnAdapter):
     Params = SoraParams
+    size_knob = "rank"  # what a size budget sets (lorabench/budget.py)
     paper = "Ding et al., 2023, arXiv:2311.11696"
 
     def make_layer(self, name: str, linear: nn.Linear, params: SoraParams, ctx: MethodContext) -> SoraLayer:

@@ -31,7 +31,7 @@ class DiagLayer(AdapterLayer):
     def __init__(self, base: nn.Linear, left: torch.Tensor, diag: torch.Tensor, right: torch.Tensor,
                  scalar: float | None = None):
         super().__init__(base)
-        dtype, device = base.weight.dtype, base.weight.device
+        dtype, device = self.adapter_dtype, base.weight.device
         self.register_buffer("left", left.to(device, dtype).contiguous(), persistent=False)
         self.register_buffer("right", right.to(device, dtype).contiguous(), persistent=False)
         self.diag = nn.Parameter(diag.to(device, dtype).clone())
@@ -66,6 +66,7 @@ class SvfitParams:
 @ADAPTERS.register("svfit")
 class SvfitAdapter(OwnAdapter):
     Params = SvfitParams
+    size_knob = "rank"  # what a size budget sets (lorabench/budget.py)
     paper = "Sun et al., 2024, arXiv:2409.05926"
 
     def make_layer(self, name: str, linear: nn.Linear, params: SvfitParams, ctx: MethodContext) -> DiagLayer:

@@ -39,6 +39,7 @@ class VeraParams:
 @ADAPTERS.register("vera")
 class VeraAdapter(Adapter):
     Params = VeraParams
+    size_knob = "rank"  # what a size budget sets (lorabench/budget.py)
     paper = "Kopiczko et al., 2024, arXiv:2310.11454"
     backed_by = "peft"
 

@@ -215,6 +215,7 @@ class GaLoreParams(ProjectedAdamParams):
 @OPTIMIZERS.register("galore")
 class GaLore(OptimizerBuilder):
     Params = GaLoreParams
+    size_knob = "rank"  # what a size budget sets (lorabench/budget.py)
     paper = "Zhao et al., 2024, arXiv:2403.03507"
     backed_by = "lorabench"
 
@@ -238,6 +239,7 @@ class FiraParams(ProjectedAdamParams):
 @OPTIMIZERS.register("fira")
 class Fira(OptimizerBuilder):
     Params = FiraParams
+    size_knob = "rank"  # what a size budget sets (lorabench/budget.py)
     paper = "Chen et al., 2024, arXiv:2410.01623"
     backed_by = "lorabench"
 
@@ -284,6 +286,7 @@ class FrugalFamily(GaLoreFamily):
 @OPTIMIZERS.register("frugal")
 class Frugal(OptimizerBuilder):
     Params = FrugalParams
+    size_knob = "density"  # what a size budget sets (lorabench/budget.py)
     paper = "Zmushko et al., 2025, arXiv:2411.07837"
     backed_by = "lorabench"
 
@@ -317,6 +320,7 @@ class QGaLoreParams(ProjectedAdamParams):
 @OPTIMIZERS.register("q_galore")
 class QGaLore(OptimizerBuilder):
     Params = QGaLoreParams
+    size_knob = "rank"  # what a size budget sets (lorabench/budget.py)
     paper = "Zhang et al., 2024, arXiv:2407.08296"
     backed_by = "lorabench"
 
@@ -330,6 +334,7 @@ class QGaLore(OptimizerBuilder):
 @OPTIMIZERS.register("dct_adamw")
 class DCTAdamW(OptimizerBuilder):
     Params = ProjectedAdamParams
+    size_knob = "rank"  # what a size budget sets (lorabench/budget.py)
     paper = "arXiv:2505.17967"
     backed_by = "lorabench"
 

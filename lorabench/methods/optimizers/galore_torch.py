@@ -47,6 +47,7 @@ def galore_param_groups(model, params: GaLoreParams, ctx: MethodContext) -> list
 @OPTIMIZERS.register("galore_torch")
 class GaLoreTorch(OptimizerBuilder):
     Params = GaLoreParams
+    size_knob = "rank"  # what a size budget sets (lorabench/budget.py)
     paper = "Zhao et al., 2024, arXiv:2403.03507"
     backed_by = "galore-torch"
 

@@ -4,7 +4,8 @@ Before every optimizer step one rank b ~ U{r_min..r_max} is drawn (a generator s
 seed) and set on every ``dylora`` layer: the first step's rank in ``setup``, the next one in
 ``on_step_end``. With ``frozen: true`` (the paper's "frozen" mode) ``after_backward`` zeroes the
 gradients of ranks < b so that only row b of A and column b of B receive gradient. ``state()``
-reports how often each rank was drawn.
+reports how often each rank was drawn; ``state_dict()`` (checkpoints) holds the generator state,
+the current rank and the counts.
 """
 
 from __future__ import annotations
@@ -59,3 +60,14 @@ class DyLoraSampling(Procedure):
 
     def state(self) -> dict:
         return {"dylora_rank_counts": dict(sorted(self.counts.items())), "dylora_eval_rank": self.layers[0].eval_rank}
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state().tolist(), "rank": self.rank,
+                "counts": {str(k): v for k, v in self.counts.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+        self.counts = {int(k): v for k, v in state["counts"].items()}
+        self.rank = int(state["rank"])
+        for layer in self.layers:
+            layer.train_rank = self.rank

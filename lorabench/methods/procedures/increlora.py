@@ -7,7 +7,8 @@ U_bar = b2 U_bar + (1 - b2) |I - I_bar|, score = I_bar * U_bar; a triplet's scor
 plus the means over its P column and Q row), and, every ``delta_t`` steps after ``tinit``, gives
 one more component to each of the ``add_per_round`` modules with the highest mean triplet score
 (among modules with room) until the total active rank reaches ``target_r`` x number of layers.
-``state()`` reports the active rank per layer.
+``state()`` reports the active rank per layer; ``state_dict()`` (checkpoints) holds the rank masks,
+the importance EMAs and the addition count, so a resumed run allocates exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -103,3 +104,20 @@ class IncreLoraAllocator(Procedure):
 
     def state(self) -> dict:
         return {"increlora_ranks": {n: m.rank() for n, m in self.layers.items()}, "increlora_additions": self.additions}
+
+    def state_dict(self) -> dict:
+        """The rank masks (buffers, not in the checkpoint's trainable tensors), the importance EMAs
+        (as nested lists, about twice the adapter's size) and the number of additions."""
+        params = {id(p): f"{n}.{k}" for n, m in self.layers.items() for k, p in m.named_parameters(recurse=False)}
+        return {"masks": {n: m.rank_mask.tolist() for n, m in self.layers.items()}, "additions": self.additions,
+                "ema": {params[i]: [a.tolist(), b.tolist()] for i, (a, b) in self.ema.items()}}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        for name, mask in state["masks"].items():
+            self.layers[name].rank_mask.copy_(torch.tensor(mask))
+        self.additions = int(state["additions"])
+        params = {f"{n}.{k}": p for n, m in self.layers.items() for k, p in m.named_parameters(recurse=False)}
+        self.ema = {id(params[key]): (torch.tensor(a, dtype=params[key].dtype, device=params[key].device),
+                                      torch.tensor(b, dtype=params[key].dtype, device=params[key].device))
+                    for key, (a, b) in state["ema"].items()}

@@ -7,7 +7,7 @@ from step start + (i + 1) (end - start) / r on. A frozen column gets zero gradie
 (``on_step_end``), so Adam's momentum and weight decay cannot move it. The exact schedule of the
 paper (which columns, how fast) is not recorded in METHODS.md; this linear column-by-column schedule
 is our reading of "gradually freezes PMB during the early fine-tuning stages". ``state()`` reports
-how many PMB columns are frozen.
+how many PMB columns are frozen; ``state_dict()`` (checkpoints) holds that count.
 """
 
 from __future__ import annotations
@@ -74,3 +74,11 @@ class LamdaFreeze(Procedure):
 
     def state(self) -> dict:
         return {"lamda_pmb_frozen_columns": self.frozen, "lamda_rank": len(self.freeze_at)}
+
+    def state_dict(self) -> dict:
+        return {"frozen": self.frozen}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Frozen columns hold their frozen values in the checkpoint's PMB (loaded before this)."""
+        self.frozen = int(state["frozen"])
+        self.values = [m.lora_B.detach().clone() for m in self.layers]

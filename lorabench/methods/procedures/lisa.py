@@ -72,6 +72,7 @@ class LisaParams:
 @PROCEDURES.register("lisa")
 class Lisa(Procedure):
     Params = LisaParams
+    size_knob = "lisa_activated_layers"  # what a size budget sets (lorabench/budget.py)
     paper = "Pan et al., 2024, arXiv:2403.17919"
     backed_by = "lorabench"
     requires_adapter = ("none",)

@@ -84,3 +84,9 @@ class SoraProximal(Procedure):
 
     def state(self) -> dict:
         return {"sora_ranks": {name: m.rank() for name, m in self.layers.items()}, "sora_lambda": self.current_lambda}
+
+    def state_dict(self) -> dict:
+        return {"lambda": self.current_lambda, "lr": self.lr}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.current_lambda, self.lr = float(state["lambda"]), float(state["lr"])

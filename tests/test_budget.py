@@ -1,0 +1,91 @@
+"""Size budgets: for every preset whose components declare a size knob, the solved value fits the
+budget, the next larger value would not, and the count measured after ``apply_method`` (or the
+optimizer state measured after one step) equals the prediction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lorabench.budget import method_knob, optimizer_state_bytes, solve_budget, with_value
+from lorabench.errors import ConfigError
+from lorabench.measure import optimizer_state_bytes as measured_state_bytes
+from lorabench.measure import parameter_counts
+from lorabench.methods.build import apply_method, expected_trainable
+from tests.method_harness import build, one_step
+
+PRESETS = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "conf" / "method").glob("*.yaml"))
+UNSUPPORTED_STATE = {"q_galore", "dct_adamw"}  # documented in lorabench/budget.py
+
+
+def _overrides(result: dict) -> list[str]:
+    return [f"method.{field}={result['value']}" for field in result["knob"].split("=")]
+
+
+def _budget_between(size, cap: int) -> tuple[int, int]:
+    """A budget strictly between the sizes at v and v + 1, so the answer is v."""
+    v = max(1, min(3, cap - 1))
+    return v, size(v) + max(1, (size(v + 1) - size(v)) // 2)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_budget_solves_and_matches_measurement(preset, sst2_dir, tmp_path):
+    try:
+        cfg, spec, loaded, _, ctx = build(preset, sst2_dir, tmp_path)
+    except ConfigError as exc:
+        if "CUDA" in str(exc):
+            pytest.skip(f"{preset} needs CUDA: {exc}")
+        raise
+    found = method_knob(spec)
+    if found is None:
+        with pytest.raises(ConfigError, match="declares no size knob"):
+            solve_budget(loaded.model, spec, ctx, trainable_params=10_000)
+        return
+    axis, fields = found
+    if axis == "optimizer":
+        with pytest.raises(ConfigError, match="optimizer_state_mb"):
+            solve_budget(loaded.model, spec, ctx, trainable_params=10_000)
+        if spec.names["optimizer"] in UNSUPPORTED_STATE:
+            with pytest.raises(ConfigError, match="not supported"):
+                solve_budget(loaded.model, spec, ctx, optimizer_state_mb=1.0)
+            return
+        def state(v):
+            return optimizer_state_bytes(loaded.model, with_value(spec, axis, fields, v), ctx)
+
+        lo, hi = (0.25, 0.5) if isinstance(getattr(spec.params[axis], fields[0]), float) else (3, 4)
+        assert state(hi) > state(lo)
+        result = solve_budget(loaded.model, spec, ctx, optimizer_state_mb=(state(lo) + state(hi)) / 2 / 2**20)
+        assert result["predicted"] <= result["budget"]
+        bigger = result["value"] + (1e-3 if isinstance(result["value"], float) else 1)
+        assert optimizer_state_bytes(loaded.model, with_value(spec, axis, fields, bigger), ctx) > result["budget"]
+        measured = measured_state_bytes(one_step(preset, sst2_dir, tmp_path, *_overrides(result)).built.optimizer)
+        assert measured == result["predicted"], result
+        return
+
+    def size(v):
+        return expected_trainable(loaded.model, with_value(spec, axis, fields, v), ctx)
+
+    cap = 2 if fields == ("lisa_activated_layers",) else 32
+    v, budget = _budget_between(size, cap)
+    result = solve_budget(loaded.model, spec, ctx, trainable_params=budget)
+    assert result["predicted"] <= budget < size(result["value"] + 1), result
+    assert result["value"] == v and not result["capped"]
+    # the count after apply_method on a fresh model with the solved value equals the prediction
+    _, spec2, loaded2, _, ctx2 = build(preset, sst2_dir, tmp_path, *_overrides(result))
+    built = apply_method(loaded2.model, spec2, ctx2)
+    assert parameter_counts(built.model)[0] == result["predicted"]
+
+
+def test_budget_below_smallest_size_is_refused(sst2_dir, tmp_path):
+    _, spec, loaded, _, ctx = build("lora", sst2_dir, tmp_path)
+    with pytest.raises(ConfigError, match="below method 'lora'"):
+        solve_budget(loaded.model, spec, ctx, trainable_params=10)
+    with pytest.raises(ConfigError, match="exactly one"):
+        solve_budget(loaded.model, spec, ctx)
+
+
+def test_budget_larger_than_the_cap_says_capped(sst2_dir, tmp_path):
+    _, spec, loaded, _, ctx = build("lora", sst2_dir, tmp_path)
+    result = solve_budget(loaded.model, spec, ctx, trainable_params=10**9)
+    assert result["capped"] and result["value"] == 32  # tiny_bert's hidden size
