@@ -305,7 +305,7 @@ def methods_command(argv: list[str]) -> int:
 
     argparse.ArgumentParser(prog="lorabench methods", description="Registered method presets.").parse_args(argv)
     rows = method_rows(CONF_DIR / "method")
-    header = ("preset", "family", "backed by", "components", "paper")
+    header = ("preset", "family", "backed by", "size knob (budget)", "components", "paper")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())

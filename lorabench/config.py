@@ -38,6 +38,7 @@ class ModelConfig:
     architecture: str = "encoder"  # encoder | decoder | encoder_decoder
     target_modules: list[str] = field(default_factory=list)  # default adapter/projection targets
     trust_remote_code: bool = False
+    dropout: Optional[float] = None  # override the model's dropout probabilities (None keeps them)
 
     SOURCES = ("auto", "hub", "local", "offline", "random")
     ARCHITECTURES = ("encoder", "decoder", "encoder_decoder")
@@ -45,6 +46,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         check_choice("model.source", self.source, self.SOURCES)
         check_choice("model.architecture", self.architecture, self.ARCHITECTURES)
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise ConfigError(f"model.dropout={self.dropout!r} is invalid; it must be in [0, 1) or null")
 
 
 @dataclass
@@ -170,6 +173,26 @@ class AnalysisConfig:
 
 
 @dataclass
+class BudgetConfig:
+    """Compare at equal cost: the method's size knob (rank, density, layers, ...) is solved from the
+    model's shapes so the run is as large as possible without exceeding the budget."""
+
+    trainable_params: Optional[int] = None
+    optimizer_state_mb: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if self.trainable_params is not None and self.optimizer_state_mb is not None:
+            raise ConfigError("set only one of budget.trainable_params and budget.optimizer_state_mb")
+        if self.trainable_params is not None:
+            check_positive("budget.trainable_params", self.trainable_params)
+        if self.optimizer_state_mb is not None:
+            check_positive("budget.optimizer_state_mb", self.optimizer_state_mb)
+
+    def active(self) -> bool:
+        return self.trainable_params is not None or self.optimizer_state_mb is not None
+
+
+@dataclass
 class RunConfig:
     """One run = model x method x dataset x train x hardware, plus a seed."""
 
@@ -180,6 +203,7 @@ class RunConfig:
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
     seed: int = 0
     results_dir: str = "results/runs"
     force: bool = False  # rerun even if a record for this run id exists

@@ -153,6 +153,20 @@ def _from_pretrained(path: str, cfg: ModelConfig, head: str, num_labels: int | N
     return model, tokenizer
 
 
+DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "dropout",
+                "resid_pdrop", "embd_pdrop", "attn_pdrop", "classifier_dropout", "dropout_rate", "hidden_dropout")
+
+
+def _set_dropout(model, p: float) -> None:
+    """Every dropout probability in the config and every nn.Dropout module set to ``p``."""
+    for key in DROPOUT_KEYS:
+        if getattr(model.config, key, None) is not None:
+            setattr(model.config, key, p)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
+
+
 def _finish(model, tokenizer) -> None:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -177,6 +191,8 @@ def load_model(cfg: ModelConfig, head: str, num_labels: int | None = None) -> Lo
             attempts.append(f"{kind}: {str(exc).splitlines()[0][:200]}")
             continue
         _finish(loaded.model, loaded.tokenizer)
+        if cfg.dropout is not None:
+            _set_dropout(loaded.model, cfg.dropout)
         loaded.source["fallbacks_tried"] = attempts
         return loaded
     raise ModelSourceError(

@@ -33,7 +33,8 @@ from lorabench.data.base import collate, count_tokens, resolve_primary
 from lorabench.measure import PeakMemory, optimizer_state_bytes, parameter_counts, provenance
 from lorabench.methods.adapters.layer import save_trainable
 from lorabench.methods.base import MethodContext
-from lorabench.methods.build import apply_method
+from lorabench.budget import apply_budget, solve_budget
+from lorabench.methods.build import apply_method, expected_trainable
 from lorabench.methods.spec import MethodSpec
 from lorabench.models import load_model
 from lorabench.registry import DATASETS
@@ -212,6 +213,18 @@ def train(cfg: RunConfig, spec: MethodSpec, command: str = "") -> dict:
 
         ctx = MethodContext(targets, task.head, lr, cfg.train.weight_decay, cfg.train.max_steps, cfg.seed,
                             calibration_batches)
+        if cfg.budget.active():
+            solved = solve_budget(model, spec, ctx, trainable_params=cfg.budget.trainable_params,
+                                  optimizer_state_mb=cfg.budget.optimizer_state_mb)
+            spec = apply_budget(spec, solved)
+            record["method"] = spec.describe()
+            record["method_report"]["budget"] = solved
+            for name in solved["knob"].split("="):  # tables group by the solved value, not the preset's
+                record["config"]["method"][name] = solved["value"]
+            if is_main:
+                print(f"[lorabench] budget {solved['budget']:,} {solved['unit']}: {solved['knob']}={solved['value']} "
+                      f"(predicted {solved['predicted']:,}{', capped' if solved['capped'] else ''})")
+        expected = expected_trainable(model, spec, ctx)
         pretrained = snapshot(model, targets) if cfg.analysis.intruders else None
         t0 = time.perf_counter()
         built = apply_method(model, spec, ctx)
@@ -222,7 +235,8 @@ def train(cfg: RunConfig, spec: MethodSpec, command: str = "") -> dict:
                                   num_training_steps=max(cfg.train.max_steps, 1))
         model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
         trainable, total = parameter_counts(model)
-        record["cost"].update({"trainable_params": trainable, "total_params": total})
+        record["cost"].update({"trainable_params": trainable, "total_params": total,
+                               "expected_trainable_params": expected})
         record["method_report"].update({"target_modules": targets, "lr": lr, **ctx.extras})
         if is_main:
             _print_start(cfg, spec, accum, accelerator.num_processes, trainable, total, features, lr, targets)

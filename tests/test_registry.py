@@ -38,3 +38,19 @@ def test_core_components_registered():
     assert {"lora"} <= set(ADAPTERS.names())
     assert {"adamw", "galore_torch"} <= set(OPTIMIZERS.names())
     assert {"sst2", "gsm8k", "gsm_symbolic"} <= set(DATASETS.names())
+
+
+def test_methods_command_lists_every_preset(capsys):
+    from lorabench.cli import CONF_DIR, main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["methods"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["preset", "family", "backed"]
+    listed = {line.split()[0] for line in lines[1:]}
+    assert listed == {p.stem for p in (CONF_DIR / "method").glob("*.yaml")}
+    galore = next(line for line in lines if line.startswith("galore "))
+    assert "lorabench" in galore and "rank (optimizer state)" in galore and "arXiv:2403.03507" in galore
+    assert "peft" in next(line for line in lines if line.startswith("lora "))

@@ -93,3 +93,15 @@ def test_two_process_run_matches_single_process_fields(sst2_dir, tmp_path):
     assert recs[2]["status"] == "completed"
     assert recs[2]["hardware"]["gradient_accumulation"] == 2
     assert recs[2]["cost"]["train_tokens"] > 0
+
+
+@pytest.mark.parametrize("method,budget", [("lora", 6000), ("nola", 6000), ("lisa", 1_005_000)])
+def test_budget_sizes_the_method_in_the_loop(method, budget, sst2_dir, tmp_path):
+    assert train(f"method={method}", *tiny_overrides("classification", sst2_dir, tmp_path),
+                 f"budget.trainable_params={budget}") == 0
+    (record,) = records(tmp_path)
+    solved = record["method_report"]["budget"]
+    assert record["cost"]["trainable_params"] == solved["predicted"] <= budget
+    assert record["cost"]["expected_trainable_params"] == solved["predicted"]
+    knob = solved["knob"].split("=")[0]
+    assert record["config"]["method"][knob] == solved["value"]

@@ -205,7 +205,8 @@ def build_rows(records: list[dict], group_by: tuple[str, ...] = (), paper: list[
                     (e for e in paper if paper_match(e, sample["method"]["label"], k[1], name, metric, sample)), None)
                 theirs.append(hit)
             if any(theirs):
-                header += [f"{name} paper", f"{name} Δ"]
+                verified = all(str(h.get("status", "")).startswith("verified") for h in theirs if h)
+                header += [f"{name} paper" if verified else f"{name} paper/2nd-hand†", f"{name} Δ"]
                 for i, (hit, mean) in enumerate(zip(theirs, means)):
                     if hit is None:
                         body[i] += ["–", "–"]
