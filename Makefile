@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install quickstart test test-slow lint table clean
+.PHONY: install quickstart test test-slow lint table leaderboard clean
 
 $(BIN)/lorabench: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,13 @@ lint: install
 
 table: install
 	$(BIN)/lorabench table
+
+# Track A of the leaderboard (resumable: runs with a completed record are skipped)
+leaderboard: install
+	$(BIN)/python scripts/leaderboard.py --seeds 0 1 2
+	$(BIN)/lorabench table --results-dir results/leaderboard/records > results/leaderboard/table.md
+	$(BIN)/lorabench plot --results-dir results/leaderboard/records --out results/leaderboard/plots --kind pareto \
+		--x peak_mem --x params --x opt_state --x tokens_per_s
 
 clean:
 	rm -rf $(VENV) results/runs .pytest_cache

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from lorabench.config_store import compose  # noqa: F401  (re-exported for the tests)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -55,20 +57,6 @@ def sst2_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def gsm8k_dir(tmp_path_factory) -> Path:
     return write_gsm8k(tmp_path_factory.mktemp("gsm8k"))
-
-
-def compose(overrides: list[str]) -> dict:
-    """The resolved config dict that ``lorabench train <overrides>`` would run."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from lorabench.config_store import register_schemas
-
-    register_schemas()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = hydra_compose("config", overrides=overrides)
-    return OmegaConf.to_container(cfg, resolve=True)
 
 
 def tiny_overrides(kind: str, data_dir: Path, results_dir: Path, *extra: str) -> list[str]:
