@@ -87,14 +87,21 @@ def _sides(m: int, n: int, proj_type: str) -> tuple[int, int]:
     from lorabench.methods.optimizers.projectors import SIDE_RULES
 
     if proj_type not in SIDE_RULES:
-        raise ConfigError(f"optimizer-state budget: proj_type={proj_type!r} is not supported; use one of "
-                          f"{', '.join(SIDE_RULES)}")
+        raise ConfigError(
+            f"optimizer-state budget: proj_type={proj_type!r} is not supported; use one of {', '.join(SIDE_RULES)}"
+        )
     left = SIDE_RULES[proj_type](m, n) == "left"
     return (m, n) if left else (n, m)
 
 
-def _projected_state_bytes(base_model: nn.Module, ctx: MethodContext, rank_for: Callable[[int], int],
-                           extra_per_projected: int = 0, proj_type: str = "std", package: bool = False) -> int:
+def _projected_state_bytes(
+    base_model: nn.Module,
+    ctx: MethodContext,
+    rank_for: Callable[[int], int],
+    extra_per_projected: int = 0,
+    proj_type: str = "std",
+    package: bool = False,
+) -> int:
     projected = {id(p) for _, p in target_linear_weights(base_model, ctx.target_modules) if p.requires_grad}
     seen, total = set(), 0
     for p in base_model.parameters():
@@ -128,20 +135,27 @@ def _galore_torch(base_model, params, ctx) -> int:
 
 
 def _fira(base_model, params, ctx) -> int:
-    return _projected_state_bytes(base_model, ctx, lambda d: params.rank, extra_per_projected=4,
-                                  proj_type=params.proj_type)
+    return _projected_state_bytes(
+        base_model, ctx, lambda d: params.rank, extra_per_projected=4, proj_type=params.proj_type
+    )
 
 
 def _frugal(base_model, params, ctx) -> int:
     if params.projector not in ("svd", "random"):
-        raise ConfigError(f"optimizer-state budget: FRUGAL projector={params.projector!r} is not supported "
-                          "(supported: svd, random)")
-    return _projected_state_bytes(base_model, ctx, lambda d: max(1, round(params.density * d)),
-                                  proj_type=params.proj_type)
+        raise ConfigError(
+            f"optimizer-state budget: FRUGAL projector={params.projector!r} is not supported (supported: svd, random)"
+        )
+    return _projected_state_bytes(
+        base_model, ctx, lambda d: max(1, round(params.density * d)), proj_type=params.proj_type
+    )
 
 
-STATE_FORMULAS: dict[str, Callable] = {"galore": _galore, "galore_torch": _galore_torch, "fira": _fira,
-                                       "frugal": _frugal}
+STATE_FORMULAS: dict[str, Callable] = {
+    "galore": _galore,
+    "galore_torch": _galore_torch,
+    "fira": _fira,
+    "frugal": _frugal,
+}
 
 
 def optimizer_state_bytes(base_model: nn.Module, spec: MethodSpec, ctx: MethodContext) -> int:
@@ -149,9 +163,11 @@ def optimizer_state_bytes(base_model: nn.Module, spec: MethodSpec, ctx: MethodCo
     name = spec.names["optimizer"]
     formula = STATE_FORMULAS.get(name)
     if formula is None or spec.names["adapter"] != "none" or spec.names["procedure"] != "none":
-        raise ConfigError(f"budget.optimizer_state_mb is not supported for method {spec.label!r} (optimizer "
-                          f"{name!r}); supported optimizers without adapter or procedure: "
-                          f"{', '.join(sorted(STATE_FORMULAS))}")
+        raise ConfigError(
+            f"budget.optimizer_state_mb is not supported for method {spec.label!r} (optimizer "
+            f"{name!r}); supported optimizers without adapter or procedure: "
+            f"{', '.join(sorted(STATE_FORMULAS))}"
+        )
     return formula(base_model, spec.params["optimizer"], ctx)
 
 
@@ -167,8 +183,13 @@ def _cap(base_model: nn.Module, spec: MethodSpec, ctx: MethodContext, axis: str,
     return INT_LIMIT
 
 
-def solve_budget(base_model: nn.Module, spec: MethodSpec, ctx: MethodContext, trainable_params: int | None = None,
-                 optimizer_state_mb: float | None = None) -> dict:
+def solve_budget(
+    base_model: nn.Module,
+    spec: MethodSpec,
+    ctx: MethodContext,
+    trainable_params: int | None = None,
+    optimizer_state_mb: float | None = None,
+) -> dict:
     """The knob value whose predicted size is as close as possible to the budget without exceeding it.
 
     Returns ``{"knob", "axis", "value", "predicted", "budget", "unit", "capped"}``; ``capped`` is
@@ -183,16 +204,20 @@ def solve_budget(base_model: nn.Module, spec: MethodSpec, ctx: MethodContext, tr
     axis, fields = found
     if trainable_params is not None:
         if axis == "optimizer":
-            raise ConfigError(f"method {spec.label!r} trains every weight; its knob {'='.join(fields)!r} sets the "
-                              "optimizer state, not the trainable count: use budget.optimizer_state_mb")
+            raise ConfigError(
+                f"method {spec.label!r} trains every weight; its knob {'='.join(fields)!r} sets the "
+                "optimizer state, not the trainable count: use budget.optimizer_state_mb"
+            )
         budget, unit = int(trainable_params), "params"
 
         def predict(s):
             return expected_trainable(base_model, s, ctx)
     else:
         if axis != "optimizer":
-            raise ConfigError(f"budget.optimizer_state_mb sizes GaLore-family optimizers; method {spec.label!r} "
-                              "has an adapter or procedure knob: use budget.trainable_params")
+            raise ConfigError(
+                f"budget.optimizer_state_mb sizes GaLore-family optimizers; method {spec.label!r} "
+                "has an adapter or procedure knob: use budget.trainable_params"
+            )
         budget, unit = int(float(optimizer_state_mb) * 2**20), "bytes"
 
         def predict(s):
@@ -209,8 +234,10 @@ def solve_budget(base_model: nn.Module, spec: MethodSpec, ctx: MethodContext, tr
     if is_float:
         lo, hi = FLOAT_TOL, 1.0
         if (size(lo) or budget + 1) > budget:
-            raise ConfigError(f"budget {budget:,} {unit} is below method {spec.label!r}'s smallest size "
-                              f"({size(lo):,} {unit} at {'='.join(fields)}={lo})")
+            raise ConfigError(
+                f"budget {budget:,} {unit} is below method {spec.label!r}'s smallest size "
+                f"({size(lo):,} {unit} at {'='.join(fields)}={lo})"
+            )
         capped = size(hi) is not None and size(hi) <= budget
         if capped:
             lo = hi
@@ -224,8 +251,10 @@ def solve_budget(base_model: nn.Module, spec: MethodSpec, ctx: MethodContext, tr
         cap = _cap(base_model, spec, ctx, axis, fields)
         first = size(1)
         if first is None or first > budget:
-            raise ConfigError(f"budget {budget:,} {unit} is below method {spec.label!r}'s smallest size "
-                              f"({first if first is None else f'{first:,}'} {unit} at {'='.join(fields)}=1)")
+            raise ConfigError(
+                f"budget {budget:,} {unit} is below method {spec.label!r}'s smallest size "
+                f"({first if first is None else f'{first:,}'} {unit} at {'='.join(fields)}=1)"
+            )
         lo, hi = 1, 2
         while hi <= cap and (size(hi) or budget + 1) <= budget:
             lo, hi = hi, hi * 2
@@ -236,5 +265,12 @@ def solve_budget(base_model: nn.Module, spec: MethodSpec, ctx: MethodContext, tr
         value = lo
         capped = value >= cap
     predicted = size(value)
-    return {"knob": "=".join(fields), "axis": axis, "value": value, "predicted": predicted, "budget": budget,
-            "unit": unit, "capped": capped}
+    return {
+        "knob": "=".join(fields),
+        "axis": axis,
+        "value": value,
+        "predicted": predicted,
+        "budget": budget,
+        "unit": unit,
+        "capped": capped,
+    }

@@ -69,8 +69,9 @@ def trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(run_dir: Path, step: int, *, model, optimizer, scheduler, procedure, meta: dict,
-                    accelerator, keep: int) -> Path | None:
+def save_checkpoint(
+    run_dir: Path, step: int, *, model, optimizer, scheduler, procedure, meta: dict, accelerator, keep: int
+) -> Path | None:
     """Every process saves its RNG state; rank 0 writes the rest and renames the folder into place."""
     root = checkpoint_dir(run_dir)
     staging = root / f".staging_step_{step}"
@@ -121,8 +122,10 @@ def restore_rng(path: Path, accelerator) -> None:
     """Set this process's RNG states to the checkpoint's (call after fast-forwarding the data)."""
     rng = path / f"rng_{accelerator.process_index}.pt"
     if not rng.exists():
-        raise ValueError(f"checkpoint {path} has no RNG state for process {accelerator.process_index}; "
-                         "resume with the same number of processes")
+        raise ValueError(
+            f"checkpoint {path} has no RNG state for process {accelerator.process_index}; "
+            "resume with the same number of processes"
+        )
     _set_rng_state(torch.load(rng, weights_only=True))
 
 

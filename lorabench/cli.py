@@ -1,11 +1,11 @@
 """The ``lorabench`` command: the only module that sees a Hydra ``DictConfig``.
 
-    lorabench train [hydra overrides...]     one run, or a sweep with -m
-    lorabench table [--format md|csv|latex]  comparison table of the records
-    lorabench methods                        registered method presets and components
-    lorabench plot [--x F] [--y F]           Pareto fronts, training and rank curves (PNG, SVG)
-    lorabench report [--out FILE]            one static HTML page of tables and plots
-    lorabench reproduce <recipe> [scale=smoke]  a paper's grid, ours beside theirs
+lorabench train [hydra overrides...]     one run, or a sweep with -m
+lorabench table [--format md|csv|latex]  comparison table of the records
+lorabench methods                        registered method presets and components
+lorabench plot [--x F] [--y F]           Pareto fronts, training and rank curves (PNG, SVG)
+lorabench report [--out FILE]            one static HTML page of tables and plots
+lorabench reproduce <recipe> [scale=smoke]  a paper's grid, ours beside theirs
 """
 
 from __future__ import annotations
@@ -55,8 +55,10 @@ def build_run(cfg_dict: dict):
     spec = resolve_method(dict(cfg.method))
     task = DATASETS.get(cfg.dataset.name, where="dataset")
     if task.head == "causal_lm" and cfg.model.architecture != "decoder":
-        raise ConfigError(f"dataset={cfg.dataset.name!r} needs a decoder model (generation); model={cfg.model.name!r} "
-                          f"is an {cfg.model.architecture}")
+        raise ConfigError(
+            f"dataset={cfg.dataset.name!r} needs a decoder model (generation); model={cfg.model.name!r} "
+            f"is an {cfg.model.architecture}"
+        )
     _check_device(cfg)
     return cfg, spec
 
@@ -65,8 +67,9 @@ def _check_device(cfg) -> None:
     import torch
 
     if cfg.hardware.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"hardware={cfg.hardware.name!r} needs CUDA, but torch.cuda.is_available() is False; "
-                          "use hardware=cpu")
+        raise ConfigError(
+            f"hardware={cfg.hardware.name!r} needs CUDA, but torch.cuda.is_available() is False; use hardware=cpu"
+        )
     if cfg.hardware.mixed_precision == "bf16" and cfg.hardware.device == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("hardware.mixed_precision='bf16' is not supported by this GPU; use 'fp16' or 'no'")
 
@@ -92,9 +95,23 @@ def launch_distributed(cfg, command: str) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "launch_config.json"
     config_path.write_text(json.dumps({"config": cfg_dict, "command": command}, indent=2))
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(cfg.hardware.num_processes),
-              "--num_machines", "1", "--multi_gpu", "--main_process_port", str(_free_port()),
-              "--mixed_precision", cfg.hardware.mixed_precision, "-m", "lorabench.worker", str(config_path)]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        str(cfg.hardware.num_processes),
+        "--num_machines",
+        "1",
+        "--multi_gpu",
+        "--main_process_port",
+        str(_free_port()),
+        "--mixed_precision",
+        cfg.hardware.mixed_precision,
+        "-m",
+        "lorabench.worker",
+        str(config_path),
+    ]
     print(f"[lorabench] launching {cfg.hardware.num_processes} processes: {shlex.join(launch[2:])}")
     env = {**os.environ, "ACCELERATE_LAUNCHED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     return subprocess.call(launch, env=env)
@@ -120,7 +137,7 @@ def run_one(cfg_dict: dict, command: str, multirun: bool) -> int:
         record = train(cfg, spec, command)
     except (RunCanceled, KeyboardInterrupt) as exc:
         _err(f"run canceled ({exc}); the record says so")
-        raise SystemExit(130)
+        raise SystemExit(130) from None
     except USER_ERRORS as exc:
         _err(str(exc))
         SWEEP_SUMMARY.append({"run": label, "status": "failed", "error": str(exc)})
@@ -129,8 +146,9 @@ def run_one(cfg_dict: dict, command: str, multirun: bool) -> int:
         _err(f"run failed: {type(exc).__name__}: {exc}")
         SWEEP_SUMMARY.append({"run": label, "status": "failed", "error": f"{type(exc).__name__}: {exc}"})
         return 1
-    SWEEP_SUMMARY.append({"run": record["run_id"], "status": "skipped" if record.get("skipped") else record["status"],
-                          "error": None})
+    SWEEP_SUMMARY.append(
+        {"run": record["run_id"], "status": "skipped" if record.get("skipped") else record["status"], "error": None}
+    )
     return 0
 
 
@@ -179,42 +197,64 @@ def table_command(argv: list[str]) -> int:
     parser.add_argument("--method", action="append", help="keep only these method labels (repeatable)")
     parser.add_argument("--model", action="append", help="keep only these models (repeatable)")
     parser.add_argument("--dataset", action="append", help="keep only these datasets (repeatable)")
-    parser.add_argument("--group-by", action="append", metavar="KEY",
-                        help="extra row keys: dotted config paths, e.g. method.rank (repeatable or comma-separated)")
-    parser.add_argument("--vs-paper", metavar="RECIPE",
-                        help="add the paper's number and ours minus theirs from a recipe (verified numbers only)")
-    parser.add_argument("--include-unverified", action="store_true",
-                        help="with --vs-paper: also show second-hand numbers, marked †")
+    parser.add_argument(
+        "--group-by",
+        action="append",
+        metavar="KEY",
+        help="extra row keys: dotted config paths, e.g. method.rank (repeatable or comma-separated)",
+    )
+    parser.add_argument(
+        "--vs-paper",
+        metavar="RECIPE",
+        help="add the paper's number and ours minus theirs from a recipe (verified numbers only)",
+    )
+    parser.add_argument(
+        "--include-unverified", action="store_true", help="with --vs-paper: also show second-hand numbers, marked †"
+    )
     args = parser.parse_args(argv)
     if not Path(args.results_dir).is_dir():
         _err(f"--results-dir {args.results_dir!r} does not exist")
         return 2
-    paper = None
-    if args.vs_paper:
-        from lorabench.reproduce import load_recipe, paper_entries
-
-        try:
-            paper = paper_entries(load_recipe(args.vs_paper), args.include_unverified)
-        except ConfigError as exc:
-            _err(str(exc))
-            return 2
-    text, problems = build_table(Path(args.results_dir), args.format, args.method, args.model, args.dataset,
-                                 group_by=_split_keys(args.group_by), paper=paper)
+    paper = _paper_numbers(args.vs_paper, args.include_unverified)
+    text, problems = build_table(
+        Path(args.results_dir),
+        args.format,
+        args.method,
+        args.model,
+        args.dataset,
+        group_by=_split_keys(args.group_by),
+        paper=paper,
+    )
     for path, problem in problems:
         print(f"lorabench: skipped {path}: {problem}", file=sys.stderr)
     print(text)
     return 0
 
 
+def _paper_numbers(recipe: str | None, include_unverified: bool):
+    """A recipe's paper numbers for --vs-paper (None without a recipe). Raises ConfigError."""
+    if not recipe:
+        return None
+    from lorabench.reproduce import load_recipe, paper_entries
+
+    return paper_entries(load_recipe(recipe), include_unverified)
+
+
 def plot_command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="lorabench plot", description="Figures from run records: Pareto fronts, training curves, rank curves.",
+        prog="lorabench plot",
+        description="Figures from run records: Pareto fronts, training curves, rank curves.",
         epilog="Fields: metric, peak_mem, params, opt_state, tokens_per_s, train_time, wall_time, adapter_bytes, "
-               "intruders, or a dotted record path (cost.train_time_s, config.method.rank).")
+        "intruders, or a dotted record path (cost.train_time_s, config.method.rank).",
+    )
     parser.add_argument("--results-dir", default="results/runs", help="folder searched for record.json files")
     parser.add_argument("--out", default="results/plots", help="folder the figures are written to")
-    parser.add_argument("--kind", action="append", choices=("pareto", "curves", "ranks"),
-                        help="which figures (repeatable; default: all three)")
+    parser.add_argument(
+        "--kind",
+        action="append",
+        choices=("pareto", "curves", "ranks"),
+        help="which figures (repeatable; default: all three)",
+    )
     parser.add_argument("--x", action="append", help="Pareto x field(s) (repeatable; default peak_mem)")
     parser.add_argument("--y", default="metric", help="Pareto y field (default: the primary metric)")
     parser.add_argument("--format", action="append", choices=("png", "svg"), help="default: png and svg")
@@ -263,8 +303,9 @@ def plot_command(argv: list[str]) -> int:
 
 
 def report_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="lorabench report",
-                                     description="One static, offline HTML page: tables and plots of a results folder.")
+    parser = argparse.ArgumentParser(
+        prog="lorabench report", description="One static, offline HTML page: tables and plots of a results folder."
+    )
     parser.add_argument("--results-dir", default="results/runs", help="folder searched for record.json files")
     parser.add_argument("--out", default=None, help="HTML file to write (default: <results-dir>/report.html)")
     parser.add_argument("--title", default=None)
@@ -276,14 +317,11 @@ def report_command(argv: list[str]) -> int:
     if not Path(args.results_dir).is_dir():
         _err(f"--results-dir {args.results_dir!r} does not exist")
         return 2
-    paper = None
-    if args.vs_paper:
-        from lorabench.reproduce import load_recipe, paper_entries
-
-        paper = paper_entries(load_recipe(args.vs_paper))
+    paper = _paper_numbers(args.vs_paper, include_unverified=False)
     out = Path(args.out) if args.out else Path(args.results_dir) / "report.html"
-    path, problems = write_report(Path(args.results_dir), out, title=args.title, group_by=_split_keys(args.group_by),
-                                  paper=paper)
+    path, problems = write_report(
+        Path(args.results_dir), out, title=args.title, group_by=_split_keys(args.group_by), paper=paper
+    )
     for p, problem in problems:
         print(f"lorabench: skipped {p}: {problem}", file=sys.stderr)
     print(f"[lorabench] report: {path}")
@@ -312,8 +350,14 @@ def methods_command(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": train_command, "table": table_command, "methods": methods_command, "plot": plot_command,
-            "report": report_command, "reproduce": reproduce_command}
+COMMANDS = {
+    "train": train_command,
+    "table": table_command,
+    "methods": methods_command,
+    "plot": plot_command,
+    "report": report_command,
+    "reproduce": reproduce_command,
+}
 USAGE = """usage: lorabench <command> [args]
 
 commands:
@@ -344,7 +388,12 @@ def main(argv: list[str] | None = None) -> None:
     if command is None:
         _err(f"unknown command {argv[0]!r}; valid choices: {', '.join(COMMANDS)}")
         raise SystemExit(2)
-    raise SystemExit(command(argv[1:]))
+    try:
+        code = command(argv[1:])
+    except USER_ERRORS as exc:  # bad input to table / plot / report / reproduce
+        _err(str(exc))
+        code = 2
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":

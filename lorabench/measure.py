@@ -112,6 +112,10 @@ def provenance() -> dict:
         return out.stdout.strip() if out.returncode == 0 else None
 
     status = git("status", "--porcelain", "--untracked-files=no")
-    return {"versions": versions, "git_commit": git("rev-parse", "HEAD"),
-            "git_dirty": None if status is None else bool(status),
-            "python": sys.version.split()[0], "platform": platform.platform()}
+    return {
+        "versions": versions,
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty": None if status is None else bool(status),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+    }

@@ -125,8 +125,12 @@ def tiny_bert() -> tuple[Any, Any]:
     path, _ = minilm_package()
     tokenizer = AutoTokenizer.from_pretrained(path)
     config = BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=512,
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=512,
     )
     return config, tokenizer
 
@@ -136,8 +140,14 @@ def tiny_llama() -> tuple[Any, Any]:
     """A 2-layer Llama with random weights and the real SmolLM2 BPE tokenizer."""
     tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
     )
     return config, tokenizer
 
@@ -153,8 +163,18 @@ def _from_pretrained(path: str, cfg: ModelConfig, head: str, num_labels: int | N
     return model, tokenizer
 
 
-DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "dropout",
-                "resid_pdrop", "embd_pdrop", "attn_pdrop", "classifier_dropout", "dropout_rate", "hidden_dropout")
+DROPOUT_KEYS = (
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "attention_dropout",
+    "dropout",
+    "resid_pdrop",
+    "embd_pdrop",
+    "attn_pdrop",
+    "classifier_dropout",
+    "dropout_rate",
+    "hidden_dropout",
+)
 
 
 def _set_dropout(model, p: float) -> None:
@@ -196,8 +216,10 @@ def load_model(cfg: ModelConfig, head: str, num_labels: int | None = None) -> Lo
         loaded.source["fallbacks_tried"] = attempts
         return loaded
     raise ModelSourceError(
-        f"model {cfg.name!r} could not be loaded from any source:\n  " + "\n  ".join(attempts)
-        + "\nDownload it elsewhere (e.g. `huggingface-cli download " + str(cfg.hub_id or cfg.name)
+        f"model {cfg.name!r} could not be loaded from any source:\n  "
+        + "\n  ".join(attempts)
+        + "\nDownload it elsewhere (e.g. `huggingface-cli download "
+        + str(cfg.hub_id or cfg.name)
         + " --local-dir DIR`) and run with model.name_or_path=DIR"
     )
 

@@ -87,12 +87,14 @@ def paper_entries(recipe: dict, include_unverified: bool = False) -> list[dict]:
     return out
 
 
-def grid_points(recipe: dict, scale: str = "full", data_root: str | None = None, extra=(),
-                results_dir: str = "results/runs") -> list[tuple[str, list[str]]]:
+def grid_points(
+    recipe: dict, scale: str = "full", data_root: str | None = None, extra=(), results_dir: str = "results/runs"
+) -> list[tuple[str, list[str]]]:
     """[(point name, overrides)] for every variant x dataset x seed of ``scale``."""
     if scale not in recipe["scales"]:
-        raise ConfigError(f"recipe {recipe['name']!r} has no scale {scale!r}; valid choices: "
-                          f"{', '.join(recipe['scales'])}")
+        raise ConfigError(
+            f"recipe {recipe['name']!r} has no scale {scale!r}; valid choices: {', '.join(recipe['scales'])}"
+        )
     body = recipe["scales"][scale]
     grid = body["grid"]
     out_dir = str(Path(results_dir) / recipe["name"])
@@ -100,8 +102,14 @@ def grid_points(recipe: dict, scale: str = "full", data_root: str | None = None,
     for vname, voverrides in grid["variants"].items():
         for dname, doverrides in grid["datasets"].items():
             for seed in grid["seeds"]:
-                overrides = [*body.get("base", []), *voverrides, *doverrides, f"seed={seed}", f"results_dir={out_dir}",
-                             *extra]
+                overrides = [
+                    *body.get("base", []),
+                    *voverrides,
+                    *doverrides,
+                    f"seed={seed}",
+                    f"results_dir={out_dir}",
+                    *extra,
+                ]
                 points.append((f"{vname}/{dname}/s{seed}", [_fill(o, data_root, recipe, scale) for o in overrides]))
     return points
 
@@ -110,8 +118,10 @@ def _fill(override: str, data_root: str | None, recipe: dict, scale: str) -> str
     if "{data_root}" not in override:
         return override
     if not data_root:
-        raise ConfigError(f"recipe {recipe['name']!r} (scale={scale}) reads local data: pass data_root=DIR "
-                          f"({recipe.get('data_root_help', 'the folder holding the datasets')})")
+        raise ConfigError(
+            f"recipe {recipe['name']!r} (scale={scale}) reads local data: pass data_root=DIR "
+            f"({recipe.get('data_root_help', 'the folder holding the datasets')})"
+        )
     return override.replace("{data_root}", str(Path(data_root).expanduser().resolve()))
 
 
@@ -141,23 +151,36 @@ def _within(recipe: dict, table_paper: list[dict], results: Path) -> list[str]:
     for e in table_paper:
         if not is_verified(e):
             continue
-        ours = [reported_value(r) for r in records
-                if paper_match(e, r["method"]["label"], r["model"]["name"], r["dataset"]["name"],
-                               r["metrics"]["primary"], r)]
+        ours = [
+            reported_value(r)
+            for r in records
+            if paper_match(
+                e, r["method"]["label"], r["model"]["name"], r["dataset"]["name"], r["metrics"]["primary"], r
+            )
+        ]
         ours = [v * SCALE for v in ours if v is not None]
         if not ours:
             lines.append(f"  {e['method']:>12} {e['dataset']:<10} paper {e['value']:.2f} [{e['table']}]: no result yet")
             continue
         mean = sum(ours) / len(ours)
         verdict = "within" if abs(mean - e["value"]) <= tol else "OUTSIDE"
-        lines.append(f"  {e['method']:>12} {e['dataset']:<10} ours {mean:.2f} (n={len(ours)}) "
-                     f"vs paper {e['value']:.2f} [{e['table']}]: Δ {mean - e['value']:+.2f}, {verdict} ±{tol}")
+        lines.append(
+            f"  {e['method']:>12} {e['dataset']:<10} ours {mean:.2f} (n={len(ours)}) "
+            f"vs paper {e['value']:.2f} [{e['table']}]: Δ {mean - e['value']:+.2f}, {verdict} ±{tol}"
+        )
     return lines
 
 
-def run_recipe(name: str, scale: str = "full", data_root: str | None = None, extra: list[str] | tuple[str, ...] = (),
-               results_dir: str = "results/runs", dry_run: bool = False, include_unverified: bool = False,
-               fmt: str = "md") -> int:
+def run_recipe(
+    name: str,
+    scale: str = "full",
+    data_root: str | None = None,
+    extra: list[str] | tuple[str, ...] = (),
+    results_dir: str = "results/runs",
+    dry_run: bool = False,
+    include_unverified: bool = False,
+    fmt: str = "md",
+) -> int:
     from lorabench import cli
     from lorabench.results.table import build_table
 
@@ -196,8 +219,10 @@ def run_recipe(name: str, scale: str = "full", data_root: str | None = None, ext
             print("\n".join(lines))
         unverified = [e for e in recipe["paper_numbers"] if not is_verified(e)]
         if unverified and not include_unverified:
-            print(f"\n{len(unverified)} second-hand (unverified) numbers not shown; --include-unverified shows them "
-                  "marked †.")
+            print(
+                f"\n{len(unverified)} second-hand (unverified) numbers not shown; --include-unverified shows them "
+                "marked †."
+            )
     else:
         print(f"\nscale={scale}: paper numbers are not shown; these runs are not comparable with the paper's.")
     failed = [r for r in cli.SWEEP_SUMMARY if r["status"] not in ("completed", "skipped")]
@@ -208,15 +233,18 @@ def run_recipe(name: str, scale: str = "full", data_root: str | None = None, ext
 
 def reproduce_command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="lorabench reproduce", description="Run a paper recipe's grid and print ours beside theirs.",
+        prog="lorabench reproduce",
+        description="Run a paper recipe's grid and print ours beside theirs.",
         epilog="Arguments KEY=VALUE: scale=full|smoke, data_root=DIR, results_dir=DIR (runs go to DIR/<recipe>); "
-               "any other KEY=VALUE is a Hydra override added to every run (e.g. hardware=gpu).")
+        "any other KEY=VALUE is a Hydra override added to every run (e.g. hardware=gpu).",
+    )
     parser.add_argument("recipe", nargs="?", help="recipe name (recipes/<name>/recipe.yaml) or a recipe.yaml path")
     parser.add_argument("args", nargs="*", help="scale=..., data_root=..., results_dir=..., Hydra overrides")
     parser.add_argument("--list", action="store_true", help="list the recipes and exit")
     parser.add_argument("--dry-run", action="store_true", help="print the grid's commands without running them")
-    parser.add_argument("--include-unverified", action="store_true",
-                        help="also show second-hand (unverified) paper numbers, marked †")
+    parser.add_argument(
+        "--include-unverified", action="store_true", help="also show second-hand (unverified) paper numbers, marked †"
+    )
     parser.add_argument("--format", default="md", choices=("md", "csv", "latex", "html"))
     args = parser.parse_intermixed_args(argv)
     if args.list or not args.recipe:
@@ -231,5 +259,13 @@ def reproduce_command(argv: list[str]) -> int:
             options[key] = value
         else:
             extra.append(item)
-    return run_recipe(args.recipe, options["scale"], options["data_root"], extra, options["results_dir"],
-                      args.dry_run, args.include_unverified, args.format)
+    return run_recipe(
+        args.recipe,
+        options["scale"],
+        options["data_root"],
+        extra,
+        options["results_dir"],
+        args.dry_run,
+        args.include_unverified,
+        args.format,
+    )

@@ -26,19 +26,27 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from lorabench.analysis.intruders import model_intruders, snapshot
+from lorabench.budget import apply_budget, solve_budget
 from lorabench.checkpoint import list_checkpoints, load_checkpoint, restore_rng, save_checkpoint
 from lorabench.config import RunConfig
-from lorabench.data.cache import cached_features
 from lorabench.data.base import collate, count_tokens, resolve_primary
+from lorabench.data.cache import cached_features
 from lorabench.measure import PeakMemory, optimizer_state_bytes, parameter_counts, provenance
 from lorabench.methods.adapters.layer import save_trainable
 from lorabench.methods.base import MethodContext
-from lorabench.budget import apply_budget, solve_budget
 from lorabench.methods.build import apply_method, expected_trainable
 from lorabench.methods.spec import MethodSpec
 from lorabench.models import load_model
 from lorabench.registry import DATASETS
-from lorabench.results.record import RECORD_NAME, SCHEMA_VERSION, config_hash, now, read_record, run_id, write_json_atomic
+from lorabench.results.record import (
+    RECORD_NAME,
+    SCHEMA_VERSION,
+    config_hash,
+    now,
+    read_record,
+    run_id,
+    write_json_atomic,
+)
 
 HEAD_MODULES = ("classifier", "score", "lm_head", "qa_outputs")
 
@@ -92,8 +100,10 @@ def resolve_targets(spec: MethodSpec, default: list[str], model: torch.nn.Module
     suffixes = {n.split(".")[-1] for n in linear_names} | set(linear_names)
     missing = [t for t in targets if t not in suffixes and not any(n.endswith("." + t) for n in linear_names)]
     if missing or not targets:
-        raise ValueError(f"method.target_modules {missing or targets} match no linear layer of the model; "
-                         f"linear layers are named: {', '.join(sorted({n.split('.')[-1] for n in linear_names}))}")
+        raise ValueError(
+            f"method.target_modules {missing or targets} match no linear layer of the model; "
+            f"linear layers are named: {', '.join(sorted({n.split('.')[-1] for n in linear_names}))}"
+        )
     return targets
 
 
@@ -153,19 +163,41 @@ def train(cfg: RunConfig, spec: MethodSpec, command: str = "") -> dict:
     if cfg.hardware.num_threads:
         torch.set_num_threads(cfg.hardware.num_threads)
     task = DATASETS.get(cfg.dataset.name, where="dataset")
-    recorder = Recorder(record_path, {
-        "schema_version": SCHEMA_VERSION, "run_id": rid, "status": "running", "error": None,
-        "started_at": now(), "finished_at": None, "config": cfg_dict, "config_hash": config_hash(cfg_dict),
-        "command": command, "method": spec.describe(), "model": {"name": cfg.model.name, "source": None},
-        "dataset": {"name": cfg.dataset.name, "version": task.version, "source": None},
-        "metrics": {"primary": resolve_primary(task, cfg.dataset), "report": cfg.train.report},
-        "history": [], "train_log": [], "samples": [], "cost": {}, "method_report": {},
-        "hardware": {"device": str(accelerator.device), "device_name": _device_name(accelerator),
-                     "num_processes": accelerator.num_processes, "mixed_precision": cfg.hardware.mixed_precision,
-                     "micro_batch_size": cfg.hardware.micro_batch_size, "gradient_accumulation": accum,
-                     "global_batch_size": cfg.train.global_batch_size, "torch_threads": torch.get_num_threads()},
-        "provenance": provenance(),
-    }, is_main)
+    recorder = Recorder(
+        record_path,
+        {
+            "schema_version": SCHEMA_VERSION,
+            "run_id": rid,
+            "status": "running",
+            "error": None,
+            "started_at": now(),
+            "finished_at": None,
+            "config": cfg_dict,
+            "config_hash": config_hash(cfg_dict),
+            "command": command,
+            "method": spec.describe(),
+            "model": {"name": cfg.model.name, "source": None},
+            "dataset": {"name": cfg.dataset.name, "version": task.version, "source": None},
+            "metrics": {"primary": resolve_primary(task, cfg.dataset), "report": cfg.train.report},
+            "history": [],
+            "train_log": [],
+            "samples": [],
+            "cost": {},
+            "method_report": {},
+            "hardware": {
+                "device": str(accelerator.device),
+                "device_name": _device_name(accelerator),
+                "num_processes": accelerator.num_processes,
+                "mixed_precision": cfg.hardware.mixed_precision,
+                "micro_batch_size": cfg.hardware.micro_batch_size,
+                "gradient_accumulation": accum,
+                "global_batch_size": cfg.train.global_batch_size,
+                "torch_threads": torch.get_num_threads(),
+            },
+            "provenance": provenance(),
+        },
+        is_main,
+    )
     record = recorder.record
     primary = record["metrics"]["primary"]
     higher = task.higher_is_better[primary]
@@ -180,27 +212,44 @@ def train(cfg: RunConfig, spec: MethodSpec, command: str = "") -> dict:
     try:
         set_seed(cfg.seed)
         splits = task.load(cfg.dataset)
-        record["dataset"].update({
-            "source": splits.source, "train_split": splits.train_split, "eval_split": splits.eval_split,
-            "train_size": len(splits.train), "eval_size": len(splits.eval), "protocol": task.protocol(cfg.dataset),
-            "eval_schedule": {"every": cfg.train.eval_every, "at_end": True}, "notes": splits.notes,
-        })
+        record["dataset"].update(
+            {
+                "source": splits.source,
+                "train_split": splits.train_split,
+                "eval_split": splits.eval_split,
+                "train_size": len(splits.train),
+                "eval_size": len(splits.eval),
+                "protocol": task.protocol(cfg.dataset),
+                "eval_schedule": {"every": cfg.train.eval_every, "at_end": True},
+                "notes": splits.notes,
+            }
+        )
         loaded = load_model(cfg.model, task.head, task.num_labels)
         model, tokenizer = loaded.model, loaded.tokenizer
         record["model"]["source"] = loaded.source
         if loaded.source.get("kind") != "hub":
-            print(f"[lorabench] model {cfg.model.name}: loaded from {loaded.source.get('kind')} source "
-                  f"({loaded.source.get('package') or loaded.source.get('path') or loaded.source.get('config')})")
+            print(
+                f"[lorabench] model {cfg.model.name}: loaded from {loaded.source.get('kind')} source "
+                f"({loaded.source.get('package') or loaded.source.get('path') or loaded.source.get('config')})"
+            )
         if splits.source.get("kind") == "generated":
             print(f"[lorabench] WARNING dataset {cfg.dataset.name}: {splits.source['note']}")
         with accelerator.main_process_first():  # rank 0 tokenizes and caches, the others read the cache
             features = cached_features(task, splits.train, tokenizer, cfg.dataset)
         pad_id = tokenizer.pad_token_id
-        loader = DataLoader(features, batch_size=cfg.hardware.micro_batch_size, shuffle=True, drop_last=True,
-                            collate_fn=lambda b: collate(b, pad_id), generator=torch.Generator().manual_seed(cfg.seed))
+        loader = DataLoader(
+            features,
+            batch_size=cfg.hardware.micro_batch_size,
+            shuffle=True,
+            drop_last=True,
+            collate_fn=lambda b: collate(b, pad_id),
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
         if len(loader) == 0:
-            raise ValueError(f"the training split has {len(features)} examples, fewer than one micro-batch "
-                             f"(hardware.micro_batch_size={cfg.hardware.micro_batch_size})")
+            raise ValueError(
+                f"the training split has {len(features)} examples, fewer than one micro-batch "
+                f"(hardware.micro_batch_size={cfg.hardware.micro_batch_size})"
+            )
         if cfg.hardware.gradient_checkpointing:
             model.gradient_checkpointing_enable()
 
@@ -211,19 +260,27 @@ def train(cfg: RunConfig, spec: MethodSpec, command: str = "") -> dict:
         def calibration_batches():
             return itertools.islice(iter(loader), cfg.train.init_batches)
 
-        ctx = MethodContext(targets, task.head, lr, cfg.train.weight_decay, cfg.train.max_steps, cfg.seed,
-                            calibration_batches)
+        ctx = MethodContext(
+            targets, task.head, lr, cfg.train.weight_decay, cfg.train.max_steps, cfg.seed, calibration_batches
+        )
         if cfg.budget.active():
-            solved = solve_budget(model, spec, ctx, trainable_params=cfg.budget.trainable_params,
-                                  optimizer_state_mb=cfg.budget.optimizer_state_mb)
+            solved = solve_budget(
+                model,
+                spec,
+                ctx,
+                trainable_params=cfg.budget.trainable_params,
+                optimizer_state_mb=cfg.budget.optimizer_state_mb,
+            )
             spec = apply_budget(spec, solved)
             record["method"] = spec.describe()
             record["method_report"]["budget"] = solved
             for name in solved["knob"].split("="):  # tables group by the solved value, not the preset's
                 record["config"]["method"][name] = solved["value"]
             if is_main:
-                print(f"[lorabench] budget {solved['budget']:,} {solved['unit']}: {solved['knob']}={solved['value']} "
-                      f"(predicted {solved['predicted']:,}{', capped' if solved['capped'] else ''})")
+                print(
+                    f"[lorabench] budget {solved['budget']:,} {solved['unit']}: {solved['knob']}={solved['value']} "
+                    f"(predicted {solved['predicted']:,}{', capped' if solved['capped'] else ''})"
+                )
         expected = expected_trainable(model, spec, ctx)
         pretrained = snapshot(model, targets) if cfg.analysis.intruders else None
         t0 = time.perf_counter()
@@ -231,12 +288,14 @@ def train(cfg: RunConfig, spec: MethodSpec, command: str = "") -> dict:
         model, optimizer, procedure = built.model, built.optimizer, built.procedure
         timers["init_time_s"] = time.perf_counter() - t0
         warmup = math.ceil(cfg.train.warmup_ratio * cfg.train.max_steps)
-        scheduler = get_scheduler(cfg.train.schedule, optimizer, num_warmup_steps=warmup,
-                                  num_training_steps=max(cfg.train.max_steps, 1))
+        scheduler = get_scheduler(
+            cfg.train.schedule, optimizer, num_warmup_steps=warmup, num_training_steps=max(cfg.train.max_steps, 1)
+        )
         model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
         trainable, total = parameter_counts(model)
-        record["cost"].update({"trainable_params": trainable, "total_params": total,
-                               "expected_trainable_params": expected})
+        record["cost"].update(
+            {"trainable_params": trainable, "total_params": total, "expected_trainable_params": expected}
+        )
         record["method_report"].update({"target_modules": targets, "lr": lr, **ctx.extras})
         if is_main:
             _print_start(cfg, spec, accum, accelerator.num_processes, trainable, total, features, lr, targets)
@@ -258,11 +317,15 @@ def train(cfg: RunConfig, spec: MethodSpec, command: str = "") -> dict:
                 best = {"step": step, **metrics}
             record["metrics"].update({"final": metrics, "best": best})
             if not record["samples"] and isinstance(predictions[0], str):
-                record["samples"] = [{"input": e.get("question", e.get("mr", e.get("texts"))), "prediction": p}
-                                     for e, p in zip(splits.eval[:3], predictions[:3])]
+                record["samples"] = [
+                    {"input": e.get("question", e.get("mr", e.get("texts"))), "prediction": p}
+                    for e, p in zip(splits.eval[:3], predictions[:3])
+                ]
             if is_main:
-                print(f"[lorabench] eval @ step {step}: " + ", ".join(
-                    f"{k}={v:.4f}" if v is not None else f"{k}=missing" for k, v in metrics.items()))
+                print(
+                    f"[lorabench] eval @ step {step}: "
+                    + ", ".join(f"{k}={v:.4f}" if v is not None else f"{k}=missing" for k, v in metrics.items())
+                )
                 if tracker:
                     tracker.log({f"eval/{k}": v for k, v in metrics.items() if v is not None}, step=step)
             recorder.write()
@@ -272,10 +335,21 @@ def train(cfg: RunConfig, spec: MethodSpec, command: str = "") -> dict:
         tokens, consumed, skipped = 0, 0, []
         checkpoints = list_checkpoints(run_dir) if cfg.resume == "auto" else []
         if checkpoints:
-            meta = load_checkpoint(checkpoints[-1], model=model, optimizer=optimizer, scheduler=scheduler,
-                                   procedure=procedure, accelerator=accelerator)
-            step, consumed, tokens, best, skipped = (meta["step"], meta["consumed"], meta["tokens"], meta["best"],
-                                                     meta["skipped"])
+            meta = load_checkpoint(
+                checkpoints[-1],
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                procedure=procedure,
+                accelerator=accelerator,
+            )
+            step, consumed, tokens, best, skipped = (
+                meta["step"],
+                meta["consumed"],
+                meta["tokens"],
+                meta["best"],
+                meta["skipped"],
+            )
             record.update(history=meta["history"], train_log=meta["train_log"], samples=meta["samples"])
             timers["train_time_s"] += meta["train_time_s"]
             record.setdefault("resumed_from", []).append({"step": step, "checkpoint": str(checkpoints[-1])})
@@ -288,19 +362,40 @@ def train(cfg: RunConfig, spec: MethodSpec, command: str = "") -> dict:
             restore_rng(checkpoints[-1], accelerator)
 
         def checkpoint_now():
-            meta = {"consumed": consumed, "tokens": tokens, "best": best, "skipped": skipped,
-                    "history": record["history"], "train_log": record["train_log"], "samples": record["samples"],
-                    "train_time_s": timers["train_time_s"] + (time.perf_counter() - t_train if t_train else 0.0)}
-            save_checkpoint(run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                            procedure=procedure, meta=meta, accelerator=accelerator, keep=cfg.checkpoint.keep)
+            meta = {
+                "consumed": consumed,
+                "tokens": tokens,
+                "best": best,
+                "skipped": skipped,
+                "history": record["history"],
+                "train_log": record["train_log"],
+                "samples": record["samples"],
+                "train_time_s": timers["train_time_s"] + (time.perf_counter() - t_train if t_train else 0.0),
+            }
+            save_checkpoint(
+                run_dir,
+                step,
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                procedure=procedure,
+                meta=meta,
+                accelerator=accelerator,
+                keep=cfg.checkpoint.keep,
+            )
 
         # -- train ----------------------------------------------------------------------------------
         model.train()
         fault_step = _fault_injection_step()
         t_train = time.perf_counter()
         stop.in_loop = True
-        bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not (is_main and cfg.progress), desc=spec.label,
-                   unit="step")
+        bar = tqdm(
+            total=cfg.train.max_steps,
+            initial=step,
+            disable=not (is_main and cfg.progress),
+            desc=spec.label,
+            unit="step",
+        )
         while step < cfg.train.max_steps:
             loss_sum, step_tokens = 0.0, 0
             for micro in range(accum):
@@ -322,9 +417,11 @@ def train(cfg: RunConfig, spec: MethodSpec, command: str = "") -> dict:
                 where = _first_nonfinite_grad(model)
                 event = {"step": step + 1, "loss": loss_value, "first_nonfinite_grad": where}
                 if cfg.train.nonfinite == "stop" or len(skipped) >= cfg.train.max_skipped_steps:
-                    raise FloatingPointError(f"non-finite loss {loss_value} or gradient at step {step + 1} "
-                                             f"(first non-finite gradient: {where}); train.nonfinite="
-                                             f"{cfg.train.nonfinite}, {len(skipped)} steps skipped before")
+                    raise FloatingPointError(
+                        f"non-finite loss {loss_value} or gradient at step {step + 1} "
+                        f"(first non-finite gradient: {where}); train.nonfinite="
+                        f"{cfg.train.nonfinite}, {len(skipped)} steps skipped before"
+                    )
                 skipped.append(event)
                 optimizer.zero_grad(set_to_none=True)
                 print(f"[lorabench] skipped step {step + 1}: non-finite loss/gradient ({where})")
@@ -342,8 +439,11 @@ def train(cfg: RunConfig, spec: MethodSpec, command: str = "") -> dict:
                 recorder.write()
                 if tracker:
                     tracker.log({"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0]}, step=step)
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                            tok_s=f"{tokens / max(elapsed + timers['train_time_s'], 1e-9):.0f}")
+            bar.set_postfix(
+                loss=f"{loss_value:.4f}",
+                lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                tok_s=f"{tokens / max(elapsed + timers['train_time_s'], 1e-9):.0f}",
+            )
             bar.update(1)
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
                 timers["train_time_s"] += time.perf_counter() - t_train
@@ -364,16 +464,24 @@ def train(cfg: RunConfig, spec: MethodSpec, command: str = "") -> dict:
         bar.close()
         timers["train_time_s"] += time.perf_counter() - t_train
         t_train = None
-        record["cost"].update({"optimizer_state_bytes": optimizer_state_bytes(optimizer), "train_tokens": tokens,
-                               "tokens_per_s": tokens / timers["train_time_s"] if step else None})
+        record["cost"].update(
+            {
+                "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+                "train_tokens": tokens,
+                "tokens_per_s": tokens / timers["train_time_s"] if step else None,
+            }
+        )
         record["method_report"]["skipped_nonfinite_steps"] = skipped
         evaluate_now()
         if pretrained is not None and is_main:
-            report = model_intruders(pretrained, accelerator.unwrap_model(model), cfg.analysis.intruder_top_k,
-                                     cfg.analysis.intruder_epsilon)
+            report = model_intruders(
+                pretrained, accelerator.unwrap_model(model), cfg.analysis.intruder_top_k, cfg.analysis.intruder_epsilon
+            )
             record["analysis"] = report.as_dict()
             pretrained = None
-        record["cost"]["adapter_file_bytes"] = _save_trainable(model, accelerator, record_path.parent, "adapter" in spec.components)
+        record["cost"]["adapter_file_bytes"] = _save_trainable(
+            model, accelerator, record_path.parent, "adapter" in spec.components
+        )
         if procedure:
             record["method_report"].update(procedure.state())
         record["status"] = "completed"
@@ -383,27 +491,34 @@ def train(cfg: RunConfig, spec: MethodSpec, command: str = "") -> dict:
         raise
     except BaseException as exc:
         record["status"] = "failed"
-        record["error"] = {"type": type(exc).__name__, "message": str(exc), "step": step,
-                           "traceback": traceback.format_exc(limit=8)}
+        record["error"] = {
+            "type": type(exc).__name__,
+            "message": str(exc),
+            "step": step,
+            "traceback": traceback.format_exc(limit=8),
+        }
         if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
-            record["error"]["hint"] = ("out of memory: lower hardware.micro_batch_size (the global batch is kept "
-                                       "by gradient accumulation) or set hardware.gradient_checkpointing=true")
+            record["error"]["hint"] = (
+                "out of memory: lower hardware.micro_batch_size (the global batch is kept "
+                "by gradient accumulation) or set hardware.gradient_checkpointing=true"
+            )
         raise
     finally:
         memory.__exit__(None, None, None)
         if t_train is not None:  # interrupted while training
             timers["train_time_s"] += time.perf_counter() - t_train
         stop.__exit__(None, None, None)
-        record["cost"].update({"wall_time_s": time.perf_counter() - t_start, **timers,
-                               "peak_memory": memory.report()})
+        record["cost"].update({"wall_time_s": time.perf_counter() - t_start, **timers, "peak_memory": memory.report()})
         record["finished_at"] = now()
         recorder.write()
         if tracker:
             tracker.finish(exit_code=0 if record["status"] == "completed" else 1)
     if is_main:
         final = record["metrics"]["final"][primary]
-        print(f"[lorabench] {rid}: {primary}={final:.4f} ({cfg.dataset.name}, {record['dataset']['source']['kind']} "
-              f"source) in {record['cost']['wall_time_s']:.1f}s; record: {record_path}")
+        print(
+            f"[lorabench] {rid}: {primary}={final:.4f} ({cfg.dataset.name}, {record['dataset']['source']['kind']} "
+            f"source) in {record['cost']['wall_time_s']:.1f}s; record: {record_path}"
+        )
     return record
 
 
@@ -461,5 +576,11 @@ def _start_tracker(cfg: RunConfig, rid: str, cfg_dict: dict, run_dir: Path):
     import wandb
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    return wandb.init(project=os.environ.get("WANDB_PROJECT", "lorabench"), name=rid, id=rid, config=cfg_dict,
-                      dir=str(run_dir), resume="allow")
+    return wandb.init(
+        project=os.environ.get("WANDB_PROJECT", "lorabench"),
+        name=rid,
+        id=rid,
+        config=cfg_dict,
+        dir=str(run_dir),
+        resume="allow",
+    )

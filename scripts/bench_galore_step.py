@@ -52,18 +52,24 @@ def main() -> None:
     base = load_model(MODELS[args.model], "causal_lm").model
     torch.manual_seed(0)
     grads = [{n: torch.randn_like(p) * 1e-3 for n, p in base.named_parameters()} for _ in range(args.steps)]
-    print(f"{args.model}: {len(target_linear_weights(base, TARGETS))} projected matrices, rank {args.rank}, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"{args.model}: {len(target_linear_weights(base, TARGETS))} projected matrices, rank {args.rank}, "
+        f"{torch.get_num_threads()} threads"
+    )
     results = {}
     for name in ("galore_torch", "galore", "galore_torch", "galore"):  # interleaved, second round reported
         model = load_model(MODELS[args.model], "causal_lm").model
         results[name] = time_steps(name, model, grads, args.rank)
     for name, (refresh, steps) in results.items():
-        print(f"{name:>13}: refresh step {refresh * 1e3:8.1f} ms; median ordinary step "
-              f"{statistics.median(steps) * 1e3:8.1f} ms over {len(steps)}")
+        print(
+            f"{name:>13}: refresh step {refresh * 1e3:8.1f} ms; median ordinary step "
+            f"{statistics.median(steps) * 1e3:8.1f} ms over {len(steps)}"
+        )
     ours, ref = results["galore"], results["galore_torch"]
-    print(f"ratio ours/galore-torch: refresh {ours[0] / ref[0]:.2f}, ordinary "
-          f"{statistics.median(ours[1]) / statistics.median(ref[1]):.2f}")
+    print(
+        f"ratio ours/galore-torch: refresh {ours[0] / ref[0]:.2f}, ordinary "
+        f"{statistics.median(ours[1]) / statistics.median(ref[1]):.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -24,16 +24,41 @@ from lorabench.config_store import compose
 from lorabench.methods.catalog import load_presets
 
 ROOT = Path(__file__).resolve().parent.parent
-PROTOCOL = ["model=minilm_l6", "dataset=sst2", "dataset.train_size=4000", "dataset.max_length=128",
-            "train=default", "train.max_steps=250", "train.global_batch_size=16", "train.eval_every=0",
-            "train.warmup_ratio=0.06", "hardware=cpu", "hardware.micro_batch_size=16", "progress=false"]
+PROTOCOL = [
+    "model=minilm_l6",
+    "dataset=sst2",
+    "dataset.train_size=4000",
+    "dataset.max_length=128",
+    "train=default",
+    "train.max_steps=250",
+    "train.global_batch_size=16",
+    "train.eval_every=0",
+    "train.warmup_ratio=0.06",
+    "hardware=cpu",
+    "hardware.micro_batch_size=16",
+    "progress=false",
+]
 # learning rate per method; methods not listed use DEFAULT_LR (LoRA-family adapters)
 DEFAULT_LR = 5e-4
 LR = {
-    "full": 5e-5, "lisa": 5e-5, "badam": 5e-5,  # full-weight AdamW
-    "galore": 1e-4, "galore_torch": 1e-4, "fira": 1e-4, "frugal": 1e-4, "q_galore": 1e-4, "dct_adamw": 1e-4,
-    "vera": 5e-3, "nola": 5e-3, "lora_xs": 5e-3, "lora_sb": 5e-3, "inttune": 5e-3, "svfit": 5e-3, "loldu": 5e-3,
-    "flora": 5e-3, "salt": 1e-3,  # few trainable parameters: the papers use larger learning rates
+    "full": 5e-5,
+    "lisa": 5e-5,
+    "badam": 5e-5,  # full-weight AdamW
+    "galore": 1e-4,
+    "galore_torch": 1e-4,
+    "fira": 1e-4,
+    "frugal": 1e-4,
+    "q_galore": 1e-4,
+    "dct_adamw": 1e-4,
+    "vera": 5e-3,
+    "nola": 5e-3,
+    "lora_xs": 5e-3,
+    "lora_sb": 5e-3,
+    "inttune": 5e-3,
+    "svfit": 5e-3,
+    "loldu": 5e-3,
+    "flora": 5e-3,
+    "salt": 1e-3,  # few trainable parameters: the papers use larger learning rates
 }
 
 
@@ -52,14 +77,22 @@ def main() -> int:
     failures, start = [], time.perf_counter()
     for seed in args.seeds:
         for method in methods:
-            overrides = [f"method={method}", *PROTOCOL, *data, f"train.lr={LR.get(method, DEFAULT_LR)}",
-                         f"seed={seed}", f"results_dir={args.results_dir}"]
+            overrides = [
+                f"method={method}",
+                *PROTOCOL,
+                *data,
+                f"train.lr={LR.get(method, DEFAULT_LR)}",
+                f"seed={seed}",
+                f"results_dir={args.results_dir}",
+            ]
             command = "python scripts/leaderboard.py " + " ".join(overrides)
             code = run_one(compose(overrides), command, multirun=True)
             if code:
                 failures.append(f"{method} seed {seed} (exit {code})")
-    print(f"[leaderboard] {len(methods) * len(args.seeds)} runs in {time.perf_counter() - start:.0f}s; "
-          f"failures: {failures or 'none'}")
+    print(
+        f"[leaderboard] {len(methods) * len(args.seeds)} runs in {time.perf_counter() - start:.0f}s; "
+        f"failures: {failures or 'none'}"
+    )
     return 1 if failures else 0
 
 

@@ -43,8 +43,10 @@ def write_gsm8k(folder: Path, n_train: int = 24, n_test: int = 6, seed: int = 0)
         with (folder / name).open("w", encoding="utf-8") as fh:
             for _ in range(n):
                 a, b = rng.randint(1, 20), rng.randint(1, 20)
-                row = {"question": f"Tom has {a} apples and gets {b} more. How many?",
-                       "answer": f"{a}+{b}={a + b}\n#### {a + b}"}
+                row = {
+                    "question": f"Tom has {a} apples and gets {b} more. How many?",
+                    "answer": f"{a}+{b}={a + b}\n#### {a + b}",
+                }
                 fh.write(json.dumps(row) + "\n")
     return folder
 
@@ -64,8 +66,21 @@ def tiny_overrides(kind: str, data_dir: Path, results_dir: Path, *extra: str) ->
     if kind == "classification":
         base = ["model=tiny_bert", "dataset=sst2", "dataset.max_length=32"]
     else:
-        base = ["model=tiny_llama", "dataset=gsm8k", "dataset.max_length=64", "dataset.max_new_tokens=8",
-                "dataset.prompt_template=plain"]
-    return [*base, f"dataset.data_dir={data_dir}", "train=quickstart", "train.max_steps=2",
-            "train.global_batch_size=4", "hardware.micro_batch_size=2", f"results_dir={results_dir}",
-            "progress=false", *extra]
+        base = [
+            "model=tiny_llama",
+            "dataset=gsm8k",
+            "dataset.max_length=64",
+            "dataset.max_new_tokens=8",
+            "dataset.prompt_template=plain",
+        ]
+    return [
+        *base,
+        f"dataset.data_dir={data_dir}",
+        "train=quickstart",
+        "train.max_steps=2",
+        "train.global_batch_size=4",
+        "hardware.micro_batch_size=2",
+        f"results_dir={results_dir}",
+        "progress=false",
+        *extra,
+    ]

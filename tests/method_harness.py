@@ -41,14 +41,25 @@ def build(method: str, data_dir: Path, tmp: Path, *extra: str, kind: str = "clas
     loaded = load_model(cfg.model, task.head, task.num_labels)
     feats = [task.features(e, loaded.tokenizer, cfg.dataset) for e in splits.train]
     pad = loaded.tokenizer.pad_token_id
-    loader = DataLoader(feats, batch_size=cfg.hardware.micro_batch_size, shuffle=False, collate_fn=lambda b: collate(b, pad))
+    loader = DataLoader(
+        feats, batch_size=cfg.hardware.micro_batch_size, shuffle=False, collate_fn=lambda b: collate(b, pad)
+    )
     targets = resolve_targets(spec, cfg.model.target_modules, loaded.model)
-    ctx = MethodContext(targets, task.head, spec.lr or cfg.train.lr, cfg.train.weight_decay, cfg.train.max_steps,
-                        cfg.seed, lambda: itertools.islice(iter(loader), 2))
+    ctx = MethodContext(
+        targets,
+        task.head,
+        spec.lr or cfg.train.lr,
+        cfg.train.weight_decay,
+        cfg.train.max_steps,
+        cfg.seed,
+        lambda: itertools.islice(iter(loader), 2),
+    )
     return cfg, spec, loaded, loader, ctx
 
 
-def one_step(method: str, data_dir: Path, tmp: Path, *extra: str, kind: str = "classification", steps: int = 1) -> StepResult:
+def one_step(
+    method: str, data_dir: Path, tmp: Path, *extra: str, kind: str = "classification", steps: int = 1
+) -> StepResult:
     cfg, spec, loaded, loader, ctx = build(method, data_dir, tmp, *extra, kind=kind)
     base = loaded.model
     base_names = {n: n for n, _ in base.named_parameters()}

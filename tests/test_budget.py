@@ -50,6 +50,7 @@ def test_budget_solves_and_matches_measurement(preset, sst2_dir, tmp_path):
             with pytest.raises(ConfigError, match="not supported"):
                 solve_budget(loaded.model, spec, ctx, optimizer_state_mb=1.0)
             return
+
         def state(v):
             return optimizer_state_bytes(loaded.model, with_value(spec, axis, fields, v), ctx)
 

@@ -20,23 +20,54 @@ from lorabench.results.report import build_report
 from lorabench.results.table import build_table
 
 
-def rec(root: Path, label: str, seed: int, acc: float, *, rank=8, mem_mb=100.0, params=1000, model="tiny",
-        dataset="sst2", intruders=None, rank_curve=None) -> dict:
+def rec(
+    root: Path,
+    label: str,
+    seed: int,
+    acc: float,
+    *,
+    rank=8,
+    mem_mb=100.0,
+    params=1000,
+    model="tiny",
+    dataset="sst2",
+    intruders=None,
+    rank_curve=None,
+) -> dict:
     rid = f"{label}-{dataset}-{model}-s{seed}-r{rank}"
     record = {
-        "schema_version": SCHEMA_VERSION, "run_id": rid, "status": "completed", "error": None,
-        "config": {"seed": seed, "method": {"label": label, "rank": rank}, "dataset": {"name": dataset},
-                   "model": {"name": model}},
-        "config_hash": rid, "method": {"label": label}, "model": {"name": model},
+        "schema_version": SCHEMA_VERSION,
+        "run_id": rid,
+        "status": "completed",
+        "error": None,
+        "config": {
+            "seed": seed,
+            "method": {"label": label, "rank": rank},
+            "dataset": {"name": dataset},
+            "model": {"name": model},
+        },
+        "config_hash": rid,
+        "method": {"label": label},
+        "model": {"name": model},
         "dataset": {"name": dataset, "version": "1", "source": {"kind": "local", "path": "/d"}},
-        "metrics": {"primary": "accuracy", "higher_is_better": True, "report": "last",
-                    "final": {"accuracy": acc}, "best": {"accuracy": acc, "step": 4}},
+        "metrics": {
+            "primary": "accuracy",
+            "higher_is_better": True,
+            "report": "last",
+            "final": {"accuracy": acc},
+            "best": {"accuracy": acc, "step": 4},
+        },
         "history": [{"step": 2, "metrics": {"accuracy": acc / 2}}, {"step": 4, "metrics": {"accuracy": acc}}],
         "train_log": [{"step": s, "loss": 1.0 / s, "lr": 1e-4} for s in (1, 2, 3, 4)],
-        "cost": {"trainable_params": params, "optimizer_state_bytes": 2 * params * 4, "tokens_per_s": 500.0 + seed,
-                 "peak_memory": {"cpu_peak_rss_bytes": int(mem_mb * 2**20)}},
+        "cost": {
+            "trainable_params": params,
+            "optimizer_state_bytes": 2 * params * 4,
+            "tokens_per_s": 500.0 + seed,
+            "peak_memory": {"cpu_peak_rss_bytes": int(mem_mb * 2**20)},
+        },
         "method_report": {"rank_curve": rank_curve} if rank_curve else {},
-        "hardware": {}, "provenance": {},
+        "hardware": {},
+        "provenance": {},
     }
     if intruders is not None:
         record["analysis"] = {"intruders_total": intruders}
@@ -95,8 +126,18 @@ def test_intruders_column_when_records_have_it(results):
 
 
 def test_vs_paper_shows_verified_numbers_only(results):
-    paper = [{"method": "lora", "model": "tiny", "dataset": "sst2", "match": {"method.rank": 4}, "value": 79.0,
-              "table": "T1", "status": "verified-paper", "source": "pdf"}]
+    paper = [
+        {
+            "method": "lora",
+            "model": "tiny",
+            "dataset": "sst2",
+            "match": {"method.rank": 4},
+            "value": 79.0,
+            "table": "T1",
+            "status": "verified-paper",
+            "source": "pdf",
+        }
+    ]
     text = build_table(results, group_by=["method.rank"], paper=paper)[0]
     assert "sst2 paper" in text.splitlines()[0] and "sst2 Δ" in text.splitlines()[0]
     lora4 = next(r for r in rows_of(text) if r.startswith("| lora") and "| 4 |" in r)
@@ -107,8 +148,19 @@ def test_vs_paper_shows_verified_numbers_only(results):
 
 def test_table_cli_group_by_and_vs_paper(results, capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["table", "--results-dir", str(results), "--group-by", "method.rank", "--format", "html",
-              "--vs-paper", "peft_metamathqa_llama3"])
+        main(
+            [
+                "table",
+                "--results-dir",
+                str(results),
+                "--group-by",
+                "method.rank",
+                "--format",
+                "html",
+                "--vs-paper",
+                "peft_metamathqa_llama3",
+            ]
+        )
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "<th>method.rank</th>" in out and "paper" not in out.split("</thead>")[0]
@@ -201,9 +253,19 @@ def test_report_renders_in_headless_chromium(results, tmp_path):
     text, _ = build_report(results)
     page = tmp_path / "page.html"  # a copy with a probe script; the report itself has no script
     page.write_text(text.replace("</body>", PROBE), encoding="utf-8")
-    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,1000"]
+    flags = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1400,1000",
+    ]
     dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
     found = re.search(r'<pre id="probe-out">(\{.*?\})</pre>', dom)
     assert found, dom[-2000:]

@@ -14,8 +14,9 @@ from lorabench.errors import ConfigError
 from tests.conftest import CONF_DIR, compose
 
 # sweep presets are appended with +sweep=... (tests/test_sweeps.py); every other group is selected
-GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in CONF_DIR.iterdir()
-          if g.is_dir() and g.name != "sweep"}
+GROUPS = {
+    g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in CONF_DIR.iterdir() if g.is_dir() and g.name != "sweep"
+}
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
@@ -97,6 +98,7 @@ def test_help_lists_groups():
 
 
 def test_gradient_accumulation_is_derived():
-    cfg, _ = build_run(compose(["train.global_batch_size=32", "hardware.micro_batch_size=4", "model=tiny_bert",
-                                "dataset=sst2"]))
+    cfg, _ = build_run(
+        compose(["train.global_batch_size=32", "hardware.micro_batch_size=4", "model=tiny_bert", "dataset=sst2"])
+    )
     assert cfg.gradient_accumulation() == 8

@@ -27,38 +27,107 @@ def _tsv(path: Path, header: list[str] | None, rows: list[list[str]]) -> None:
 
 
 def _mnli_row(i: int, label: str) -> list[str]:
-    return [str(i), f"{i}1", f"{i}1e", "fiction", "( p )", "( h )", "(ROOT p)", "(ROOT h)",
-            f"premise {i} .", f"hypothesis {i} ?", label, label]
+    return [
+        str(i),
+        f"{i}1",
+        f"{i}1e",
+        "fiction",
+        "( p )",
+        "( h )",
+        "(ROOT p)",
+        "(ROOT h)",
+        f"premise {i} .",
+        f"hypothesis {i} ?",
+        label,
+        label,
+    ]
 
 
-MNLI_HEADER = ["index", "promptID", "pairID", "genre", "sentence1_binary_parse", "sentence2_binary_parse",
-               "sentence1_parse", "sentence2_parse", "sentence1", "sentence2", "label1", "gold_label"]
+MNLI_HEADER = [
+    "index",
+    "promptID",
+    "pairID",
+    "genre",
+    "sentence1_binary_parse",
+    "sentence2_binary_parse",
+    "sentence1_parse",
+    "sentence2_parse",
+    "sentence1",
+    "sentence2",
+    "label1",
+    "gold_label",
+]
 
 # task -> (file -> rows writer), expected labels of the train file, the raw label strings written
 GLUE_FIXTURES = {
     "cola": (None, lambda i, l: ["gj04", l, "" if l == "1" else "*", f"the cat sat {i} ."], ["0", "1", "1"]),
     "sst2": (["sentence", "label"], lambda i, l: [f"a fine film {i} .", l], ["1", "0", "1"]),
-    "mrpc": (["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"],
-             lambda i, l: [l, str(1000 + i), str(2000 + i), f'He said "yes" {i} .', f"He agreed {i} ."], ["1", "0", "0"]),
-    "stsb": (["index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2",
-              "score"], lambda i, l: [str(i), "main-captions", "MSRvid", "2012test", str(i), "none", "none",
-                                      f"A man plays {i} .", f"A man is playing {i} .", l], ["5.000", "0.750", "3.2"]),
-    "qqp": (["id", "qid1", "qid2", "question1", "question2", "is_duplicate"],
-            lambda i, l: [str(i), str(2 * i), str(2 * i + 1), f"How do I {i}?", f"What is {i}?", l], ["0", "1", "0"]),
+    "mrpc": (
+        ["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"],
+        lambda i, l: [l, str(1000 + i), str(2000 + i), f'He said "yes" {i} .', f"He agreed {i} ."],
+        ["1", "0", "0"],
+    ),
+    "stsb": (
+        ["index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2", "score"],
+        lambda i, l: [
+            str(i),
+            "main-captions",
+            "MSRvid",
+            "2012test",
+            str(i),
+            "none",
+            "none",
+            f"A man plays {i} .",
+            f"A man is playing {i} .",
+            l,
+        ],
+        ["5.000", "0.750", "3.2"],
+    ),
+    "qqp": (
+        ["id", "qid1", "qid2", "question1", "question2", "is_duplicate"],
+        lambda i, l: [str(i), str(2 * i), str(2 * i + 1), f"How do I {i}?", f"What is {i}?", l],
+        ["0", "1", "0"],
+    ),
     "mnli": (MNLI_HEADER, _mnli_row, ["neutral", "contradiction", "entailment"]),
-    "qnli": (["index", "question", "sentence", "label"],
-             lambda i, l: [str(i), f"What is {i}?", f"It is {i} .", l], ["not_entailment", "entailment", "entailment"]),
-    "rte": (["index", "sentence1", "sentence2", "label"],
-            lambda i, l: [str(i), f"A {i} happened .", f"B {i} .", l], ["entailment", "not_entailment", "entailment"]),
-    "wnli": (["index", "sentence1", "sentence2", "label"],
-             lambda i, l: [str(i), f"The trophy {i} .", f"It {i} .", l], ["1", "0", "0"]),
+    "qnli": (
+        ["index", "question", "sentence", "label"],
+        lambda i, l: [str(i), f"What is {i}?", f"It is {i} .", l],
+        ["not_entailment", "entailment", "entailment"],
+    ),
+    "rte": (
+        ["index", "sentence1", "sentence2", "label"],
+        lambda i, l: [str(i), f"A {i} happened .", f"B {i} .", l],
+        ["entailment", "not_entailment", "entailment"],
+    ),
+    "wnli": (
+        ["index", "sentence1", "sentence2", "label"],
+        lambda i, l: [str(i), f"The trophy {i} .", f"It {i} .", l],
+        ["1", "0", "0"],
+    ),
 }
-FOLDERS = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "stsb": "STS-B", "qqp": "QQP", "mnli": "MNLI",
-           "qnli": "QNLI", "rte": "RTE", "wnli": "WNLI"}
+FOLDERS = {
+    "cola": "CoLA",
+    "sst2": "SST-2",
+    "mrpc": "MRPC",
+    "stsb": "STS-B",
+    "qqp": "QQP",
+    "mnli": "MNLI",
+    "qnli": "QNLI",
+    "rte": "RTE",
+    "wnli": "WNLI",
+}
 # The hub's (nyu-mll/glue) ClassLabel names in id order.
-HUB_NAMES = {"cola": ["unacceptable", "acceptable"], "sst2": ["negative", "positive"],
-             "mrpc": ["not_equivalent", "equivalent"], "qqp": ["not_duplicate", "duplicate"], "mnli": NLI3,
-             "mnli_mm": NLI3, "qnli": NLI2, "rte": NLI2, "wnli": ["not_entailment", "entailment"]}
+HUB_NAMES = {
+    "cola": ["unacceptable", "acceptable"],
+    "sst2": ["negative", "positive"],
+    "mrpc": ["not_equivalent", "equivalent"],
+    "qqp": ["not_duplicate", "duplicate"],
+    "mnli": NLI3,
+    "mnli_mm": NLI3,
+    "qnli": NLI2,
+    "rte": NLI2,
+    "wnli": ["not_entailment", "entailment"],
+}
 
 
 def write_glue(root: Path, task: str) -> Path:
@@ -203,8 +272,10 @@ def test_e2e_score_perfect_predictions(monkeypatch):
     from lorabench.evaluation import data_to_text
 
     monkeypatch.setattr(data_to_text, "find_java", lambda: None)  # METEOR unavailable (and no 10 s JVM)
-    examples = [{"mr": mr, "references": [f"Place {i} is a riverside pub rated {i} out of 5 .", f"A pub {i} ."]}
-                for i, mr in enumerate(E2E_MRS[:4])]
+    examples = [
+        {"mr": mr, "references": [f"Place {i} is a riverside pub rated {i} out of 5 .", f"A pub {i} ."]}
+        for i, mr in enumerate(E2E_MRS[:4])
+    ]
     scores = DATASETS.get("e2e").score([e["references"][0] for e in examples], examples)
     assert scores["bleu"] == pytest.approx(1.0)
     assert scores["meteor"] is None and "java" in scores["missing"]["meteor"]
@@ -223,8 +294,15 @@ def tokenizer():
 
 def write_metamathqa(folder: Path, n: int = 6, jsonl: bool = False) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    rows = [{"query": f"What is {i} plus {i}?", "response": f"{i} + {i} = {2 * i}.\nThe answer is: {2 * i}",
-             "type": "GSM_Rephrased" if i % 2 else "MATH_AnsAug", "original_question": f"{i}+{i}?"} for i in range(n)]
+    rows = [
+        {
+            "query": f"What is {i} plus {i}?",
+            "response": f"{i} + {i} = {2 * i}.\nThe answer is: {2 * i}",
+            "type": "GSM_Rephrased" if i % 2 else "MATH_AnsAug",
+            "original_question": f"{i}+{i}?",
+        }
+        for i in range(n)
+    ]
     if jsonl:
         (folder / "metamath.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     else:
@@ -246,8 +324,9 @@ def _assert_loss_on_target_only(feats, prompt, target, tokenizer):
 @pytest.mark.parametrize("template", ["plain", "alpaca", "qa"])
 def test_metamathqa_loss_only_on_response(tmp_path, tokenizer, template):
     task = DATASETS.get("metamathqa")
-    cfg = DatasetConfig(name="metamathqa", data_dir=str(write_metamathqa(tmp_path)), prompt_template=template,
-                        max_length=512)
+    cfg = DatasetConfig(
+        name="metamathqa", data_dir=str(write_metamathqa(tmp_path)), prompt_template=template, max_length=512
+    )
     example = task.load(cfg).train[3]
     prompt = metamathqa.math_prompt(example["query"], tokenizer, template)
     assert example["query"] in prompt
@@ -345,8 +424,12 @@ def test_feature_cache_hits_and_keys(tmp_path, monkeypatch, tokenizer):
     assert cache.cached_features(task, examples, tokenizer, cfg) == first  # a corrupt file is rebuilt
     assert cache.cache_key(task, examples, tokenizer, DatasetConfig(name="metamathqa", max_length=65)) != key
     assert cache.cache_key(task, examples[:-1], tokenizer, cfg) != key
-    assert cache.cache_key(task, examples, tokenizer, DatasetConfig(name="metamathqa", max_length=64,
-                                                                    prompt_template="qa")) != key
+    assert (
+        cache.cache_key(
+            task, examples, tokenizer, DatasetConfig(name="metamathqa", max_length=64, prompt_template="qa")
+        )
+        != key
+    )
     # classification features (int and float labels) round-trip too
     rows = [{"texts": ["a b"], "label": 1.5}, {"texts": ["c"], "label": 0.25}]
 

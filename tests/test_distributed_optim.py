@@ -18,10 +18,22 @@ GAP = {"frugal": "method.update_gap=2"}  # refresh the subspace within the run
 
 
 def overrides(method: str, data: Path, root: Path, micro: int, *extra: str) -> list[str]:
-    base = [a for a in tiny_overrides("classification", data, root)
-            if not a.startswith(("train.max_steps", "train.global_batch_size", "hardware.micro_batch_size"))]
-    return [f"method={method}", *base, "train.max_steps=3", "train.global_batch_size=4", "train.log_every=1",
-            f"hardware.micro_batch_size={micro}", "model.dropout=0.0", GAP.get(method, "method.update_proj_gap=2"), *extra]
+    base = [
+        a
+        for a in tiny_overrides("classification", data, root)
+        if not a.startswith(("train.max_steps", "train.global_batch_size", "hardware.micro_batch_size"))
+    ]
+    return [
+        f"method={method}",
+        *base,
+        "train.max_steps=3",
+        "train.global_batch_size=4",
+        "train.log_every=1",
+        f"hardware.micro_batch_size={micro}",
+        "model.dropout=0.0",
+        GAP.get(method, "method.update_proj_gap=2"),
+        *extra,
+    ]
 
 
 def run(args: list[str]) -> dict:
@@ -48,8 +60,9 @@ def test_accumulation_matches_one_big_batch(method, sst2_dir, tmp_path):
 def test_two_processes_match_one(sst2_dir, tmp_path):
     one = run(overrides("galore", sst2_dir, tmp_path / "one", 4))
     args = overrides("galore", sst2_dir, tmp_path / "two", 2, "hardware=cpu_ddp2")
-    proc = subprocess.run([sys.executable, "-m", "lorabench.cli", "train", *args], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lorabench.cli", "train", *args], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     two = json.loads(next((tmp_path / "two").rglob("record.json")).read_text())
     assert two["hardware"]["num_processes"] == 2 and two["hardware"]["gradient_accumulation"] == 1

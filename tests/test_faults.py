@@ -87,8 +87,12 @@ def test_out_of_memory_is_recorded_with_hint(sst2_dir, tmp_path, monkeypatch):
 
 
 def test_failing_run_does_not_stop_the_sweep(sst2_dir, tmp_path, capsys):
-    code = train("-m", "method=lora", "dataset.data_dir=/nonexistent," + str(sst2_dir),
-                 *[a for a in tiny_overrides("classification", sst2_dir, tmp_path) if not a.startswith("dataset.data_dir")])
+    code = train(
+        "-m",
+        "method=lora",
+        "dataset.data_dir=/nonexistent," + str(sst2_dir),
+        *[a for a in tiny_overrides("classification", sst2_dir, tmp_path) if not a.startswith("dataset.data_dir")],
+    )
     assert code != 0
     statuses = sorted(r["status"] for r in records(tmp_path))
     assert statuses == ["completed", "failed"]
@@ -98,9 +102,23 @@ def test_failing_run_does_not_stop_the_sweep(sst2_dir, tmp_path, capsys):
 
 def test_concurrent_runs_lose_nothing(sst2_dir, tmp_path):
     n = 3
-    cmd = [sys.executable, "-m", "lorabench.cli", "train", "method=lora", *tiny_overrides("classification", sst2_dir, tmp_path)]
-    procs = [subprocess.Popen([*cmd, f"seed={seed}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}) for seed in range(n)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lorabench.cli",
+        "train",
+        "method=lora",
+        *tiny_overrides("classification", sst2_dir, tmp_path),
+    ]
+    procs = [
+        subprocess.Popen(
+            [*cmd, f"seed={seed}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+        )
+        for seed in range(n)
+    ]
     outputs = [p.communicate(timeout=300)[0].decode() for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
     recs = records(tmp_path)
@@ -143,13 +161,16 @@ def test_max_length_shorter_than_prompt(gsm8k_dir, tmp_path, capsys):
     assert "dataset.max_length=4 is shorter than a prompt" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["method=lora_pro", "method.adapter=none"], "needs method.adapter in ['lora']"),
-    (["method=qlora"], "needs CUDA"),
-    (["resume=sometimes"], "sometimes"),
-    (["checkpoint.every=-1"], "checkpoint.every=-1"),
-    (["train.nonfinite=ignore"], "ignore"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["method=lora_pro", "method.adapter=none"], "needs method.adapter in ['lora']"),
+        (["method=qlora"], "needs CUDA"),
+        (["resume=sometimes"], "sometimes"),
+        (["checkpoint.every=-1"], "checkpoint.every=-1"),
+        (["train.nonfinite=ignore"], "ignore"),
+    ],
+)
 def test_incompatible_and_out_of_range(args, needle, sst2_dir, tmp_path, capsys):
     code = train(*args, *tiny_overrides("classification", sst2_dir, tmp_path))
     assert code == 2

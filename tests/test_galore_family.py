@@ -28,8 +28,14 @@ def stack(seed: int = 0) -> nn.Sequential:
 
 
 def ctx(**kw) -> MethodContext:
-    base = {"target_modules": ["0", "2", "4"], "head": "classification", "lr": LR, "weight_decay": WD,
-            "max_steps": 10, "seed": 0}
+    base = {
+        "target_modules": ["0", "2", "4"],
+        "head": "classification",
+        "lr": LR,
+        "weight_decay": WD,
+        "max_steps": 10,
+        "seed": 0,
+    }
     return MethodContext(**{**base, **kw})
 
 
@@ -79,9 +85,10 @@ def test_fira_matches_fira_package(scale, form):
     opt = build("fira", ours, rank=4, update_proj_gap=3, scale=scale, fira_residual=form)
     proj = [ref[0].weight, ref[2].weight, ref[4].weight]
     rest = [p for p in ref.parameters() if all(p is not q for q in proj)]
-    groups = [{"params": rest, "weight_decay": 0.0},
-              {"params": proj, "rank": 4, "update_proj_gap": 3, "alpha": scale, "proj_type": "std",
-               "weight_decay": WD}]
+    groups = [
+        {"params": rest, "weight_decay": 0.0},
+        {"params": proj, "rank": 4, "update_proj_gap": 3, "alpha": scale, "proj_type": "std", "weight_decay": WD},
+    ]
     ref_opt = fira.FiraAdamW(groups, lr=LR, no_deprecation_warning=True)
     run_same_grads([(ours, opt), (ref, ref_opt)], steps=7)
     assert_same_weights(ours, ref)
@@ -189,8 +196,19 @@ def test_int4_round_trip():
 
 def lazy_refreshes(grads, threshold: float) -> int:
     w = nn.Parameter(torch.zeros(16, 32))
-    opt = gf.GaLoreFamily([{"params": [w], "projector": "svd", "rank": 2, "update_proj_gap": 1, "bits": 4,
-                            "lazy": {"cos_threshold": threshold, "patience": 2, "gap_growth": 2}}], lr=1e-3)
+    opt = gf.GaLoreFamily(
+        [
+            {
+                "params": [w],
+                "projector": "svd",
+                "rank": 2,
+                "update_proj_gap": 1,
+                "bits": 4,
+                "lazy": {"cos_threshold": threshold, "patience": 2, "gap_growth": 2},
+            }
+        ],
+        lr=1e-3,
+    )
     for g in grads:
         w.grad = g
         opt.step()
@@ -257,8 +275,14 @@ def test_fira_update_by_hand(shape):
 def test_frugal_update_by_hand(rule):
     model, w = one_matrix((8, 32))
     w0 = w.detach().clone()
-    opt = build("frugal", model, ctx(target_modules=["0"], weight_decay=0.0), density=0.25,
-                inactive_update_rule=rule, inactive_lr_scale=0.1)
+    opt = build(
+        "frugal",
+        model,
+        ctx(target_modules=["0"], weight_decay=0.0),
+        density=0.25,
+        inactive_update_rule=rule,
+        inactive_lr_scale=0.1,
+    )
     g = torch.randn(8, 32, generator=torch.Generator().manual_seed(2))
     w.grad = g.clone()
     opt.step()

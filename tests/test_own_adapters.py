@@ -73,8 +73,11 @@ def expected_count(method, base, spec, ctx) -> int:
 
 
 def own_names(model) -> set[str]:
-    return {n.rsplit(".", 1)[-1] for n, p in model.named_parameters()
-            if p.requires_grad and not n.startswith(("classifier.", "score."))}
+    return {
+        n.rsplit(".", 1)[-1]
+        for n, p in model.named_parameters()
+        if p.requires_grad and not n.startswith(("classifier.", "score."))
+    }
 
 
 def test_trainable_counts_causal_lm(gsm8k_dir, tmp_path):
@@ -160,7 +163,9 @@ def test_dylora_truncation(sst2_dir, tmp_path):
 
 
 def test_sora_proximal_and_prune(sst2_dir, tmp_path):
-    _, built, batch, spec, ctx = make("sora", sst2_dir, tmp_path, "method.sparse_lambda=0.01", "method.lambda_times_lr=true")
+    _, built, batch, spec, ctx = make(
+        "sora", sst2_dir, tmp_path, "method.sparse_lambda=0.01", "method.lambda_times_lr=true"
+    )
     model, proc = built.model, built.procedure
     perturb(model)
     gates = {}
@@ -198,7 +203,9 @@ def test_nola_bases_from_seed(sst2_dir, tmp_path):
     _, built, _, spec, _ = make("nola", sst2_dir, tmp_path)
     p = spec.params["adapter"]
     for name, layer in adapter_layers(built.model).items():
-        a, b = nola_bases(p.basis_seed, name, p.num_basis_a, p.num_basis_b, p.rank, layer.in_features, layer.out_features)
+        a, b = nola_bases(
+            p.basis_seed, name, p.num_basis_a, p.num_basis_b, p.rank, layer.in_features, layer.out_features
+        )
         assert torch.equal(layer.basis_A, a) and torch.equal(layer.basis_B, b)
     path = tmp_path / "nola.safetensors"
     save_trainable(built.model, path)
@@ -214,8 +221,11 @@ def _first_step(model, batches, params_filter, lr, optimizer: str) -> None:
     """One optimizer step on the mean loss over ``batches`` (eval mode: no dropout)."""
     model.eval()
     trainable = [p for n, p in model.named_parameters() if params_filter(n, p)]
-    opt = (torch.optim.SGD(trainable, lr=lr) if optimizer == "sgd"
-           else torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0))
+    opt = (
+        torch.optim.SGD(trainable, lr=lr)
+        if optimizer == "sgd"
+        else torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    )
     loss = sum(model(**b).loss for b in batches) / len(batches)
     loss.backward()
     opt.step()
@@ -240,8 +250,10 @@ def test_lora_sb_first_update_tracks_full_finetuning(optimizer, sst2_dir, tmp_pa
         w.requires_grad_(True)
     _first_step(full, batches, lambda n, p: p.requires_grad, ctx.lr, optimizer)
     # SGD's step (~1e-10 here) is below float32 resolution of W0, so take it from the gradient
-    full_delta = {n[: -len(".weight")]: (-ctx.lr * targets[n].grad if optimizer == "sgd" else targets[n].detach() - w0[n])
-                  for n in targets}
+    full_delta = {
+        n[: -len(".weight")]: (-ctx.lr * targets[n].grad if optimizer == "sgd" else targets[n].detach() - w0[n])
+        for n in targets
+    }
 
     def errors(method: str) -> tuple[list[float], list[float]]:
         _, spec, loaded2, _, ctx2 = build(method, sst2_dir, tmp_path, *extra[:2])

@@ -81,15 +81,15 @@ def test_loraplus_gives_b_a_larger_learning_rate(stepped):
 # -- closed-form trainable counts, by hand for tiny_bert -----------------------------------------------
 # tiny_bert: 2 layers, query/value targets of 32x32 each (4 targets), classification head 2x32 + 2 = 66.
 HAND_COUNTS = {
-    "lora": 4 * 8 * (32 + 32) + 66,             # r (d_in + d_out)
-    "dora": 4 * (8 * 64 + 32) + 66,             # + magnitude (d_out)
-    "ffa_lora": 4 * 8 * 32 + 66,                # B only
-    "rslora": 4 * 64 * 64 + 66,                 # same as LoRA at r = 64
-    "vera": 4 * (256 + 32) + 66,                # d (r) + b (d_out)
-    "randlora": 4 * 1 * (32 + 32) + 66,         # n = ceil(32 / 32) = 1 base: n (r + min(d))
-    "miss": 4 * 16 * 32 + 66,                   # r x d_out shard
-    "bone": 4 * (32 // 16) * 16 * 16 + 66,      # d_out / r blocks of r x r
-    "adalora": 4 * 12 * (32 + 32 + 1) + 66,     # init_r (d_in + d_out + 1)
+    "lora": 4 * 8 * (32 + 32) + 66,  # r (d_in + d_out)
+    "dora": 4 * (8 * 64 + 32) + 66,  # + magnitude (d_out)
+    "ffa_lora": 4 * 8 * 32 + 66,  # B only
+    "rslora": 4 * 64 * 64 + 66,  # same as LoRA at r = 64
+    "vera": 4 * (256 + 32) + 66,  # d (r) + b (d_out)
+    "randlora": 4 * 1 * (32 + 32) + 66,  # n = ceil(32 / 32) = 1 base: n (r + min(d))
+    "miss": 4 * 16 * 32 + 66,  # r x d_out shard
+    "bone": 4 * (32 // 16) * 16 * 16 + 66,  # d_out / r blocks of r x r
+    "adalora": 4 * 12 * (32 + 32 + 1) + 66,  # init_r (d_in + d_out + 1)
 }
 
 
@@ -167,8 +167,17 @@ def test_lora_ga_init_is_driven_by_the_gradient(sst2_dir: Path, tmp_path: Path):
 
 # -- AdaLoRA's allocator --------------------------------------------------------------------------------
 def test_adalora_allocator_prunes_ranks_to_the_target_budget(sst2_dir: Path, tmp_path: Path):
-    result = one_step("adalora", sst2_dir, tmp_path, "train.max_steps=6", "method.init_r=6", "method.target_r=2",
-                      "method.tinit=1", "method.tfinal=1", steps=6)
+    result = one_step(
+        "adalora",
+        sst2_dir,
+        tmp_path,
+        "train.max_steps=6",
+        "method.init_r=6",
+        "method.target_r=2",
+        "method.tinit=1",
+        "method.tfinal=1",
+        steps=6,
+    )
     proc = result.built.procedure
     state = proc.state()
     assert state["adalora_allocator_calls"] == 6
@@ -181,8 +190,16 @@ def test_adalora_allocator_prunes_ranks_to_the_target_budget(sst2_dir: Path, tmp
     saved = json.loads(json.dumps(proc.state_dict()))  # what a checkpoint holds
     assert sum(sum(m) for m in saved["rank_pattern"].values()) == 8 and saved["calls"] == 6
     # resume: loading the saved state into a fresh build re-applies the rank mask
-    _, spec, loaded, _, ctx = build("adalora", sst2_dir, tmp_path, "train.max_steps=6", "method.init_r=6",
-                                    "method.target_r=2", "method.tinit=1", "method.tfinal=1")
+    _, spec, loaded, _, ctx = build(
+        "adalora",
+        sst2_dir,
+        tmp_path,
+        "train.max_steps=6",
+        "method.init_r=6",
+        "method.target_r=2",
+        "method.tinit=1",
+        "method.tfinal=1",
+    )
     built = apply_method(loaded.model, spec, ctx)
     with torch.no_grad():
         for n, p in built.model.named_parameters():

@@ -35,8 +35,10 @@ def test_recipe_loads_and_grid_composes(name, monkeypatch, tmp_path):
         assert len(points) == len(grid["variants"]) * len(grid["datasets"]) * len(grid["seeds"])
         # validate enough points that every variant and every dataset is composed at least once
         variants, datasets = list(grid["variants"]), list(grid["datasets"])
-        wanted = {f"{variants[i % len(variants)]}/{datasets[i % len(datasets)]}"
-                  for i in range(max(len(variants), len(datasets)))}
+        wanted = {
+            f"{variants[i % len(variants)]}/{datasets[i % len(datasets)]}"
+            for i in range(max(len(variants), len(datasets)))
+        }
         for point, overrides in points:
             key = point.rsplit("/", 1)[0]
             if key not in wanted:

@@ -37,13 +37,16 @@ def test_every_sweep_preset_is_global_and_documented():
         assert lines[1].startswith("# lorabench train -m +sweep="), name
 
 
-@pytest.mark.parametrize("name,key,values", [
-    ("seeds", "seed", "0,1,2"),
-    ("ranks", "method.rank", "4,8,16,32,64"),
-    ("lr_lora", "method.lr", "5e-5,1e-4,2e-4,5e-4,1e-3"),
-    ("lr_full", "method.lr", "5e-6,1e-5,2e-5,5e-5,1e-4"),
-    ("lr_galore", "method.lr", "1e-5,3e-5,1e-4,3e-4,1e-3"),
-])
+@pytest.mark.parametrize(
+    "name,key,values",
+    [
+        ("seeds", "seed", "0,1,2"),
+        ("ranks", "method.rank", "4,8,16,32,64"),
+        ("lr_lora", "method.lr", "5e-5,1e-4,2e-4,5e-4,1e-3"),
+        ("lr_full", "method.lr", "5e-6,1e-5,2e-5,5e-5,1e-4"),
+        ("lr_galore", "method.lr", "1e-5,3e-5,1e-4,3e-4,1e-3"),
+    ],
+)
 def test_sweep_params(name, key, values):
     params = hydra_cfg([f"+sweep={name}"])["sweeper"]["params"]
     assert params[key] == values
@@ -52,13 +55,15 @@ def test_sweep_params(name, key, values):
     compose([f"+sweep={name}"])  # the job config itself still composes
 
 
-@pytest.mark.parametrize("preset,override,target", [
-    ("joblib", "hydra/launcher=joblib", "JoblibLauncher"),
-    ("slurm", "hydra/launcher=submitit_slurm", "SlurmLauncher"),
-])
+@pytest.mark.parametrize(
+    "preset,override,target",
+    [
+        ("joblib", "hydra/launcher=joblib", "JoblibLauncher"),
+        ("slurm", "hydra/launcher=submitit_slurm", "SlurmLauncher"),
+    ],
+)
 def test_launchers_compose(preset, override, target):
-    plugin = {"joblib": "hydra_plugins.hydra_joblib_launcher",
-              "slurm": "hydra_plugins.hydra_submitit_launcher"}[preset]
+    plugin = {"joblib": "hydra_plugins.hydra_joblib_launcher", "slurm": "hydra_plugins.hydra_submitit_launcher"}[preset]
     if importlib.util.find_spec(plugin) is None:
         pytest.skip(f"{plugin} is not installed")
     assert hydra_cfg([override])["launcher"]["_target_"].endswith(target)

@@ -13,20 +13,49 @@ from lorabench.results.record import SCHEMA_VERSION, write_json_atomic
 from lorabench.results.table import build_table
 
 
-def make_record(root: Path, label: str, seed: int, acc: float, *, dataset="sst2", source="local", version="1",
-                status="completed", rank=8) -> dict:
+def make_record(
+    root: Path,
+    label: str,
+    seed: int,
+    acc: float,
+    *,
+    dataset="sst2",
+    source="local",
+    version="1",
+    status="completed",
+    rank=8,
+) -> dict:
     rid = f"{label}-{dataset}-{source}-{version}-s{seed}-r{rank}"
     record = {
-        "schema_version": SCHEMA_VERSION, "run_id": rid, "status": status, "error": None,
-        "config": {"seed": seed, "method": {"label": label, "rank": rank}, "dataset": {"name": dataset},
-                   "model": {"name": "tiny"}},
-        "config_hash": rid, "method": {"label": label}, "model": {"name": "tiny"},
+        "schema_version": SCHEMA_VERSION,
+        "run_id": rid,
+        "status": status,
+        "error": None,
+        "config": {
+            "seed": seed,
+            "method": {"label": label, "rank": rank},
+            "dataset": {"name": dataset},
+            "model": {"name": "tiny"},
+        },
+        "config_hash": rid,
+        "method": {"label": label},
+        "model": {"name": "tiny"},
         "dataset": {"name": dataset, "version": version, "source": {"kind": source, "path": f"/{source}"}},
-        "metrics": {"primary": "accuracy", "higher_is_better": True, "report": "last",
-                    "final": {"accuracy": acc}, "best": {"accuracy": acc, "step": 10}},
-        "cost": {"trainable_params": 1000, "optimizer_state_bytes": 2 * 2**20, "tokens_per_s": 500.0,
-                 "peak_memory": {"cpu_peak_rss_bytes": 100 * 2**20}},
-        "hardware": {}, "provenance": {},
+        "metrics": {
+            "primary": "accuracy",
+            "higher_is_better": True,
+            "report": "last",
+            "final": {"accuracy": acc},
+            "best": {"accuracy": acc, "step": 10},
+        },
+        "cost": {
+            "trainable_params": 1000,
+            "optimizer_state_bytes": 2 * 2**20,
+            "tokens_per_s": 500.0,
+            "peak_memory": {"cpu_peak_rss_bytes": 100 * 2**20},
+        },
+        "hardware": {},
+        "provenance": {},
     }
     write_json_atomic(root / rid / "record.json", record)
     return record

@@ -25,8 +25,10 @@ def records(root: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(root.rglob("record.json"))]
 
 
-@pytest.mark.parametrize("kind,method", [("classification", "lora"), ("causal_lm", "galore"), ("classification", "full"),
-                                         ("classification", "lora_xs")])
+@pytest.mark.parametrize(
+    "kind,method",
+    [("classification", "lora"), ("causal_lm", "galore"), ("classification", "full"), ("classification", "lora_xs")],
+)
 def test_smoke_run_writes_complete_record(kind, method, sst2_dir, gsm8k_dir, tmp_path):
     data = sst2_dir if kind == "classification" else gsm8k_dir
     assert train(f"method={method}", *tiny_overrides(kind, data, tmp_path)) == 0
@@ -75,7 +77,9 @@ def test_multirun_one_record_per_run(sst2_dir, tmp_path):
     assert train("-m", "method=full,lora", "seed=0,1", *tiny_overrides("classification", sst2_dir, tmp_path)) == 0
     recs = records(tmp_path)
     assert len(recs) == 4
-    assert {(r["method"]["label"], r["config"]["seed"]) for r in recs} == {(m, s) for m in ("full", "lora") for s in (0, 1)}
+    assert {(r["method"]["label"], r["config"]["seed"]) for r in recs} == {
+        (m, s) for m in ("full", "lora") for s in (0, 1)
+    }
 
 
 def test_two_process_run_matches_single_process_fields(sst2_dir, tmp_path):
@@ -83,8 +87,9 @@ def test_two_process_run_matches_single_process_fields(sst2_dir, tmp_path):
     cmd = [sys.executable, "-m", "lorabench.cli", "train", "method=lora", *base]
     one = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([*cmd, "hardware=cpu_ddp2", "hardware.micro_batch_size=1"], capture_output=True, text=True,
-                         timeout=300)
+    two = subprocess.run(
+        [*cmd, "hardware=cpu_ddp2", "hardware.micro_batch_size=1"], capture_output=True, text=True, timeout=300
+    )
     assert two.returncode == 0, (two.stdout + two.stderr)[-3000:]
     recs = {r["hardware"]["num_processes"]: r for r in records(tmp_path)}
     assert set(recs) == {1, 2}
@@ -97,8 +102,14 @@ def test_two_process_run_matches_single_process_fields(sst2_dir, tmp_path):
 
 @pytest.mark.parametrize("method,budget", [("lora", 6000), ("nola", 6000), ("lisa", 1_005_000)])
 def test_budget_sizes_the_method_in_the_loop(method, budget, sst2_dir, tmp_path):
-    assert train(f"method={method}", *tiny_overrides("classification", sst2_dir, tmp_path),
-                 f"budget.trainable_params={budget}") == 0
+    assert (
+        train(
+            f"method={method}",
+            *tiny_overrides("classification", sst2_dir, tmp_path),
+            f"budget.trainable_params={budget}",
+        )
+        == 0
+    )
     (record,) = records(tmp_path)
     solved = record["method_report"]["budget"]
     assert record["cost"]["trainable_params"] == solved["predicted"] <= budget

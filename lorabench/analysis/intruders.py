@@ -40,8 +40,13 @@ class IntruderReport:
     skipped: list[str] = field(default_factory=list)  # names without a matching 2-D weight of the same shape
 
     def as_dict(self) -> dict:
-        return {"intruders_total": self.total, "intruders_per_layer": dict(self.per_layer),
-                "intruders_top_k": self.top_k, "intruders_epsilon": self.epsilon, "intruders_skipped": self.skipped}
+        return {
+            "intruders_total": self.total,
+            "intruders_per_layer": dict(self.per_layer),
+            "intruders_top_k": self.top_k,
+            "intruders_epsilon": self.epsilon,
+            "intruders_skipped": self.skipped,
+        }
 
 
 @torch.no_grad()
@@ -49,7 +54,9 @@ def intruder_count(w0: torch.Tensor, w: torch.Tensor, top_k: int = TOP_K, epsilo
     """Number of the top-k left singular vectors of ``w`` whose max |cos| to every left singular
     vector of ``w0`` is below ``epsilon``."""
     if w0.shape != w.shape or w0.ndim != 2:
-        raise ValueError(f"intruder_count needs two 2-D weights of one shape, got {tuple(w0.shape)} and {tuple(w.shape)}")
+        raise ValueError(
+            f"intruder_count needs two 2-D weights of one shape, got {tuple(w0.shape)} and {tuple(w.shape)}"
+        )
     u0 = torch.linalg.svd(w0.detach().float().cpu(), full_matrices=False)[0]
     u = torch.linalg.svd(w.detach().float().cpu(), full_matrices=False)[0]
     k = min(top_k, u.shape[1])
@@ -86,8 +93,12 @@ def merged_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return weights
 
 
-def model_intruders(pretrained: Mapping[str, torch.Tensor], finetuned: nn.Module | Mapping[str, torch.Tensor],
-                    top_k: int = TOP_K, epsilon: float = EPSILON) -> IntruderReport:
+def model_intruders(
+    pretrained: Mapping[str, torch.Tensor],
+    finetuned: nn.Module | Mapping[str, torch.Tensor],
+    top_k: int = TOP_K,
+    epsilon: float = EPSILON,
+) -> IntruderReport:
     """Intruder counts for every weight in ``pretrained`` (see ``snapshot``) against the fine-tuned
     model (or a name -> weight mapping), per layer and in total."""
     tuned = dict(finetuned) if isinstance(finetuned, Mapping) else merged_weights(finetuned)

@@ -90,13 +90,12 @@ def collate(features: list[dict], pad_token_id: int, padding_side: str = "right"
     seq_labels = "labels" in features[0] and isinstance(features[0]["labels"], list)
     if seq_labels:
         batch["labels"] = []
+
+    def padded(seq, value):
+        fill = [value] * (width - len(seq))
+        return fill + list(seq) if padding_side == "left" else list(seq) + fill
+
     for f in features:
-        pad = width - len(f["input_ids"])
-        left = padding_side == "left"
-
-        def padded(seq, value):
-            return [value] * pad + list(seq) if left else list(seq) + [value] * pad
-
         batch["input_ids"].append(padded(f["input_ids"], pad_token_id))
         batch["attention_mask"].append(padded([1] * len(f["input_ids"]), 0))
         if seq_labels:

@@ -43,8 +43,11 @@ def e2e_prompt(mr: str, tokenizer, template: str) -> str:
     if template == "plain":
         return f"Meaning representation: {mr}\nDescription:"
     if template == "chat":
-        return prompt_text(f"Write a one-paragraph restaurant description that expresses exactly this "
-                           f"meaning representation:\n{mr}", tokenizer, "chat")
+        return prompt_text(
+            f"Write a one-paragraph restaurant description that expresses exactly this meaning representation:\n{mr}",
+            tokenizer,
+            "chat",
+        )
     raise ConfigError(f"dataset.prompt_template={template!r} is invalid for e2e; valid choices: {', '.join(TEMPLATES)}")
 
 
@@ -61,8 +64,10 @@ def read_e2e_csv(path: Path) -> list[dict]:
             if not row:
                 continue
             if len(row) != len(header):
-                raise DataError(f"{path}:{reader.line_num}: expected {len(header)} comma-separated fields "
-                                f"({','.join(header)}), found {len(row)}")
+                raise DataError(
+                    f"{path}:{reader.line_num}: expected {len(header)} comma-separated fields "
+                    f"({','.join(header)}), found {len(row)}"
+                )
             mr, ref = row[mr_i].strip(), row[ref_i].strip()
             if not mr:
                 raise DataError(f"{path}:{reader.line_num}: empty 'mr' field")
@@ -125,8 +130,10 @@ class E2E:
     def _load_local(self, cfg: DatasetConfig) -> Splits:
         root = Path(cfg.data_dir or "")
         if not cfg.data_dir or not root.is_dir():
-            raise DataError(f"dataset.data_dir={cfg.data_dir!r} does not exist or is not a folder "
-                            "(expected the official E2E trainset.csv / devset.csv / testset_w_refs.csv)")
+            raise DataError(
+                f"dataset.data_dir={cfg.data_dir!r} does not exist or is not a folder "
+                "(expected the official E2E trainset.csv / devset.csv / testset_w_refs.csv)"
+            )
         files = {n: root / f"{n}.csv" for n in ("trainset", "devset", "testset_w_refs")}
         source = {"kind": "local", "path": str(root.resolve()), "format": "E2E csv (mr,ref)"}
         if files["trainset"].is_file():
@@ -137,17 +144,21 @@ class E2E:
         dev = read_e2e_csv(require_file(files["devset"], self.name))
         train, evals = split_by_mr(dev)
         rule = f"sha256(mr) % {DEV_EVAL_MODULUS}"
-        note = (f"no trainset.csv in {root}: devset.csv was split by MR ({rule} == 0 -> eval, else train); "
-                "scores are not comparable with official E2E test scores")
+        note = (
+            f"no trainset.csv in {root}: devset.csv was split by MR ({rule} == 0 -> eval, else train); "
+            "scores are not comparable with official E2E test scores"
+        )
         return Splits(train, evals, source, f"dev[{rule} != 0]", f"dev[{rule} == 0]", notes=[note])
 
     def _load_hub(self, cfg: DatasetConfig) -> Splits:
         hub_id = cfg.hub_id or "tuetschek/e2e_nlg"
         reachable, reason = hub_reachable()
         if not reachable:
-            raise DataError(f"dataset 'e2e': the hub is unreachable ({reason}); download the official E2E "
-                            "data (tuetschek/e2e-dataset) and pass dataset.data_dir=<folder with trainset.csv, "
-                            "devset.csv, testset_w_refs.csv> (devset.csv alone also works)")
+            raise DataError(
+                f"dataset 'e2e': the hub is unreachable ({reason}); download the official E2E "
+                "data (tuetschek/e2e-dataset) and pass dataset.data_dir=<folder with trainset.csv, "
+                "devset.csv, testset_w_refs.csv> (devset.csv alone also works)"
+            )
         import datasets
 
         ds = datasets.load_dataset(hub_id)
@@ -157,10 +168,14 @@ class E2E:
             ref_col = next((c for c in ("human_reference", "target", "ref") if c in cols), None)
             mr_col = next((c for c in ("meaning_representation", "mr") if c in cols), None)
             if mr_col is None or ref_col is None:
-                raise DataError(f"hub dataset {hub_id!r} split {split!r}: expected columns meaning_representation "
-                                f"and human_reference (or target); found {cols}")
-            return [{"mr": r[mr_col].strip(), "ref": r[ref_col].strip(), "references": r.get("references") or []}
-                    for r in ds[split]]
+                raise DataError(
+                    f"hub dataset {hub_id!r} split {split!r}: expected columns meaning_representation "
+                    f"and human_reference (or target); found {cols}"
+                )
+            return [
+                {"mr": r[mr_col].strip(), "ref": r[ref_col].strip(), "references": r.get("references") or []}
+                for r in ds[split]
+            ]
 
         source = {"kind": "hub", "hub_id": hub_id, "version": str(getattr(ds["train"].info, "version", None))}
         return Splits(pairs("train"), pairs("test"), source, "train", "test")
@@ -189,10 +204,15 @@ class E2E:
     def protocol(self, cfg: DatasetConfig) -> dict:
         beam = cfg.num_beams > 1
         return {
-            "max_length": cfg.max_length, "prompt_template": cfg.prompt_template,
-            "decoding": {"strategy": "beam" if beam else "greedy", "num_beams": cfg.num_beams,
-                         "max_new_tokens": cfg.max_new_tokens, **(BEAM_KWARGS if beam else {}),
-                         "postprocess": "first line, stripped"},
+            "max_length": cfg.max_length,
+            "prompt_template": cfg.prompt_template,
+            "decoding": {
+                "strategy": "beam" if beam else "greedy",
+                "num_beams": cfg.num_beams,
+                "max_new_tokens": cfg.max_new_tokens,
+                **(BEAM_KWARGS if beam else {}),
+                "postprocess": "first line, stripped",
+            },
             "references": "all references of an MR (multi-reference); one generation per MR",
             "primary_metric": resolve_primary(self, cfg),
         }
@@ -203,16 +223,25 @@ def generate_texts(model, tokenizer, prompts: list[str], cfg: DatasetConfig, dev
     """Batched generation (left padding, KV cache; greedy, or beam with ``cfg.num_beams``): the
     decoded new tokens of each prompt. Prompts are tokenized as in ``lm_features`` (BOS only when
     the tokenizer adds one)."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False) else []
+    bos = (
+        [tokenizer.bos_token_id]
+        if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False)
+        else []
+    )
     outputs = []
     for start in range(0, len(prompts), cfg.eval_batch_size):
         chunk = prompts[start : start + cfg.eval_batch_size]
         feats = [{"input_ids": bos + tokenizer(p, add_special_tokens=False)["input_ids"]} for p in chunk]
         batch = collate(feats, tokenizer.pad_token_id, padding_side="left")
         generated = model.generate(
-            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-            max_new_tokens=cfg.max_new_tokens, do_sample=False, num_beams=cfg.num_beams,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True,
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            max_new_tokens=cfg.max_new_tokens,
+            do_sample=False,
+            num_beams=cfg.num_beams,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            use_cache=True,
             **generate_kwargs,
         )
         outputs.extend(tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1] :], skip_special_tokens=True))

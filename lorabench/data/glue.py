@@ -77,8 +77,10 @@ class GlueTask:
         # The local label mapping must give the hub's ids: label_map[name] == label_names.index(name).
         named = self.num_labels == 1 or len(self.label_names) == self.num_labels
         if not named or any(self.label_names[i] != n for n, i in (self.label_map or {}).items()):
-            raise ValueError(f"GLUE task {self.name!r}: label_map {self.label_map} disagrees with the hub's "
-                             f"label names {self.label_names}")
+            raise ValueError(
+                f"GLUE task {self.name!r}: label_map {self.label_map} disagrees with the hub's "
+                f"label names {self.label_names}"
+            )
 
     # -- loading ---------------------------------------------------------------------------------
     def load(self, cfg: DatasetConfig) -> Splits:
@@ -98,7 +100,9 @@ class GlueTask:
         else:
             splits = self._load_hub(cfg)
         if not splits.train or not splits.eval:
-            raise DataError(f"dataset {self.name!r} has an empty split (train={len(splits.train)}, eval={len(splits.eval)})")
+            raise DataError(
+                f"dataset {self.name!r} has an empty split (train={len(splits.train)}, eval={len(splits.eval)})"
+            )
         splits.train = subset(splits.train, cfg.train_size, cfg.subset_seed)
         splits.eval = subset(splits.eval, cfg.eval_size, cfg.subset_seed)
         return splits
@@ -130,8 +134,13 @@ class GlueTask:
                 raise ValueError(raw)
             return label
         except (KeyError, ValueError):
-            valid = (list(self.label_map) if self.label_map else f"integers 0..{self.num_labels - 1}"
-                     if self.num_labels > 1 else "floats")
+            valid = (
+                list(self.label_map)
+                if self.label_map
+                else f"integers 0..{self.num_labels - 1}"
+                if self.num_labels > 1
+                else "floats"
+            )
             raise DataError(f"{path}:{line_no}: label {raw!r} is not one of {valid}") from None
 
     def _load_hub(self, cfg: DatasetConfig) -> Splits:
@@ -165,8 +174,9 @@ class GlueTask:
         for start in range(0, len(examples), cfg.eval_batch_size):
             chunk = examples[start : start + cfg.eval_batch_size]
             batch = collate([self.features(e, tokenizer, cfg) for e in chunk], tokenizer.pad_token_id)
-            logits = model(input_ids=batch["input_ids"].to(device),
-                           attention_mask=batch["attention_mask"].to(device)).logits.float()
+            logits = model(
+                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+            ).logits.float()
             out = logits.squeeze(-1) if self.num_labels == 1 else logits.argmax(-1)
             preds.extend(out.cpu().tolist())
         return preds
@@ -175,8 +185,12 @@ class GlueTask:
         return compute(self.metrics, predictions, [e["label"] for e in examples])
 
     def protocol(self, cfg: DatasetConfig) -> dict:
-        return {"max_length": cfg.max_length, "prompt_template": None, "decoding": None,
-                "primary_metric": resolve_primary(self, cfg)}
+        return {
+            "max_length": cfg.max_length,
+            "prompt_template": None,
+            "decoding": None,
+            "primary_metric": resolve_primary(self, cfg),
+        }
 
 
 def _register(task: GlueTask) -> None:
@@ -189,22 +203,90 @@ _NLI3_NAMES = ("entailment", "neutral", "contradiction")
 _NLI2_NAMES = ("entailment", "not_entailment")
 _PAIR = ("sentence1", "sentence2")
 for _task in [
-    GlueTask("cola", "cola", "CoLA", ("sentence",), ("sentence",), "label", ("matthews_correlation",),
-             "matthews_correlation", 2, ("unacceptable", "acceptable"),
-             header=("source", "label", "label_orig", "sentence")),
-    GlueTask("sst2", "sst2", "SST-2", ("sentence",), ("sentence",), "label", _ACC, "accuracy", 2,
-             ("negative", "positive")),
-    GlueTask("mrpc", "mrpc", "MRPC", ("#1 String", "#2 String"), _PAIR, "Quality", _BIN, "accuracy", 2,
-             ("not_equivalent", "equivalent")),
+    GlueTask(
+        "cola",
+        "cola",
+        "CoLA",
+        ("sentence",),
+        ("sentence",),
+        "label",
+        ("matthews_correlation",),
+        "matthews_correlation",
+        2,
+        ("unacceptable", "acceptable"),
+        header=("source", "label", "label_orig", "sentence"),
+    ),
+    GlueTask(
+        "sst2", "sst2", "SST-2", ("sentence",), ("sentence",), "label", _ACC, "accuracy", 2, ("negative", "positive")
+    ),
+    GlueTask(
+        "mrpc",
+        "mrpc",
+        "MRPC",
+        ("#1 String", "#2 String"),
+        _PAIR,
+        "Quality",
+        _BIN,
+        "accuracy",
+        2,
+        ("not_equivalent", "equivalent"),
+    ),
     GlueTask("stsb", "stsb", "STS-B", _PAIR, _PAIR, "score", ("pearson", "spearmanr"), "pearson", 1),
-    GlueTask("qqp", "qqp", "QQP", ("question1", "question2"), ("question1", "question2"), "is_duplicate",
-             _BIN, "accuracy", 2, ("not_duplicate", "duplicate")),
-    GlueTask("mnli", "mnli", "MNLI", _PAIR, ("premise", "hypothesis"), "gold_label", _ACC, "accuracy", 3,
-             _NLI3_NAMES, label_map=NLI3, eval_file="dev_matched.tsv", hub_eval_split="validation_matched"),
-    GlueTask("mnli_mm", "mnli", "MNLI", _PAIR, ("premise", "hypothesis"), "gold_label", _ACC, "accuracy", 3,
-             _NLI3_NAMES, label_map=NLI3, eval_file="dev_mismatched.tsv", hub_eval_split="validation_mismatched"),
-    GlueTask("qnli", "qnli", "QNLI", ("question", "sentence"), ("question", "sentence"), "label", _ACC,
-             "accuracy", 2, _NLI2_NAMES, label_map=NLI2),
+    GlueTask(
+        "qqp",
+        "qqp",
+        "QQP",
+        ("question1", "question2"),
+        ("question1", "question2"),
+        "is_duplicate",
+        _BIN,
+        "accuracy",
+        2,
+        ("not_duplicate", "duplicate"),
+    ),
+    GlueTask(
+        "mnli",
+        "mnli",
+        "MNLI",
+        _PAIR,
+        ("premise", "hypothesis"),
+        "gold_label",
+        _ACC,
+        "accuracy",
+        3,
+        _NLI3_NAMES,
+        label_map=NLI3,
+        eval_file="dev_matched.tsv",
+        hub_eval_split="validation_matched",
+    ),
+    GlueTask(
+        "mnli_mm",
+        "mnli",
+        "MNLI",
+        _PAIR,
+        ("premise", "hypothesis"),
+        "gold_label",
+        _ACC,
+        "accuracy",
+        3,
+        _NLI3_NAMES,
+        label_map=NLI3,
+        eval_file="dev_mismatched.tsv",
+        hub_eval_split="validation_mismatched",
+    ),
+    GlueTask(
+        "qnli",
+        "qnli",
+        "QNLI",
+        ("question", "sentence"),
+        ("question", "sentence"),
+        "label",
+        _ACC,
+        "accuracy",
+        2,
+        _NLI2_NAMES,
+        label_map=NLI2,
+    ),
     GlueTask("rte", "rte", "RTE", _PAIR, _PAIR, "label", _ACC, "accuracy", 2, _NLI2_NAMES, label_map=NLI2),
     GlueTask("wnli", "wnli", "WNLI", _PAIR, _PAIR, "label", _ACC, "accuracy", 2, ("not_entailment", "entailment")),
 ]:

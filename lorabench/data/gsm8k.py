@@ -20,7 +20,7 @@ import torch
 from lorabench.config import DatasetConfig
 from lorabench.data.base import Splits, check_columns, collate, require_file, resolve_primary, subset
 from lorabench.errors import ConfigError, DataError
-from lorabench.evaluation.math_answers import exact_match, extract_answer, reference_answer
+from lorabench.evaluation.math_answers import exact_match, reference_answer
 from lorabench.hub import hub_reachable
 from lorabench.registry import DATASETS
 
@@ -35,8 +35,9 @@ def prompt_text(question: str, tokenizer, template: str) -> str:
     if template == "chat":
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError("dataset.prompt_template='chat' needs a tokenizer with a chat template; use 'plain'")
-        return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                             add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+        )
     raise ConfigError(f"dataset.prompt_template={template!r} is invalid; valid choices: {', '.join(TEMPLATES)}")
 
 
@@ -68,8 +69,12 @@ class MathWordProblems:
 
     def features(self, example: dict, tokenizer, cfg: DatasetConfig) -> dict:
         prompt = prompt_text(example["question"], tokenizer, cfg.prompt_template)
-        return lm_features(prompt, " " + example["answer"] if cfg.prompt_template == "plain" else example["answer"],
-                           tokenizer, cfg.max_length)
+        return lm_features(
+            prompt,
+            " " + example["answer"] if cfg.prompt_template == "plain" else example["answer"],
+            tokenizer,
+            cfg.max_length,
+        )
 
     @torch.no_grad()
     def predict(self, model, tokenizer, examples: list[dict], cfg: DatasetConfig, device) -> list[str]:
@@ -80,9 +85,14 @@ class MathWordProblems:
             feats = [{"input_ids": tokenizer(p, add_special_tokens=False)["input_ids"]} for p in prompts]
             batch = collate(feats, tokenizer.pad_token_id, padding_side="left")
             generated = model.generate(
-                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                max_new_tokens=cfg.max_new_tokens, do_sample=False, num_beams=cfg.num_beams,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True,
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+                max_new_tokens=cfg.max_new_tokens,
+                do_sample=False,
+                num_beams=cfg.num_beams,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                use_cache=True,
             )
             new_tokens = generated[:, batch["input_ids"].shape[1] :]
             outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
@@ -94,9 +104,13 @@ class MathWordProblems:
 
     def protocol(self, cfg: DatasetConfig) -> dict:
         return {
-            "max_length": cfg.max_length, "prompt_template": cfg.prompt_template,
-            "decoding": {"strategy": "greedy" if cfg.num_beams == 1 else "beam", "num_beams": cfg.num_beams,
-                         "max_new_tokens": cfg.max_new_tokens},
+            "max_length": cfg.max_length,
+            "prompt_template": cfg.prompt_template,
+            "decoding": {
+                "strategy": "greedy" if cfg.num_beams == 1 else "beam",
+                "num_beams": cfg.num_beams,
+                "max_new_tokens": cfg.max_new_tokens,
+            },
             "answer_extraction": "#### N, then 'the answer is N', then the last number; exact numeric match",
             "primary_metric": resolve_primary(self, cfg),
         }
@@ -129,8 +143,9 @@ class GSM8K(MathWordProblems):
                 raise DataError(f"dataset.data_dir={cfg.data_dir!r} does not exist or is not a folder")
             train = read_jsonl(require_file(root / "train.jsonl", self.name), ["question", "answer"])
             test = read_jsonl(require_file(root / "test.jsonl", self.name), ["question", "answer"])
-            splits = Splits(train, test, {"kind": "local", "path": str(root.resolve()), "format": "GSM8K jsonl"},
-                            "train", "test")
+            splits = Splits(
+                train, test, {"kind": "local", "path": str(root.resolve()), "format": "GSM8K jsonl"}, "train", "test"
+            )
         else:
             reachable, reason = hub_reachable()
             if not reachable:
@@ -142,8 +157,13 @@ class GSM8K(MathWordProblems):
 
             hub_id = cfg.hub_id or "openai/gsm8k"
             ds = datasets.load_dataset(hub_id, "main")
-            splits = Splits([dict(r) for r in ds["train"]], [dict(r) for r in ds["test"]],
-                            {"kind": "hub", "hub_id": hub_id, "config": "main"}, "train", "test")
+            splits = Splits(
+                [dict(r) for r in ds["train"]],
+                [dict(r) for r in ds["test"]],
+                {"kind": "hub", "hub_id": hub_id, "config": "main"},
+                "train",
+                "test",
+            )
         splits.train = subset(splits.train, cfg.train_size, cfg.subset_seed)
         splits.eval = subset(splits.eval, cfg.eval_size, cfg.subset_seed)
         return splits
@@ -175,10 +195,18 @@ class GSMSymbolic(MathWordProblems):
             return rows
 
         version = importlib.metadata.version("reasoning_gym")
-        source = {"kind": "generated", "generator": f"reasoning-gym=={version} gsm_symbolic",
-                  "note": "offline stand-in in GSM8K format; not comparable with GSM8K scores"}
-        return Splits(generate(train_n, self.TRAIN_SEED), generate(eval_n, self.EVAL_SEED), source,
-                      f"generated(seed={self.TRAIN_SEED})", f"generated(seed={self.EVAL_SEED})")
+        source = {
+            "kind": "generated",
+            "generator": f"reasoning-gym=={version} gsm_symbolic",
+            "note": "offline stand-in in GSM8K format; not comparable with GSM8K scores",
+        }
+        return Splits(
+            generate(train_n, self.TRAIN_SEED),
+            generate(eval_n, self.EVAL_SEED),
+            source,
+            f"generated(seed={self.TRAIN_SEED})",
+            f"generated(seed={self.EVAL_SEED})",
+        )
 
 
 DATASETS.register("gsm8k")(GSM8K())

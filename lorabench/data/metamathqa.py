@@ -36,8 +36,10 @@ from lorabench.errors import ConfigError, DataError
 from lorabench.hub import hub_reachable
 from lorabench.registry import DATASETS
 
-ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately completes "
-          "the request.\n\n### Instruction:\n{query}\n\n### Response:")
+ALPACA = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes "
+    "the request.\n\n### Instruction:\n{query}\n\n### Response:"
+)
 TEMPLATES = {
     "plain": "Question: {query} Think step by step.\nAnswer:",  # PEFT method_comparison
     "alpaca": ALPACA,  # MetaMath, LoRA-Pro
@@ -53,8 +55,10 @@ def math_prompt(query: str, tokenizer, template: str) -> str:
     if template == "chat":
         return prompt_text(query, tokenizer, "chat")
     if template not in TEMPLATES:
-        raise ConfigError(f"dataset.prompt_template={template!r} is invalid for MetaMathQA; valid choices: "
-                          f"{', '.join([*TEMPLATES, 'chat'])}")
+        raise ConfigError(
+            f"dataset.prompt_template={template!r} is invalid for MetaMathQA; valid choices: "
+            f"{', '.join([*TEMPLATES, 'chat'])}"
+        )
     return TEMPLATES[template].format(query=query)
 
 
@@ -82,8 +86,10 @@ def find_train_file(root: Path) -> Path:
         return root / HUB_FILE
     found = sorted([*root.glob("*.json"), *root.glob("*.jsonl")])
     if len(found) != 1:
-        raise DataError(f"dataset 'metamathqa': {root} should hold {HUB_FILE} or exactly one .json/.jsonl file; "
-                        f"found {[p.name for p in found] or 'none'}")
+        raise DataError(
+            f"dataset 'metamathqa': {root} should hold {HUB_FILE} or exactly one .json/.jsonl file; "
+            f"found {[p.name for p in found] or 'none'}"
+        )
     return found[0]
 
 
@@ -98,8 +104,10 @@ class MetaMathQA(MathWordProblems):
         if cfg.source == "local" or (cfg.source == "auto" and cfg.data_dir):
             root = Path(cfg.data_dir or "")
             if not cfg.data_dir or not root.exists():
-                raise DataError(f"dataset.data_dir={cfg.data_dir!r} does not exist (expected a MetaMathQA "
-                                ".json/.jsonl file or a folder holding one)")
+                raise DataError(
+                    f"dataset.data_dir={cfg.data_dir!r} does not exist (expected a MetaMathQA "
+                    ".json/.jsonl file or a folder holding one)"
+                )
             path = find_train_file(root)
             train = read_metamathqa(path)
             source = {"kind": "local", "path": str(path.resolve()), "format": "MetaMathQA json"}
@@ -113,15 +121,22 @@ class MetaMathQA(MathWordProblems):
         if not train or not evals:
             raise DataError(f"dataset {self.name!r} has an empty split (train={len(train)}, eval={len(evals)})")
         train = [{"query": r["query"], "response": r["response"], "type": r.get("type")} for r in train]
-        return Splits(subset(train, cfg.train_size, cfg.subset_seed), subset(evals, cfg.eval_size, cfg.subset_seed),
-                      source, "train", "gsm8k/test")
+        return Splits(
+            subset(train, cfg.train_size, cfg.subset_seed),
+            subset(evals, cfg.eval_size, cfg.subset_seed),
+            source,
+            "train",
+            "gsm8k/test",
+        )
 
     def _hub_train(self, cfg: DatasetConfig) -> tuple[list[dict], dict]:
         hub_id = cfg.hub_id or "meta-math/MetaMathQA"
         reachable, reason = hub_reachable()
         if not reachable:
-            raise DataError(f"dataset 'metamathqa': the hub is unreachable ({reason}); download {HUB_FILE} and "
-                            "pass dataset.data_dir=<that file or its folder>")
+            raise DataError(
+                f"dataset 'metamathqa': the hub is unreachable ({reason}); download {HUB_FILE} and "
+                "pass dataset.data_dir=<that file or its folder>"
+            )
         import datasets
 
         ds = datasets.load_dataset(hub_id, split="train")
@@ -135,12 +150,18 @@ class MetaMathQA(MathWordProblems):
             eval_dir = str(candidate) if candidate.is_dir() else None
         if eval_dir is not None:
             path = require_file(Path(eval_dir) / "test.jsonl", "gsm8k (metamathqa eval)")
-            return read_jsonl(path, ["question", "answer"]), {"kind": "local", "path": str(path.resolve()),
-                                                               "dataset": "gsm8k", "split": "test"}
+            return read_jsonl(path, ["question", "answer"]), {
+                "kind": "local",
+                "path": str(path.resolve()),
+                "dataset": "gsm8k",
+                "split": "test",
+            }
         reachable, reason = hub_reachable()
         if not reachable:
-            raise DataError(f"dataset 'metamathqa' evaluates on GSM8K test: the hub is unreachable ({reason}); "
-                            "put the official GSM8K test.jsonl in <data_dir>/gsm8k/")
+            raise DataError(
+                f"dataset 'metamathqa' evaluates on GSM8K test: the hub is unreachable ({reason}); "
+                "put the official GSM8K test.jsonl in <data_dir>/gsm8k/"
+            )
         import datasets
 
         ds = datasets.load_dataset("openai/gsm8k", "main", split="test")
@@ -158,10 +179,13 @@ class MetaMathQA(MathWordProblems):
         return [t.split(stop)[0] if stop else t for t in texts]
 
     def protocol(self, cfg: DatasetConfig) -> dict:
-        return {**super().protocol(cfg),
-                "prompt_text": TEMPLATES.get(cfg.prompt_template, "tokenizer chat template"),
-                "train_filter": self.type_filter, "eval_dataset": "gsm8k test",
-                "primary_metric": resolve_primary(self, cfg)}
+        return {
+            **super().protocol(cfg),
+            "prompt_text": TEMPLATES.get(cfg.prompt_template, "tokenizer chat template"),
+            "train_filter": self.type_filter,
+            "eval_dataset": "gsm8k test",
+            "primary_metric": resolve_primary(self, cfg),
+        }
 
 
 class MetaMathQAGSM(MetaMathQA):

@@ -255,9 +255,7 @@ def _meteor_ask(proc: subprocess.Popen, line: str) -> str:
 _SCORERS = {"bleu": bleu, "nist": nist, "meteor": meteor, "rouge_l": rouge_l, "cider": cider}
 
 
-def e2e_metrics(
-    hypotheses: list[str], references: list[list[str]]
-) -> tuple[dict[str, float | None], dict[str, str]]:
+def e2e_metrics(hypotheses: list[str], references: list[list[str]]) -> tuple[dict[str, float | None], dict[str, str]]:
     """All five E2E scores, and ``metric -> reason`` for each that could not be computed here.
 
     A metric that could not be computed scores None (never 0). Scales are in the module docstring.

@@ -2,14 +2,8 @@
 procedure; adding a method means adding its file and its name to one of the lines below."""
 
 # ruff: noqa: F401  (imported for their registration side effects)
-from lorabench.methods.adapters import (  # peft-backed
+from lorabench.methods.adapters import (  # peft-backed  # lorabench's own layers
     adalora,
-    lora,
-    miss,
-    randlora,
-    vera,
-)
-from lorabench.methods.adapters import (  # lorabench's own layers
     dylora,
     flora,
     hydra_lora,
@@ -17,15 +11,19 @@ from lorabench.methods.adapters import (  # lorabench's own layers
     inttune,
     lamda,
     loldu,
+    lora,
     lora_sb,
     lora_xs,
+    miss,
     nlora,
     nola,
+    randlora,
     salt,
     slora,
     soma,
     sora,
     svfit,
+    vera,
 )
 from lorabench.methods.initializers import corda, eva, lora_ga, olora, pissa, quantized
 from lorabench.methods.optimizers import (

@@ -22,8 +22,9 @@ def method_rows(method_dir: Path) -> list[tuple[str, ...]]:
         try:
             spec = resolve_method(raw)
         except ConfigError as exc:  # e.g. a 4-bit preset on a machine without CUDA
-            rows.append((name, str(raw.get("family", "")), "-", "-", f"unavailable here: {exc}",
-                         str(raw.get("paper", ""))))
+            rows.append(
+                (name, str(raw.get("family", "")), "-", "-", f"unavailable here: {exc}", str(raw.get("paper", "")))
+            )
             continue
         parts = "+".join(f"{axis}:{n}" for axis, n in spec.names.items() if n != "none")
         rows.append((name, spec.family, spec.backed_by(), describe_knob(spec), parts, spec.paper))

@@ -20,7 +20,12 @@ from lorabench.registry import ADAPTERS, INITIALIZERS, OPTIMIZERS, PROCEDURES, R
 # label: what tables show; family: how `lorabench methods` groups it; lr overrides train.lr;
 # target_modules: "default" takes the model's list, "all-linear" every linear layer but the head.
 COMMON_KEYS = ("label", "family", "paper", "adapter", "init", "optimizer", "procedure", "lr", "target_modules")
-AXES: dict[str, Registry] = {"adapter": ADAPTERS, "init": INITIALIZERS, "optimizer": OPTIMIZERS, "procedure": PROCEDURES}
+AXES: dict[str, Registry] = {
+    "adapter": ADAPTERS,
+    "init": INITIALIZERS,
+    "optimizer": OPTIMIZERS,
+    "procedure": PROCEDURES,
+}
 
 
 @dataclass
@@ -37,7 +42,10 @@ class MethodSpec:
     def describe(self) -> dict:
         """What the record stores about the method."""
         return {
-            "label": self.label, "family": self.family, "paper": self.paper, **self.names,
+            "label": self.label,
+            "family": self.family,
+            "paper": self.paper,
+            **self.names,
             "backed_by": self.backed_by(),
             "params": {axis: OmegaConf.to_container(OmegaConf.structured(p)) for axis, p in self.params.items()},
         }
@@ -62,7 +70,9 @@ def resolve_method(raw: dict) -> MethodSpec:
     label = raw["label"]
     names = {axis: str(raw.get(axis) or "none") for axis in AXES}
     if names["optimizer"] == "none":
-        raise ConfigError(f"method {label!r}: method.optimizer is required; valid choices: {', '.join(OPTIMIZERS.names())}")
+        raise ConfigError(
+            f"method {label!r}: method.optimizer is required; valid choices: {', '.join(OPTIMIZERS.names())}"
+        )
     components = {axis: AXES[axis].get(name, where=f"method.{axis}") for axis, name in names.items() if name != "none"}
     components = {axis: cls() for axis, cls in components.items()}
     _check_compatibility(label, names, components)
@@ -74,8 +84,10 @@ def resolve_method(raw: dict) -> MethodSpec:
     unknown = sorted(set(raw) - set(COMMON_KEYS) - set(owned))
     if unknown:
         valid = sorted(set(COMMON_KEYS) | set(owned))
-        raise ConfigError(f"unknown key(s) {', '.join('method.' + k for k in unknown)} for method {label!r}; "
-                          f"valid keys: {', '.join(valid)}")
+        raise ConfigError(
+            f"unknown key(s) {', '.join('method.' + k for k in unknown)} for method {label!r}; "
+            f"valid keys: {', '.join(valid)}"
+        )
     params = {}
     for axis, comp in components.items():
         values = {k: v for k, v in raw.items() if axis in owned.get(k, [])}
@@ -86,9 +98,19 @@ def resolve_method(raw: dict) -> MethodSpec:
         raise ConfigError(f"method.lr={lr!r} is invalid; it must be a number > 0 (or null to use train.lr)")
     targets = raw.get("target_modules", "default")
     if isinstance(targets, str) and targets not in ("default", "all-linear"):
-        raise ConfigError(f"method.target_modules={targets!r} is invalid; use 'default', 'all-linear' or a list of names")
-    return MethodSpec(label, str(raw.get("family", "other")), str(raw.get("paper", "")), lr,
-                      list(targets) if not isinstance(targets, str) else targets, names, components, params)
+        raise ConfigError(
+            f"method.target_modules={targets!r} is invalid; use 'default', 'all-linear' or a list of names"
+        )
+    return MethodSpec(
+        label,
+        str(raw.get("family", "other")),
+        str(raw.get("paper", "")),
+        lr,
+        list(targets) if not isinstance(targets, str) else targets,
+        names,
+        components,
+        params,
+    )
 
 
 def _check_compatibility(label: str, names: dict[str, str], components: dict[str, Any]) -> None:

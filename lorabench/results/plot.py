@@ -40,8 +40,15 @@ FIELDS = {
     "adapter_bytes": ("adapter file (bytes)", lambda r: r["cost"].get("adapter_file_bytes"), False),
     "intruders": ("intruder dimensions", lambda r: (r.get("analysis") or {}).get("intruders_total"), False),
 }
-ALIASES = {"memory": "peak_mem", "mem": "peak_mem", "trainable_params": "params", "optimizer_state": "opt_state",
-           "opt_state_mb": "opt_state", "throughput": "tokens_per_s", "accuracy": "metric"}
+ALIASES = {
+    "memory": "peak_mem",
+    "mem": "peak_mem",
+    "trainable_params": "params",
+    "optimizer_state": "opt_state",
+    "opt_state_mb": "opt_state",
+    "throughput": "tokens_per_s",
+    "accuracy": "metric",
+}
 FORMATS = ("png", "svg")
 
 
@@ -68,8 +75,10 @@ def field_spec(name: str):
     if name in FIELDS:
         return FIELDS[name]
     if "." not in name:
-        raise ValueError(f"unknown field {name!r}; use one of {', '.join(FIELDS)} or a dotted record path "
-                         "such as cost.train_time_s or config.method.rank")
+        raise ValueError(
+            f"unknown field {name!r}; use one of {', '.join(FIELDS)} or a dotted record path "
+            "such as cost.train_time_s or config.method.rank"
+        )
 
     def getter(r):
         value = _record_path(r, name)
@@ -164,17 +173,35 @@ def pareto_figure(records: list[dict], x: str = "peak_mem", y: str = "metric", g
         points = pareto_points(recs, x, y, group_by)
         out[panel] = points
         for p in points:
-            art = ax.errorbar([p.x], [p.y], xerr=[p.x_std], yerr=[p.y_std], fmt="o" if p.front else "s",
-                              color="C3" if p.front else "C0", capsize=3, markersize=6)
+            art = ax.errorbar(
+                [p.x],
+                [p.y],
+                xerr=[p.x_std],
+                yerr=[p.y_std],
+                fmt="o" if p.front else "s",
+                color="C3" if p.front else "C0",
+                capsize=3,
+                markersize=6,
+            )
             art[0].set_gid(f"point-{index}")
             index += 1
-            ax.annotate(f"{p.label} (n={p.n})", (p.x, p.y), textcoords="offset points",
-                        xytext=(5, 5 + 9 * (index % 3)), fontsize=8)
+            ax.annotate(
+                f"{p.label} (n={p.n})",
+                (p.x, p.y),
+                textcoords="offset points",
+                xytext=(5, 5 + 9 * (index % 3)),
+                fontsize=8,
+            )
         front = sorted((p for p in points if p.front), key=lambda p: p.x)
         if len(front) > 1:
             hx = _direction(xs, recs)
-            line, = ax.plot([p.x for p in front], [p.y for p in front], color="C3", alpha=0.6,
-                            drawstyle="steps-post" if not hx else "steps-pre")
+            (line,) = ax.plot(
+                [p.x for p in front],
+                [p.y for p in front],
+                color="C3",
+                alpha=0.6,
+                drawstyle="steps-post" if not hx else "steps-pre",
+            )
             line.set_gid("front")
         ax.set_xlabel(xs[0])
         ax.set_ylabel(ys[0])
@@ -186,8 +213,14 @@ def pareto_figure(records: list[dict], x: str = "peak_mem", y: str = "metric", g
     return fig, out
 
 
-def plot_pareto(records: list[dict], out_base: Path, x: str = "peak_mem", y: str = "metric",
-                group_by: tuple[str, ...] = (), formats=FORMATS) -> tuple[list[Path], dict[str, list[Point]]]:
+def plot_pareto(
+    records: list[dict],
+    out_base: Path,
+    x: str = "peak_mem",
+    y: str = "metric",
+    group_by: tuple[str, ...] = (),
+    formats=FORMATS,
+) -> tuple[list[Path], dict[str, list[Point]]]:
     fig, points = pareto_figure(records, x, y, group_by)
     return _save(fig, out_base, formats), points
 
@@ -202,13 +235,13 @@ def curves_figure(record: dict):
         return None
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
     if log:
-        line, = ax1.plot([e["step"] for e in log], [e["loss"] for e in log], marker=".", color="C0")
+        (line,) = ax1.plot([e["step"] for e in log], [e["loss"] for e in log], marker=".", color="C0")
         line.set_gid("curve-loss")
     ax1.set_xlabel("step")
     ax1.set_ylabel("train loss")
     ax1.grid(alpha=0.3)
     if evals:
-        line, = ax2.plot([s for s, _ in evals], [v * SCALE for _, v in evals], marker="o", color="C2")
+        (line,) = ax2.plot([s for s, _ in evals], [v * SCALE for _, v in evals], marker="o", color="C2")
         line.set_gid("curve-eval")
     ax2.set_xlabel("step")
     ax2.set_ylabel(f"eval {primary} x 100")
@@ -223,8 +256,11 @@ def plot_curves(record: dict, out_dir: Path, formats=FORMATS) -> list[Path]:
 
 
 def rank_curve_records(records: list[dict]) -> list[dict]:
-    return [r for r in records if isinstance((r.get("method_report") or {}).get("rank_curve"), dict)
-            and r["method_report"]["rank_curve"]]
+    return [
+        r
+        for r in records
+        if isinstance((r.get("method_report") or {}).get("rank_curve"), dict) and r["method_report"]["rank_curve"]
+    ]
 
 
 def rank_figure(records: list[dict]):
@@ -236,7 +272,7 @@ def rank_figure(records: list[dict]):
     for i, r in enumerate(recs):
         curve = sorted((int(k), float(v)) for k, v in r["method_report"]["rank_curve"].items() if v is not None)
         scale = SCALE if all(abs(v) <= 1.0 for _, v in curve) else 1.0
-        line, = ax.plot([k for k, _ in curve], [v * scale for _, v in curve], marker="o", label=r["run_id"])
+        (line,) = ax.plot([k for k, _ in curve], [v * scale for _, v in curve], marker="o", label=r["run_id"])
         line.set_gid(f"curve-{i}")
     ax.set_xlabel("rank used at evaluation")
     ax.set_ylabel(f"{recs[0]['metrics'].get('primary', 'metric')} x 100")
@@ -257,4 +293,4 @@ def svg_text(fig) -> str:
     fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})
     plt.close(fig)
     text = buf.getvalue()
-    return text[text.index("<svg"):]
+    return text[text.index("<svg") :]

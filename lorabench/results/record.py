@@ -80,8 +80,20 @@ def iter_records(root: Path) -> Iterator[tuple[Path, dict | None, str | None]]:
         yield path, (record if problem is None else None), problem
 
 
-REQUIRED_KEYS = ("schema_version", "run_id", "status", "config", "config_hash", "method", "model", "dataset",
-                 "metrics", "cost", "hardware", "provenance")
+REQUIRED_KEYS = (
+    "schema_version",
+    "run_id",
+    "status",
+    "config",
+    "config_hash",
+    "method",
+    "model",
+    "dataset",
+    "metrics",
+    "cost",
+    "hardware",
+    "provenance",
+)
 
 
 def validate_record(record: Any) -> str | None:

@@ -29,25 +29,33 @@ figure { margin: 1em 0; } figure svg { max-width: 100%; height: auto; }
 
 
 def _figure(fig, caption: str, cls: str) -> str:
-    return (f'<figure class="{cls}">{plot.svg_text(fig)}<figcaption>{html.escape(caption)}</figcaption></figure>')
+    return f'<figure class="{cls}">{plot.svg_text(fig)}<figcaption>{html.escape(caption)}</figcaption></figure>'
 
 
-def build_report(root: Path, title: str | None = None, group_by=(), paper: list[dict] | None = None,
-                 max_curves: int = 50) -> tuple[str, list]:
+def build_report(
+    root: Path, title: str | None = None, group_by=(), paper: list[dict] | None = None, max_curves: int = 50
+) -> tuple[str, list]:
     """(HTML text, problems) for every record under ``root``."""
     root = Path(root)
     records, problems, excluded = collect(root)
     title = title or f"lorabench report: {root}"
-    parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-             f"<style>{STYLE}</style></head><body>", f"<h1>{html.escape(title)}</h1>",
-             f"<p class=\"note\">{len(records)} completed runs; generated "
-             f"{_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')}.</p>"]
+    parts = [
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{STYLE}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        f'<p class="note">{len(records)} completed runs; generated '
+        f"{_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')}.</p>",
+    ]
     if not records:
         parts.append(f"<p>No completed records under {html.escape(str(root))}.</p>")
     else:
         table = build_rows(records, tuple(group_by or ()), paper)
-        parts += ["<h2>Comparison table</h2>", render_table(table, "html"),
-                  f"<p class=\"note\">{html.escape(footnote(table, excluded))}</p>", "<h2>Pareto fronts</h2>"]
+        parts += [
+            "<h2>Comparison table</h2>",
+            render_table(table, "html"),
+            f'<p class="note">{html.escape(footnote(table, excluded))}</p>',
+            "<h2>Pareto fronts</h2>",
+        ]
         for x in PARETO_X:
             fig, points = plot.pareto_figure(records, x, "metric", tuple(group_by or ()))
             if any(points.values()):
@@ -61,7 +69,7 @@ def build_report(root: Path, title: str | None = None, group_by=(), paper: list[
         shown = 0
         for r in sorted(records, key=lambda r: r["run_id"]):
             if shown >= max_curves:
-                parts.append(f"<p class=\"note\">{len(records) - shown} more runs not drawn (max_curves).</p>")
+                parts.append(f'<p class="note">{len(records) - shown} more runs not drawn (max_curves).</p>')
                 break
             fig = plot.curves_figure(r)
             if fig is not None:

@@ -81,8 +81,11 @@ def _drop(config: dict, dotted: str) -> None:
 
 
 def _variant(record: dict, group_by: tuple[str, ...] = ()) -> str:
-    cfg = {k: copy.deepcopy(v) for k, v in record["config"].items()
-           if k not in ("seed", "dataset", "results_dir", "force", "progress", "tracker", "hardware")}
+    cfg = {
+        k: copy.deepcopy(v)
+        for k, v in record["config"].items()
+        if k not in ("seed", "dataset", "results_dir", "force", "progress", "tracker", "hardware")
+    }
     for key in group_by:
         _drop(cfg, key)
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:6]
@@ -201,8 +204,14 @@ def build_rows(records: list[dict], group_by: tuple[str, ...] = (), paper: list[
             theirs = []
             for k in keys:
                 sample = cell_sample[k].get(col)
-                hit = None if sample is None else next(
-                    (e for e in paper if paper_match(e, sample["method"]["label"], k[1], name, metric, sample)), None)
+                hit = (
+                    None
+                    if sample is None
+                    else next(
+                        (e for e in paper if paper_match(e, sample["method"]["label"], k[1], name, metric, sample)),
+                        None,
+                    )
+                )
                 theirs.append(hit)
             if any(theirs):
                 verified = all(str(h.get("status", "")).startswith("verified") for h in theirs if h)
@@ -254,8 +263,15 @@ def _marked(table: Table, fmt: str) -> list[list[str]]:
 
 
 def _latex_escape(s: str) -> str:
-    return (s.replace("\\", r"\textbackslash{}").replace("_", r"\_").replace("%", r"\%").replace("&", r"\&")
-            .replace("#", r"\#").replace("±", r"$\pm$").replace("Δ", r"$\Delta$"))
+    return (
+        s.replace("\\", r"\textbackslash{}")
+        .replace("_", r"\_")
+        .replace("%", r"\%")
+        .replace("&", r"\&")
+        .replace("#", r"\#")
+        .replace("±", r"$\pm$")
+        .replace("Δ", r"$\Delta$")
+    )
 
 
 def render_table(table: Table, fmt: str) -> str:
@@ -268,22 +284,37 @@ def render_table(table: Table, fmt: str) -> str:
         writer.writerows(rows)
         return buf.getvalue().rstrip("\n")
     if fmt == "latex":
-        lines = [r"\begin{tabular}{" + "l" * 2 + "r" * (len(header) - 2) + "}", r"\toprule",
-                 " & ".join(_latex_escape(h) for h in header) + r" \\", r"\midrule"]
+        lines = [
+            r"\begin{tabular}{" + "l" * 2 + "r" * (len(header) - 2) + "}",
+            r"\toprule",
+            " & ".join(_latex_escape(h) for h in header) + r" \\",
+            r"\midrule",
+        ]
         for i, row in enumerate(rows):
-            cells = [(r"\textbf{" + _latex_escape(c) + "}") if (i, j) in table.best else _latex_escape(c)
-                     for j, c in enumerate(row)]
+            cells = [
+                (r"\textbf{" + _latex_escape(c) + "}") if (i, j) in table.best else _latex_escape(c)
+                for j, c in enumerate(row)
+            ]
             lines.append(" & ".join(cells) + r" \\")
         return "\n".join([*lines, r"\bottomrule", r"\end{tabular}"])
     if fmt == "html":
         head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
         body = []
         for i, row in enumerate(rows):
-            tds = "".join(f"<td class=\"best\"><strong>{html.escape(c)}</strong></td>" if (i, j) in table.best
-                          else f"<td>{html.escape(c)}</td>" for j, c in enumerate(row))
+            tds = "".join(
+                f'<td class="best"><strong>{html.escape(c)}</strong></td>'
+                if (i, j) in table.best
+                else f"<td>{html.escape(c)}</td>"
+                for j, c in enumerate(row)
+            )
             body.append(f"<tr>{tds}</tr>")
-        return ("<table class=\"lorabench-table\">\n<thead><tr>" + head + "</tr></thead>\n<tbody>\n"
-                + "\n".join(body) + "\n</tbody>\n</table>")
+        return (
+            '<table class="lorabench-table">\n<thead><tr>'
+            + head
+            + "</tr></thead>\n<tbody>\n"
+            + "\n".join(body)
+            + "\n</tbody>\n</table>"
+        )
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
@@ -295,8 +326,10 @@ def render(header: list[str], rows: list[list[str]], fmt: str) -> str:
 
 
 def footnote(table: Table, excluded: dict) -> str:
-    text = ("Metric cells: reported primary metric x 100, mean ± std over seeds (n runs). "
-            "Best per column in bold (lowest for params, memory and optimizer state; highest otherwise).")
+    text = (
+        "Metric cells: reported primary metric x 100, mean ± std over seeds (n runs). "
+        "Best per column in bold (lowest for params, memory and optimizer state; highest otherwise)."
+    )
     if table.notes:
         text += " Paper numbers: " + "; ".join(table.notes) + ". Δ = ours − paper."
     if excluded:
@@ -304,8 +337,9 @@ def footnote(table: Table, excluded: dict) -> str:
     return text
 
 
-def build_table(root: Path, fmt: str = "md", methods=None, models=None, datasets=None, group_by=(),
-                paper: list[dict] | None = None) -> tuple[str, list]:
+def build_table(
+    root: Path, fmt: str = "md", methods=None, models=None, datasets=None, group_by=(), paper: list[dict] | None = None
+) -> tuple[str, list]:
     """The rendered table and the list of (path, problem) for unreadable or invalid records."""
     records, problems, excluded = collect(root, methods, models, datasets)
     if not records:
@@ -315,5 +349,5 @@ def build_table(root: Path, fmt: str = "md", methods=None, models=None, datasets
     if fmt == "md":
         text += "\n\n" + footnote(table, excluded)
     elif fmt == "html":
-        text += f"\n<p class=\"note\">{html.escape(footnote(table, excluded))}</p>"
+        text += f'\n<p class="note">{html.escape(footnote(table, excluded))}</p>'
     return text, problems

@@ -61,17 +61,32 @@ class AdaLoraAdapter(Adapter):
 
     def apply(self, model: nn.Module, params: AdaLoraParams, ctx: MethodContext, init_kwargs: dict) -> nn.Module:
         if params.tinit >= ctx.max_steps - params.tfinal:
-            raise ConfigError(f"AdaLoRA: method.tinit={params.tinit} + method.tfinal={params.tfinal} leave no budgeting "
-                              f"phase in train.max_steps={ctx.max_steps}; lower them or train longer")
+            raise ConfigError(
+                f"AdaLoRA: method.tinit={params.tinit} + method.tfinal={params.tfinal} leave no budgeting "
+                f"phase in train.max_steps={ctx.max_steps}; lower them or train longer"
+            )
         config = AdaLoraConfig(
-            task_type=TASK_TYPES[ctx.head], init_r=params.init_r, target_r=params.target_r, lora_alpha=params.alpha,
-            lora_dropout=params.dropout, tinit=params.tinit, tfinal=params.tfinal, deltaT=params.delta_t,
-            beta1=params.ipt_beta1, beta2=params.ipt_beta2, orth_reg_weight=params.orth_reg_weight,
-            total_step=ctx.max_steps, target_modules=ctx.target_modules, **init_kwargs,
+            task_type=TASK_TYPES[ctx.head],
+            init_r=params.init_r,
+            target_r=params.target_r,
+            lora_alpha=params.alpha,
+            lora_dropout=params.dropout,
+            tinit=params.tinit,
+            tfinal=params.tfinal,
+            deltaT=params.delta_t,
+            beta1=params.ipt_beta1,
+            beta2=params.ipt_beta2,
+            orth_reg_weight=params.orth_reg_weight,
+            total_step=ctx.max_steps,
+            target_modules=ctx.target_modules,
+            **init_kwargs,
         )
         return get_peft_model(model, config)
 
     def expected_trainable(self, base_model: nn.Module, params: AdaLoraParams, ctx: MethodContext) -> int:
         """init_r * (d_in + d_out + 1) per targeted linear layer (P, Q and E), plus the task head."""
-        total = sum(params.init_r * (w.shape[0] + w.shape[1] + 1) for _, w in target_linear_weights(base_model, ctx.target_modules))
+        total = sum(
+            params.init_r * (w.shape[0] + w.shape[1] + 1)
+            for _, w in target_linear_weights(base_model, ctx.target_modules)
+        )
         return total + head_parameter_count(base_model, ctx.head)

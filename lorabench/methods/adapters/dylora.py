@@ -35,7 +35,9 @@ def kaiming_uniform(rows: int, cols: int, generator: torch.Generator) -> torch.T
 
 
 class DyLoraLayer(AdapterLayer):
-    def __init__(self, base: nn.Linear, r_max: int, r_min: int, alpha: float, eval_rank: int, generator: torch.Generator):
+    def __init__(
+        self, base: nn.Linear, r_max: int, r_min: int, alpha: float, eval_rank: int, generator: torch.Generator
+    ):
         super().__init__(base)
         dtype, device = self.adapter_dtype, base.weight.device
         self.lora_A = nn.Parameter(kaiming_uniform(r_max, base.in_features, generator).to(device, dtype))
@@ -70,7 +72,9 @@ class DyLoraParams:
         if not 1 <= self.r_min <= self.rank:
             raise ConfigError(f"method.r_min={self.r_min!r} is invalid; it must be in [1, method.rank={self.rank}]")
         if not 0 <= self.eval_rank <= self.rank:
-            raise ConfigError(f"method.eval_rank={self.eval_rank!r} is invalid; it must be in [0, method.rank={self.rank}] (0 = rank)")
+            raise ConfigError(
+                f"method.eval_rank={self.eval_rank!r} is invalid; it must be in [0, method.rank={self.rank}] (0 = rank)"
+            )
 
 
 @ADAPTERS.register("dylora")
@@ -80,7 +84,9 @@ class DyLoraAdapter(OwnAdapter):
     paper = "Valipour et al., 2023, arXiv:2210.07558"
 
     def make_layer(self, name: str, linear: nn.Linear, params: DyLoraParams, ctx: MethodContext) -> DyLoraLayer:
-        return DyLoraLayer(linear, params.rank, params.r_min, params.alpha, params.eval_rank, seeded_generator(ctx.seed, name))
+        return DyLoraLayer(
+            linear, params.rank, params.r_min, params.alpha, params.eval_rank, seeded_generator(ctx.seed, name)
+        )
 
     def layer_trainable(self, d_out: int, d_in: int, params: DyLoraParams) -> int:
         return params.rank * (d_in + d_out)

@@ -38,7 +38,9 @@ class IncreLoraLayer(AdapterLayer):
     def __init__(self, base: nn.Linear, r_max: int, init_r: int, alpha: float, generator: torch.Generator):
         super().__init__(base)
         dtype, device = self.adapter_dtype, base.weight.device
-        self.lora_P = nn.Parameter((torch.randn(base.out_features, r_max, generator=generator) * 0.02).to(device, dtype))
+        self.lora_P = nn.Parameter(
+            (torch.randn(base.out_features, r_max, generator=generator) * 0.02).to(device, dtype)
+        )
         self.lora_E = nn.Parameter(torch.zeros(r_max, device=device, dtype=dtype))
         self.lora_Q = nn.Parameter((torch.randn(r_max, base.in_features, generator=generator) * 0.02).to(device, dtype))
         mask = torch.zeros(r_max, device=device, dtype=dtype)

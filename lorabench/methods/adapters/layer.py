@@ -127,8 +127,9 @@ def target_shapes(model: nn.Module, targets: list[str]) -> list[tuple[str, int, 
     return found
 
 
-def wrap_targets(model: nn.Module, targets: list[str], factory: Callable[[str, nn.Linear], AdapterLayer],
-                 head: str = "causal_lm") -> nn.Module:
+def wrap_targets(
+    model: nn.Module, targets: list[str], factory: Callable[[str, nn.Linear], AdapterLayer], head: str = "causal_lm"
+) -> nn.Module:
     """Freeze every parameter, then replace each targeted ``nn.Linear`` (or GPT-2 ``Conv1D``, seen as
     an ``nn.Linear`` view) by ``factory(name, linear)``, whose own parameters train; for
     classification the task head (``base.HEAD_MODULES``) trains."""
@@ -173,7 +174,9 @@ def load_trainable(model: nn.Module, path: str | Path) -> nn.Module:
     expected = trainable_state_dict(model)
     missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"adapter file {path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"adapter file {path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     for name, target in expected.items():
         if target.shape != saved[name].shape:
             raise ValueError(f"{name}: saved shape {tuple(saved[name].shape)} != model shape {tuple(target.shape)}")
@@ -197,13 +200,18 @@ class OwnAdapter(Adapter):
 
     def apply(self, model: nn.Module, params: Any, ctx: MethodContext, init_kwargs: dict) -> nn.Module:
         if init_kwargs:
-            raise ConfigError(f"adapter {getattr(self, 'registry_name', type(self).__name__)!r} takes no "
-                              f"initializer arguments (got {sorted(init_kwargs)}); use method.init=none")
+            raise ConfigError(
+                f"adapter {getattr(self, 'registry_name', type(self).__name__)!r} takes no "
+                f"initializer arguments (got {sorted(init_kwargs)}); use method.init=none"
+            )
         self.prepare(model, params, ctx)
         return wrap_targets(model, ctx.target_modules, lambda n, lin: self.make_layer(n, lin, params, ctx), ctx.head)
 
     def expected_trainable(self, base_model: nn.Module, params: Any, ctx: MethodContext) -> int:
-        own = sum(self.layer_trainable(d_out, d_in, params) for _, d_out, d_in in target_shapes(base_model, ctx.target_modules))
+        own = sum(
+            self.layer_trainable(d_out, d_in, params)
+            for _, d_out, d_in in target_shapes(base_model, ctx.target_modules)
+        )
         return own + head_parameter_count(base_model, ctx.head)
 
 

@@ -56,8 +56,14 @@ class LoraAdapter(Adapter):
 
     def apply(self, model: nn.Module, params: LoraParams, ctx: MethodContext, init_kwargs: dict) -> nn.Module:
         config = LoraConfig(
-            task_type=TASK_TYPES[ctx.head], r=params.rank, lora_alpha=params.alpha, lora_dropout=params.dropout,
-            target_modules=ctx.target_modules, use_dora=params.use_dora, use_rslora=params.use_rslora, **init_kwargs,
+            task_type=TASK_TYPES[ctx.head],
+            r=params.rank,
+            lora_alpha=params.alpha,
+            lora_dropout=params.dropout,
+            target_modules=ctx.target_modules,
+            use_dora=params.use_dora,
+            use_rslora=params.use_rslora,
+            **init_kwargs,
         )
         model = get_peft_model(model, config)
         if params.freeze_a:
@@ -72,5 +78,7 @@ class LoraAdapter(Adapter):
         total = 0
         for _, w in target_linear_weights(base_model, ctx.target_modules):
             d_out, d_in = w.shape
-            total += params.rank * d_out + (0 if params.freeze_a else params.rank * d_in) + (d_out if params.use_dora else 0)
+            total += (
+                params.rank * d_out + (0 if params.freeze_a else params.rank * d_in) + (d_out if params.use_dora else 0)
+            )
         return total + head_parameter_count(base_model, ctx.head)

@@ -30,7 +30,7 @@ from torch import nn
 
 from lorabench.config import check_positive
 from lorabench.errors import ConfigError
-from lorabench.methods.adapters.layer import OwnAdapter, is_conv1d, check_rank, target_shapes, top_svd
+from lorabench.methods.adapters.layer import OwnAdapter, check_rank, is_conv1d, target_shapes, top_svd
 from lorabench.methods.adapters.lora_xs import XsLayer
 from lorabench.methods.base import MethodContext
 from lorabench.registry import ADAPTERS

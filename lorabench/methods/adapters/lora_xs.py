@@ -32,8 +32,16 @@ from lorabench.registry import ADAPTERS
 class XsLayer(AdapterLayer):
     """y = W0 x + s B (R - R0) A x with frozen B, A (and R0, absent when R starts at 0)."""
 
-    def __init__(self, base: nn.Linear, b: torch.Tensor, a: torch.Tensor, r: torch.Tensor, scale: float,
-                 r0: torch.Tensor | None = None, persistent_factors: bool = False):
+    def __init__(
+        self,
+        base: nn.Linear,
+        b: torch.Tensor,
+        a: torch.Tensor,
+        r: torch.Tensor,
+        scale: float,
+        r0: torch.Tensor | None = None,
+        persistent_factors: bool = False,
+    ):
         super().__init__(base)
         dtype, device = self.adapter_dtype, base.weight.device
         self.register_buffer("lora_B", b.to(device, dtype).contiguous(), persistent=persistent_factors)

@@ -57,13 +57,23 @@ class MissAdapter(Adapter):
             if params.rank > d_in or (params.mode == "bat" and (d_in % params.rank or d_out % params.rank)):
                 need = "divide d_in and d_out" if params.mode == "bat" else "be <= d_in"
                 raise ConfigError(f"method.rank={params.rank} must {need} of every target ({name} is {d_out}x{d_in})")
-        config = MissConfig(task_type=TASK_TYPES[ctx.head], r=params.rank, init_weights=MODES[params.mode],
-                            mini_r=params.mini_r, miss_dropout=params.dropout, target_modules=ctx.target_modules,
-                            **init_kwargs)
+        config = MissConfig(
+            task_type=TASK_TYPES[ctx.head],
+            r=params.rank,
+            init_weights=MODES[params.mode],
+            mini_r=params.mini_r,
+            miss_dropout=params.dropout,
+            target_modules=ctx.target_modules,
+            **init_kwargs,
+        )
         return get_peft_model(model, config)
 
     def expected_trainable(self, base_model: nn.Module, params: MissParams, ctx: MethodContext) -> int:
         """r * d_out per targeted linear layer (r * mini_r in mini mode), plus the task head."""
-        per = (lambda d_out: params.rank * params.mini_r) if params.mode == "mini" else (lambda d_out: params.rank * d_out)
+        per = (
+            (lambda d_out: params.rank * params.mini_r)
+            if params.mode == "mini"
+            else (lambda d_out: params.rank * d_out)
+        )
         total = sum(per(w.shape[0]) for _, w in target_linear_weights(base_model, ctx.target_modules))
         return total + head_parameter_count(base_model, ctx.head)

@@ -29,7 +29,9 @@ from lorabench.methods.base import MethodContext
 from lorabench.registry import ADAPTERS
 
 
-def nola_bases(seed: int, name: str, k: int, l: int, r: int, d_in: int, d_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+def nola_bases(
+    seed: int, name: str, k: int, l: int, r: int, d_in: int, d_out: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The frozen bases of one layer, (k, r, d_in) and (l, d_out, r), from the seed and layer name."""
     gen = seeded_generator(seed, "nola:" + name)
     basis_a = (torch.rand(k, r, d_in, generator=gen) * 2 - 1) / math.sqrt(d_in)
@@ -38,7 +40,9 @@ def nola_bases(seed: int, name: str, k: int, l: int, r: int, d_in: int, d_out: i
 
 
 class NolaLayer(AdapterLayer):
-    def __init__(self, base: nn.Linear, bases: tuple[torch.Tensor, torch.Tensor], scale: float, generator: torch.Generator):
+    def __init__(
+        self, base: nn.Linear, bases: tuple[torch.Tensor, torch.Tensor], scale: float, generator: torch.Generator
+    ):
         super().__init__(base)
         dtype, device = self.adapter_dtype, base.weight.device
         basis_a, basis_b = bases
@@ -83,8 +87,15 @@ class NolaAdapter(OwnAdapter):
     paper = "Koohpayegani et al., 2024, arXiv:2310.02556"
 
     def make_layer(self, name: str, linear: nn.Linear, params: NolaParams, ctx: MethodContext) -> NolaLayer:
-        bases = nola_bases(params.basis_seed, name, params.num_basis_a, params.num_basis_b, params.rank,
-                           linear.in_features, linear.out_features)
+        bases = nola_bases(
+            params.basis_seed,
+            name,
+            params.num_basis_a,
+            params.num_basis_b,
+            params.rank,
+            linear.in_features,
+            linear.out_features,
+        )
         return NolaLayer(linear, bases, params.alpha / params.rank, seeded_generator(ctx.seed, "nola-coef:" + name))
 
     def layer_trainable(self, d_out: int, d_in: int, params: NolaParams) -> int:

@@ -50,10 +50,17 @@ class RandLoraAdapter(Adapter):
     backed_by = "peft"
 
     def apply(self, model: nn.Module, params: RandLoraParams, ctx: MethodContext, init_kwargs: dict) -> nn.Module:
-        config = RandLoraConfig(task_type=TASK_TYPES[ctx.head], r=params.rank, randlora_alpha=params.alpha,
-                                randlora_dropout=params.dropout, sparse=params.sparse, very_sparse=params.very_sparse,
-                                projection_prng_key=params.projection_seed, target_modules=ctx.target_modules,
-                                **init_kwargs)
+        config = RandLoraConfig(
+            task_type=TASK_TYPES[ctx.head],
+            r=params.rank,
+            randlora_alpha=params.alpha,
+            randlora_dropout=params.dropout,
+            sparse=params.sparse,
+            very_sparse=params.very_sparse,
+            projection_prng_key=params.projection_seed,
+            target_modules=ctx.target_modules,
+            **init_kwargs,
+        )
         return get_peft_model(model, config)
 
     def expected_trainable(self, base_model: nn.Module, params: RandLoraParams, ctx: MethodContext) -> int:

@@ -30,8 +30,16 @@ class TriLayer(AdapterLayer):
     Frozen factors and the initial copies (B0, M0, A0) are non-persistent buffers: they regenerate
     from W0 or the seed, so the adapter file holds only the trainable factors."""
 
-    def __init__(self, base: nn.Linear, b: torch.Tensor, m: torch.Tensor, a: torch.Tensor, scale: float,
-                 train: tuple[str, ...] = ("B", "M", "A"), subtract_init: bool = False):
+    def __init__(
+        self,
+        base: nn.Linear,
+        b: torch.Tensor,
+        m: torch.Tensor,
+        a: torch.Tensor,
+        scale: float,
+        train: tuple[str, ...] = ("B", "M", "A"),
+        subtract_init: bool = False,
+    ):
         super().__init__(base)
         dtype, device = self.adapter_dtype, base.weight.device
         self.scale, self.subtract_init = scale, subtract_init

@@ -2,11 +2,11 @@
 Language Models", arXiv:2311.11696), our own layer.
 
 Update rule: Delta W = s B diag(g) A with B (d_out x r_max, zero init), A (r_max x d_in, Kaiming
-uniform) and a gate g (r_max, init N(0, 1) as the authors' ``LowRankLinear``), s = alpha / r_max. A, B and g train with the run's optimizer
-(AdamW; g is 1-D so it gets no weight decay); after every optimizer step the ``sora`` procedure applies
-the proximal (soft-threshold) step of the L1 penalty to g: g <- sign(g) max(|g| - eta lambda, 0). The
-authors' ``SparseAdamW`` thresholds by a fixed lambda per step (eta = 1, ``lambda_times_lr: false``,
-the default here); the paper's proximal-SGD form uses eta = the gate's learning rate
+uniform) and a gate g (r_max, init N(0, 1) as the authors' ``LowRankLinear``), s = alpha / r_max.
+A, B and g train with the run's optimizer (AdamW; g is 1-D so it gets no weight decay); after every
+optimizer step the ``sora`` procedure applies the proximal (soft-threshold) step of the L1 penalty
+to g: g <- sign(g) max(|g| - eta lambda, 0). The authors' ``SparseAdamW`` thresholds by a fixed
+lambda per step (eta = 1, ``lambda_times_lr: false``, the default here); the paper's proximal-SGD form uses eta = the gate's learning rate
 (``lambda_times_lr: true``). ``prune()`` drops the ranks whose gate is 0 and folds g into B, which
 leaves the layer's output unchanged. Trainable parameters per target: r_max (d_in + d_out + 1),
 plus the task head.
@@ -59,7 +59,9 @@ class SoraLayer(AdapterLayer):
             return self.lora_A.shape[0]
         keep = self.gate != 0
         self.lora_A = nn.Parameter(self.lora_A[keep].clone(), requires_grad=self.lora_A.requires_grad)
-        self.lora_B = nn.Parameter((self.lora_B[:, keep] * self.gate[keep]).clone(), requires_grad=self.lora_B.requires_grad)
+        self.lora_B = nn.Parameter(
+            (self.lora_B[:, keep] * self.gate[keep]).clone(), requires_grad=self.lora_B.requires_grad
+        )
         del self.gate
         self.gate = None
         return int(keep.sum())

@@ -28,8 +28,9 @@ from lorabench.registry import ADAPTERS
 class DiagLayer(AdapterLayer):
     """Delta W = z L diag(d) R - z0 L diag(d0) R with frozen L (d_out x r), R (r x d_in)."""
 
-    def __init__(self, base: nn.Linear, left: torch.Tensor, diag: torch.Tensor, right: torch.Tensor,
-                 scalar: float | None = None):
+    def __init__(
+        self, base: nn.Linear, left: torch.Tensor, diag: torch.Tensor, right: torch.Tensor, scalar: float | None = None
+    ):
         super().__init__(base)
         dtype, device = self.adapter_dtype, base.weight.device
         self.register_buffer("left", left.to(device, dtype).contiguous(), persistent=False)
@@ -38,7 +39,9 @@ class DiagLayer(AdapterLayer):
         self.register_buffer("init_diag", diag.to(device, dtype).clone(), persistent=False)
         if scalar is not None:
             self.scalar = nn.Parameter(torch.tensor(float(scalar), device=device, dtype=dtype))
-            self.register_buffer("init_scalar", torch.tensor(float(scalar), device=device, dtype=dtype), persistent=False)
+            self.register_buffer(
+                "init_scalar", torch.tensor(float(scalar), device=device, dtype=dtype), persistent=False
+            )
         else:
             self.scalar = None
 

@@ -44,9 +44,15 @@ class VeraAdapter(Adapter):
     backed_by = "peft"
 
     def apply(self, model: nn.Module, params: VeraParams, ctx: MethodContext, init_kwargs: dict) -> nn.Module:
-        config = VeraConfig(task_type=TASK_TYPES[ctx.head], r=params.rank, d_initial=params.d_initial,
-                            vera_dropout=params.dropout, projection_prng_key=params.projection_seed,
-                            target_modules=ctx.target_modules, **init_kwargs)
+        config = VeraConfig(
+            task_type=TASK_TYPES[ctx.head],
+            r=params.rank,
+            d_initial=params.d_initial,
+            vera_dropout=params.dropout,
+            projection_prng_key=params.projection_seed,
+            target_modules=ctx.target_modules,
+            **init_kwargs,
+        )
         return get_peft_model(model, config)
 
     def expected_trainable(self, base_model: nn.Module, params: VeraParams, ctx: MethodContext) -> int:

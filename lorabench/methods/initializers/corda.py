@@ -54,8 +54,12 @@ class CordaInit(Initializer):
         return {"init_lora_weights": "corda", "corda_config": self._config(params)}
 
     def before_adapter(self, model: nn.Module, params: CordaParams, ctx: MethodContext) -> None:
-        config = LoraConfig(r=params.rank, target_modules=ctx.target_modules, init_lora_weights="corda",
-                            corda_config=self._config(params))
+        config = LoraConfig(
+            r=params.rank,
+            target_modules=ctx.target_modules,
+            init_lora_weights="corda",
+            corda_config=self._config(params),
+        )
         seen = []
 
         @torch.no_grad()

@@ -60,24 +60,33 @@ class EvaInit(Initializer):
     requires_adapter = ("lora",)
 
     def adapter_kwargs(self, params: EvaParams) -> dict:
-        config = EvaConfig(rho=params.rho, tau=params.tau, use_label_mask=params.use_label_mask, whiten=params.whiten,
-                           adjust_scaling_factors=params.adjust_scaling_factors)
+        config = EvaConfig(
+            rho=params.rho,
+            tau=params.tau,
+            use_label_mask=params.use_label_mask,
+            whiten=params.whiten,
+            adjust_scaling_factors=params.adjust_scaling_factors,
+        )
         return {"init_lora_weights": "eva", "eva_config": config}
 
     def after_adapter(self, model: nn.Module, params: EvaParams, ctx: MethodContext) -> None:
         batches = list(ctx.calibration_batches())
         if not batches:
             raise ValueError("EVA needs calibration batches (train.init_batches > 0)")
-        initialize_lora_eva_weights(model, dataloader=batches, prepare_model_inputs_fn=_model_inputs,
-                                    show_progress_bar=False)
+        initialize_lora_eva_weights(
+            model, dataloader=batches, prepare_model_inputs_fn=_model_inputs, show_progress_bar=False
+        )
         ctx.extras["rank_pattern"] = layer_ranks(model, ctx.target_modules)
 
 
 def layer_ranks(model: nn.Module, targets: list[str]) -> dict[str, int]:
     """The LoRA rank of every targeted layer after EVA's redistribution (peft's own ``rank_pattern``
     lists only the layers whose rank differs from r; EVA unwraps rank-0 layers, reported as 0)."""
-    ranks = {name.removeprefix("base_model.model."): int(m.r["default"])
-             for name, m in model.named_modules() if hasattr(m, "lora_A") and "default" in getattr(m, "r", {})}
+    ranks = {
+        name.removeprefix("base_model.model."): int(m.r["default"])
+        for name, m in model.named_modules()
+        if hasattr(m, "lora_A") and "default" in getattr(m, "r", {})
+    }
     for name, _ in target_linear_weights(model, targets):  # plain Linear again: rank 0
         ranks[name.removesuffix(".weight").removeprefix("base_model.model.")] = 0
     return ranks

@@ -58,8 +58,9 @@ class LoraGaInit(Initializer):
 
     def before_adapter(self, model: nn.Module, params: LoraGaParams, ctx: MethodContext) -> None:
         # preprocess_loraga reads only target_modules and lora_ga_config from the LoraConfig.
-        config = LoraConfig(target_modules=ctx.target_modules, init_lora_weights="lora_ga",
-                            lora_ga_config=self._config(params))
+        config = LoraConfig(
+            target_modules=ctx.target_modules, init_lora_weights="lora_ga", lora_ga_config=self._config(params)
+        )
         seen = []
 
         def train_step() -> None:
@@ -68,7 +69,9 @@ class LoraGaInit(Initializer):
                 seen.append(1)
 
         with warnings.catch_warnings():  # peft counts backward passes with full backward hooks; the
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")  # first layer's input needs no grad
+            warnings.filterwarnings(
+                "ignore", message="Full backward hook is firing"
+            )  # first layer's input needs no grad
             preprocess_loraga(model, config, train_step=train_step)
         if not seen:
             raise ValueError("LoRA-GA needs calibration batches (train.init_batches > 0)")

@@ -32,8 +32,10 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 def check_cuda_backend(method: str) -> None:
     if not torch.cuda.is_available():
-        raise ConfigError(f"{method} needs CUDA (bitsandbytes 4-bit kernels), but torch.cuda.is_available() is False; "
-                          "it cannot run on this machine - pick a method without a quantized base (e.g. method=lora)")
+        raise ConfigError(
+            f"{method} needs CUDA (bitsandbytes 4-bit kernels), but torch.cuda.is_available() is False; "
+            "it cannot run on this machine - pick a method without a quantized base (e.g. method=lora)"
+        )
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
@@ -51,7 +53,9 @@ class Nf4Params:
         if self.quant_type not in ("nf4", "fp4"):
             raise ConfigError(f"method.quant_type={self.quant_type!r} is invalid; valid choices: nf4, fp4")
         if self.compute_dtype not in DTYPES:
-            raise ConfigError(f"method.compute_dtype={self.compute_dtype!r} is invalid; valid choices: {', '.join(DTYPES)}")
+            raise ConfigError(
+                f"method.compute_dtype={self.compute_dtype!r} is invalid; valid choices: {', '.join(DTYPES)}"
+            )
         check_cuda_backend("QLoRA (method.init=nf4)")
 
 
@@ -70,11 +74,20 @@ class Nf4Init(Initializer):
                 top = (parent_name or child_name).split(".")[0]
                 if not isinstance(child, nn.Linear) or top in (*HEAD_MODULES, "lm_head") or child_name == "lm_head":
                     continue  # the task head (trained in full) and the LM head stay in full precision
-                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=DTYPES[params.compute_dtype], quant_type=params.quant_type,
-                                      compress_statistics=params.double_quant)
-                q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type=params.quant_type,
-                                             compress_statistics=params.double_quant)
+                q = bnb.nn.Linear4bit(
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    compute_dtype=DTYPES[params.compute_dtype],
+                    quant_type=params.quant_type,
+                    compress_statistics=params.double_quant,
+                )
+                q.weight = bnb.nn.Params4bit(
+                    child.weight.data.cpu(),
+                    requires_grad=False,
+                    quant_type=params.quant_type,
+                    compress_statistics=params.double_quant,
+                )
                 if child.bias is not None:
                     q.bias = nn.Parameter(child.bias.data, requires_grad=False)
                 setattr(parent, child_name, q.to("cuda"))  # quantizes on the move
@@ -106,11 +119,17 @@ class LoftqInit(Initializer):
     def adapter_kwargs(self, params: LoftqParams) -> dict:
         from peft import LoftQConfig
 
-        return {"init_lora_weights": "loftq", "loftq_config": LoftQConfig(loftq_bits=params.loftq_bits,
-                                                                            loftq_iter=params.loftq_iter)}
+        return {
+            "init_lora_weights": "loftq",
+            "loftq_config": LoftQConfig(loftq_bits=params.loftq_bits, loftq_iter=params.loftq_iter),
+        }
 
     def after_adapter(self, model: nn.Module, params: LoftqParams, ctx: MethodContext) -> None:
-        scales = {s for m in model.modules() if isinstance(getattr(m, "scaling", None), dict) for s in m.scaling.values()}
+        scales = {
+            s for m in model.modules() if isinstance(getattr(m, "scaling", None), dict) for s in m.scaling.values()
+        }
         if any(abs(s - 1.0) > 1e-6 for s in scales):
-            raise ConfigError(f"LoftQ needs method.alpha == method.rank (peft's LoftQ init ignores the alpha/r scale); "
-                              f"got scale(s) {sorted(scales)}")
+            raise ConfigError(
+                f"LoftQ needs method.alpha == method.rank (peft's LoftQ init ignores the alpha/r scale); "
+                f"got scale(s) {sorted(scales)}"
+            )

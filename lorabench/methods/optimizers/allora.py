@@ -83,12 +83,20 @@ class ALLoRA(OptimizerBuilder):
             raise ConfigError(
                 f"optimizer allora needs LoRA without dropout and without scaling: got dropout={config.lora_dropout}, "
                 f"alpha={config.lora_alpha}, rank={config.r} (scale {scale:g}), use_dora={config.use_dora}; "
-                "set method.dropout=0 and method.alpha=method.rank")
+                "set method.dropout=0 and method.alpha=method.rank"
+            )
         lora = [p for n, p in model.named_parameters() if p.requires_grad and (".lora_A." in n or ".lora_B." in n)]
         if not lora:
             raise ConfigError("optimizer allora found no trainable lora_A/lora_B tensors")
         ids = {id(p) for p in lora}
-        groups = [{"params": lora, "weight_decay": ctx.weight_decay, "allora": True, "eta": params.allora_eta,
-                   "norm": params.allora_norm}]
+        groups = [
+            {
+                "params": lora,
+                "weight_decay": ctx.weight_decay,
+                "allora": True,
+                "eta": params.allora_eta,
+                "norm": params.allora_norm,
+            }
+        ]
         groups += decay_groups(model, ctx.weight_decay, exclude=ids)
         return ALLoRAAdamW(groups, lr=ctx.lr, betas=(params.beta1, params.beta2), eps=params.eps)

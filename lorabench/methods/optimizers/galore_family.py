@@ -46,20 +46,36 @@ class GaLoreFamily(torch.optim.Optimizer):
     update_proj_gap, scale, proj_type, residual, residual_lr_scale, gamma, fira_residual,
     reset_on_refresh, bits, lazy (dict or None) and seed. Other groups are plain AdamW."""
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6,
-                 weight_decay: float = 0.0):
-        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "projector": None,
-                    "rank": 8, "update_proj_gap": 200, "scale": 1.0, "proj_type": "std", "residual": "none",
-                    "residual_lr_scale": 1.0, "gamma": 1.01, "fira_residual": "exact",
-                    "reset_on_refresh": False, "bits": 32, "lazy": None, "seed": 0}
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0):
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "projector": None,
+            "rank": 8,
+            "update_proj_gap": 200,
+            "scale": 1.0,
+            "proj_type": "std",
+            "residual": "none",
+            "residual_lr_scale": 1.0,
+            "gamma": 1.01,
+            "fira_residual": "exact",
+            "reset_on_refresh": False,
+            "bits": 32,
+            "lazy": None,
+            "seed": 0,
+        }
         super().__init__(params, defaults)
         self.dct_cache = DCTCache()
 
     def state_dict(self) -> dict:
         """Projector objects become plain dicts, so checkpoints load with weights_only=True."""
         packed = super().state_dict()
-        packed["state"] = {k: ({**v, "projector": v["projector"].to_state()} if "projector" in v else v)
-                           for k, v in packed["state"].items()}
+        packed["state"] = {
+            k: ({**v, "projector": v["projector"].to_state()} if "projector" in v else v)
+            for k, v in packed["state"].items()
+        }
         return packed
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -85,9 +101,16 @@ class GaLoreFamily(torch.optim.Optimizer):
         if group["residual"] not in RESIDUAL_RULES:
             raise ValueError(f"residual={group['residual']!r} is invalid; valid: {', '.join(RESIDUAL_RULES)}")
         extra = {"dct_cache": self.dct_cache} if group["projector"] == "dct" else dict(group["lazy"] or {})
-        return make_projector(group["projector"], p.shape, group["rank"], group["update_proj_gap"],
-                              proj_type=group["proj_type"], seed=group["seed"] * 100_003 + index,
-                              bits=group["bits"], **extra)
+        return make_projector(
+            group["projector"],
+            p.shape,
+            group["rank"],
+            group["update_proj_gap"],
+            proj_type=group["proj_type"],
+            seed=group["seed"] * 100_003 + index,
+            bits=group["bits"],
+            **extra,
+        )
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -198,8 +221,15 @@ def build_family(model, ctx: MethodContext, params, cls: type | None = None, **o
     groups = decay_groups(model, ctx.weight_decay, exclude={id(p) for p in projected})
     if projected:
         options.setdefault("update_proj_gap", getattr(params, "update_proj_gap", None))
-        groups.append({"params": projected, "weight_decay": ctx.weight_decay, "seed": ctx.seed,
-                       "proj_type": params.proj_type, **options})
+        groups.append(
+            {
+                "params": projected,
+                "weight_decay": ctx.weight_decay,
+                "seed": ctx.seed,
+                "proj_type": params.proj_type,
+                **options,
+            }
+        )
     return (cls or GaLoreFamily)(groups, lr=ctx.lr, betas=(params.beta1, params.beta2), eps=params.eps)
 
 
@@ -220,8 +250,7 @@ class GaLore(OptimizerBuilder):
     backed_by = "lorabench"
 
     def build(self, model, params: GaLoreParams, ctx: MethodContext):
-        return build_family(model, ctx, params, projector=params.projector, rank=params.rank,
-                            scale=params.scale)
+        return build_family(model, ctx, params, projector=params.projector, rank=params.rank, scale=params.scale)
 
 
 @dataclass
@@ -244,8 +273,17 @@ class Fira(OptimizerBuilder):
     backed_by = "lorabench"
 
     def build(self, model, params: FiraParams, ctx: MethodContext):
-        return build_family(model, ctx, params, projector="svd", rank=params.rank, scale=params.scale,
-                            residual="fira", gamma=params.gamma, fira_residual=params.fira_residual)
+        return build_family(
+            model,
+            ctx,
+            params,
+            projector="svd",
+            rank=params.rank,
+            scale=params.scale,
+            residual="fira",
+            gamma=params.gamma,
+            fira_residual=params.fira_residual,
+        )
 
 
 @dataclass
@@ -291,10 +329,19 @@ class Frugal(OptimizerBuilder):
     backed_by = "lorabench"
 
     def build(self, model, params: FrugalParams, ctx: MethodContext):
-        opt = build_family(model, ctx, params, cls=FrugalFamily, projector=params.projector,
-                           density=params.density, update_proj_gap=params.update_gap, scale=1.0,
-                           residual=params.inactive_update_rule, residual_lr_scale=params.inactive_lr_scale,
-                           reset_on_refresh=params.reset_statistics)
+        opt = build_family(
+            model,
+            ctx,
+            params,
+            cls=FrugalFamily,
+            projector=params.projector,
+            density=params.density,
+            update_proj_gap=params.update_gap,
+            scale=1.0,
+            residual=params.inactive_update_rule,
+            residual_lr_scale=params.inactive_lr_scale,
+            reset_on_refresh=params.reset_statistics,
+        )
         for group in opt.param_groups:  # proj_params_lr_scale: lr of the projected group (both parts)
             if group["projector"] is not None:
                 group["lr"] = ctx.lr * params.proj_params_lr_scale
@@ -325,10 +372,10 @@ class QGaLore(OptimizerBuilder):
     backed_by = "lorabench"
 
     def build(self, model, params: QGaLoreParams, ctx: MethodContext):
-        lazy = {"cos_threshold": params.cos_threshold, "patience": params.patience,
-                "gap_growth": params.gap_growth}
-        return build_family(model, ctx, params, projector="svd", rank=params.rank, scale=params.scale,
-                            bits=params.proj_bits, lazy=lazy)
+        lazy = {"cos_threshold": params.cos_threshold, "patience": params.patience, "gap_growth": params.gap_growth}
+        return build_family(
+            model, ctx, params, projector="svd", rank=params.rank, scale=params.scale, bits=params.proj_bits, lazy=lazy
+        )
 
 
 @OPTIMIZERS.register("dct_adamw")

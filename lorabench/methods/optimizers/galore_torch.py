@@ -39,8 +39,16 @@ def galore_param_groups(model, params: GaLoreParams, ctx: MethodContext) -> list
     """Targeted 2-D weights in one GaLore group; the rest in ordinary AdamW groups."""
     projected = [p for _, p in target_linear_weights(model, ctx.target_modules) if p.requires_grad]
     groups = decay_groups(model, ctx.weight_decay, exclude={id(p) for p in projected})
-    groups.append({"params": projected, "weight_decay": ctx.weight_decay, "rank": params.rank,
-                   "update_proj_gap": params.update_proj_gap, "scale": params.scale, "proj_type": params.proj_type})
+    groups.append(
+        {
+            "params": projected,
+            "weight_decay": ctx.weight_decay,
+            "rank": params.rank,
+            "update_proj_gap": params.update_proj_gap,
+            "scale": params.scale,
+            "proj_type": params.proj_type,
+        }
+    )
     return groups
 
 

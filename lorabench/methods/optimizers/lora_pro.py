@@ -65,8 +65,16 @@ def lora_pro_gradients(a, b, grad_a, grad_b, scale: float, ridge: float = 1e-8):
 class LoraProAdamW(torch.optim.Optimizer):
     """Groups with ``pair_scale`` hold exactly [lora_A, lora_B] of one module; other groups are AdamW."""
 
-    def __init__(self, groups, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 mode: str = "full", ridge: float = 1e-8):
+    def __init__(
+        self,
+        groups,
+        lr: float,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        mode: str = "full",
+        ridge: float = 1e-8,
+    ):
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is invalid; valid: {', '.join(MODES)}")
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "pair_scale": None}
@@ -158,7 +166,9 @@ class LoraPro(OptimizerBuilder):
 
     def build(self, model, params: LoraProParams, ctx: MethodContext) -> torch.optim.Optimizer:
         if any(".lora_magnitude_vector." in n for n, _ in model.named_parameters()):
-            raise ConfigError("optimizer lora_pro pairs lora_A/lora_B tensors and does not support DoRA (method.use_dora)")
+            raise ConfigError(
+                "optimizer lora_pro pairs lora_A/lora_B tensors and does not support DoRA (method.use_dora)"
+            )
         pairs = lora_pairs(model)
         if not pairs:
             raise ConfigError("optimizer lora_pro found no trainable lora_A/lora_B pair (is method.freeze_a set?)")
@@ -166,7 +176,16 @@ class LoraPro(OptimizerBuilder):
         groups = [{"params": [a, b], "pair_scale": s, "weight_decay": ctx.weight_decay} for a, b, s in pairs]
         rest = [p for p in model.parameters() if p.requires_grad and id(p) not in paired]
         decay, no_decay = [p for p in rest if p.ndim >= 2], [p for p in rest if p.ndim < 2]
-        groups += [g for g in ({"params": decay, "weight_decay": ctx.weight_decay},
-                               {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-        return LoraProAdamW(groups, lr=ctx.lr, betas=(params.beta1, params.beta2), eps=params.eps,
-                            mode=params.lora_pro_mode, ridge=params.lora_pro_ridge)
+        groups += [
+            g
+            for g in ({"params": decay, "weight_decay": ctx.weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+            if g["params"]
+        ]
+        return LoraProAdamW(
+            groups,
+            lr=ctx.lr,
+            betas=(params.beta1, params.beta2),
+            eps=params.eps,
+            mode=params.lora_pro_mode,
+            ridge=params.lora_pro_ridge,
+        )

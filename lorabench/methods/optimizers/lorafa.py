@@ -30,7 +30,10 @@ class LoraFA(OptimizerBuilder):
         if any(".lora_A." in n and p.requires_grad for n, p in model.named_parameters()):
             raise ConfigError("optimizer lorafa freezes LoRA's A; set method.freeze_a=true so the adapter agrees")
         if any(".lora_magnitude_vector." in n for n, _ in model.named_parameters()):
-            raise ConfigError("optimizer lorafa pairs lora_A/lora_B tensors and does not support DoRA (method.use_dora)")
+            raise ConfigError(
+                "optimizer lorafa pairs lora_A/lora_B tensors and does not support DoRA (method.use_dora)"
+            )
         config = model.peft_config["default"]
-        return create_lorafa_optimizer(model, r=config.r, lora_alpha=config.lora_alpha, lr=ctx.lr,
-                                       weight_decay=ctx.weight_decay)
+        return create_lorafa_optimizer(
+            model, r=config.r, lora_alpha=config.lora_alpha, lr=ctx.lr, weight_decay=ctx.weight_decay
+        )

@@ -40,6 +40,12 @@ class LoraPlus(OptimizerBuilder):
     requires_adapter = ("lora",)
 
     def build(self, model, params: LoraPlusParams, ctx: MethodContext) -> torch.optim.Optimizer:
-        return create_loraplus_optimizer(model, torch.optim.AdamW, lr=ctx.lr, loraplus_lr_ratio=params.loraplus_lr_ratio,
-                                         loraplus_weight_decay=ctx.weight_decay, betas=(params.beta1, params.beta2),
-                                         eps=params.eps)
+        return create_loraplus_optimizer(
+            model,
+            torch.optim.AdamW,
+            lr=ctx.lr,
+            loraplus_lr_ratio=params.loraplus_lr_ratio,
+            loraplus_weight_decay=ctx.weight_decay,
+            betas=(params.beta1, params.beta2),
+            eps=params.eps,
+        )

@@ -83,8 +83,7 @@ class DCTCache:
 class Projector:
     """Base class: dense orthonormal basis B (r x d) stored in fp32 or quantized to ``bits``."""
 
-    def __init__(self, shape, rank: int, gap: int, *, proj_type: str = "std", seed: int = 0, bits: int = 32,
-                 **_):
+    def __init__(self, shape, rank: int, gap: int, *, proj_type: str = "std", seed: int = 0, bits: int = 32, **_):
         m, n = shape
         self.shape = (m, n)
         self.side = SIDE_RULES[proj_type](m, n)
@@ -167,8 +166,9 @@ class SVDProjector(Projector):
     the previous leading basis vector; after ``patience`` consecutive values >= the threshold the
     layer's gap is multiplied by ``gap_growth`` (scheduled refreshes in between are skipped)."""
 
-    def __init__(self, shape, rank, gap, *, cos_threshold: float | None = None, patience: int = 5,
-                 gap_growth: int = 2, **kw):
+    def __init__(
+        self, shape, rank, gap, *, cos_threshold: float | None = None, patience: int = 5, gap_growth: int = 2, **kw
+    ):
         super().__init__(shape, rank, gap, **kw)
         self.cos_threshold, self.patience, self.gap_growth = cos_threshold, patience, gap_growth
         self.streak = 0

@@ -20,8 +20,11 @@ from lorabench.registry import PROCEDURES
 
 def effective_ranks(model: nn.Module) -> dict[str, int]:
     """Non-zero singular values (entries of lora_E) per adapted layer."""
-    return {name.rsplit(".lora_E", 1)[0].removeprefix("base_model.model."): int(torch.count_nonzero(p).item())
-            for name, p in model.named_parameters() if ".lora_E." in name}
+    return {
+        name.rsplit(".lora_E", 1)[0].removeprefix("base_model.model."): int(torch.count_nonzero(p).item())
+        for name, p in model.named_parameters()
+        if ".lora_E." in name
+    }
 
 
 @PROCEDURES.register("adalora")

@@ -72,7 +72,9 @@ class BAdam(Procedure):
     backed_by = "lorabench"
     requires_adapter = ("none",)
 
-    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, params: BAdamParams, ctx: MethodContext) -> None:
+    def setup(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, params: BAdamParams, ctx: MethodContext
+    ) -> None:
         self.blocks, self.always = badam_blocks(model, params.badam_non_layer)
         self.optimizer, self.params, self.max_steps = optimizer, params, ctx.max_steps
         self.rng = random.Random(ctx.seed)

@@ -31,7 +31,9 @@ class DyLoraSampling(Procedure):
     paper = "Valipour et al., 2023, arXiv:2210.07558"
     requires_adapter = ("dylora",)
 
-    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, params: DyLoraSamplingParams, ctx: MethodContext) -> None:
+    def setup(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, params: DyLoraSamplingParams, ctx: MethodContext
+    ) -> None:
         self.layers = [m for m in model.modules() if isinstance(m, DyLoraLayer)]
         if not self.layers:
             raise ValueError("the dylora procedure found no DyLoRA layers")
@@ -62,8 +64,11 @@ class DyLoraSampling(Procedure):
         return {"dylora_rank_counts": dict(sorted(self.counts.items())), "dylora_eval_rank": self.layers[0].eval_rank}
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state().tolist(), "rank": self.rank,
-                "counts": {str(k): v for k, v in self.counts.items()}}
+        return {
+            "generator": self.generator.get_state().tolist(),
+            "rank": self.rank,
+            "counts": {str(k): v for k, v in self.counts.items()},
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))

@@ -46,7 +46,9 @@ class IncreLoraAllocator(Procedure):
     paper = "Zhang et al., 2023, arXiv:2308.12043"
     requires_adapter = ("increlora",)
 
-    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, params: IncreLoraAllocParams, ctx: MethodContext) -> None:
+    def setup(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, params: IncreLoraAllocParams, ctx: MethodContext
+    ) -> None:
         self.layers = {name: m for name, m in model.named_modules() if isinstance(m, IncreLoraLayer)}
         if not self.layers:
             raise ValueError("the increlora procedure found no IncreLoRA layers")
@@ -109,8 +111,11 @@ class IncreLoraAllocator(Procedure):
         """The rank masks (buffers, not in the checkpoint's trainable tensors), the importance EMAs
         (as nested lists, about twice the adapter's size) and the number of additions."""
         params = {id(p): f"{n}.{k}" for n, m in self.layers.items() for k, p in m.named_parameters(recurse=False)}
-        return {"masks": {n: m.rank_mask.tolist() for n, m in self.layers.items()}, "additions": self.additions,
-                "ema": {params[i]: [a.tolist(), b.tolist()] for i, (a, b) in self.ema.items()}}
+        return {
+            "masks": {n: m.rank_mask.tolist() for n, m in self.layers.items()},
+            "additions": self.additions,
+            "ema": {params[i]: [a.tolist(), b.tolist()] for i, (a, b) in self.ema.items()},
+        }
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
@@ -118,6 +123,10 @@ class IncreLoraAllocator(Procedure):
             self.layers[name].rank_mask.copy_(torch.tensor(mask))
         self.additions = int(state["additions"])
         params = {f"{n}.{k}": p for n, m in self.layers.items() for k, p in m.named_parameters(recurse=False)}
-        self.ema = {id(params[key]): (torch.tensor(a, dtype=params[key].dtype, device=params[key].device),
-                                      torch.tensor(b, dtype=params[key].dtype, device=params[key].device))
-                    for key, (a, b) in state["ema"].items()}
+        self.ema = {
+            id(params[key]): (
+                torch.tensor(a, dtype=params[key].dtype, device=params[key].device),
+                torch.tensor(b, dtype=params[key].dtype, device=params[key].device),
+            )
+            for key, (a, b) in state["ema"].items()
+        }

@@ -31,8 +31,10 @@ class LamdaFreezeParams:
 
     def __post_init__(self) -> None:
         if not 0 <= self.pmb_freeze_start <= self.pmb_freeze_end <= 1:
-            raise ConfigError(f"method.pmb_freeze_start={self.pmb_freeze_start!r} and method.pmb_freeze_end="
-                              f"{self.pmb_freeze_end!r} must satisfy 0 <= start <= end <= 1 (fractions of train.max_steps)")
+            raise ConfigError(
+                f"method.pmb_freeze_start={self.pmb_freeze_start!r} and method.pmb_freeze_end="
+                f"{self.pmb_freeze_end!r} must satisfy 0 <= start <= end <= 1 (fractions of train.max_steps)"
+            )
 
 
 @PROCEDURES.register("lamda")
@@ -41,7 +43,9 @@ class LamdaFreeze(Procedure):
     paper = "Azizi et al., 2024, arXiv:2406.12832"
     requires_adapter = ("lamda",)
 
-    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, params: LamdaFreezeParams, ctx: MethodContext) -> None:
+    def setup(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, params: LamdaFreezeParams, ctx: MethodContext
+    ) -> None:
         self.layers = [m for m in model.modules() if isinstance(m, LamdaLayer)]
         if not self.layers:
             raise ValueError("the lamda procedure found no LaMDA layers")
@@ -55,7 +59,7 @@ class LamdaFreeze(Procedure):
         now = sum(1 for t in self.freeze_at if t <= step)
         if now > self.frozen:
             for layer, saved in zip(self.layers, self.values):
-                saved[:, self.frozen:now] = layer.lora_B.detach()[:, self.frozen:now]
+                saved[:, self.frozen : now] = layer.lora_B.detach()[:, self.frozen : now]
             self.frozen = now
 
     def after_backward(self, step: int) -> None:

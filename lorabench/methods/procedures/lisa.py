@@ -80,8 +80,10 @@ class Lisa(Procedure):
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, params: LisaParams, ctx: MethodContext) -> None:
         self.layers, self.always = layer_parameters(model)
         if params.lisa_activated_layers > len(self.layers):
-            raise ConfigError(f"method.lisa_activated_layers={params.lisa_activated_layers} exceeds the model's "
-                              f"{len(self.layers)} layers")
+            raise ConfigError(
+                f"method.lisa_activated_layers={params.lisa_activated_layers} exceeds the model's "
+                f"{len(self.layers)} layers"
+            )
         self.optimizer, self.params, self.max_steps = optimizer, params, ctx.max_steps
         self.rng = random.Random(ctx.seed)
         self.periods: list[dict] = []
@@ -103,7 +105,7 @@ class Lisa(Procedure):
         """Trainable parameters at any step when layers are equally sized: non-layer + γ layers."""
         layers, always = layer_parameters(base_model)
         sizes = sorted(sum(p.numel() for p in ps) for ps in layers)
-        return sum(p.numel() for p in always) + sum(sizes[-params.lisa_activated_layers:])
+        return sum(p.numel() for p in always) + sum(sizes[-params.lisa_activated_layers :])
 
     def state(self) -> dict:
         return {"lisa_num_layers": len(self.layers), "lisa_periods": self.periods}

@@ -49,7 +49,9 @@ class SoraProximal(Procedure):
     paper = "Ding et al., 2023, arXiv:2311.11696"
     requires_adapter = ("sora",)
 
-    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, params: SoraProximalParams, ctx: MethodContext) -> None:
+    def setup(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, params: SoraProximalParams, ctx: MethodContext
+    ) -> None:
         self.layers = {name: m for name, m in model.named_modules() if isinstance(m, SoraLayer)}
         if not self.layers:
             raise ValueError("the sora procedure found no SoRA layers")
