@@ -6,8 +6,8 @@ uniform) and a gate g (r_max, init N(0, 1) as the authors' ``LowRankLinear``), s
 A, B and g train with the run's optimizer (AdamW; g is 1-D so it gets no weight decay); after every
 optimizer step the ``sora`` procedure applies the proximal (soft-threshold) step of the L1 penalty
 to g: g <- sign(g) max(|g| - eta lambda, 0). The authors' ``SparseAdamW`` thresholds by a fixed
-lambda per step (eta = 1, ``lambda_times_lr: false``, the default here); the paper's proximal-SGD form uses eta = the gate's learning rate
-(``lambda_times_lr: true``). ``prune()`` drops the ranks whose gate is 0 and folds g into B, which
+lambda per step (eta = 1, ``lambda_times_lr: false``, the default here); the paper's proximal-SGD
+form uses eta = the gate's learning rate (``lambda_times_lr: true``). ``prune()`` drops the ranks whose gate is 0 and folds g into B, which
 leaves the layer's output unchanged. Trainable parameters per target: r_max (d_in + d_out + 1),
 plus the task head.
 Hyper-parameters (authors' GLUE script, DeBERTaV3-base): r_max = 8, lr 8e-4, weight decay 0.1,
