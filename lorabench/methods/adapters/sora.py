@@ -2,14 +2,14 @@
 Language Models", arXiv:2311.11696), our own layer.
 
 Update rule: Delta W = s B diag(g) A with B (d_out x r_max, zero init), A (r_max x d_in, Kaiming
-uniform) and a gate g (r_max, init N(0, 1) as the authors' ``LowRankLinear``), s = alpha / r_max.
-A, B and g train with the run's optimizer (AdamW; g is 1-D so it gets no weight decay); after every
+uniform) and a gate g (r_max, init N(0, 1) as the authors' ``LowRankLinear``), s = alpha / r_max. A,
+B and g train with the run's optimizer (AdamW; g is 1-D so it gets no weight decay); after every
 optimizer step the ``sora`` procedure applies the proximal (soft-threshold) step of the L1 penalty
 to g: g <- sign(g) max(|g| - eta lambda, 0). The authors' ``SparseAdamW`` thresholds by a fixed
 lambda per step (eta = 1, ``lambda_times_lr: false``, the default here); the paper's proximal-SGD
-form uses eta = the gate's learning rate (``lambda_times_lr: true``). ``prune()`` drops the ranks whose gate is 0 and folds g into B, which
-leaves the layer's output unchanged. Trainable parameters per target: r_max (d_in + d_out + 1),
-plus the task head.
+form uses eta = the gate's learning rate (``lambda_times_lr: true``). ``prune()`` drops the ranks
+whose gate is 0 and folds g into B, which leaves the layer's output unchanged. Trainable parameters
+per target: r_max (d_in + d_out + 1), plus the task head.
 Hyper-parameters (authors' GLUE script, DeBERTaV3-base): r_max = 8, lr 8e-4, weight decay 0.1,
 max_grad_norm 0.1, ``--sparse_lambda_2 3e-4`` (read here as the SparseAdamW threshold lambda; the
 script's ``--sparse_lambda 10`` is not used: its role is uncertain), optional lambda schedule
