@@ -473,6 +473,11 @@ def train(cfg: RunConfig, spec: MethodSpec, command: str = "") -> dict:
         )
         record["method_report"]["skipped_nonfinite_steps"] = skipped
         evaluate_now()
+        extra = getattr(procedure, "post_training_evaluations", None)
+        curve = extra(lambda: _evaluate(task, model, tokenizer, splits.eval, cfg, accelerator)[0]) if extra else None
+        if curve:  # e.g. DyLoRA: the trained model evaluated at every rank
+            record["method_report"]["rank_curve"] = {rank: m[primary] for rank, m in curve.items()}
+            record["method_report"]["rank_curve_metrics"] = curve
         if pretrained is not None and is_main:
             report = model_intruders(
                 pretrained, accelerator.unwrap_model(model), cfg.analysis.intruder_top_k, cfg.analysis.intruder_epsilon

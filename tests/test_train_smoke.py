@@ -116,3 +116,13 @@ def test_budget_sizes_the_method_in_the_loop(method, budget, sst2_dir, tmp_path)
     assert record["cost"]["expected_trainable_params"] == solved["predicted"]
     knob = solved["knob"].split("=")[0]
     assert record["config"]["method"][knob] == solved["value"]
+
+
+def test_dylora_records_its_rank_curve(sst2_dir, tmp_path):
+    assert train("method=dylora", "method.rank=4", "method.eval_all_ranks=true",
+                 *tiny_overrides("classification", sst2_dir, tmp_path)) == 0
+    (record,) = records(tmp_path)
+    curve = record["method_report"]["rank_curve"]
+    assert sorted(int(k) for k in curve) == [1, 2, 3, 4]
+    assert all(0.0 <= v <= 1.0 for v in curve.values())
+    assert record["method_report"]["rank_curve_metrics"]["4"]["accuracy"] == record["metrics"]["final"]["accuracy"]

@@ -5,7 +5,8 @@ seed) and set on every ``dylora`` layer: the first step's rank in ``setup``, the
 ``on_step_end``. With ``frozen: true`` (the paper's "frozen" mode) ``after_backward`` zeroes the
 gradients of ranks < b so that only row b of A and column b of B receive gradient. ``state()``
 reports how often each rank was drawn; ``state_dict()`` (checkpoints) holds the generator state,
-the current rank and the counts.
+the current rank and the counts. With ``eval_all_ranks: true`` the loop evaluates the trained model at
+every rank 1..r_max after training and stores the rank -> metric curve in the record.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from lorabench.registry import PROCEDURES
 @dataclass
 class DyLoraSamplingParams:
     frozen: bool = False
+    eval_all_ranks: bool = False  # after training, evaluate at every rank 1..r_max (the rank -> metric curve)
 
 
 @PROCEDURES.register("dylora")
@@ -37,7 +39,7 @@ class DyLoraSampling(Procedure):
         self.layers = [m for m in model.modules() if isinstance(m, DyLoraLayer)]
         if not self.layers:
             raise ValueError("the dylora procedure found no DyLoRA layers")
-        self.frozen = params.frozen
+        self.frozen, self.eval_all_ranks = params.frozen, params.eval_all_ranks
         self.r_min, self.r_max = self.layers[0].r_min, self.layers[0].r_max
         self.generator = torch.Generator().manual_seed(ctx.seed + 7919)
         self.counts: dict[int, int] = {}
@@ -59,6 +61,21 @@ class DyLoraSampling(Procedure):
 
     def on_step_end(self, step: int) -> None:
         self._sample()
+
+    def post_training_evaluations(self, evaluate) -> dict[int, dict] | None:
+        """With ``eval_all_ranks``: the metrics of ``evaluate()`` at every rank 1..r_max (one trained
+        model, truncated to the first b ranks), as DyLoRA's rank curves; the eval rank is restored."""
+        if not self.eval_all_ranks:
+            return None
+        kept = [layer.eval_rank for layer in self.layers]
+        curve = {}
+        for rank in range(1, self.r_max + 1):
+            for layer in self.layers:
+                layer.eval_rank = rank
+            curve[rank] = evaluate()
+        for layer, rank in zip(self.layers, kept):
+            layer.eval_rank = rank
+        return curve
 
     def state(self) -> dict:
         return {"dylora_rank_counts": dict(sorted(self.counts.items())), "dylora_eval_rank": self.layers[0].eval_rank}
