@@ -33,6 +33,7 @@ from lorabench.data.base import collate, count_tokens, resolve_primary
 from lorabench.data.cache import cached_features
 from lorabench.measure import PeakMemory, optimizer_state_bytes, parameter_counts, provenance
 from lorabench.methods.adapters.layer import save_trainable
+from lorabench.methods.adapters.xlora import PEFT_ADAPTER_DIR
 from lorabench.methods.base import MethodContext
 from lorabench.methods.build import apply_method, expected_trainable
 from lorabench.methods.spec import MethodSpec
@@ -557,8 +558,12 @@ def _save_trainable(model, accelerator: Accelerator, run_dir: Path, has_adapter:
         return None
     path = run_dir / "adapter.safetensors"
     tmp = path.with_suffix(".tmp")
-    save_trainable(accelerator.unwrap_model(model), tmp)
+    unwrapped = accelerator.unwrap_model(model)
+    save_trainable(unwrapped, tmp)
     os.replace(tmp, path)
+    peft_config = getattr(unwrapped, "peft_config", {}).get("default")
+    if getattr(peft_config, "peft_type", None) == "LORA":  # peft's own format too, e.g. as an X-LoRA expert
+        unwrapped.save_pretrained(run_dir / PEFT_ADAPTER_DIR)
     return path.stat().st_size
 
 

@@ -119,8 +119,15 @@ def test_budget_sizes_the_method_in_the_loop(method, budget, sst2_dir, tmp_path)
 
 
 def test_dylora_records_its_rank_curve(sst2_dir, tmp_path):
-    assert train("method=dylora", "method.rank=4", "method.eval_all_ranks=true",
-                 *tiny_overrides("classification", sst2_dir, tmp_path)) == 0
+    assert (
+        train(
+            "method=dylora",
+            "method.rank=4",
+            "method.eval_all_ranks=true",
+            *tiny_overrides("classification", sst2_dir, tmp_path),
+        )
+        == 0
+    )
     (record,) = records(tmp_path)
     curve = record["method_report"]["rank_curve"]
     assert sorted(int(k) for k in curve) == [1, 2, 3, 4]
