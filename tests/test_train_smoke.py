@@ -133,3 +133,12 @@ def test_dylora_records_its_rank_curve(sst2_dir, tmp_path):
     assert sorted(int(k) for k in curve) == [1, 2, 3, 4]
     assert all(0.0 <= v <= 1.0 for v in curve.values())
     assert record["method_report"]["rank_curve_metrics"]["4"]["accuracy"] == record["metrics"]["final"]["accuracy"]
+
+
+def test_wandb_tracker_offline(sst2_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    assert train("method=lora", "tracker=wandb", *tiny_overrides("classification", sst2_dir, tmp_path)) == 0
+    (record,) = records(tmp_path)
+    assert record["status"] == "completed"
+    assert list(tmp_path.rglob("wandb/offline-run-*")), "no offline W&B run was written"
