@@ -258,11 +258,31 @@ def train(cfg: RunConfig, spec: MethodSpec, command: str = "") -> dict:
         targets = resolve_targets(spec, cfg.model.target_modules, model)
         lr = spec.lr or cfg.train.lr
 
-        def calibration_batches():
-            return itertools.islice(iter(loader), cfg.train.init_batches)
+        calibration_loader = DataLoader(
+            features, batch_size=cfg.hardware.micro_batch_size, shuffle=False, collate_fn=lambda b: collate(b, pad_id)
+        )
 
+        def calibration_batches():  # the same batches for every seed, so inits can be cached and compared
+            return itertools.islice(iter(calibration_loader), cfg.train.init_batches)
+
+        calibration_key = config_hash(
+            {
+                "model": cfg_dict["model"],
+                "dataset": cfg_dict["dataset"],
+                "targets": targets,
+                "batches": cfg.train.init_batches,
+                "micro": cfg.hardware.micro_batch_size,
+            }
+        )[:16]
         ctx = MethodContext(
-            targets, task.head, lr, cfg.train.weight_decay, cfg.train.max_steps, cfg.seed, calibration_batches
+            targets,
+            task.head,
+            lr,
+            cfg.train.weight_decay,
+            cfg.train.max_steps,
+            cfg.seed,
+            calibration_batches,
+            calibration_key,
         )
         if cfg.budget.active():
             solved = solve_budget(

@@ -142,3 +142,12 @@ def test_wandb_tracker_offline(sst2_dir, tmp_path, monkeypatch):
     (record,) = records(tmp_path)
     assert record["status"] == "completed"
     assert list(tmp_path.rglob("wandb/offline-run-*")), "no offline W&B run was written"
+
+
+def test_lora_ga_gradient_estimate_is_reused_across_seeds(sst2_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("LORABENCH_CACHE", str(tmp_path / "cache"))
+    for seed in (0, 1):
+        assert train("method=lora_ga", f"seed={seed}", *tiny_overrides("classification", sst2_dir, tmp_path)) == 0
+    by_seed = {r["config"]["seed"]: r["method_report"]["lora_ga_gradient_cache"] for r in records(tmp_path)}
+    assert by_seed[0]["hit"] is False and by_seed[1]["hit"] is True
+    assert by_seed[0]["path"] == by_seed[1]["path"]

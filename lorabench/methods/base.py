@@ -20,7 +20,8 @@ from torch import nn
 @dataclass
 class MethodContext:
     """What components may look at while they build. ``calibration_batches()`` yields a few real
-    training batches (``train.init_batches`` of them) for data- and gradient-driven inits."""
+    training batches (the first ``train.init_batches`` in dataset order, the same for every seed) for
+    data- and gradient-driven inits."""
 
     target_modules: list[str]
     head: str  # "classification" or "causal_lm"
@@ -29,6 +30,7 @@ class MethodContext:
     max_steps: int
     seed: int
     calibration_batches: Callable[[], Iterator[dict[str, torch.Tensor]]] = lambda: iter(())
+    calibration_key: str = ""  # identifies model, data and calibration batches (not the seed), for caches
     extras: dict[str, Any] = field(default_factory=dict)  # things a component reports to the record
 
 

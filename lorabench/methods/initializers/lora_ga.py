@@ -9,18 +9,23 @@ step 0. The first LoRA step then approximates the first full fine-tuning step.
 Hyper-parameters (peft ``LoraGAConfig`` defaults, the paper's): direction "ArB2r", scale "stable",
 stable_gamma 16. Authors' Llama-2-7B recipe: r 32, alpha 8 (the paper's tables: r 8, alpha 16),
 64 gradient-estimation batches (here ``train.init_batches``).
+The estimated gradients are cached (``cache_gradients``, in ``<LORABENCH_CACHE>/lora_ga/``) under a
+key of the model, the data and the calibration batches, which do not depend on the run seed: the
+runs of a seed sweep estimate the gradient once.
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 from peft import LoraConfig, LoraGAConfig
 from peft.tuners.lora.loraga import preprocess_loraga
 from torch import nn
 
 from lorabench.errors import ConfigError
+from lorabench.models import cache_dir
 from lorabench.methods.base import Initializer, MethodContext
 from lorabench.registry import INITIALIZERS
 
@@ -33,6 +38,7 @@ class LoraGaParams:
     direction: str = "ArB2r"
     scale: str = "stable"
     stable_gamma: int = 16
+    cache_gradients: bool = True  # reuse the gradient estimate across seeds (same model, data, batches)
 
     def __post_init__(self) -> None:
         if self.direction not in DIRECTIONS:
@@ -41,6 +47,14 @@ class LoraGaParams:
             raise ConfigError(f"method.scale={self.scale!r} is invalid; valid choices: {', '.join(SCALES)}")
         if self.stable_gamma <= 0:
             raise ConfigError(f"method.stable_gamma={self.stable_gamma!r} is invalid; it must be > 0")
+
+
+def gradient_cache(ctx: MethodContext) -> Path | None:
+    if not ctx.calibration_key:
+        return None
+    folder = cache_dir() / "lora_ga"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{ctx.calibration_key}-{'-'.join(sorted(ctx.target_modules))}.pt"
 
 
 @INITIALIZERS.register("lora_ga")
@@ -72,7 +86,10 @@ class LoraGaInit(Initializer):
             warnings.filterwarnings(
                 "ignore", message="Full backward hook is firing"
             )  # first layer's input needs no grad
-            preprocess_loraga(model, config, train_step=train_step)
-        if not seen:
+            cache = gradient_cache(ctx) if params.cache_gradients else None
+            hit = cache is not None and cache.exists()
+            preprocess_loraga(model, config, train_step=train_step, cache_file=str(cache) if cache else None)
+        if not seen and not hit:
             raise ValueError("LoRA-GA needs calibration batches (train.init_batches > 0)")
         ctx.extras["lora_ga_batches"] = len(seen)
+        ctx.extras["lora_ga_gradient_cache"] = {"path": str(cache) if cache else None, "hit": hit}
