@@ -25,8 +25,8 @@ from peft.tuners.lora.loraga import preprocess_loraga
 from torch import nn
 
 from lorabench.errors import ConfigError
-from lorabench.models import cache_dir
 from lorabench.methods.base import Initializer, MethodContext
+from lorabench.models import cache_dir
 from lorabench.registry import INITIALIZERS
 
 DIRECTIONS = ("ArBr", "A2rBr", "ArB2r", "random")
