@@ -42,6 +42,7 @@ def build_run(cfg_dict: dict):
     from lorabench.config import RunConfig, validate_run
     from lorabench.methods.spec import resolve_method
     from lorabench.registry import DATASETS
+    from lorabench.trackers import check_tracker
 
     try:
         cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), cfg_dict))
@@ -51,6 +52,7 @@ def build_run(cfg_dict: dict):
             raise cause from None
         raise ConfigError(str(exc).splitlines()[0] + f" (at {getattr(exc, 'full_key', '?')})") from None
     _check_device(cfg)
+    check_tracker(cfg.tracker)
     validate_run(cfg)
     spec = resolve_method(dict(cfg.method))
     task = DATASETS.get(cfg.dataset.name, where="dataset")

@@ -209,9 +209,9 @@ class RunConfig:
     force: bool = False  # rerun even if a record for this run id exists
     resume: str = "never"  # never | auto: continue this run id from its newest valid checkpoint
     progress: bool = True
-    tracker: str = "none"  # none | wandb
+    tracker: str = "none"  # none | wandb | mlflow
 
-    TRACKERS = ("none", "wandb")
+    TRACKERS = ("none", "wandb", "mlflow")
     RESUME = ("never", "auto")
 
     def __post_init__(self) -> None:

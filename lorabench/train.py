@@ -39,6 +39,7 @@ from lorabench.methods.build import apply_method, expected_trainable
 from lorabench.methods.spec import MethodSpec
 from lorabench.models import load_model
 from lorabench.registry import DATASETS
+from lorabench.trackers import start_tracker
 from lorabench.results.record import (
     RECORD_NAME,
     SCHEMA_VERSION,
@@ -207,7 +208,7 @@ def train(cfg: RunConfig, spec: MethodSpec, command: str = "") -> dict:
     stop = StopFlag().__enter__()
     t_start = time.perf_counter()
     timers = {"init_time_s": 0.0, "train_time_s": 0.0, "eval_time_s": 0.0}
-    tracker = _start_tracker(cfg, rid, cfg_dict, record_path.parent) if is_main else None
+    tracker = start_tracker(cfg.tracker, rid, cfg_dict, record_path.parent, Path(cfg.results_dir)) if is_main else None
     memory = PeakMemory().__enter__()
     step, t_train = 0, None  # t_train: start of the current training stretch (None while not training)
     try:
@@ -538,7 +539,7 @@ def train(cfg: RunConfig, spec: MethodSpec, command: str = "") -> dict:
         record["finished_at"] = now()
         recorder.write()
         if tracker:
-            tracker.finish(exit_code=0 if record["status"] == "completed" else 1)
+            tracker.finish(record["status"] == "completed")
     if is_main:
         final = record["metrics"]["final"][primary]
         print(
@@ -597,20 +598,4 @@ def _print_start(cfg, spec, accum, processes, trainable, total, features, lr, ta
         f"(mean length {mean_len:.0f}); {cfg.train.max_steps} steps, lr {lr:g}, {cfg.train.schedule} schedule\n"
         f"[lorabench] trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.3f}%); "
         f"targets: {', '.join(targets)}"
-    )
-
-
-def _start_tracker(cfg: RunConfig, rid: str, cfg_dict: dict, run_dir: Path):
-    if cfg.tracker != "wandb":
-        return None
-    import wandb
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return wandb.init(
-        project=os.environ.get("WANDB_PROJECT", "lorabench"),
-        name=rid,
-        id=rid,
-        config=cfg_dict,
-        dir=str(run_dir),
-        resume="allow",
     )

@@ -151,3 +151,13 @@ def test_lora_ga_gradient_estimate_is_reused_across_seeds(sst2_dir, tmp_path, mo
     by_seed = {r["config"]["seed"]: r["method_report"]["lora_ga_gradient_cache"] for r in records(tmp_path)}
     assert by_seed[0]["hit"] is False and by_seed[1]["hit"] is True
     assert by_seed[0]["path"] == by_seed[1]["path"]
+
+
+def test_mlflow_tracker_file_store(sst2_dir, tmp_path, monkeypatch):
+    pytest.importorskip("mlflow", reason="mlflow-skinny is a dev dependency; install it to run this test")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert train("method=lora", "tracker=mlflow", *tiny_overrides("classification", sst2_dir, tmp_path)) == 0
+    (record,) = records(tmp_path)
+    assert record["status"] == "completed"
+    metric_files = list((tmp_path / "mlruns").rglob("metrics/eval_accuracy"))
+    assert metric_files, "no MLflow metric was written"

@@ -1,0 +1,84 @@
+"""Optional experiment trackers. Runs are fully recorded without them (record.json); a tracker
+only mirrors the config, the training log and the evaluations.
+
+``tracker=wandb``: Weights & Biases (``WANDB_MODE=offline`` works without network; project from
+``WANDB_PROJECT``, default ``lorabench``). ``tracker=mlflow``: MLflow (``MLFLOW_TRACKING_URI``,
+default a file store ``<results_dir>/mlruns``; needs ``pip install mlflow-skinny`` or ``mlflow``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from lorabench.errors import ConfigError
+from lorabench.registry import Registry
+
+TRACKERS = Registry("tracker")
+
+
+def check_tracker(name: str) -> None:
+    """Fail at validation, before any work, when the tracker's package is missing."""
+    package = {"wandb": "wandb", "mlflow": "mlflow"}.get(name)
+    if package and importlib.util.find_spec(package) is None:
+        raise ConfigError(
+            f"tracker={name!r} needs the {package!r} package: pip install {package}"
+            + ("-skinny" if package == "mlflow" else "")
+        )
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+@TRACKERS.register("wandb")
+class WandbTracker:
+    def __init__(self, run_id: str, config: dict, run_dir: Path, results_dir: Path):
+        import wandb
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "lorabench"),
+            name=run_id,
+            id=run_id,
+            config=config,
+            dir=str(run_dir),
+            resume="allow",
+        )
+
+    def log(self, metrics: dict, step: int) -> None:
+        self.run.log(metrics, step=step)
+
+    def finish(self, ok: bool) -> None:
+        self.run.finish(exit_code=0 if ok else 1)
+
+
+@TRACKERS.register("mlflow")
+class MlflowTracker:
+    def __init__(self, run_id: str, config: dict, run_dir: Path, results_dir: Path):
+        import mlflow
+
+        self.mlflow = mlflow
+        if "MLFLOW_TRACKING_URI" not in os.environ:  # a local file store, no server or database needed
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            mlflow.set_tracking_uri((results_dir / "mlruns").resolve().as_uri())
+        mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "lorabench"))
+        mlflow.start_run(run_name=run_id)
+        mlflow.log_params({k: str(v)[:500] for k, v in _flat(config).items()})
+
+    def log(self, metrics: dict, step: int) -> None:
+        self.mlflow.log_metrics({k.replace("/", "_"): v for k, v in metrics.items()}, step=step)
+
+    def finish(self, ok: bool) -> None:
+        self.mlflow.end_run(status="FINISHED" if ok else "FAILED")
+
+
+def start_tracker(name: str, run_id: str, config: dict, run_dir: Path, results_dir: Path):
+    return None if name == "none" else TRACKERS.get(name)(run_id, config, run_dir, results_dir)
