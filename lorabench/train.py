@@ -39,7 +39,6 @@ from lorabench.methods.build import apply_method, expected_trainable
 from lorabench.methods.spec import MethodSpec
 from lorabench.models import load_model
 from lorabench.registry import DATASETS
-from lorabench.trackers import start_tracker
 from lorabench.results.record import (
     RECORD_NAME,
     SCHEMA_VERSION,
@@ -49,6 +48,7 @@ from lorabench.results.record import (
     run_id,
     write_json_atomic,
 )
+from lorabench.trackers import start_tracker
 
 HEAD_MODULES = ("classifier", "score", "lm_head", "qa_outputs")
 
