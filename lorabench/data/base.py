@@ -108,3 +108,33 @@ def collate(features: list[dict], pad_token_id: int, padding_side: str = "right"
 
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int(batch["attention_mask"].sum())
+
+
+@torch.no_grad()
+def generate_texts(model, tokenizer, prompts: list[str], cfg: DatasetConfig, device, **generate_kwargs) -> list[str]:
+    """Batched generation (left padding, KV cache; greedy, or beam with ``cfg.num_beams``): the
+    decoded new tokens of each prompt. Prompts are tokenized as in ``lm_features`` (BOS only when
+    the tokenizer adds one)."""
+    bos = (
+        [tokenizer.bos_token_id]
+        if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False)
+        else []
+    )
+    outputs = []
+    for start in range(0, len(prompts), cfg.eval_batch_size):
+        chunk = prompts[start : start + cfg.eval_batch_size]
+        feats = [{"input_ids": bos + tokenizer(p, add_special_tokens=False)["input_ids"]} for p in chunk]
+        batch = collate(feats, tokenizer.pad_token_id, padding_side="left")
+        generated = model.generate(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            max_new_tokens=cfg.max_new_tokens,
+            do_sample=False,
+            num_beams=cfg.num_beams,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            use_cache=True,
+            **generate_kwargs,
+        )
+        outputs.extend(tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1] :], skip_special_tokens=True))
+    return outputs

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from lorabench.config import DatasetConfig
-from lorabench.data.base import Splits, check_columns, collate, require_file, resolve_primary, subset
+from lorabench.data.base import Splits, check_columns, generate_texts, require_file, resolve_primary, subset
 from lorabench.errors import ConfigError, DataError
 from lorabench.evaluation.math_answers import exact_match, reference_answer
 from lorabench.hub import hub_reachable
@@ -78,25 +78,8 @@ class MathWordProblems:
 
     @torch.no_grad()
     def predict(self, model, tokenizer, examples: list[dict], cfg: DatasetConfig, device) -> list[str]:
-        outputs = []
-        for start in range(0, len(examples), cfg.eval_batch_size):
-            chunk = examples[start : start + cfg.eval_batch_size]
-            prompts = [prompt_text(e["question"], tokenizer, cfg.prompt_template) for e in chunk]
-            feats = [{"input_ids": tokenizer(p, add_special_tokens=False)["input_ids"]} for p in prompts]
-            batch = collate(feats, tokenizer.pad_token_id, padding_side="left")
-            generated = model.generate(
-                input_ids=batch["input_ids"].to(device),
-                attention_mask=batch["attention_mask"].to(device),
-                max_new_tokens=cfg.max_new_tokens,
-                do_sample=False,
-                num_beams=cfg.num_beams,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                use_cache=True,
-            )
-            new_tokens = generated[:, batch["input_ids"].shape[1] :]
-            outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-        return outputs
+        prompts = [prompt_text(e["question"], tokenizer, cfg.prompt_template) for e in examples]
+        return generate_texts(model, tokenizer, prompts, cfg, device)
 
     def score(self, predictions: list[str], examples: list[dict]) -> dict:
         hits = [exact_match(p, reference_answer(e["answer"])) for p, e in zip(predictions, examples)]

@@ -29,8 +29,7 @@ import json
 from pathlib import Path
 
 from lorabench.config import DatasetConfig
-from lorabench.data.base import Splits, check_columns, require_file, resolve_primary, subset
-from lorabench.data.e2e import generate_texts
+from lorabench.data.base import Splits, check_columns, generate_texts, require_file, resolve_primary, subset
 from lorabench.data.gsm8k import MathWordProblems, lm_features, prompt_text, read_jsonl
 from lorabench.errors import ConfigError, DataError
 from lorabench.hub import hub_reachable
