@@ -9,6 +9,7 @@ when it fails or is interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -424,7 +425,7 @@ def train(cfg: RunConfig, spec: MethodSpec, command: str = "") -> dict:
                 batch = next(batches)
                 consumed += 1
                 step_tokens += count_tokens(batch)
-                sync = accelerator.no_sync(model) if micro < accum - 1 else _nullcontext()
+                sync = accelerator.no_sync(model) if micro < accum - 1 else contextlib.nullcontext()
                 with sync:
                     loss = model(**batch).loss / accum
                     accelerator.backward(loss)
@@ -554,14 +555,6 @@ def _first_nonfinite_grad(model) -> str | None:
         if p.grad is not None and not torch.isfinite(p.grad).all():
             return name
     return None
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _device_name(accelerator: Accelerator) -> str:
