@@ -36,7 +36,7 @@ table: install
 
 # Track A of the leaderboard (resumable: runs with a completed record are skipped)
 leaderboard: install
-	$(BIN)/python scripts/leaderboard.py --seeds 0 1 2
+	$(BIN)/python scripts/leaderboard.py --stage all --jobs 2
 	$(BIN)/lorabench table --results-dir results/leaderboard/records > results/leaderboard/table.md
 	$(BIN)/lorabench plot --results-dir results/leaderboard/records --out results/leaderboard/plots --kind pareto \
 		--x peak_mem --x params --x opt_state --x tokens_per_s

@@ -1,27 +1,48 @@
 """Track A of the shipped leaderboard: every CPU-capable method on one fixed SST-2 benchmark.
 
-    .venv/bin/python scripts/leaderboard.py --seeds 0 1 2            # or: make leaderboard
-    .venv/bin/python scripts/leaderboard.py --methods lora full --seeds 0 --results-dir /tmp/lb
+    .venv/bin/python scripts/leaderboard.py                      # or: make leaderboard
+    .venv/bin/python scripts/leaderboard.py --methods lora full --seeds 0 --out /tmp/lb
 
 Protocol (fixed): minilm_l6 (all-MiniLM-L6-v2), GLUE SST-2, a fixed 4,000-sentence training subset
 (subset seed 0), 250 steps of global batch 16 (one epoch), max length 128, linear schedule with 6%
 warmup, evaluated once at the end on the full dev set (872). Each method runs at its preset's
-paper-default setting; the learning rate is per method family (LR below) until the per-method
-learning-rate sweep replaces it. Data: ``--data-dir`` (official GLUE TSV folder), else
-``../shared/data/glue/SST-2`` when present, else the hub. Runs whose completed record exists are
-skipped, so the command is resumable; failures are listed at the end and do not stop the others.
+paper-default setting, except the GaLore-family optimizers, whose presets carry the authors'
+pre-training scale (0.25, gap 200): here they use GaLore's GLUE fine-tuning setting (scale 4,
+update_proj_gap 500; GaLore README, "Benchmark 2").
+
+Stages, all resumable (a run whose completed record exists is skipped):
+
+1. ``sweep``: seed 0 at every learning rate of the method's grid (``lr_grid``): the family default
+   (``FAMILY_LR``), plus ``EXTRA_LR`` points for methods that did not learn at the family default.
+   Records go to ``<out>/sweep``; ``<out>/sweep.md`` lists every point and the pick.
+2. ``main``: seeds 0, 1, 2 at the picked learning rate (highest dev accuracy at seed 0; ties go to
+   the smaller rate). The seed-0 run is the sweep run itself (same run id), copied, not rerun.
+3. ``budget``: seed 0 at the picked rate with ``budget.trainable_params=BUDGET`` (the trainable count
+   of LoRA r=8 on query/value plus the head) for every method whose default size differs from it;
+   methods without a size knob say so. Records go to ``<out>/budget``.
+4. ``ranks``: DyLoRA (r_max = 8) evaluated at every rank after training, and LoRA trained separately
+   at r = 1, 2, 4, 8 (``RANKS``), at their picked rates, into ``<out>/ranks``.
+5. ``report``: ``<out>/README.md`` (the per-method table, the budget table, what cannot run here)
+   and the same table between the leaderboard markers of the project README.
+
+Selecting on the dev set that is also reported follows the GLUE practice of the LoRA-family papers;
+seeds 1 and 2 are fresh runs. Runs execute in ``--jobs`` worker processes (one fresh process per
+run, so peak memory is per run), each with cpu_count / jobs threads.
+
+Data: ``--data-dir`` (official GLUE TSV folder), else ``../shared/data/glue/SST-2`` when present,
+else the hub; the records say which. Failures are listed at the end and do not stop the others.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import os
+import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
-
-from lorabench.cli import CONF_DIR, run_one
-from lorabench.config_store import compose
-from lorabench.methods.catalog import load_presets
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOCOL = [
@@ -38,19 +59,21 @@ PROTOCOL = [
     "hardware.micro_batch_size=16",
     "progress=false",
 ]
-# learning rate per method; methods not listed use DEFAULT_LR (LoRA-family adapters)
+GALORE_FINETUNING = ["method.scale=4", "method.update_proj_gap=500"]
+METHOD_OVERRIDES = {name: GALORE_FINETUNING for name in ("galore", "galore_torch", "q_galore", "dct_adamw")}
+# Learning-rate starting point per method; methods not listed use DEFAULT_LR (LoRA-family adapters).
 DEFAULT_LR = 5e-4
-LR = {
+FAMILY_LR = {
     "full": 5e-5,
     "lisa": 5e-5,
     "badam": 5e-5,  # full-weight AdamW
-    "galore": 1e-4,
-    "galore_torch": 1e-4,
+    "galore": 3e-5,  # GaLore README (GLUE)
+    "galore_torch": 3e-5,
+    "q_galore": 3e-5,
+    "dct_adamw": 3e-5,
     "fira": 1e-4,
     "frugal": 1e-4,
-    "q_galore": 1e-4,
-    "dct_adamw": 1e-4,
-    "vera": 5e-3,
+    "vera": 5e-3,  # few trainable parameters: their papers use larger learning rates
     "nola": 5e-3,
     "lora_xs": 5e-3,
     "lora_sb": 5e-3,
@@ -58,42 +81,368 @@ LR = {
     "svfit": 5e-3,
     "loldu": 5e-3,
     "flora": 5e-3,
-    "salt": 1e-3,  # few trainable parameters: the papers use larger learning rates
+    "salt": 1e-3,
 }
+# Extra sweep points for methods whose seed-0 run at the family default stayed at or near chance
+# (training loss still above 0.6 after the epoch).
+EXTRA_LR = {
+    "galore": [1e-4],
+    "adalora": [2e-3, 5e-3],
+    "ffa_lora": [2e-3, 5e-3],
+    "lorafa": [2e-3, 5e-3],
+    "lamda": [2e-3, 5e-3],
+    "increlora": [2e-3, 5e-3],
+    "nlora": [2e-3, 5e-3],
+    "nola": [2e-2, 5e-2],
+    "inttune": [2e-2],
+    "loldu": [2e-2],
+}
+RANKS = (1, 2, 4, 8)  # LoRA trained at each rank, beside DyLoRA's rank curve (r_max = 8)
+BUDGET = 74_498  # LoRA r=8 on query/value of minilm_l6 (73,728) + the classifier head (770)
+# Presets that cannot run in this track, with the reason (listed in the README instead of a number).
+NOT_IN_TRACK = {
+    "qlora": "4-bit base weights need bitsandbytes' CUDA kernels",
+    "loftq": "4-bit base weights need bitsandbytes' CUDA kernels",
+    "xlora": "peft's X-LoRA supports causal language models only (Track B)",
+}
+
+
+def lr_grid(method: str) -> list[float]:
+    return sorted({FAMILY_LR.get(method, DEFAULT_LR), *EXTRA_LR.get(method, [])})
+
+
+def overrides(method: str, lr: float, seed: int, results_dir: Path, data_dir: str | None) -> list[str]:
+    data = [f"dataset.data_dir={data_dir}"] if data_dir else []
+    return [
+        f"method={method}",
+        *PROTOCOL,
+        *METHOD_OVERRIDES.get(method, []),
+        *data,
+        f"train.lr={lr}",
+        f"seed={seed}",
+        f"results_dir={results_dir}",
+    ]
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _run(task: list[str]) -> tuple[str, int]:
+    """One run in its own worker process; returns (description with any error, exit code)."""
+    from lorabench.cli import SWEEP_SUMMARY, run_one
+    from lorabench.config_store import compose
+
+    command = "python scripts/leaderboard.py " + " ".join(task)
+    try:
+        code = run_one(compose(task), command, multirun=True)
+    except SystemExit as exc:  # a canceled run
+        code = int(exc.code or 1)
+    what = " ".join(t for t in task if t.startswith(("method=", "train.lr=", "seed=", "budget.")))
+    error = SWEEP_SUMMARY[-1]["error"] if code and SWEEP_SUMMARY else None
+    return (f"{what}: {error}" if error else what), code
+
+
+def run_all(tasks: list[list[str]], jobs: int) -> list[str]:
+    if not tasks:
+        return []
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    failures = []
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(jobs, initializer=_init_worker, initargs=(threads,), maxtasksperchild=1) as pool:
+        for done, (what, code) in enumerate(pool.imap_unordered(_run, tasks), 1):
+            print(f"[leaderboard] {done}/{len(tasks)} {what}: {'ok' if code == 0 else f'exit {code}'}", flush=True)
+            if code:
+                failures.append(f"{what} (exit {code})")
+    return failures
+
+
+def sweep_results(sweep_dir: Path, methods: list[str], data_dir: str | None) -> dict[str, dict[float, float]]:
+    """method -> {lr: dev accuracy} from the completed sweep records of the current grid (records
+    of other settings in the folder are ignored: only the grid's run ids count)."""
+    from lorabench.config_store import compose
+    from lorabench.results.record import iter_records, run_id
+
+    wanted = {run_id(compose(overrides(m, lr, 0, sweep_dir, data_dir))) for m in methods for lr in lr_grid(m)}
+    found: dict[str, dict[float, float]] = {}
+    for _, record, _ in iter_records(sweep_dir):
+        if record is None or record["status"] != "completed" or record["run_id"] not in wanted:
+            continue
+        final = (record.get("metrics") or {}).get("final") or {}
+        if "accuracy" in final:
+            found.setdefault(record["config"]["method"]["label"], {})[record["config"]["train"]["lr"]] = final[
+                "accuracy"
+            ]
+    return found
+
+
+def pick_lr(points: dict[float, float]) -> float:
+    best = max(points.values())
+    return min(lr for lr, acc in points.items() if acc == best)
+
+
+def write_sweep_table(path: Path, methods: list[str], found: dict[str, dict[float, float]]) -> None:
+    lines = [
+        "# Track A learning-rate sweep (seed 0, dev accuracy x 100)",
+        "",
+        "Generated by `scripts/leaderboard.py`; the pick is the highest dev accuracy (ties: smaller rate).",
+        "",
+        "| method | learning rate: dev accuracy | picked |",
+        "|---|---|---|",
+    ]
+    for method in methods:
+        points = found.get(method, {})
+        cells = ", ".join(f"{lr:g}: {100 * points[lr]:.2f}" if lr in points else f"{lr:g}: -" for lr in lr_grid(method))
+        lines.append(f"| {method} | {cells} | {f'{pick_lr(points):g}' if points else '-'} |")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="*", help="presets to run (default: every CPU-capable preset)")
+    parser.add_argument("--methods", nargs="*", help="presets to run (default: every preset this track can run)")
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    parser.add_argument("--stage", choices=("sweep", "main", "budget", "ranks", "report", "all"), default="all")
+    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (default 2)")
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--results-dir", default=str(ROOT / "results" / "leaderboard" / "records"))
+    parser.add_argument("--out", default=str(ROOT / "results" / "leaderboard"))
     args = parser.parse_args()
+
+    from lorabench.cli import CONF_DIR
+    from lorabench.methods.catalog import load_presets
+
     presets = load_presets(CONF_DIR / "method")
-    methods = args.methods or sorted(m for m, raw in presets.items() if not raw.get("requires_cuda"))
+    methods = args.methods or sorted(m for m in presets if m not in NOT_IN_TRACK)
+    unknown = sorted(set(methods) - set(presets))
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; valid: {sorted(presets)}")
     shared = ROOT.parent / "shared" / "data" / "glue" / "SST-2"
     data_dir = args.data_dir or (str(shared) if shared.is_dir() else None)
-    data = [f"dataset.data_dir={data_dir}"] if data_dir else []
+    out = Path(args.out)
+    sweep_dir, records_dir = out / "sweep", out / "records"
     failures, start = [], time.perf_counter()
-    for seed in args.seeds:
+
+    if args.stage in ("sweep", "all"):
+        tasks = [overrides(m, lr, 0, sweep_dir, data_dir) for m in methods for lr in lr_grid(m)]
+        failures += run_all(tasks, args.jobs)
+        write_sweep_table(out / "sweep.md", methods, sweep_results(sweep_dir, methods, data_dir))
+    if args.stage in ("main", "all"):
+        found = sweep_results(sweep_dir, methods, data_dir)
+        tasks = []
         for method in methods:
-            overrides = [
-                f"method={method}",
-                *PROTOCOL,
-                *data,
-                f"train.lr={LR.get(method, DEFAULT_LR)}",
-                f"seed={seed}",
-                f"results_dir={args.results_dir}",
-            ]
-            command = "python scripts/leaderboard.py " + " ".join(overrides)
-            code = run_one(compose(overrides), command, multirun=True)
-            if code:
-                failures.append(f"{method} seed {seed} (exit {code})")
-    print(
-        f"[leaderboard] {len(methods) * len(args.seeds)} runs in {time.perf_counter() - start:.0f}s; "
-        f"failures: {failures or 'none'}"
-    )
+            if method not in found:
+                failures.append(f"{method}: no completed sweep run, so no learning rate (run --stage sweep)")
+                continue
+            lr = pick_lr(found[method])
+            for seed in args.seeds:
+                tasks.append(overrides(method, lr, seed, records_dir, data_dir))
+                if seed == 0:
+                    _copy_sweep_run(tasks[-1], sweep_dir, records_dir)
+        failures += run_all(tasks, args.jobs)
+    if args.stage in ("budget", "all"):
+        found = sweep_results(sweep_dir, methods, data_dir)
+        tasks = []
+        for method in methods:
+            if method not in found:
+                continue
+            default = overrides(method, pick_lr(found[method]), 0, sweep_dir, data_dir)
+            record = read_if_completed(sweep_dir, default)
+            all_weights_train = record is not None and record["method"]["adapter"] == "none"  # no count budget
+            if record is None or all_weights_train or record["cost"]["trainable_params"] == BUDGET:
+                continue
+            tasks.append(
+                [
+                    *overrides(method, pick_lr(found[method]), 0, out / "budget", data_dir),
+                    f"budget.trainable_params={BUDGET}",
+                ]
+            )
+        failures += [f for f in run_all(tasks, args.jobs) if "declares no size knob" not in f]
+    if args.stage in ("ranks", "all"):
+        found = sweep_results(sweep_dir, ["dylora", "lora"], data_dir)
+        tasks = []
+        for seed in args.seeds:
+            if "dylora" in found:
+                dylora = overrides("dylora", pick_lr(found["dylora"]), seed, out / "ranks", data_dir)
+                tasks.append([*dylora, "method.eval_all_ranks=true"])
+            for rank in RANKS if "lora" in found else ():
+                tasks.append(
+                    [*overrides("lora", pick_lr(found["lora"]), seed, out / "ranks", data_dir), f"method.rank={rank}"]
+                )
+                _copy_sweep_run(tasks[-1], records_dir, out / "ranks")  # r = 8 is the main run
+        failures += run_all(tasks, args.jobs)
+    if args.stage in ("report", "all"):
+        write_report(out, methods)
+    print(f"[leaderboard] done in {time.perf_counter() - start:.0f}s; failures: {failures or 'none'}")
     return 1 if failures else 0
+
+
+def read_if_completed(folder: Path, task: list[str]) -> dict | None:
+    """The completed record of ``task`` under ``folder`` (found by run id), else None."""
+    from lorabench.config_store import compose
+    from lorabench.results.record import RECORD_NAME, read_record, run_id
+
+    path = folder / run_id(compose(task)) / RECORD_NAME
+    record = read_record(path) if path.is_file() else None
+    return record if record and record.get("status") == "completed" else None
+
+
+def completed(folder: Path) -> list[dict]:
+    from lorabench.results.record import iter_records
+
+    return [record for _, record, _ in iter_records(folder) if record and record["status"] == "completed"]
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _paper_link(paper: str | None) -> str:
+    if paper and paper.startswith("arXiv:"):
+        return f"[{paper}](https://arxiv.org/abs/{paper.removeprefix('arXiv:')})"
+    return paper or "-"
+
+
+def leaderboard_rows(records: list[dict]) -> list[dict]:
+    """One row per method and learning rate: dev accuracy over seeds and the mean costs, best first."""
+    by_method: dict[tuple[str, float], list[dict]] = {}
+    for record in records:
+        by_method.setdefault((record["config"]["method"]["label"], record["config"]["train"]["lr"]), []).append(record)
+    rows = []
+    for (method, _), group in by_method.items():
+        accs = [100 * r["metrics"]["final"]["accuracy"] for r in group]
+        peaks = [(r["cost"].get("peak_memory") or {}).get("cpu_peak_rss_bytes") for r in group]
+        rows.append(
+            {
+                "method": method,
+                "paper": group[0]["method"].get("paper"),
+                "family": group[0]["method"].get("family"),
+                "lr": group[0]["config"]["train"]["lr"],
+                "mean": statistics.mean(accs),
+                "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                "n": len(accs),
+                "params": _mean([r["cost"].get("trainable_params") for r in group]),
+                "opt_mb": _mean([(r["cost"].get("optimizer_state_bytes") or 0) / 2**20 for r in group]),
+                "peak_mb": _mean([p / 2**20 if p else None for p in peaks]),
+                "tokens_s": _mean([r["cost"].get("tokens_per_s") for r in group]),
+                "intruders": _mean([(r.get("analysis") or {}).get("intruders_total") for r in group]),
+                "wall_s": sum(r["cost"].get("wall_time_s") or 0 for r in group),
+            }
+        )
+    return sorted(rows, key=lambda row: -row["mean"])
+
+
+def leaderboard_table(rows: list[dict]) -> str:
+    lines = [
+        "| # | method | SST-2 dev acc (mean ± std, n) | lr | trainable params | opt-state MB | peak RSS MB "
+        "| tokens/s | intruders | paper |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for i, row in enumerate(rows, 1):
+        lines.append(
+            f"| {i} | {row['method']} | {row['mean']:.2f} ± {row['std']:.2f} ({row['n']}) | {row['lr']:g} "
+            f"| {_fmt(row['params'], ',.0f')} | {_fmt(row['opt_mb'], ',.2f')} | {_fmt(row['peak_mb'], ',.0f')} "
+            f"| {_fmt(row['tokens_s'], ',.0f')} | {_fmt(row['intruders'], '.1f')} | {_paper_link(row['paper'])} |"
+        )
+    return "\n".join(lines)
+
+
+def budget_table(records: list[dict], main_rows: dict[str, dict]) -> str:
+    lines = [
+        "| method | solved knob | trainable params | SST-2 dev acc (seed 0) | default size: params, acc (n) |",
+        "|---|---|---|---|---|",
+    ]
+    for record in sorted(records, key=lambda r: -r["metrics"]["final"]["accuracy"]):
+        method = record["config"]["method"]["label"]
+        solved = record["method_report"].get("budget") or {}
+        main = main_rows.get(method)
+        default = f"{main['params']:,.0f}, {main['mean']:.2f} ({main['n']})" if main else "-"
+        lines.append(
+            f"| {method} | {solved.get('knob')}={solved.get('value')} | {record['cost']['trainable_params']:,} "
+            f"| {100 * record['metrics']['final']['accuracy']:.2f} | {default} |"
+        )
+    return "\n".join(lines)
+
+
+def write_report(out: Path, methods: list[str]) -> None:
+    """``<out>/README.md`` and the table between the markers of the project README."""
+    from lorabench.results.record import iter_records
+
+    main = completed(out / "records")
+    rows = leaderboard_rows(main)
+    budget = completed(out / "budget")
+    sweep = completed(out / "sweep")
+    seconds = sum(r["cost"].get("wall_time_s") or 0 for r in sweep + budget)
+    seconds += sum(r["cost"].get("wall_time_s") or 0 for r in main if r["config"]["seed"] != 0)
+    missing = [m for m in methods if m not in {row["method"] for row in rows}]
+    unmatched = [
+        f"- `{r['config']['method']['label']}`: {(r.get('error') or {}).get('message', r.get('error'))}"
+        for _, r, _ in iter_records(out / "budget")
+        if r and r["status"] == "failed"
+    ]
+    excluded = [f"- `{name}`: {why}" for name, why in NOT_IN_TRACK.items()]
+    excluded += [f"- `{name}`: no completed record yet" for name in missing]
+    table = leaderboard_table(rows)
+    summary = (
+        f"Track A: `minilm_l6` on GLUE SST-2, {len(rows)} methods, {len(main)} runs "
+        f"(seeds {sorted({r['config']['seed'] for r in main})}); "
+        f"{len(sweep)} sweep runs, {len(budget)} budget runs; "
+        f"{seconds / 3600:.1f} CPU-process hours in all (sum of run wall times, two runs in parallel)."
+    )
+    body = [
+        "# lorabench leaderboard",
+        "",
+        "Generated by `make leaderboard` (`scripts/leaderboard.py`); protocol in that script's docstring.",
+        "",
+        summary,
+        "",
+        "## Track A: every method at its paper-default size",
+        "",
+        table,
+        "",
+        f"## Track A at a common budget: {BUDGET:,} trainable parameters (seed 0)",
+        "",
+        budget_table(budget, {row["method"]: row for row in rows}),
+        "",
+        "Methods whose size the budget cannot set:" if unmatched else "",
+        "",
+        *unmatched,
+        "",
+        "## Not in this track",
+        "",
+        *excluded,
+        "",
+        "Learning-rate sweep: [sweep.md](sweep.md). Pareto plots: [plots/](plots/). Records: `records/`, "
+        "`sweep/`, `budget/`.",
+        "",
+    ]
+    (out / "README.md").write_text("\n".join(body), encoding="utf-8")
+    readme = ROOT / "README.md"
+    text = readme.read_text(encoding="utf-8")
+    start, end = "<!-- leaderboard:start -->", "<!-- leaderboard:end -->"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        tail = rest.split(end, 1)[1]
+        block = "\n".join([start, "", summary, "", table, "", "Not in this track:", "", *excluded, "", end])
+        readme.write_text(head + block + tail, encoding="utf-8")
+
+
+def _copy_sweep_run(task: list[str], sweep_dir: Path, records_dir: Path) -> None:
+    """A task already run elsewhere (identical run id: the seed-0 main run is the sweep run at the
+    picked rate, LoRA r = 8 in the rank comparison is the main run): copy its record."""
+    from lorabench.config_store import compose
+    from lorabench.results.record import RECORD_NAME, run_id
+
+    rid = run_id(compose(task))
+    source, target = sweep_dir / rid / RECORD_NAME, records_dir / rid / RECORD_NAME
+    if source.is_file() and not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target)
 
 
 if __name__ == "__main__":

@@ -191,6 +191,11 @@ def test_curves_and_rank_curves(results, tmp_path):
     assert 'id="curve-loss"' in svg and 'id="curve-eval"' in svg
     ranks = plot.plot_rank_curves(records, tmp_path / "ranks")
     assert len(ranks) == 2 and 'id="curve-0"' in ranks[1].read_text() and 'id="curve-1"' not in ranks[1].read_text()
+    # separately trained runs at each rank sit beside the curve (mean over seeds); rank 0 (full) is no rank
+    trained = plot.trained_rank_points(records)
+    assert trained["lora"] == [(4, pytest.approx(81.0), 2), (16, pytest.approx(85.0), 2)]
+    assert "full" not in trained and "dylora" not in trained
+    assert 'id="trained-lora"' in ranks[1].read_text()
 
 
 def test_plot_cli(results, tmp_path, capsys):

@@ -7,7 +7,9 @@
   (``cost.train_time_s``, ``metrics.final.accuracy``, ``config.method.rank``).
 * Loss and evaluation curves per run, from ``record["train_log"]`` and ``record["history"]``.
 * Rank curves (DyLoRA-style: one model evaluated at several ranks) when a record carries
-  ``record["method_report"]["rank_curve"]``, a mapping rank -> metric.
+  ``record["method_report"]["rank_curve"]``, a mapping rank -> metric, beside the runs trained
+  separately at each rank (``config.method.rank``), e.g.
+  ``lorabench plot --kind ranks --method dylora --method lora``.
 
 Every point and curve is an artist with a ``gid`` (``point-<i>``, ``front``, ``curve-<i>``), so an
 SVG can be checked for what it shows.
@@ -263,8 +265,26 @@ def rank_curve_records(records: list[dict]) -> list[dict]:
     ]
 
 
+def trained_rank_points(records: list[dict]) -> dict[str, list[tuple[int, float, int]]]:
+    """label -> [(rank, mean metric x 100, n)] for runs trained at one rank (no rank curve), so that a
+    rank curve can be compared with models trained separately at each rank."""
+    by_label: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    curve_ids = {r["run_id"] for r in rank_curve_records(records)}
+    for r in records:
+        rank, value = lookup(r, "method.rank"), reported_value(r)
+        if r["run_id"] in curve_ids or not isinstance(rank, int) or rank < 1 or value is None:
+            continue
+        by_label[r["config"]["method"]["label"]][int(rank)].append(value * SCALE)
+    return {
+        label: [(rank, statistics.mean(vals), len(vals)) for rank, vals in sorted(ranks.items())]
+        for label, ranks in sorted(by_label.items())
+    }
+
+
 def rank_figure(records: list[dict]):
-    """One line per run: metric at each evaluated rank (None when no record has a rank curve)."""
+    """One line per run with a rank curve (metric at each evaluated rank), plus, dashed, the mean
+    metric of runs trained separately at each rank (e.g. LoRA at r = 1, 2, 4, 8), one line per
+    method label. None when no record has a rank curve."""
     recs = rank_curve_records(records)
     if not recs:
         return None
@@ -274,6 +294,15 @@ def rank_figure(records: list[dict]):
         scale = SCALE if all(abs(v) <= 1.0 for _, v in curve) else 1.0
         (line,) = ax.plot([k for k, _ in curve], [v * scale for _, v in curve], marker="o", label=r["run_id"])
         line.set_gid(f"curve-{i}")
+    for label, points in trained_rank_points(records).items():
+        (line,) = ax.plot(
+            [p[0] for p in points],
+            [p[1] for p in points],
+            linestyle="--",
+            marker="s",
+            label=f"{label}, trained at each rank (mean of n={'/'.join(str(p[2]) for p in points)})",
+        )
+        line.set_gid(f"trained-{label}")
     ax.set_xlabel("rank used at evaluation")
     ax.set_ylabel(f"{recs[0]['metrics'].get('primary', 'metric')} x 100")
     ax.grid(alpha=0.3)

@@ -1,0 +1,123 @@
+"""The leaderboard script's own logic: learning-rate grid and pick, the per-method rows, the report
+that rewrites the README block, and the run ids that make the seed-0 copy and resuming exact."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from lorabench.config_store import compose
+from lorabench.results.record import RECORD_NAME, SCHEMA_VERSION, run_id, write_json_atomic
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def lb():
+    spec = importlib.util.spec_from_file_location("leaderboard", ROOT / "scripts" / "leaderboard.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_record(root: Path, label: str, lr: float, seed: int, acc: float, **extra) -> dict:
+    rid = f"{label}-sst2-minilm_l6-s{seed}-{lr:g}"
+    record = {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": rid,
+        "status": extra.pop("status", "completed"),
+        "error": extra.pop("error", None),
+        "config": {"seed": seed, "method": {"label": label}, "train": {"lr": lr}, "model": {"name": "minilm_l6"}},
+        "config_hash": rid,
+        "method": {"label": label, "paper": "arXiv:2106.09685", "family": "adapter", "adapter": "lora"},
+        "model": {"name": "minilm_l6"},
+        "dataset": {"name": "sst2", "version": "1", "source": {"kind": "local", "path": "/glue"}},
+        "metrics": {"primary": "accuracy", "final": {"accuracy": acc}},
+        "cost": {
+            "trainable_params": extra.pop("params", 1000),
+            "optimizer_state_bytes": 2**20,
+            "tokens_per_s": 400.0 + seed,
+            "wall_time_s": 100.0,
+            "peak_memory": {"cpu_peak_rss_bytes": 512 * 2**20},
+        },
+        "analysis": {"intruders_total": seed},
+        "method_report": extra.pop("method_report", {}),
+        "hardware": {},
+        "provenance": {},
+    }
+    write_json_atomic(root / rid / RECORD_NAME, record)
+    return record
+
+
+def test_lr_grid_has_family_default_and_extra_points(lb):
+    assert lb.lr_grid("lora") == [lb.DEFAULT_LR]
+    assert lb.lr_grid("full") == [lb.FAMILY_LR["full"]]
+    assert lb.lr_grid("nola") == sorted([lb.FAMILY_LR["nola"], *lb.EXTRA_LR["nola"]])
+
+
+def test_pick_lr_takes_best_and_smaller_rate_on_ties(lb):
+    assert lb.pick_lr({1e-4: 0.7, 5e-4: 0.8, 1e-3: 0.75}) == 5e-4
+    assert lb.pick_lr({1e-3: 0.8, 5e-4: 0.8}) == 5e-4
+
+
+def test_rows_aggregate_seeds_per_method_and_rate(lb, tmp_path):
+    for seed, acc in enumerate([0.80, 0.82, 0.84]):
+        fake_record(tmp_path, "lora", 5e-4, seed, acc)
+    fake_record(tmp_path, "lora", 2e-3, 0, 0.5)  # another rate is another row, never averaged in
+    fake_record(tmp_path, "full", 5e-5, 0, 0.9)
+    rows = lb.leaderboard_rows(lb.completed(tmp_path))
+    assert [(r["method"], r["lr"]) for r in rows] == [("full", 5e-5), ("lora", 5e-4), ("lora", 2e-3)]
+    lora = rows[1]
+    assert lora["n"] == 3 and lora["mean"] == pytest.approx(82.0) and lora["std"] == pytest.approx(2.0)
+    assert lora["tokens_s"] == pytest.approx(401.0) and lora["intruders"] == pytest.approx(1.0)
+    assert lora["peak_mb"] == pytest.approx(512) and lora["opt_mb"] == pytest.approx(1.0)
+    table = lb.leaderboard_table(rows)
+    assert "| 2 | lora | 82.00 ± 2.00 (3) | 0.0005 |" in table
+    assert "[arXiv:2106.09685](https://arxiv.org/abs/2106.09685)" in table
+
+
+def test_report_rewrites_only_the_readme_block(lb, tmp_path, monkeypatch):
+    out = tmp_path / "lb"
+    for seed in range(3):
+        fake_record(out / "records", "lora", 5e-4, seed, 0.8 + seed / 100)
+    fake_record(out / "sweep", "lora", 5e-4, 0, 0.8)
+    fake_record(
+        out / "budget",
+        "nola",
+        5e-3,
+        0,
+        0.7,
+        params=74_000,
+        method_report={"budget": {"knob": "num_basis_a=num_basis_b", "value": 3000}},
+    )
+    fake_record(out / "budget", "loldu", 5e-3, 0, 0.0, status="failed", error={"message": "declares no size knob"})
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- leaderboard:start -->\nold\n<!-- leaderboard:end -->\noutro\n")
+    monkeypatch.setattr(lb, "ROOT", tmp_path)
+    lb.write_report(out, ["lora", "nola", "xyz"])
+    text = readme.read_text()
+    assert text.startswith("intro\n<!-- leaderboard:start -->") and text.endswith("<!-- leaderboard:end -->\noutro\n")
+    assert "old" not in text and "| 1 | lora | 81.00 ± 1.00 (3) |" in text
+    assert "`xyz`: no completed record yet" in text and "`qlora`:" in text
+    full = (out / "README.md").read_text()
+    assert "| nola | num_basis_a=num_basis_b=3000 | 74,000 | 70.00 |" in full
+    assert "`loldu`: declares no size knob" in full
+
+
+def test_seed0_run_is_copied_from_the_sweep_by_run_id(lb, tmp_path):
+    task = lb.overrides("lora", 5e-4, 0, tmp_path / "records", "/data/SST-2")
+    sweep_task = lb.overrides("lora", 5e-4, 0, tmp_path / "sweep", "/data/SST-2")
+    rid = run_id(compose(task))
+    assert rid == run_id(compose(sweep_task))  # the results folder is not part of the run id
+    assert rid != run_id(compose(lb.overrides("lora", 5e-4, 1, tmp_path / "records", "/data/SST-2")))
+    write_json_atomic(tmp_path / "sweep" / rid / RECORD_NAME, {"run_id": rid})
+    lb._copy_sweep_run(task, tmp_path / "sweep", tmp_path / "records")
+    assert (tmp_path / "records" / rid / RECORD_NAME).is_file()
+
+
+def test_galore_family_runs_the_fine_tuning_setting(lb):
+    cfg = compose(lb.overrides("galore", 3e-5, 0, Path("/tmp/x"), None))
+    assert cfg["method"]["scale"] == 4 and cfg["method"]["update_proj_gap"] == 500
+    assert compose(lb.overrides("fira", 1e-4, 0, Path("/tmp/x"), None))["method"]["scale"] == 0.25
