@@ -40,4 +40,5 @@ from lorabench.methods.procedures import badam, lisa
 from lorabench.methods.procedures import dylora as dylora_procedure
 from lorabench.methods.procedures import increlora as increlora_procedure
 from lorabench.methods.procedures import lamda as lamda_procedure
+from lorabench.methods.procedures import soma as soma_procedure
 from lorabench.methods.procedures import sora as sora_procedure

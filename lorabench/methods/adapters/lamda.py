@@ -1,29 +1,64 @@
-"""LaMDA (Azizi et al., 2024, "LaMDA: Large Model Fine-Tuning via Spectrally Decomposed
+"""LaMDA and LaMDA++ (Azizi et al., 2024, "LaMDA: Large Model Fine-Tuning via Spectrally Decomposed
 Low-Dimensional Adaptation", arXiv:2406.12832, EMNLP 2024 Findings), our own layer (slora.TriLayer).
 
 Update rule: y = W0 x + s PMB S PMA x with PMA (r x d_in) frozen, a trainable square core S (r x r)
 and PMB (d_out x r) trainable at first and frozen progressively during the early stage of training
 (the ``lamda`` procedure, lorabench/methods/procedures/lamda.py). Trainable parameters per target
-(at the start): r d_out + r^2, plus the task head.
-Init (our reading of "spectrally decomposed"; the paper's exact init is not recorded in METHODS.md):
-SVD W0 = U S V^T, PMA = V_r^T, PMB = U_r, S0 = diag(S_r) / s, and the initial product is subtracted
-(Delta W = s (PMB S PMA - PMB0 S0 PMA)), so the model is unchanged at step 0.
-Not implemented: LaMDA++'s per-layer rank allocation from the normalised spectrum energy.
-Hyper-parameters: rank r, alpha (s = alpha / r); the freezing window lives in the procedure.
+(at the start): r_l d_out + r_l^2, plus the task head (r_l = r unless ranks are allocated per layer).
+
+Init, what is implemented (both ``rank_allocation`` modes): SVD W0 = U Sigma V^T (float32, full SVD),
+PMA = V_r^T (top-r right singular vectors), PMB = U_r (top-r left singular vectors), S0 =
+diag(sigma_1..sigma_r) / s, and the initial product is subtracted (Delta W = s (PMB S PMA - PMB0 S0
+PMA)), so the model is unchanged at step 0 and S starts at the scaled top-r singular values.
+Provenance: this SVD init is the paper's LaMDA++ init (METHODS.md: "LaMDA++ initialises PMA and PMB
+from the SVD of W0"); the subtraction of the initial product and S0 = diag(Sigma_r) / s are our
+choices (the paper's exact S0 is not recorded). The authors' released code (github.com/ArminAzizi98/
+LaMDA, files ``lamda.py`` and ``train_clm.py``, checked at commit 8ad34b4) contains plain LaMDA
+only: PMA/PMB are peft's default LoRA init (``init_lora_weights=True``: Kaiming-uniform A, zero B),
+S is a default ``nn.Linear(r, r)`` (Kaiming uniform), and there is no SVD and no rank allocation in
+that repository. So ``method=lamda`` here is LaMDA with LaMDA++'s init, not the released LaMDA init.
+
+LaMDA++ rank allocation (``rank_allocation: spectrum``; preset ``conf/method/lamda_plus.yaml``). The
+paper describes a "lite-weight" adaptive rank allocation "via normalized spectrum analysis of
+pre-trained model weights"; the exact rule is in neither the released code nor METHODS.md, so this is
+our stated reading:
+
+* For every targeted W0_l with singular values sigma_{l,i}, the normalised spectrum energy captured by
+  the top-r directions (r = ``method.rank``) is E_l = sum_{i<=r} sigma_{l,i}^2 / sum_i sigma_{l,i}^2,
+  and the residual share is rho_l = 1 - E_l (0 when W0_l = 0).
+* Budget R = r * L (L targeted layers), i.e. the same average rank (and, for equal shapes, the same
+  parameter count) as uniform LaMDA. Every layer gets 1; the other R - L ranks are shared in
+  proportion to rho_l: x_l = 1 + (R - L) rho_l / sum_k rho_k, capped at min(d_out, d_in) (the excess
+  of capped layers is re-shared among the others in proportion to rho). Integer ranks: floor(x_l),
+  and the leftover units go to the largest fractional parts (ties: first layer in module order).
+  If every rho_l is 0 the split is uniform.
+* Why: a layer whose top-r directions already hold almost all of its energy (a steep spectrum) is
+  well described by r directions; a flatter spectrum spreads the pretrained function over more
+  directions, so the rank-r path spans a smaller share of it and gets more rank.
+
+The per-layer ranks (and rho_l) are reported to the run record (``method_report.lamda_layer_ranks``,
+``lamda_spectrum_residual``); ``expected_trainable`` recomputes the allocation on the unwrapped model,
+so the closed-form count stays exact. Hyper-parameters: rank r, alpha (s = alpha / r_l per layer, as
+LoRA's alpha / r), rank_allocation (``uniform`` | ``spectrum``); the freezing window lives in the
+procedure.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from lorabench.config import check_positive
-from lorabench.methods.adapters.layer import OwnAdapter, check_rank, top_svd
+from lorabench.errors import ConfigError
+from lorabench.methods.adapters.layer import OwnAdapter, as_linear, check_rank, target_shapes, top_svd, wrap_targets
 from lorabench.methods.adapters.slora import TriLayer
-from lorabench.methods.base import MethodContext
+from lorabench.methods.base import MethodContext, head_parameter_count
 from lorabench.registry import ADAPTERS
+
+RANK_ALLOCATIONS = ("uniform", "spectrum")
 
 
 class LamdaLayer(TriLayer):
@@ -34,10 +69,71 @@ class LamdaLayer(TriLayer):
 class LamdaParams:
     rank: int = 8
     alpha: float = 16.0
+    rank_allocation: str = "uniform"  # "spectrum": LaMDA++'s per-layer ranks (module docstring)
 
     def __post_init__(self) -> None:
         check_positive("method.rank", self.rank)
         check_positive("method.alpha", self.alpha)
+        if self.rank_allocation not in RANK_ALLOCATIONS:
+            raise ConfigError(
+                f"method.rank_allocation={self.rank_allocation!r} is invalid; "
+                f"valid choices: {', '.join(RANK_ALLOCATIONS)}"
+            )
+
+
+def residual_energy(sv: torch.Tensor, rank: int) -> float:
+    """rho = 1 - (sum of the top-``rank`` squared singular values) / (sum of all); 0 for a zero matrix."""
+    energy = sv.double().square()
+    total = float(energy.sum())
+    return 0.0 if total <= 0 else max(0.0, 1.0 - float(energy[:rank].sum()) / total)
+
+
+def allocate_ranks(residuals: list[float], rank: int, caps: list[int]) -> list[int]:
+    """Integer ranks >= 1 summing to ``rank * len(residuals)``, each <= its cap, shared in proportion
+    to ``residuals`` beyond the minimum of 1 (module docstring)."""
+    n, budget = len(residuals), rank * len(residuals)
+    if budget > sum(caps):
+        raise ConfigError(f"method.rank={rank} x {n} layers exceeds the summed max ranks {sum(caps)} of the targets")
+    weights = list(residuals) if sum(residuals) > 0 else [1.0] * n
+    x = [1.0] * n
+    free = [i for i in range(n) if caps[i] > 1]
+    left = float(budget - n)
+    while left > 1e-9 and free:  # water-filling: share, cap, re-share the excess
+        w = sum(weights[i] for i in free)
+        share = {i: left * (weights[i] / w if w > 0 else 1.0 / len(free)) for i in free}
+        left = 0.0
+        for i in free:
+            x[i] += share[i]
+            if x[i] >= caps[i]:
+                left += x[i] - caps[i]
+                x[i] = float(caps[i])
+        free = [i for i in free if x[i] < caps[i]]
+    ranks = [min(caps[i], max(1, math.floor(x[i] + 1e-9))) for i in range(n)]
+    deficit = budget - sum(ranks)
+    for i in sorted(range(n), key=lambda i: (x[i] - ranks[i], -i)):  # rounding noise only
+        if deficit < 0 and ranks[i] > 1:
+            ranks[i] -= 1
+            deficit += 1
+    order = sorted(range(n), key=lambda i: (-(x[i] - ranks[i]), i))
+    while deficit > 0:  # largest fractional parts first; the loop only repeats on rounding noise
+        for i in order:
+            if deficit > 0 and ranks[i] < caps[i]:
+                ranks[i] += 1
+                deficit -= 1
+    return ranks
+
+
+def layer_ranks(model: nn.Module, targets: list[str], params: LamdaParams) -> tuple[dict[str, int], dict[str, float]]:
+    """Per-target ranks (name -> r_l) and residual energy shares (empty for ``uniform``)."""
+    shapes = target_shapes(model, targets)
+    if params.rank_allocation == "uniform":
+        return {name: params.rank for name, _, _ in shapes}, {}
+    residuals = {}
+    for name, _, _ in shapes:
+        weight = as_linear(model.get_submodule(name)).weight
+        residuals[name] = residual_energy(torch.linalg.svdvals(weight.detach().float()), params.rank)
+    ranks = allocate_ranks(list(residuals.values()), params.rank, [min(o, i) for _, o, i in shapes])
+    return dict(zip(residuals, ranks)), residuals
 
 
 @ADAPTERS.register("lamda")
@@ -45,11 +141,39 @@ class LamdaAdapter(OwnAdapter):
     Params = LamdaParams
     paper = "Azizi et al., 2024, arXiv:2406.12832"
 
-    def make_layer(self, name: str, linear: nn.Linear, params: LamdaParams, ctx: MethodContext) -> LamdaLayer:
-        check_rank(params.rank, linear.out_features, linear.in_features, name)
-        scale = params.alpha / params.rank
-        u, s, vh = top_svd(linear.weight, params.rank)
+    def make_layer(
+        self, name: str, linear: nn.Linear, params: LamdaParams, ctx: MethodContext, rank: int | None = None
+    ) -> LamdaLayer:
+        r = params.rank if rank is None else rank
+        check_rank(r, linear.out_features, linear.in_features, name)
+        scale = params.alpha / r
+        u, s, vh = top_svd(linear.weight, r)
         return LamdaLayer(linear, u, torch.diag(s / scale), vh, scale, train=("B", "M"), subtract_init=True)
 
-    def layer_trainable(self, d_out: int, d_in: int, params: LamdaParams) -> int:
-        return params.rank * d_out + params.rank**2
+    def apply(self, model: nn.Module, params: LamdaParams, ctx: MethodContext, init_kwargs: dict) -> nn.Module:
+        if init_kwargs:
+            return super().apply(model, params, ctx, init_kwargs)  # raises the shared error
+        ranks, residuals = layer_ranks(model, ctx.target_modules, params)
+        ctx.extras["lamda_rank_allocation"] = params.rank_allocation
+        ctx.extras["lamda_layer_ranks"] = ranks
+        if residuals:
+            ctx.extras["lamda_spectrum_residual"] = residuals
+        return wrap_targets(
+            model,
+            ctx.target_modules,
+            lambda n, lin: self.make_layer(n, lin, params, ctx, ranks.get(n)),
+            ctx.head,
+        )
+
+    def layer_trainable(self, d_out: int, d_in: int, params: LamdaParams, rank: int | None = None) -> int:
+        r = params.rank if rank is None else rank
+        return r * d_out + r**2
+
+    def expected_trainable(self, base_model: nn.Module, params: LamdaParams, ctx: MethodContext) -> int:
+        """Sum of r_l d_out + r_l^2 over the targets with the same allocation as ``apply``."""
+        ranks, _ = layer_ranks(base_model, ctx.target_modules, params)
+        own = sum(
+            self.layer_trainable(d_out, d_in, params, ranks[name])
+            for name, d_out, d_in in target_shapes(base_model, ctx.target_modules)
+        )
+        return own + head_parameter_count(base_model, ctx.head)

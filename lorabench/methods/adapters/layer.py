@@ -14,7 +14,9 @@ delta_weight(), save/load trainable tensors with safetensors").
   the task head trainable for classification.
 * ``trainable_state_dict`` / ``save_trainable`` / ``load_trainable``: the trainable tensors plus the
   persistent buffers of adapter layers (frozen factors that cannot be regenerated). Buffers that
-  regenerate from a seed or from W0 are registered with ``persistent=False`` and are not saved.
+  regenerate from a seed or from W0 are registered with ``persistent=False`` and are not saved. A layer
+  whose ``packed_tensors()`` is not None (NOLA's quantised coefficients) saves those tensors in place of
+  its own trainable parameters, and ``load_trainable`` hands them back to its ``unpack_tensors``.
 """
 
 from __future__ import annotations
@@ -61,6 +63,14 @@ class AdapterLayer(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """The dense update Delta W (d_out x d_in) that this adapter adds to the base weight."""
+        raise NotImplementedError
+
+    def packed_tensors(self) -> dict[str, torch.Tensor] | None:
+        """Tensors to save in place of this layer's own trainable parameters (None: save the parameters)."""
+        return None
+
+    def unpack_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore this layer's parameters from what ``packed_tensors`` returned."""
         raise NotImplementedError
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -154,6 +164,11 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Trainable parameters plus the persistent buffers of adapter layers (not of their base)."""
     tensors = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     for lname, layer in adapter_layers(model).items():
+        packed = layer.packed_tensors()
+        if packed is not None:
+            for pname, _ in layer.named_parameters(recurse=False):
+                tensors.pop(f"{lname}.{pname}", None)
+            tensors.update({f"{lname}.{k}": t.detach() for k, t in packed.items()})
         for bname, buf in layer.named_buffers(recurse=False):
             if bname not in layer._non_persistent_buffers_set and buf is not None:
                 tensors[f"{lname}.{bname}"] = buf.detach()
@@ -181,6 +196,10 @@ def load_trainable(model: nn.Module, path: str | Path) -> nn.Module:
         if target.shape != saved[name].shape:
             raise ValueError(f"{name}: saved shape {tuple(saved[name].shape)} != model shape {tuple(target.shape)}")
         target.copy_(saved[name].to(target.device, target.dtype))
+    for lname, layer in adapter_layers(model).items():
+        packed = layer.packed_tensors()
+        if packed is not None:
+            layer.unpack_tensors({k: saved[f"{lname}.{k}"] for k in packed})
     return model
 
 

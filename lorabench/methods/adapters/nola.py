@@ -10,21 +10,45 @@ Init: alpha ~ U(-1/sqrt(k), 1/sqrt(k)) and beta = 0, so Delta W = 0 at step 0 as
 A_i ~ U(-1/sqrt(d_in), 1/sqrt(d_in)) (nn.Linear's init) and B_j ~ U(-1/sqrt(r), 1/sqrt(r)). (The
 authors' ViT code starts both coefficient vectors at 1/k, a small non-zero Delta W at init.)
 Hyper-parameters: rank r (GPT-2 E2E scripts: 4-8 on q, v), num_basis_a = k and num_basis_b = l
-(about 1000 per layer in the paper; uncertain, 1024 here), alpha, a larger lr than LoRA. Quantised
-coefficients (an option in the paper) are not implemented.
+(about 1000 per layer in the paper; uncertain, 1024 here), alpha, a larger lr than LoRA.
 Memory: the bases take k r d_in + l d_out r values per layer (buffers, not parameters).
+
+Quantised coefficients (``coef_bits``, default null = off; ``quant_aware``, default true). Sources: a
+third-party summary of the paper (sciencestack.ai/paper/2310.02556) says the coefficients can be
+quantised (e.g. to 4 bits) with little loss; the authors' GPT-2 code (UCDvision/NOLA 03c7027,
+gpt/src/gpt2_ft.py) has the flags ``--qnola`` ("quantized aware training") and ``--qbits`` (default 2),
+but the released model code only threads them through and never quantises, and the ViT utils'
+``normalize_int`` (symmetric abs-max to +-7 / +-127, 4 / 8 bits) is imported but unused. The paper's
+text on the exact quantiser (and its QAT-vs-PTQ table, recalled as 4 and 3 bits on GPT-2 E2E) could not
+be read here, so the rule below is lorabench's choice of the standard uniform quantiser, not a verified
+copy:
+  per layer and per vector c (coef_A and coef_B separately), b = coef_bits in {2..8}, L = 2^b - 1,
+  lo = min(c), step = (max(c) - lo) / L, code = clamp(round_half_even((c - lo) / step), 0, L) (all
+  codes 0 when step = 0), and the coefficients used are q = lo + step * code, so |q - c| <= step / 2.
+* quant_aware=true (QAT): every forward, training included, uses q; the backward is the
+  straight-through estimator dL/dc = dL/dq (lo and step are not differentiated). The optimizer keeps
+  the full-precision latent c (resume checkpoints save c, not the codes).
+* quant_aware=false (post-training quantisation): training uses c; in eval mode (and for merge and
+  delta_weight outside training) q of the current c is used, so evaluated metrics are those of the
+  stored adapter.
+The adapter file then holds, per layer and vector, the codes bit-packed (ceil(n b / 8) uint8 bytes,
+LSB first) and [lo, step] in the coefficient dtype, instead of the float coefficients; loading pins
+exactly those q (bit-for-bit outputs) until the coefficients are modified. The record's
+method_report has ``nola_coef_storage_bytes`` (coefficients only, quantised or not).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from lorabench.config import check_positive
-from lorabench.methods.adapters.layer import AdapterLayer, OwnAdapter, seeded_generator
+from lorabench.errors import ConfigError
+from lorabench.methods.adapters.layer import AdapterLayer, OwnAdapter, adapter_layers, seeded_generator
 from lorabench.methods.base import MethodContext
 from lorabench.registry import ADAPTERS
 
@@ -39,9 +63,57 @@ def nola_bases(
     return basis_a, basis_b
 
 
+COEF_BITS = (2, 3, 4, 5, 6, 7, 8)
+
+
+def quantize_coefs(c: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Uniform min/max quantisation of one coefficient vector: (codes uint8, lo, step), 0-d lo and step."""
+    c = c.detach()
+    levels = 2**bits - 1
+    lo = c.min()
+    step = (c.max() - lo) / levels
+    safe = torch.where(step > 0, step, torch.ones_like(step))  # step = 0: all c equal lo, all codes 0
+    codes = torch.round((c - lo) / safe).clamp_(0, levels)
+    return codes.to(torch.uint8), lo, step
+
+
+def dequantize_coefs(codes: torch.Tensor, lo: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    return lo + step * codes.to(lo.dtype)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """b-bit codes as a bit stream in uint8 bytes (each code LSB first), ceil(n b / 8) bytes."""
+    planes = ((codes.cpu().long()[:, None] >> torch.arange(bits)) & 1).flatten()
+    planes = nn.functional.pad(planes, (0, (-planes.numel()) % 8))
+    return (planes.view(-1, 8) << torch.arange(8)).sum(1).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    planes = ((packed.cpu().long()[:, None] >> torch.arange(8)) & 1).flatten()[: n * bits]
+    return (planes.view(n, bits) << torch.arange(bits)).sum(1).to(torch.uint8)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the quantised q (exactly); backward: the gradient passes to c unchanged."""
+
+    @staticmethod
+    def forward(ctx: Any, c: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return q.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
 class NolaLayer(AdapterLayer):
     def __init__(
-        self, base: nn.Linear, bases: tuple[torch.Tensor, torch.Tensor], scale: float, generator: torch.Generator
+        self,
+        base: nn.Linear,
+        bases: tuple[torch.Tensor, torch.Tensor],
+        scale: float,
+        generator: torch.Generator,
+        coef_bits: int | None = None,
+        quant_aware: bool = True,
     ):
         super().__init__(base)
         dtype, device = self.adapter_dtype, base.weight.device
@@ -52,15 +124,90 @@ class NolaLayer(AdapterLayer):
         self.coef_A = nn.Parameter(((torch.rand(k, generator=generator) * 2 - 1) / math.sqrt(k)).to(device, dtype))
         self.coef_B = nn.Parameter(torch.zeros(l, device=device, dtype=dtype))
         self.scale = scale
+        self.coef_bits = coef_bits
+        self.quant_aware = quant_aware
+        # name -> (param version, codes, lo, step, q): the quantisation loaded from a file
+        self._pinned: dict[str, tuple] = {}
+        self._merged_coefs: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        a = torch.einsum("k,krd->rd", self.coef_A, self.basis_A)
-        b = torch.einsum("l,lor->or", self.coef_B, self.basis_B)
+    def quantised_now(self) -> bool:
+        return self.coef_bits is not None and (self.quant_aware or not self.training)
+
+    def quant_state(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(codes, lo, step, q) of coef_A or coef_B: the pinned ones while the parameter is unchanged."""
+        param = getattr(self, name)
+        pinned = self._pinned.get(name)
+        if pinned is not None:
+            version, codes, lo, step, q = pinned
+            if version != param._version and torch.equal(param.detach(), q.to(param.device)):
+                version = param._version  # e.g. moved or re-copied but still on the loaded grid
+            if version == param._version:
+                moved = tuple(t.to(param.device) for t in (codes, lo, step, q))
+                self._pinned[name] = (version, *moved)
+                return moved
+            del self._pinned[name]
+        codes, lo, step = quantize_coefs(param, self.coef_bits)
+        return codes, lo, step, dequantize_coefs(codes, lo, step)
+
+    def coefficients(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The coefficient vectors the update uses: c, or its quantisation q (straight-through gradient)."""
+        if not self.quantised_now():
+            return self.coef_A, self.coef_B
+        return tuple(_StraightThrough.apply(getattr(self, n), self.quant_state(n)[3]) for n in ("coef_A", "coef_B"))
+
+    def factors(self, coefs: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        coef_a, coef_b = coefs if coefs is not None else self.coefficients()
+        a = torch.einsum("k,krd->rd", coef_a, self.basis_A)
+        b = torch.einsum("l,lor->or", coef_b, self.basis_B)
         return b, a
 
-    def delta_weight(self) -> torch.Tensor:
-        b, a = self.factors()
+    def delta_weight(self, coefs: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        b, a = self.factors(coefs)
         return self.scale * b @ a
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Remembers the coefficients it folded in, so unmerge subtracts the same Delta W whatever the mode."""
+        if not self.merged:
+            self._merged_coefs = tuple(c.detach().clone() for c in self.coefficients())
+            self.base.weight.add_(self.delta_weight(self._merged_coefs).to(self.base.weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base.weight.sub_(self.delta_weight(self._merged_coefs).to(self.base.weight.dtype))
+            self.merged, self._merged_coefs = False, None
+
+    def packed_tensors(self) -> dict[str, torch.Tensor] | None:
+        if self.coef_bits is None:
+            return None
+        out = {}
+        for name in ("coef_A", "coef_B"):
+            codes, lo, step, _ = self.quant_state(name)
+            out[f"{name}_codes"] = pack_codes(codes, self.coef_bits)
+            out[f"{name}_qparams"] = torch.stack([lo, step]).cpu()
+        return out
+
+    @torch.no_grad()
+    def unpack_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name in ("coef_A", "coef_B"):
+            param = getattr(self, name)
+            codes = unpack_codes(tensors[f"{name}_codes"], self.coef_bits, param.numel()).to(param.device)
+            lo, step = tensors[f"{name}_qparams"].to(param.device, param.dtype).unbind()
+            q = dequantize_coefs(codes, lo, step)
+            param.copy_(q)
+            self._pinned[name] = (param._version, codes, lo, step, q)
+
+    def coef_storage_bytes(self) -> int:
+        """Bytes the coefficients take in the adapter file (safetensors header not counted)."""
+        total = 0
+        for param in (self.coef_A, self.coef_B):
+            if self.coef_bits is None:
+                total += param.numel() * param.element_size()
+            else:
+                total += math.ceil(param.numel() * self.coef_bits / 8) + 2 * param.element_size()
+        return total
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
         b, a = self.factors()
@@ -74,10 +221,21 @@ class NolaParams:
     num_basis_b: int = 1024  # l
     alpha: float = 16.0
     basis_seed: int = 0
+    # quantised coefficients (module docstring); off by default. Not in conf/method/nola.yaml as keys, so
+    # that existing run ids stay the same: set them with +method.coef_bits=4 (+method.quant_aware=false).
+    coef_bits: Optional[int] = None  # null (off) or 2..8
+    quant_aware: bool = True  # QAT with a straight-through estimator; false: post-training quantisation
 
     def __post_init__(self) -> None:
         for key in ("rank", "num_basis_a", "num_basis_b", "alpha"):
             check_positive(f"method.{key}", getattr(self, key))
+        if self.coef_bits is not None and (
+            isinstance(self.coef_bits, bool) or not isinstance(self.coef_bits, int) or self.coef_bits not in COEF_BITS
+        ):
+            raise ConfigError(
+                f"method.coef_bits={self.coef_bits!r} is invalid; valid choices: null (off), "
+                f"{', '.join(map(str, COEF_BITS))}"
+            )
 
 
 @ADAPTERS.register("nola")
@@ -96,7 +254,20 @@ class NolaAdapter(OwnAdapter):
             linear.in_features,
             linear.out_features,
         )
-        return NolaLayer(linear, bases, params.alpha / params.rank, seeded_generator(ctx.seed, "nola-coef:" + name))
+        return NolaLayer(
+            linear,
+            bases,
+            params.alpha / params.rank,
+            seeded_generator(ctx.seed, "nola-coef:" + name),
+            params.coef_bits,
+            params.quant_aware,
+        )
+
+    def apply(self, model: nn.Module, params: NolaParams, ctx: MethodContext, init_kwargs: dict) -> nn.Module:
+        model = super().apply(model, params, ctx, init_kwargs)
+        layers = [m for m in adapter_layers(model).values() if isinstance(m, NolaLayer)]
+        ctx.extras["nola_coef_storage_bytes"] = sum(m.coef_storage_bytes() for m in layers)
+        return model
 
     def layer_trainable(self, d_out: int, d_in: int, params: NolaParams) -> int:
         return params.num_basis_a + params.num_basis_b

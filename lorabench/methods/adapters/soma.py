@@ -10,8 +10,25 @@ A0 = sqrt(S_min / s) V_min^T (r x d_in), s = alpha / r, so s B0 A0 = U_min S_min
 train; the residual W0 - s B0 A0 stays frozen, implemented as Delta W = s (B A - B0 A0) with frozen
 copies of the initial factors (the model is unchanged at step 0, W0 itself is never modified).
 Trainable parameters per target: r (d_in + d_out), plus the task head.
-Hyper-parameters: rank r, alpha. Not implemented: SoMA's freezing of the early blocks and its
-annealed weight decay (vision-specific parts of the paper's recipe).
+Hyper-parameters: rank r, alpha.
+
+SoMA's recipe adds two parts (both off in ``method=soma``, on in ``method=soma_recipe``):
+
+* Frozen early blocks (adapter ``soma`` only, ``freeze_first_blocks: K``, default 0): no adapter
+  layer, hence no trainable parameter, in transformer blocks 0..K-1; targets in blocks K..L-1 are
+  wrapped as above. Authors' rule (ysj9909/SoMA, ``rein/peft/sora.py``: ``start_lora_idx``, the
+  block index parsed from ``blocks.<N>.`` in the module name; LoRA only where N >= start_lora_idx,
+  ``mark_only_lora_as_trainable`` keeps everything else frozen): every released config
+  (``configs/sora/*.py``, ``DGOD/configs/sora/*.py``) uses start_lora_idx = 8 on DINOv2-L's 24 blocks,
+  i.e. the first third. For LMs the blocks are the model's transformer layer list
+  (``lisa.transformer_layers``: ``bert.encoder.layer.N``, ``model.layers.N``, ``transformer.h.N``);
+  valid K: 0 <= K < L (K = L would leave no adapter). Targets outside that list (e.g. BERT's pooler
+  under ``all-linear``) are not affected by K. ``freeze_first_fraction: f`` sets K = round(f L)
+  instead (the two are exclusive); ``soma_recipe`` uses f = 1/3, the authors' 8/24 (our choice for
+  LMs: the authors' code only has K = 8 for the 24-block DINOv2-L). Not mapped: the authors also
+  train the biases of adapted targets (``bias="all"``); this adapter keeps biases frozen, as
+  ``method=soma`` always did.
+* Annealed weight decay: the ``soma_wd`` procedure (lorabench/methods/procedures/soma.py).
 """
 
 from __future__ import annotations
@@ -22,9 +39,11 @@ import torch
 from torch import nn
 
 from lorabench.config import check_positive
-from lorabench.methods.adapters.layer import OwnAdapter, check_rank, top_svd
+from lorabench.errors import ConfigError
+from lorabench.methods.adapters.layer import OwnAdapter, check_rank, target_shapes, top_svd, wrap_targets
 from lorabench.methods.adapters.slora import TriLayer
-from lorabench.methods.base import MethodContext
+from lorabench.methods.base import MethodContext, head_parameter_count
+from lorabench.methods.procedures.lisa import transformer_layers
 from lorabench.registry import ADAPTERS
 
 
@@ -54,9 +73,82 @@ class MinorComponentsAdapter(OwnAdapter):
         return params.rank * (d_in + d_out)
 
 
+@dataclass
+class SomaParams(MinorParams):
+    freeze_first_blocks: int = 0  # K: transformer blocks 0..K-1 get no adapter (authors: 8 of 24)
+    freeze_first_fraction: float = 0.0  # or K = round(fraction x L) (soma_recipe: 1/3, the authors' 8/24)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive("method.freeze_first_blocks", self.freeze_first_blocks, allow_zero=True)
+        if not 0 <= self.freeze_first_fraction < 1:
+            raise ConfigError(
+                f"method.freeze_first_fraction={self.freeze_first_fraction!r} is invalid; it must be in [0, 1)"
+            )
+        if self.freeze_first_blocks and self.freeze_first_fraction:
+            raise ConfigError(
+                f"method.freeze_first_blocks={self.freeze_first_blocks} and method.freeze_first_fraction="
+                f"{self.freeze_first_fraction} are both set; set only one of them"
+            )
+
+    def frozen_count(self, num_blocks: int) -> int:
+        """K for a model with ``num_blocks`` transformer blocks."""
+        if self.freeze_first_fraction:
+            return round(self.freeze_first_fraction * num_blocks)
+        return self.freeze_first_blocks
+
+
+def block_of(name: str, list_name: str) -> int | None:
+    """Index N of the transformer block that module ``name`` lies in (``<list_name>.<N>.``), else None."""
+    prefix = f"{list_name}." if list_name else ""
+    if not name.startswith(prefix):
+        return None
+    head = name[len(prefix) :].split(".", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def unfrozen_targets(model: nn.Module, targets: list[str], params: SomaParams) -> list[str]:
+    """Targets with the first K transformer blocks removed: for K > 0, the full names of the targeted
+    linears that do not lie in blocks 0..K-1 (each matches itself exactly in ``wrap_targets``)."""
+    if not params.freeze_first_blocks and not params.freeze_first_fraction:
+        return targets
+    list_name, blocks = transformer_layers(model)
+    freeze_first_blocks = params.frozen_count(len(blocks))
+    if freeze_first_blocks >= len(blocks):
+        given = (
+            f"method.freeze_first_fraction={params.freeze_first_fraction} (K = {freeze_first_blocks})"
+            if params.freeze_first_fraction
+            else f"method.freeze_first_blocks={freeze_first_blocks}"
+        )
+        raise ConfigError(
+            f"{given} is invalid for {type(model).__name__} with {len(blocks)} transformer blocks "
+            f"({list_name}); K must be in 0..{len(blocks) - 1}"
+        )
+    keep = []
+    for name, _, _ in target_shapes(model, targets):
+        block = block_of(name, list_name)
+        if block is None or block >= freeze_first_blocks:
+            keep.append(name)
+    return keep
+
+
 @ADAPTERS.register("soma")
 class SomaAdapter(MinorComponentsAdapter):
+    """SoMA's minor-component LoRA; ``freeze_first_blocks`` leaves the first K blocks untouched."""
+
+    Params = SomaParams
     paper = "Yun et al., 2025, arXiv:2412.04077"
+
+    def apply(self, model: nn.Module, params: SomaParams, ctx: MethodContext, init_kwargs: dict) -> nn.Module:
+        if init_kwargs or (not params.freeze_first_blocks and not params.freeze_first_fraction):
+            return super().apply(model, params, ctx, init_kwargs)
+        targets = unfrozen_targets(model, ctx.target_modules, params)
+        return wrap_targets(model, targets, lambda n, lin: self.make_layer(n, lin, params, ctx), ctx.head)
+
+    def expected_trainable(self, base_model: nn.Module, params: SomaParams, ctx: MethodContext) -> int:
+        targets = unfrozen_targets(base_model, ctx.target_modules, params)
+        own = sum(self.layer_trainable(d_out, d_in, params) for _, d_out, d_in in target_shapes(base_model, targets))
+        return own + head_parameter_count(base_model, ctx.head)
 
 
 @ADAPTERS.register("milora")
