@@ -91,6 +91,7 @@ EXTRA_LR = {
     "ffa_lora": [2e-3, 5e-3],
     "lorafa": [2e-3, 5e-3],
     "lamda": [2e-3, 5e-3],
+    "lamda_plus": [2e-3, 5e-3],
     "increlora": [2e-3, 5e-3],
     "nlora": [2e-3, 5e-3],
     "nola": [2e-2, 5e-2],
@@ -229,14 +230,13 @@ def main() -> int:
         write_sweep_table(out / "sweep.md", methods, sweep_results(sweep_dir, methods, data_dir))
     if args.stage in ("main", "all"):
         found = sweep_results(sweep_dir, methods, data_dir)
+        failures += [
+            f"{m}: no completed sweep run, so no learning rate (run --stage sweep)" for m in methods if m not in found
+        ]
         tasks = []
-        for method in methods:
-            if method not in found:
-                failures.append(f"{method}: no completed sweep run, so no learning rate (run --stage sweep)")
-                continue
-            lr = pick_lr(found[method])
-            for seed in args.seeds:
-                tasks.append(overrides(method, lr, seed, records_dir, data_dir))
+        for seed in args.seeds:  # seed by seed, so that an interrupted stage leaves every method with n seeds
+            for method in (m for m in methods if m in found):
+                tasks.append(overrides(method, pick_lr(found[method]), seed, records_dir, data_dir))
                 if seed == 0:
                     _copy_sweep_run(tasks[-1], sweep_dir, records_dir)
         failures += run_all(tasks, args.jobs)
