@@ -269,7 +269,8 @@ def main() -> int:
                 tasks.append(
                     [*overrides("lora", pick_lr(found["lora"]), seed, out / "ranks", data_dir), f"method.rank={rank}"]
                 )
-                _copy_sweep_run(tasks[-1], records_dir, out / "ranks")  # r = 8 is the main run
+                _copy_sweep_run(tasks[-1], sweep_dir, out / "ranks")  # r = 8 is the main run (seed 0: the sweep run)
+                _copy_sweep_run(tasks[-1], records_dir, out / "ranks")
         failures += run_all(tasks, args.jobs)
     if args.stage in ("report", "all"):
         write_report(out, methods)
