@@ -353,18 +353,21 @@ def leaderboard_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def budget_table(records: list[dict], main_rows: dict[str, dict]) -> str:
+def budget_table(records: list[dict], main: list[dict], main_rows: dict[str, dict]) -> str:
+    """Budget runs (seed 0) plus the main seed-0 runs whose preset size already equals the budget."""
+    at_budget = [r for r in main if r["config"]["seed"] == 0 and r["cost"].get("trainable_params") == BUDGET]
     lines = [
-        "| method | solved knob | trainable params | SST-2 dev acc (seed 0) | default size: params, acc (n) |",
+        "| method | size knob | trainable params | SST-2 dev acc (seed 0) | preset size: params, acc (n) |",
         "|---|---|---|---|---|",
     ]
-    for record in sorted(records, key=lambda r: -r["metrics"]["final"]["accuracy"]):
+    for record in sorted(records + at_budget, key=lambda r: -r["metrics"]["final"]["accuracy"]):
         method = record["config"]["method"]["label"]
-        solved = record["method_report"].get("budget") or {}
-        main = main_rows.get(method)
-        default = f"{main['params']:,.0f}, {main['mean']:.2f} ({main['n']})" if main else "-"
+        solved = record["method_report"].get("budget")
+        knob = f"{solved['knob']}={solved['value']}" if solved else "preset (already at the budget)"
+        row = main_rows.get(method)
+        default = f"{row['params']:,.0f}, {row['mean']:.2f} ({row['n']})" if row else "-"
         lines.append(
-            f"| {method} | {solved.get('knob')}={solved.get('value')} | {record['cost']['trainable_params']:,} "
+            f"| {method} | {knob} | {record['cost']['trainable_params']:,} "
             f"| {100 * record['metrics']['final']['accuracy']:.2f} | {default} |"
         )
     return "\n".join(lines)
@@ -408,7 +411,7 @@ def write_report(out: Path, methods: list[str]) -> None:
         "",
         f"## Track A at a common budget: {BUDGET:,} trainable parameters (seed 0)",
         "",
-        budget_table(budget, {row["method"]: row for row in rows}),
+        budget_table(budget, main, {row["method"]: row for row in rows}),
         "",
         "Methods whose size the budget cannot set:" if unmatched else "",
         "",

@@ -81,7 +81,7 @@ def test_rows_aggregate_seeds_per_method_and_rate(lb, tmp_path):
 def test_report_rewrites_only_the_readme_block(lb, tmp_path, monkeypatch):
     out = tmp_path / "lb"
     for seed in range(3):
-        fake_record(out / "records", "lora", 5e-4, seed, 0.8 + seed / 100)
+        fake_record(out / "records", "lora", 5e-4, seed, 0.8 + seed / 100, params=lb.BUDGET)
     fake_record(out / "sweep", "lora", 5e-4, 0, 0.8)
     fake_record(
         out / "budget",
@@ -104,6 +104,7 @@ def test_report_rewrites_only_the_readme_block(lb, tmp_path, monkeypatch):
     full = (out / "README.md").read_text()
     assert "| nola | num_basis_a=num_basis_b=3000 | 74,000 | 70.00 |" in full
     assert "`loldu`: declares no size knob" in full
+    assert "| lora | preset (already at the budget) | 74,498 | 80.00 | 74,498, 81.00 (3) |" in full
 
 
 def test_seed0_run_is_copied_from_the_sweep_by_run_id(lb, tmp_path):
