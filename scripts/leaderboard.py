@@ -87,6 +87,9 @@ FAMILY_LR = {
 # (training loss still above 0.6 after the epoch).
 EXTRA_LR = {
     "galore": [1e-4],
+    "galore_torch": [1e-4],
+    "q_galore": [1e-4],
+    "dct_adamw": [1e-4],
     "adalora": [2e-3, 5e-3],
     "ffa_lora": [2e-3, 5e-3],
     "lorafa": [2e-3, 5e-3],
