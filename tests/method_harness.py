@@ -85,3 +85,17 @@ def one_step(
 
 def changed(result: StepResult, atol: float = 0.0) -> set[str]:
     return {n for n in result.before if not torch.allclose(result.before[n], result.after[n], atol=atol, rtol=0)}
+
+
+def train_with_procedure(built, batch: dict, steps: int, after_step=None) -> None:
+    """``steps`` steps as the training loop runs them: backward, ``procedure.after_backward``,
+    optimizer step, ``procedure.on_step_end``; ``after_step(step)`` (if given) runs after each."""
+    built.model.train()
+    for step in range(steps):
+        built.model(**batch).loss.backward()
+        built.procedure.after_backward(step)
+        built.optimizer.step()
+        built.optimizer.zero_grad(set_to_none=True)
+        built.procedure.on_step_end(step + 1)
+        if after_step is not None:
+            after_step(step)

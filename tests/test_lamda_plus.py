@@ -19,7 +19,7 @@ from lorabench.methods.adapters.layer import adapter_layers, load_trainable, sav
 from lorabench.methods.base import head_parameter_count
 from lorabench.methods.build import apply_method, expected_trainable
 from tests.conftest import compose, tiny_overrides
-from tests.method_harness import build
+from tests.method_harness import build, train_with_procedure
 
 D = 32  # tiny_bert's hidden size: query/value are 32 x 32
 # targets in module order: layer.0 query, layer.0 value, layer.1 query, layer.1 value
@@ -151,15 +151,12 @@ def test_pmb_freezing_with_mixed_ranks(sst2_dir, tmp_path):
     assert proc.schedules == [schedules[r] for r in EXPECTED]
     assert proc.freeze_at == schedules[8]
     history = {n: [] for n in names}
-    model.train()
-    for step in range(6):
-        model(**batch).loss.backward()
-        proc.after_backward(step)
-        built.optimizer.step()
-        built.optimizer.zero_grad(set_to_none=True)
-        proc.on_step_end(step + 1)
+
+    def record(step):
         for n in names:
             history[n].append(layers[n].lora_B.detach().clone())
+
+    train_with_procedure(built, batch, 6, record)
     state = proc.state()
     assert state["lamda_pmb_frozen_columns"] == 8 and state["lamda_rank"] == 8
     assert state["lamda_pmb_frozen_columns_per_layer"] == dict(zip(names, EXPECTED))
@@ -174,13 +171,7 @@ def test_pmb_freezing_with_mixed_ranks(sst2_dir, tmp_path):
 def test_save_load_and_procedure_state_round_trip(sst2_dir, tmp_path):
     _, built, batch, _, _, _, _ = make_plus(sst2_dir, tmp_path, "train.max_steps=8", "method.pmb_freeze_end=0.5")
     model, proc = built.model, built.procedure
-    model.train()
-    for step in range(3):
-        model(**batch).loss.backward()
-        proc.after_backward(step)
-        built.optimizer.step()
-        built.optimizer.zero_grad(set_to_none=True)
-        proc.on_step_end(step + 1)
+    train_with_procedure(built, batch, 3)
     out = logits(model, batch)
     path = tmp_path / "adapter.safetensors"
     save_trainable(model, path)

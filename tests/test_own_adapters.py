@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from lorabench.methods.adapters.layer import AdapterLayer, adapter_layers, load_trainable, save_trainable
 from lorabench.methods.base import head_parameter_count, target_linear_weights
 from lorabench.methods.build import apply_method
-from tests.method_harness import build
+from tests.method_harness import build, train_with_procedure
 
 # adapter -> (trainable count per target as a function of (d_out, d_in, rank), names that train)
 FORMULA = {
@@ -293,14 +293,11 @@ def test_lamda_freezes_pmb_progressively(sst2_dir, tmp_path):
     layer = next(iter(adapter_layers(model).values()))
     assert proc.freeze_at == [1, 1, 2, 2, 3, 3, 4, 4]
     history = []
-    model.train()
-    for step in range(6):
-        model(**batch).loss.backward()
-        proc.after_backward(step)
-        built.optimizer.step()
-        built.optimizer.zero_grad(set_to_none=True)
-        proc.on_step_end(step + 1)
+
+    def record(step):
         history.append(layer.lora_B.detach().clone())
+
+    train_with_procedure(built, batch, 6, record)
     assert proc.state()["lamda_pmb_frozen_columns"] == 8
     for col, t in enumerate(proc.freeze_at):  # column col keeps its value from step t on
         for later in history[t:]:
@@ -348,13 +345,7 @@ def test_procedure_state_survives_a_checkpoint(method, sst2_dir, tmp_path):
     extra = {"increlora": ("method.delta_t=1",), "lamda": ("train.max_steps=8", "method.pmb_freeze_end=0.5")}
     _, built, batch, _, _ = make(method, sst2_dir, tmp_path, *extra.get(method, ()))
     model, proc = built.model, built.procedure
-    model.train()
-    for step in range(3):
-        model(**batch).loss.backward()
-        proc.after_backward(step)
-        built.optimizer.step()
-        built.optimizer.zero_grad(set_to_none=True)
-        proc.on_step_end(step + 1)
+    train_with_procedure(built, batch, 3)
     state = json.loads(json.dumps(proc.state_dict()))
     _, fresh, _, _, _ = make(method, sst2_dir, tmp_path, *extra.get(method, ()))
     with torch.no_grad():

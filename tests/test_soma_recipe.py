@@ -17,7 +17,7 @@ from lorabench.errors import ConfigError
 from lorabench.methods.adapters.layer import adapter_layers, target_shapes
 from lorabench.methods.build import apply_method, expected_trainable
 from lorabench.methods.procedures.lisa import transformer_layers
-from tests.method_harness import build
+from tests.method_harness import build, train_with_procedure
 from tests.test_resume import run_pair
 
 
@@ -155,14 +155,8 @@ def test_procedure_state_survives_a_checkpoint(sst2_dir, tmp_path):
     replaces the param-group dicts) gives the same weight decay and state."""
     total = 8
     _, built, batch, _, _, _ = make("soma_recipe", sst2_dir, tmp_path, f"train.max_steps={total}")
-    model, proc = built.model, built.procedure
-    model.train()
-    for step in range(3):
-        model(**batch).loss.backward()
-        proc.after_backward(step)
-        built.optimizer.step()
-        built.optimizer.zero_grad(set_to_none=True)
-        proc.on_step_end(step + 1)
+    proc = built.procedure
+    train_with_procedure(built, batch, 3)
     state = json.loads(json.dumps(proc.state_dict()))
     _, fresh, _, _, _, _ = make("soma_recipe", sst2_dir, tmp_path, f"train.max_steps={total}")
     fresh.optimizer.load_state_dict(built.optimizer.state_dict())
