@@ -199,7 +199,11 @@ def write_sweep_table(path: Path, methods: list[str], found: dict[str, dict[floa
     for method in methods:
         points = found.get(method, {})
         cells = ", ".join(f"{lr:g}: {100 * points[lr]:.2f}" if lr in points else f"{lr:g}: -" for lr in lr_grid(method))
-        lines.append(f"| {method} | {cells} | {f'{pick_lr(points):g}' if points else '-'} |")
+        pick = f"{pick_lr(points):g}" if points else "-"
+        grid = lr_grid(method)
+        if points and len(grid) > 1 and pick_lr(points) in (grid[0], grid[-1]):
+            pick += " (grid edge: a wider grid may do better)"
+        lines.append(f"| {method} | {cells} | {pick} |")
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
