@@ -52,6 +52,7 @@ ALIASES = {
     "accuracy": "metric",
 }
 FORMATS = ("png", "svg")
+INLINE_LABELS = 12  # above this many points per panel, points off the front get numbers and a side key
 
 
 def _mb(value):
@@ -167,13 +168,15 @@ def _save(fig, out_base: Path, formats=FORMATS) -> list[Path]:
 def pareto_figure(records: list[dict], x: str = "peak_mem", y: str = "metric", group_by: tuple[str, ...] = ()):
     """(figure, {panel: points})."""
     by_panel = panels(records)
-    fig, axes = plt.subplots(1, max(1, len(by_panel)), figsize=(6.2 * max(1, len(by_panel)), 4.6), squeeze=False)
+    height = max(4.6, 0.085 * max((len(r) for r in by_panel.values()), default=0))  # room for a side key
+    fig, axes = plt.subplots(1, max(1, len(by_panel)), figsize=(6.2 * max(1, len(by_panel)), height), squeeze=False)
     xs, ys = field_spec(x), field_spec(y)
     out = {}
     index = 0
     for ax, (panel, recs) in zip(axes[0], sorted(by_panel.items())):
         points = pareto_points(recs, x, y, group_by)
         out[panel] = points
+        key: list[str] = []
         for p in points:
             art = ax.errorbar(
                 [p.x],
@@ -187,13 +190,11 @@ def pareto_figure(records: list[dict], x: str = "peak_mem", y: str = "metric", g
             )
             art[0].set_gid(f"point-{index}")
             index += 1
-            ax.annotate(
-                f"{p.label} (n={p.n})",
-                (p.x, p.y),
-                textcoords="offset points",
-                xytext=(5, 5 + 9 * (index % 3)),
-                fontsize=8,
-            )
+            label = f"{p.label} (n={p.n})"
+            if len(points) > INLINE_LABELS and not p.front:  # crowded: a number here, the name in the key
+                key.append(f"{len(key) + 1:>2} {label}")
+                label = str(len(key))
+            ax.annotate(label, (p.x, p.y), textcoords="offset points", xytext=(4, 3 + 8 * (index % 3)), fontsize=7)
         front = sorted((p for p in points if p.front), key=lambda p: p.x)
         if len(front) > 1:
             hx = _direction(xs, recs)
@@ -205,6 +206,8 @@ def pareto_figure(records: list[dict], x: str = "peak_mem", y: str = "metric", g
                 drawstyle="steps-post" if not hx else "steps-pre",
             )
             line.set_gid("front")
+        if key:
+            ax.text(1.02, 1.0, "\n".join(key), transform=ax.transAxes, fontsize=6, va="top", family="monospace")
         ax.set_xlabel(xs[0])
         ax.set_ylabel(ys[0])
         ax.set_title(panel, fontsize=9)
