@@ -84,7 +84,8 @@ FAMILY_LR = {
     "salt": 1e-3,
 }
 # Extra sweep points for methods whose seed-0 run at the family default stayed at or near chance
-# (training loss still above 0.6 after the epoch).
+# (training loss still above 0.6 after the epoch): larger rates first; NOLA and NLoRA, which stayed at
+# chance at every larger rate (a too-large update, their loss never fell), also get smaller ones.
 EXTRA_LR = {
     "galore": [1e-4],
     "galore_torch": [1e-4],
@@ -96,8 +97,9 @@ EXTRA_LR = {
     "lamda": [2e-3, 5e-3],
     "lamda_plus": [2e-3, 5e-3],
     "increlora": [2e-3, 5e-3],
-    "nlora": [2e-3, 5e-3],
-    "nola": [2e-2, 5e-2],
+    "nlora": [1e-4, 2e-4, 2e-3, 5e-3],
+    "nola": [1e-4, 5e-4, 2e-2, 5e-2],
+    "svfit": [2e-2],
     "inttune": [2e-2],
     "loldu": [2e-2],
 }
