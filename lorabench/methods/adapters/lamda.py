@@ -140,6 +140,7 @@ def layer_ranks(model: nn.Module, targets: list[str], params: LamdaParams) -> tu
 class LamdaAdapter(OwnAdapter):
     Params = LamdaParams
     paper = "Azizi et al., 2024, arXiv:2406.12832"
+    size_knob = "rank"  # what a size budget sets (lorabench/budget.py); spectrum mode: the average rank
 
     def make_layer(
         self, name: str, linear: nn.Linear, params: LamdaParams, ctx: MethodContext, rank: int | None = None

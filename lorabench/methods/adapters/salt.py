@@ -77,6 +77,7 @@ class SaltParams:
 class SaltAdapter(OwnAdapter):
     Params = SaltParams
     paper = "Elsayed et al., 2025, arXiv:2503.16055"
+    size_knob = "lora_rank"  # what a size budget sets (lorabench/budget.py): q, the residual LoRA rank
 
     def make_layer(self, name: str, linear: nn.Linear, params: SaltParams, ctx: MethodContext) -> SaltLayer:
         check_rank(params.rank, linear.out_features, linear.in_features, name)
