@@ -390,8 +390,9 @@ def write_report(out: Path, methods: list[str]) -> None:
     rows = leaderboard_rows(main)
     budget = completed(out / "budget")
     sweep = completed(out / "sweep")
-    seconds = sum(r["cost"].get("wall_time_s") or 0 for r in sweep + budget)
-    seconds += sum(r["cost"].get("wall_time_s") or 0 for r in main if r["config"]["seed"] != 0)
+    ranks = completed(out / "ranks")
+    unique = {r["run_id"]: r for r in sweep + main + budget + ranks}  # copied runs count once
+    seconds = sum(r["cost"].get("wall_time_s") or 0 for r in unique.values())
     missing = [m for m in methods if m not in {row["method"] for row in rows}]
     unmatched = [
         f"- `{r['config']['method']['label']}`: {(r.get('error') or {}).get('message', r.get('error'))}"
@@ -404,8 +405,9 @@ def write_report(out: Path, methods: list[str]) -> None:
     summary = (
         f"Track A: `minilm_l6` on GLUE SST-2, {len(rows)} methods, {len(main)} runs "
         f"(seeds {sorted({r['config']['seed'] for r in main})}); "
-        f"{len(sweep)} sweep runs, {len(budget)} budget runs; "
-        f"{seconds / 3600:.1f} CPU-process hours in all (sum of run wall times, two runs in parallel)."
+        f"{len(sweep)} sweep runs, {len(budget)} budget runs, {len(ranks)} rank-comparison runs; "
+        f"{len(unique)} distinct runs took {seconds / 3600:.1f} h of run wall time in all "
+        f"(two at a time on 2 cores: about {seconds / 7200:.1f} h elapsed)."
     )
     body = [
         "# lorabench leaderboard",
