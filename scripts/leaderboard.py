@@ -247,7 +247,7 @@ def main() -> int:
             for method in (m for m in methods if m in found):
                 tasks.append(overrides(method, pick_lr(found[method]), seed, records_dir, data_dir))
                 if seed == 0:
-                    _copy_sweep_run(tasks[-1], sweep_dir, records_dir)
+                    _copy_existing_run(tasks[-1], sweep_dir, records_dir)
         failures += run_all(tasks, args.jobs)
     if args.stage in ("budget", "all"):
         found = sweep_results(sweep_dir, methods, data_dir)
@@ -278,8 +278,8 @@ def main() -> int:
                 tasks.append(
                     [*overrides("lora", pick_lr(found["lora"]), seed, out / "ranks", data_dir), f"method.rank={rank}"]
                 )
-                _copy_sweep_run(tasks[-1], sweep_dir, out / "ranks")  # r = 8 is the main run (seed 0: the sweep run)
-                _copy_sweep_run(tasks[-1], records_dir, out / "ranks")
+                _copy_existing_run(tasks[-1], sweep_dir, out / "ranks")  # r = 8 is the main run (seed 0: the sweep run)
+                _copy_existing_run(tasks[-1], records_dir, out / "ranks")
         failures += run_all(tasks, args.jobs)
     if args.stage in ("report", "all"):
         write_report(out, methods)
@@ -447,7 +447,7 @@ def write_report(out: Path, methods: list[str]) -> None:
         readme.write_text(head + block + tail, encoding="utf-8")
 
 
-def _copy_sweep_run(task: list[str], sweep_dir: Path, records_dir: Path) -> None:
+def _copy_existing_run(task: list[str], sweep_dir: Path, records_dir: Path) -> None:
     """A task already run elsewhere (identical run id: the seed-0 main run is the sweep run at the
     picked rate, LoRA r = 8 in the rank comparison is the main run): copy its record."""
     from lorabench.config_store import compose

@@ -114,7 +114,7 @@ def test_seed0_run_is_copied_from_the_sweep_by_run_id(lb, tmp_path):
     assert rid == run_id(compose(sweep_task))  # the results folder is not part of the run id
     assert rid != run_id(compose(lb.overrides("lora", 5e-4, 1, tmp_path / "records", "/data/SST-2")))
     write_json_atomic(tmp_path / "sweep" / rid / RECORD_NAME, {"run_id": rid})
-    lb._copy_sweep_run(task, tmp_path / "sweep", tmp_path / "records")
+    lb._copy_existing_run(task, tmp_path / "sweep", tmp_path / "records")
     assert (tmp_path / "records" / rid / RECORD_NAME).is_file()
 
 
