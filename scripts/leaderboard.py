@@ -13,8 +13,11 @@ update_proj_gap 500; GaLore README, "Benchmark 2").
 Stages, all resumable (a run whose completed record exists is skipped):
 
 1. ``sweep``: seed 0 at every learning rate of the method's grid (``lr_grid``): the family default
-   (``FAMILY_LR``), plus ``EXTRA_LR`` points for methods that did not learn at the family default.
-   Records go to ``<out>/sweep``; ``<out>/sweep.md`` lists every point and the pick.
+   (``FAMILY_LR``), plus ``EXTRA_LR`` points for methods that did not learn at the family default,
+   grown by edge extension: while the pick is the smallest or largest point of a grid of two or
+   more, the next rate of ``LR_LADDER`` beyond it is run too (at most ``MAX_EDGE_STEPS`` per method).
+   Methods that learned at their family default keep that single point. Records go to
+   ``<out>/sweep``; ``<out>/sweep.md`` lists every point and the pick.
 2. ``main``: seeds 0, 1, 2 at the picked learning rate (highest dev accuracy at seed 0; ties go to
    the smaller rate). The seed-0 run is the sweep run itself (same run id), copied, not rerun.
 3. ``budget``: seed 0 at the picked rate with ``budget.trainable_params=BUDGET`` (the trainable count
@@ -102,7 +105,12 @@ EXTRA_LR = {
     "svfit": [2e-2],
     "inttune": [2e-2],
     "loldu": [2e-2],
+    "fira": [3e-5],  # seed 1 at 1e-4 stayed at chance
 }
+# Grid extension: while a method's pick sits at an edge of a grid of two or more points, the sweep
+# adds the next rate of LR_LADDER beyond that edge, at most MAX_EDGE_STEPS times per method.
+LR_LADDER = (1e-5, 2e-5, 3e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1)
+MAX_EDGE_STEPS = 2
 RANKS = (1, 2, 4, 8)  # LoRA trained at each rank, beside DyLoRA's rank curve (r_max = 8)
 BUDGET = 74_498  # LoRA r=8 on query/value of minilm_l6 (73,728) + the classifier head (770)
 # Presets that cannot run in this track, with the reason (listed in the README instead of a number).
@@ -114,7 +122,29 @@ NOT_IN_TRACK = {
 
 
 def lr_grid(method: str) -> list[float]:
+    """The method's starting grid: the family default plus its ``EXTRA_LR`` points."""
     return sorted({FAMILY_LR.get(method, DEFAULT_LR), *EXTRA_LR.get(method, [])})
+
+
+def sweep_grid(method: str, points: dict[float, float]) -> list[float]:
+    """The starting grid grown by edge extension given the results so far (``points``: lr -> dev
+    accuracy at seed 0): while every grid point has a result and the pick is the smallest or largest
+    of two or more points, add the next ``LR_LADDER`` rate beyond it (``MAX_EDGE_STEPS`` at most)."""
+    grid = lr_grid(method)
+    for _ in range(MAX_EDGE_STEPS):
+        if len(grid) < 2 or any(lr not in points for lr in grid):
+            break
+        pick = pick_lr({lr: points[lr] for lr in grid})
+        if pick == grid[-1]:
+            beyond = [lr for lr in LR_LADDER if lr > pick]
+        elif pick == grid[0]:
+            beyond = [lr for lr in reversed(LR_LADDER) if lr < pick]
+        else:
+            break
+        if not beyond:
+            break
+        grid = sorted([*grid, beyond[0]])
+    return grid
 
 
 def overrides(method: str, lr: float, seed: int, results_dir: Path, data_dir: str | None) -> list[str]:
@@ -166,12 +196,13 @@ def run_all(tasks: list[list[str]], jobs: int) -> list[str]:
 
 
 def sweep_results(sweep_dir: Path, methods: list[str], data_dir: str | None) -> dict[str, dict[float, float]]:
-    """method -> {lr: dev accuracy} from the completed sweep records of the current grid (records
-    of other settings in the folder are ignored: only the grid's run ids count)."""
+    """method -> {lr: dev accuracy} from the completed sweep records of each method's grid, as grown
+    by ``sweep_grid`` (records of other settings in the folder are ignored: only run ids count)."""
     from lorabench.config_store import compose
     from lorabench.results.record import iter_records, run_id
 
-    wanted = {run_id(compose(overrides(m, lr, 0, sweep_dir, data_dir))) for m in methods for lr in lr_grid(m)}
+    rates = {m: sorted({*lr_grid(m), *LR_LADDER}) for m in methods}
+    wanted = {run_id(compose(overrides(m, lr, 0, sweep_dir, data_dir))) for m in methods for lr in rates[m]}
     found: dict[str, dict[float, float]] = {}
     for _, record, _ in iter_records(sweep_dir):
         if record is None or record["status"] != "completed" or record["run_id"] not in wanted:
@@ -181,7 +212,8 @@ def sweep_results(sweep_dir: Path, methods: list[str], data_dir: str | None) -> 
             found.setdefault(record["config"]["method"]["label"], {})[record["config"]["train"]["lr"]] = final[
                 "accuracy"
             ]
-    return found
+    grids = {method: sweep_grid(method, points) for method, points in found.items()}
+    return {method: {lr: acc for lr, acc in points.items() if lr in grids[method]} for method, points in found.items()}
 
 
 def pick_lr(points: dict[float, float]) -> float:
@@ -200,11 +232,11 @@ def write_sweep_table(path: Path, methods: list[str], found: dict[str, dict[floa
     ]
     for method in methods:
         points = found.get(method, {})
-        cells = ", ".join(f"{lr:g}: {100 * points[lr]:.2f}" if lr in points else f"{lr:g}: -" for lr in lr_grid(method))
+        grid = sweep_grid(method, points)
+        cells = ", ".join(f"{lr:g}: {100 * points[lr]:.2f}" if lr in points else f"{lr:g}: -" for lr in grid)
         pick = f"{pick_lr(points):g}" if points else "-"
-        grid = lr_grid(method)
         if points and len(grid) > 1 and pick_lr(points) in (grid[0], grid[-1]):
-            pick += " (grid edge: a wider grid may do better)"
+            pick += f" (grid edge after {len(grid) - len(lr_grid(method))} extension(s))"
         lines.append(f"| {method} | {cells} | {pick} |")
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -234,14 +266,22 @@ def main() -> int:
     failures, start = [], time.perf_counter()
 
     if args.stage in ("sweep", "all"):
-        tasks = [overrides(m, lr, 0, sweep_dir, data_dir) for m in methods for lr in lr_grid(m)]
-        failures += run_all(tasks, args.jobs)
+        attempted: set[tuple[str, float]] = set()
+        while True:  # rounds: run the grids, then the edge extensions those results call for
+            found = sweep_results(sweep_dir, methods, data_dir)
+            todo = [(m, lr) for m in methods for lr in sweep_grid(m, found.get(m, {})) if lr not in found.get(m, {})]
+            todo = [point for point in todo if point not in attempted]
+            if not todo:
+                break
+            attempted.update(todo)
+            failures += run_all([overrides(m, lr, 0, sweep_dir, data_dir) for m, lr in todo], args.jobs)
         write_sweep_table(out / "sweep.md", methods, sweep_results(sweep_dir, methods, data_dir))
     if args.stage in ("main", "all"):
         found = sweep_results(sweep_dir, methods, data_dir)
         failures += [
             f"{m}: no completed sweep run, so no learning rate (run --stage sweep)" for m in methods if m not in found
         ]
+        retire_superseded(records_dir, {m: pick_lr(points) for m, points in found.items()}, out / "superseded")
         tasks = []
         for seed in args.seeds:  # seed by seed, so that an interrupted stage leaves every method with n seeds
             for method in (m for m in methods if m in found):
@@ -251,6 +291,7 @@ def main() -> int:
         failures += run_all(tasks, args.jobs)
     if args.stage in ("budget", "all"):
         found = sweep_results(sweep_dir, methods, data_dir)
+        retire_superseded(out / "budget", {m: pick_lr(points) for m, points in found.items()}, out / "superseded")
         tasks = []
         for method in methods:
             if method not in found:
@@ -285,6 +326,28 @@ def main() -> int:
         write_report(out, methods)
     print(f"[leaderboard] done in {time.perf_counter() - start:.0f}s; failures: {failures or 'none'}")
     return 1 if failures else 0
+
+
+def retire_superseded(folder: Path, picks: dict[str, float], superseded: Path) -> list[str]:
+    """Move the run folders under ``folder`` whose method has a pick (``picks``: method -> lr) but
+    ran at another learning rate (the pick moved when the sweep grew) to ``superseded/<folder
+    name>/``, so that tables show each method at its pick and no record is deleted. Returns the
+    moved run ids."""
+    from lorabench.results.record import iter_records
+
+    moved = []
+    for path, record, _ in list(iter_records(folder)):
+        if record is None:
+            continue
+        method, lr = record["config"]["method"]["label"], record["config"]["train"]["lr"]
+        if method in picks and lr != picks[method]:
+            target = superseded / folder.name / path.parent.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(path.parent), str(target))
+            moved.append(record["run_id"])
+    if moved:
+        print(f"[leaderboard] moved {len(moved)} run(s) at a superseded learning rate to {superseded / folder.name}")
+    return moved
 
 
 def read_if_completed(folder: Path, task: list[str]) -> dict | None:
