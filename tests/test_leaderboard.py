@@ -4,6 +4,7 @@ that rewrites the README block, and the run ids that make the seed-0 copy and re
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,40 @@ def test_galore_family_runs_the_fine_tuning_setting(lb):
     cfg = compose(lb.overrides("galore", 3e-5, 0, Path("/tmp/x"), None))
     assert cfg["method"]["scale"] == 4 and cfg["method"]["update_proj_gap"] == 500
     assert compose(lb.overrides("fira", 1e-4, 0, Path("/tmp/x"), None))["method"]["scale"] == 0.25
+
+
+def test_sweep_grid_grows_past_an_edge_pick_and_stops_inside(lb):
+    base = lb.lr_grid("adalora")  # [5e-4, 2e-3, 5e-3]
+    assert lb.sweep_grid("adalora", {}) == base  # nothing run yet: nothing to extend
+    rising = {5e-4: 0.5, 2e-3: 0.6, 5e-3: 0.7}
+    assert lb.sweep_grid("adalora", rising) == [*base, 1e-2]  # best at the top edge: one rate up
+    assert lb.sweep_grid("adalora", {**rising, 1e-2: 0.65}) == [*base, 1e-2]  # interior now: stop
+    still_rising = {**rising, 1e-2: 0.8, 2e-2: 0.9}
+    assert lb.sweep_grid("adalora", still_rising) == [*base, 1e-2, 2e-2]  # at most MAX_EDGE_STEPS
+    assert lb.MAX_EDGE_STEPS == 2
+    falling = {1e-4: 0.8, 2e-4: 0.7, 5e-4: 0.6, 2e-3: 0.5, 5e-3: 0.5}
+    assert lb.sweep_grid("nlora", falling) == [5e-5, *sorted(falling)]  # best at the bottom edge: one down
+    assert lb.sweep_grid("lora", {5e-4: 0.79}) == [5e-4]  # a single point is not a sweep to extend
+
+
+def test_sweep_results_only_count_points_of_the_grown_grid(lb, tmp_path):
+    data = None
+    for lr, acc in ((5e-4, 0.5), (2e-3, 0.6), (5e-3, 0.7), (1e-2, 0.75), (5e-2, 0.99)):
+        fake = fake_record(tmp_path / "fakes", "adalora", lr, 0, acc)
+        fake["run_id"] = run_id(compose(lb.overrides("adalora", lr, 0, tmp_path, data)))
+        write_json_atomic(tmp_path / fake["run_id"] / RECORD_NAME, fake)
+    shutil.rmtree(tmp_path / "fakes")
+    found = lb.sweep_results(tmp_path, ["adalora"], data)
+    # 1e-2 is the extension the results call for; 5e-2 (a stray ladder run) is not in the grown grid
+    assert found == {"adalora": {5e-4: 0.5, 2e-3: 0.6, 5e-3: 0.7, 1e-2: 0.75}}
+
+
+def test_runs_at_a_superseded_rate_are_moved_not_deleted(lb, tmp_path):
+    records, superseded = tmp_path / "records", tmp_path / "superseded"
+    old = fake_record(records, "adalora", 5e-3, 1, 0.7)
+    new = fake_record(records, "adalora", 1e-2, 1, 0.8)
+    other = fake_record(records, "lora", 5e-4, 1, 0.79)
+    moved = lb.retire_superseded(records, {"adalora": 1e-2, "lora": 5e-4}, superseded)
+    assert moved == [old["run_id"]]
+    assert (superseded / "records" / old["run_id"] / RECORD_NAME).is_file()
+    assert sorted(p.name for p in records.iterdir()) == sorted([new["run_id"], other["run_id"]])
