@@ -39,6 +39,7 @@ leaderboard: install
 	$(BIN)/python scripts/leaderboard.py --stage all --jobs 2
 	$(BIN)/lorabench table --results-dir results/leaderboard/records > results/leaderboard/table.md
 	$(BIN)/lorabench table --results-dir results/leaderboard/budget > results/leaderboard/budget_table.md
+	$(BIN)/lorabench table --results-dir results/leaderboard/budget_optimizer > results/leaderboard/budget_optimizer_table.md
 	$(BIN)/lorabench plot --results-dir results/leaderboard/records --out results/leaderboard/plots --kind pareto \
 		--x params --x opt_state --x tokens_per_s --x peak_mem --format svg
 	$(BIN)/lorabench plot --results-dir results/leaderboard/ranks --out results/leaderboard/plots --kind ranks --format svg

@@ -22,7 +22,9 @@ Stages, all resumable (a run whose completed record exists is skipped):
    the smaller rate). The seed-0 run is the sweep run itself (same run id), copied, not rerun.
 3. ``budget``: seed 0 at the picked rate with ``budget.trainable_params=BUDGET`` (the trainable count
    of LoRA r=8 on query/value plus the head) for every method whose default size differs from it;
-   methods without a size knob say so. Records go to ``<out>/budget``.
+   methods without a size knob say so. Records go to ``<out>/budget``. The optimizers that train
+   every weight and whose state the budget can size (``lorabench.budget.STATE_FORMULAS``) run at
+   ``budget.optimizer_state_mb=OPT_BUDGET_MB`` instead, into ``<out>/budget_optimizer``.
 4. ``ranks``: DyLoRA (r_max = 8) evaluated at every rank after training, and LoRA trained separately
    at r = 1, 2, 4, 8 (``RANKS``), at their picked rates, into ``<out>/ranks``.
 5. ``report``: ``<out>/README.md`` (the per-method table, the budget table, what cannot run here)
@@ -113,6 +115,10 @@ LR_LADDER = (1e-5, 2e-5, 3e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2
 MAX_EDGE_STEPS = 2
 RANKS = (1, 2, 4, 8)  # LoRA trained at each rank, beside DyLoRA's rank curve (r_max = 8)
 BUDGET = 74_498  # LoRA r=8 on query/value of minilm_l6 (73,728) + the classifier head (770)
+# Common optimizer-state budget (MiB) for the GaLore-family optimizers that train every weight: the
+# smallest round size every one of them can meet (galore-torch keeps each whole SVD factor, so its
+# floor on minilm_l6 is 112.2 MiB at rank 1; the unprojected embeddings alone hold about 90 MiB).
+OPT_BUDGET_MB = 120
 # Presets that cannot run in this track, with the reason (listed in the README instead of a number).
 NOT_IN_TRACK = {
     "qlora": "4-bit base weights need bitsandbytes' CUDA kernels",
@@ -308,6 +314,18 @@ def main() -> int:
                 ]
             )
         failures += [f for f in run_all(tasks, args.jobs) if "declares no size knob" not in f]
+        retire_superseded(
+            out / "budget_optimizer", {m: pick_lr(points) for m, points in found.items()}, out / "superseded"
+        )
+        tasks = [
+            [
+                *overrides(m, pick_lr(found[m]), 0, out / "budget_optimizer", data_dir),
+                f"budget.optimizer_state_mb={OPT_BUDGET_MB}",
+            ]
+            for m in optimizer_budget_methods(methods, presets)
+            if m in found
+        ]
+        failures += run_all(tasks, args.jobs)
     if args.stage in ("ranks", "all"):
         found = sweep_results(sweep_dir, ["dylora", "lora"], data_dir)
         tasks = []
@@ -326,6 +344,19 @@ def main() -> int:
         write_report(out, methods)
     print(f"[leaderboard] done in {time.perf_counter() - start:.0f}s; failures: {failures or 'none'}")
     return 1 if failures else 0
+
+
+def optimizer_budget_methods(methods: list[str], presets: dict[str, dict]) -> list[str]:
+    """The methods that train every weight with an optimizer whose state the budget can size."""
+    from lorabench.budget import STATE_FORMULAS
+
+    return [
+        m
+        for m in methods
+        if presets[m].get("optimizer") in STATE_FORMULAS
+        and presets[m].get("adapter", "none") == "none"
+        and presets[m].get("procedure", "none") == "none"
+    ]
 
 
 def retire_superseded(folder: Path, picks: dict[str, float], superseded: Path) -> list[str]:
@@ -445,6 +476,25 @@ def budget_table(records: list[dict], main: list[dict], main_rows: dict[str, dic
     return "\n".join(lines)
 
 
+def optimizer_budget_table(records: list[dict], main_rows: dict[str, dict]) -> str:
+    """Optimizer-state budget runs (seed 0) beside each method's preset size and accuracy."""
+    lines = [
+        "| method | size knob | optimizer state (MiB) | SST-2 dev acc (seed 0) | preset: state MiB, acc (n) |",
+        "|---|---|---|---|---|",
+    ]
+    for record in sorted(records, key=lambda r: -r["metrics"]["final"]["accuracy"]):
+        method = record["config"]["method"]["label"]
+        solved = record["method_report"].get("budget") or {}
+        row = main_rows.get(method)
+        default = f"{row['opt_mb']:.1f}, {row['mean']:.2f} ({row['n']})" if row else "-"
+        lines.append(
+            f"| {method} | {solved.get('knob', '?')}={solved.get('value', '?')} "
+            f"| {record['cost']['optimizer_state_bytes'] / 2**20:.1f} "
+            f"| {100 * record['metrics']['final']['accuracy']:.2f} | {default} |"
+        )
+    return "\n".join(lines)
+
+
 def write_report(out: Path, methods: list[str]) -> None:
     """``<out>/README.md`` and the table between the markers of the project README."""
     from lorabench.results.record import iter_records
@@ -452,9 +502,10 @@ def write_report(out: Path, methods: list[str]) -> None:
     main = completed(out / "records")
     rows = leaderboard_rows(main)
     budget = completed(out / "budget")
+    budget_opt = completed(out / "budget_optimizer")
     sweep = completed(out / "sweep")
     ranks = completed(out / "ranks")
-    unique = {r["run_id"]: r for r in sweep + main + budget + ranks}  # copied runs count once
+    unique = {r["run_id"]: r for r in sweep + main + budget + budget_opt + ranks}  # copied runs count once
     seconds = sum(r["cost"].get("wall_time_s") or 0 for r in unique.values())
     missing = [m for m in methods if m not in {row["method"] for row in rows}]
     unmatched = [
@@ -468,7 +519,7 @@ def write_report(out: Path, methods: list[str]) -> None:
     summary = (
         f"Track A: `minilm_l6` on GLUE SST-2, {len(rows)} methods, {len(main)} runs "
         f"(seeds {sorted({r['config']['seed'] for r in main})}); "
-        f"{len(sweep)} sweep runs, {len(budget)} budget runs, {len(ranks)} rank-comparison runs; "
+        f"{len(sweep)} sweep runs, {len(budget) + len(budget_opt)} budget runs, {len(ranks)} rank-comparison runs; "
         f"{len(unique)} distinct runs took {seconds / 3600:.1f} h of run wall time in all "
         f"(two at a time on 2 cores: about {seconds / 7200:.1f} h elapsed)."
     )
@@ -491,12 +542,20 @@ def write_report(out: Path, methods: list[str]) -> None:
         "",
         *unmatched,
         "",
+        f"## Track A at a common optimizer-state budget: {OPT_BUDGET_MB} MiB (seed 0)",
+        "",
+        "The optimizers that train every weight, sized by `budget.optimizer_state_mb` (rank, or FRUGAL's "
+        "density); q_galore (quantized bases) and dct_adamw (shared DCT matrices) have no state formula.",
+        "",
+        optimizer_budget_table(budget_opt, {row["method"]: row for row in rows}),
+        "",
         "## Not in this track",
         "",
         *excluded,
         "",
         "Learning-rate sweep: [sweep.md](sweep.md). Pareto plots: [plots/](plots/). Records: `records/`, "
-        "`sweep/`, `budget/`.",
+        "`sweep/`, `budget/`, `budget_optimizer/`, `ranks/`; runs at a learning rate the grown sweep "
+        "replaced: `superseded/`.",
         "",
     ]
     (out / "README.md").write_text("\n".join(body), encoding="utf-8")

@@ -160,3 +160,20 @@ def test_runs_at_a_superseded_rate_are_moved_not_deleted(lb, tmp_path):
     assert moved == [old["run_id"]]
     assert (superseded / "records" / old["run_id"] / RECORD_NAME).is_file()
     assert sorted(p.name for p in records.iterdir()) == sorted([new["run_id"], other["run_id"]])
+
+
+def test_optimizer_state_budget_covers_exactly_the_sizable_full_weight_optimizers(lb):
+    from lorabench.cli import CONF_DIR
+    from lorabench.methods.catalog import load_presets
+
+    presets = load_presets(CONF_DIR / "method")
+    chosen = lb.optimizer_budget_methods(sorted(presets), presets)
+    assert chosen == ["fira", "frugal", "galore", "galore_torch"]  # not q_galore/dct_adamw (no formula), not lora_pro
+
+
+def test_optimizer_budget_table_reports_solved_knob_and_state(lb, tmp_path):
+    record = fake_record(tmp_path, "galore", 1e-4, 0, 0.8123, method_report={"budget": {"knob": "rank", "value": 107}})
+    record["cost"]["optimizer_state_bytes"] = int(119.85 * 2**20)
+    row = {"opt_mb": 93.31, "mean": 80.5, "n": 3}
+    table = lb.optimizer_budget_table([record], {"galore": row})
+    assert table.splitlines()[-1] == "| galore | rank=107 | 119.8 | 81.23 | 93.3, 80.50 (3) |"
