@@ -1,14 +1,23 @@
-"""Track A of the shipped leaderboard: every CPU-capable method on one fixed SST-2 benchmark.
+"""The shipped leaderboard: every method on one fixed benchmark per track, three seeds.
 
-    .venv/bin/python scripts/leaderboard.py                      # or: make leaderboard
+    .venv/bin/python scripts/leaderboard.py                      # Track A (or: make leaderboard)
     .venv/bin/python scripts/leaderboard.py --methods lora full --seeds 0 --out /tmp/lb
+    .venv/bin/python scripts/leaderboard.py --track b --hardware gpu   # Track B (make leaderboard-b)
 
-Protocol (fixed): minilm_l6 (all-MiniLM-L6-v2), GLUE SST-2, a fixed 4,000-sentence training subset
+Track A protocol (fixed): minilm_l6 (all-MiniLM-L6-v2), GLUE SST-2, a fixed 4,000-sentence training subset
 (subset seed 0), 250 steps of global batch 16 (one epoch), max length 128, linear schedule with 6%
 warmup, evaluated once at the end on the full dev set (872). Each method runs at its preset's
 paper-default setting, except the GaLore-family optimizers, whose presets carry the authors'
 pre-training scale (0.25, gap 200): here they use GaLore's GLUE fine-tuning setting (scale 4,
 update_proj_gap 500; GaLore README, "Benchmark 2").
+
+Track B protocol (fixed): smollm2_135m (SmolLM2-135M-Instruct), E2E NLG. The folder's ``trainset.csv``
+and ``testset_w_refs.csv`` when present; with only ``devset.csv`` (``../shared/data/e2e``) the dev set
+is split by MR (sha256(mr) % 5 == 0 -> evaluation, the record says so). A fixed 800-pair training
+subset, 100 steps of global batch 8 (one epoch), max length 128, 6% warm-up, then one greedy generation
+(64 new tokens) per evaluation MR, scored by BLEU against all its references. Greedy decoding
+instead of the LoRA paper's beam 10 keeps the evaluation affordable on a CPU. Same stages as Track
+A, without the rank comparison and the optimizer-state budget.
 
 Stages, all resumable (a run whose completed record exists is skipped):
 
@@ -34,13 +43,16 @@ Selecting on the dev set that is also reported follows the GLUE practice of the 
 seeds 1 and 2 are fresh runs. Runs execute in ``--jobs`` worker processes (one fresh process per
 run, so peak memory is per run), each with cpu_count / jobs threads.
 
-Data: ``--data-dir`` (official GLUE TSV folder), else ``../shared/data/glue/SST-2`` when present,
-else the hub; the records say which. Failures are listed at the end and do not stop the others.
+Data: ``--data-dir`` (official GLUE TSV / E2E csv folder), else ``../shared/data/glue/SST-2`` (Track
+B: ``../shared/data/e2e``) when present, else the hub; the records say which. ``--hardware`` picks the
+hardware preset (default cpu; run ids include it, so CPU and GPU records never mix). Failures are
+listed at the end and do not stop the others.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import multiprocessing
 import os
 import shutil
@@ -123,8 +135,80 @@ OPT_BUDGET_MB = 120
 NOT_IN_TRACK = {
     "qlora": "4-bit base weights need bitsandbytes' CUDA kernels",
     "loftq": "4-bit base weights need bitsandbytes' CUDA kernels",
-    "xlora": "peft's X-LoRA supports causal language models only (Track B)",
+    "xlora": "peft's X-LoRA supports causal language models only, and it mixes experts trained on other "
+    "tasks (recipe: `scripts/xlora.py`)",
 }
+PROTOCOL_B = [
+    "model=smollm2_135m",
+    "dataset=e2e",
+    "dataset.train_size=800",
+    "dataset.max_length=128",
+    "dataset.num_beams=1",
+    "dataset.max_new_tokens=64",
+    "train=default",
+    "train.max_steps=100",
+    "train.global_batch_size=8",
+    "train.eval_every=0",
+    "train.warmup_ratio=0.06",
+    "hardware=cpu",
+    "hardware.micro_batch_size=8",
+    "progress=false",
+]
+NOT_IN_TRACK_B = {
+    "qlora": "4-bit base weights need bitsandbytes' CUDA kernels",
+    "loftq": "4-bit base weights need bitsandbytes' CUDA kernels",
+    "xlora": "X-LoRA mixes LoRA experts trained on other tasks (`method.experts`), so it has no single-task "
+    "run to rank; its recipe is `scripts/xlora.py`",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Track:
+    """One benchmark of the leaderboard: its fixed protocol and how its score is reported."""
+
+    key: str
+    title: str  # markdown, e.g. "Track A: `minilm_l6` on GLUE SST-2"
+    protocol: tuple[str, ...]
+    metric: str  # key of the record's final metrics; reported x 100
+    metric_label: str  # column header
+    shared_data: str  # default data folder under ../shared/data
+    out: str  # default output folder, relative to the project root
+    budget_params: int  # trainable count of LoRA r=8 on the model's default targets (+ head)
+    not_in_track: dict[str, str]
+    rank_curve: bool  # run the ``ranks`` stage
+    optimizer_budget_mb: float | None  # run the optimizer-state budget at this size
+    marker: str  # README block: <!-- {marker}:start --> ... <!-- {marker}:end -->
+
+
+TRACK_A = Track(
+    key="a",
+    title="Track A: `minilm_l6` on GLUE SST-2",
+    protocol=tuple(PROTOCOL),
+    metric="accuracy",
+    metric_label="SST-2 dev acc",
+    shared_data="glue/SST-2",
+    out="results/leaderboard",
+    budget_params=BUDGET,
+    not_in_track=NOT_IN_TRACK,
+    rank_curve=True,
+    optimizer_budget_mb=OPT_BUDGET_MB,
+    marker="leaderboard",
+)
+TRACK_B = Track(
+    key="b",
+    title="Track B: `smollm2_135m` on E2E NLG",
+    protocol=tuple(PROTOCOL_B),
+    metric="bleu",
+    metric_label="E2E BLEU",
+    shared_data="e2e",
+    out="results/leaderboard/track_b",
+    budget_params=460_800,  # LoRA r=8 on q_proj (576x576) and v_proj (576x192) of 30 layers; no head
+    not_in_track=NOT_IN_TRACK_B,
+    rank_curve=False,
+    optimizer_budget_mb=None,
+    marker="leaderboard-b",
+)
+TRACKS = {track.key: track for track in (TRACK_A, TRACK_B)}
 
 
 def lr_grid(method: str) -> list[float]:
@@ -153,11 +237,20 @@ def sweep_grid(method: str, points: dict[float, float]) -> list[float]:
     return grid
 
 
-def overrides(method: str, lr: float, seed: int, results_dir: Path, data_dir: str | None) -> list[str]:
+def overrides(
+    method: str,
+    lr: float,
+    seed: int,
+    results_dir: Path,
+    data_dir: str | None,
+    track: Track = TRACK_A,
+    hardware: str = "cpu",
+) -> list[str]:
     data = [f"dataset.data_dir={data_dir}"] if data_dir else []
+    protocol = [f"hardware={hardware}" if item == "hardware=cpu" else item for item in track.protocol]
     return [
         f"method={method}",
-        *PROTOCOL,
+        *protocol,
         *METHOD_OVERRIDES.get(method, []),
         *data,
         f"train.lr={lr}",
@@ -201,22 +294,26 @@ def run_all(tasks: list[list[str]], jobs: int) -> list[str]:
     return failures
 
 
-def sweep_results(sweep_dir: Path, methods: list[str], data_dir: str | None) -> dict[str, dict[float, float]]:
-    """method -> {lr: dev accuracy} from the completed sweep records of each method's grid, as grown
+def sweep_results(
+    sweep_dir: Path, methods: list[str], data_dir: str | None, track: Track = TRACK_A, hardware: str = "cpu"
+) -> dict[str, dict[float, float]]:
+    """method -> {lr: the track's metric} from the completed sweep records of each method's grid, as grown
     by ``sweep_grid`` (records of other settings in the folder are ignored: only run ids count)."""
     from lorabench.config_store import compose
     from lorabench.results.record import iter_records, run_id
 
     rates = {m: sorted({*lr_grid(m), *LR_LADDER}) for m in methods}
-    wanted = {run_id(compose(overrides(m, lr, 0, sweep_dir, data_dir))) for m in methods for lr in rates[m]}
+    wanted = {
+        run_id(compose(overrides(m, lr, 0, sweep_dir, data_dir, track, hardware))) for m in methods for lr in rates[m]
+    }
     found: dict[str, dict[float, float]] = {}
     for _, record, _ in iter_records(sweep_dir):
         if record is None or record["status"] != "completed" or record["run_id"] not in wanted:
             continue
         final = (record.get("metrics") or {}).get("final") or {}
-        if "accuracy" in final:
+        if track.metric in final:
             found.setdefault(record["config"]["method"]["label"], {})[record["config"]["train"]["lr"]] = final[
-                "accuracy"
+                track.metric
             ]
     grids = {method: sweep_grid(method, points) for method, points in found.items()}
     return {method: {lr: acc for lr, acc in points.items() if lr in grids[method]} for method, points in found.items()}
@@ -227,13 +324,15 @@ def pick_lr(points: dict[float, float]) -> float:
     return min(lr for lr, acc in points.items() if acc == best)
 
 
-def write_sweep_table(path: Path, methods: list[str], found: dict[str, dict[float, float]]) -> None:
+def write_sweep_table(
+    path: Path, methods: list[str], found: dict[str, dict[float, float]], track: Track = TRACK_A
+) -> None:
     lines = [
-        "# Track A learning-rate sweep (seed 0, dev accuracy x 100)",
+        f"# {track.title}: learning-rate sweep (seed 0, {track.metric_label} x 100)",
         "",
-        "Generated by `scripts/leaderboard.py`; the pick is the highest dev accuracy (ties: smaller rate).",
+        f"Generated by `scripts/leaderboard.py`; the pick is the highest {track.metric_label} (ties: smaller rate).",
         "",
-        "| method | learning rate: dev accuracy | picked |",
+        f"| method | learning rate: {track.metric_label} | picked |",
         "|---|---|---|",
     ]
     for method in methods:
@@ -253,37 +352,50 @@ def main() -> int:
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     parser.add_argument("--stage", choices=("sweep", "main", "budget", "ranks", "report", "all"), default="all")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (default 2)")
+    parser.add_argument("--track", choices=sorted(TRACKS), default="a")
+    parser.add_argument("--hardware", default="cpu", help="hardware preset (conf/hardware; default cpu)")
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--out", default=str(ROOT / "results" / "leaderboard"))
+    parser.add_argument("--out", default=None, help="output folder (default: the track's, under results/)")
     args = parser.parse_args()
+    track = TRACKS[args.track]
+    hardware_presets = sorted(p.stem for p in (ROOT / "conf" / "hardware").glob("*.yaml"))
+    if args.hardware not in hardware_presets:
+        parser.error(f"unknown --hardware {args.hardware!r}; valid: {hardware_presets}")
 
     from lorabench.cli import CONF_DIR
     from lorabench.methods.catalog import load_presets
 
     presets = load_presets(CONF_DIR / "method")
-    methods = args.methods or sorted(m for m in presets if m not in NOT_IN_TRACK)
+    methods = args.methods or sorted(m for m in presets if m not in track.not_in_track)
     unknown = sorted(set(methods) - set(presets))
     if unknown:
         parser.error(f"unknown method(s) {unknown}; valid: {sorted(presets)}")
-    shared = ROOT.parent / "shared" / "data" / "glue" / "SST-2"
+    shared = ROOT.parent / "shared" / "data" / track.shared_data
     data_dir = args.data_dir or (str(shared) if shared.is_dir() else None)
-    out = Path(args.out)
+    out = Path(args.out or ROOT / track.out)
+
+    def task(method: str, lr: float, seed: int, folder: Path) -> list[str]:
+        return overrides(method, lr, seed, folder, data_dir, track, args.hardware)
+
+    def results(names: list[str]) -> dict[str, dict[float, float]]:
+        return sweep_results(sweep_dir, names, data_dir, track, args.hardware)
+
     sweep_dir, records_dir = out / "sweep", out / "records"
     failures, start = [], time.perf_counter()
 
     if args.stage in ("sweep", "all"):
         attempted: set[tuple[str, float]] = set()
         while True:  # rounds: run the grids, then the edge extensions those results call for
-            found = sweep_results(sweep_dir, methods, data_dir)
+            found = results(methods)
             todo = [(m, lr) for m in methods for lr in sweep_grid(m, found.get(m, {})) if lr not in found.get(m, {})]
             todo = [point for point in todo if point not in attempted]
             if not todo:
                 break
             attempted.update(todo)
-            failures += run_all([overrides(m, lr, 0, sweep_dir, data_dir) for m, lr in todo], args.jobs)
-        write_sweep_table(out / "sweep.md", methods, sweep_results(sweep_dir, methods, data_dir))
+            failures += run_all([task(m, lr, 0, sweep_dir) for m, lr in todo], args.jobs)
+        write_sweep_table(out / "sweep.md", methods, results(methods), track)
     if args.stage in ("main", "all"):
-        found = sweep_results(sweep_dir, methods, data_dir)
+        found = results(methods)
         failures += [
             f"{m}: no completed sweep run, so no learning rate (run --stage sweep)" for m in methods if m not in found
         ]
@@ -291,57 +403,49 @@ def main() -> int:
         tasks = []
         for seed in args.seeds:  # seed by seed, so that an interrupted stage leaves every method with n seeds
             for method in (m for m in methods if m in found):
-                tasks.append(overrides(method, pick_lr(found[method]), seed, records_dir, data_dir))
+                tasks.append(task(method, pick_lr(found[method]), seed, records_dir))
                 if seed == 0:
                     _copy_existing_run(tasks[-1], sweep_dir, records_dir)
         failures += run_all(tasks, args.jobs)
     if args.stage in ("budget", "all"):
-        found = sweep_results(sweep_dir, methods, data_dir)
-        retire_superseded(out / "budget", {m: pick_lr(points) for m, points in found.items()}, out / "superseded")
+        found = results(methods)
+        picks = {m: pick_lr(points) for m, points in found.items()}
+        retire_superseded(out / "budget", picks, out / "superseded")
         tasks = []
-        for method in methods:
-            if method not in found:
-                continue
-            default = overrides(method, pick_lr(found[method]), 0, sweep_dir, data_dir)
-            record = read_if_completed(sweep_dir, default)
+        for method in (m for m in methods if m in found):
+            record = read_if_completed(sweep_dir, task(method, picks[method], 0, sweep_dir))
             all_weights_train = record is not None and record["method"]["adapter"] == "none"  # no count budget
-            if record is None or all_weights_train or record["cost"]["trainable_params"] == BUDGET:
+            if record is None or all_weights_train or record["cost"]["trainable_params"] == track.budget_params:
                 continue
             tasks.append(
-                [
-                    *overrides(method, pick_lr(found[method]), 0, out / "budget", data_dir),
-                    f"budget.trainable_params={BUDGET}",
-                ]
+                [*task(method, picks[method], 0, out / "budget"), f"budget.trainable_params={track.budget_params}"]
             )
         failures += [f for f in run_all(tasks, args.jobs) if "declares no size knob" not in f]
-        retire_superseded(
-            out / "budget_optimizer", {m: pick_lr(points) for m, points in found.items()}, out / "superseded"
-        )
-        tasks = [
-            [
-                *overrides(m, pick_lr(found[m]), 0, out / "budget_optimizer", data_dir),
-                f"budget.optimizer_state_mb={OPT_BUDGET_MB}",
+        if track.optimizer_budget_mb is not None:
+            retire_superseded(out / "budget_optimizer", picks, out / "superseded")
+            tasks = [
+                [
+                    *task(m, picks[m], 0, out / "budget_optimizer"),
+                    f"budget.optimizer_state_mb={track.optimizer_budget_mb}",
+                ]
+                for m in optimizer_budget_methods(methods, presets)
+                if m in found
             ]
-            for m in optimizer_budget_methods(methods, presets)
-            if m in found
-        ]
-        failures += run_all(tasks, args.jobs)
-    if args.stage in ("ranks", "all"):
-        found = sweep_results(sweep_dir, ["dylora", "lora"], data_dir)
+            failures += run_all(tasks, args.jobs)
+    if args.stage in ("ranks", "all") and track.rank_curve:
+        found = results(["dylora", "lora"])
         tasks = []
         for seed in args.seeds:
             if "dylora" in found:
-                dylora = overrides("dylora", pick_lr(found["dylora"]), seed, out / "ranks", data_dir)
+                dylora = task("dylora", pick_lr(found["dylora"]), seed, out / "ranks")
                 tasks.append([*dylora, "method.eval_all_ranks=true"])
             for rank in RANKS if "lora" in found else ():
-                tasks.append(
-                    [*overrides("lora", pick_lr(found["lora"]), seed, out / "ranks", data_dir), f"method.rank={rank}"]
-                )
+                tasks.append([*task("lora", pick_lr(found["lora"]), seed, out / "ranks"), f"method.rank={rank}"])
                 _copy_existing_run(tasks[-1], sweep_dir, out / "ranks")  # r = 8 is the main run (seed 0: the sweep run)
                 _copy_existing_run(tasks[-1], records_dir, out / "ranks")
         failures += run_all(tasks, args.jobs)
     if args.stage in ("report", "all"):
-        write_report(out, methods)
+        write_report(out, methods, track)
     print(f"[leaderboard] done in {time.perf_counter() - start:.0f}s; failures: {failures or 'none'}")
     return 1 if failures else 0
 
@@ -412,14 +516,14 @@ def _paper_link(paper: str | None) -> str:
     return paper or "-"
 
 
-def leaderboard_rows(records: list[dict]) -> list[dict]:
-    """One row per method and learning rate: dev accuracy over seeds and the mean costs, best first."""
+def leaderboard_rows(records: list[dict], metric: str = "accuracy") -> list[dict]:
+    """One row per method and learning rate: the metric (x 100) over seeds and the mean costs, best first."""
     by_method: dict[tuple[str, float], list[dict]] = {}
     for record in records:
         by_method.setdefault((record["config"]["method"]["label"], record["config"]["train"]["lr"]), []).append(record)
     rows = []
     for (method, _), group in by_method.items():
-        accs = [100 * r["metrics"]["final"]["accuracy"] for r in group]
+        accs = [100 * r["metrics"]["final"][metric] for r in group]
         peaks = [(r["cost"].get("peak_memory") or {}).get("cpu_peak_rss_bytes") for r in group]
         rows.append(
             {
@@ -441,9 +545,9 @@ def leaderboard_rows(records: list[dict]) -> list[dict]:
     return sorted(rows, key=lambda row: -row["mean"])
 
 
-def leaderboard_table(rows: list[dict]) -> str:
+def leaderboard_table(rows: list[dict], track: Track = TRACK_A) -> str:
     lines = [
-        "| # | method | SST-2 dev acc (mean ± std, n) | lr | trainable params | opt-state MB | peak RSS MB "
+        f"| # | method | {track.metric_label} (mean ± std, n) | lr | trainable params | opt-state MB | peak RSS MB "
         "| tokens/s | intruders | paper |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -456,14 +560,16 @@ def leaderboard_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def budget_table(records: list[dict], main: list[dict], main_rows: dict[str, dict]) -> str:
+def budget_table(records: list[dict], main: list[dict], main_rows: dict[str, dict], track: Track = TRACK_A) -> str:
     """Budget runs (seed 0) plus the main seed-0 runs whose preset size already equals the budget."""
-    at_budget = [r for r in main if r["config"]["seed"] == 0 and r["cost"].get("trainable_params") == BUDGET]
+    at_budget = [
+        r for r in main if r["config"]["seed"] == 0 and r["cost"].get("trainable_params") == track.budget_params
+    ]
     lines = [
-        "| method | size knob | trainable params | SST-2 dev acc (seed 0) | preset size: params, acc (n) |",
+        f"| method | size knob | trainable params | {track.metric_label} (seed 0) | preset size: params, score (n) |",
         "|---|---|---|---|---|",
     ]
-    for record in sorted(records + at_budget, key=lambda r: -r["metrics"]["final"]["accuracy"]):
+    for record in sorted(records + at_budget, key=lambda r: -r["metrics"]["final"][track.metric]):
         method = record["config"]["method"]["label"]
         solved = record["method_report"].get("budget")
         knob = f"{solved['knob']}={solved['value']}" if solved else "preset (already at the budget)"
@@ -471,18 +577,19 @@ def budget_table(records: list[dict], main: list[dict], main_rows: dict[str, dic
         default = f"{row['params']:,.0f}, {row['mean']:.2f} ({row['n']})" if row else "-"
         lines.append(
             f"| {method} | {knob} | {record['cost']['trainable_params']:,} "
-            f"| {100 * record['metrics']['final']['accuracy']:.2f} | {default} |"
+            f"| {100 * record['metrics']['final'][track.metric]:.2f} | {default} |"
         )
     return "\n".join(lines)
 
 
-def optimizer_budget_table(records: list[dict], main_rows: dict[str, dict]) -> str:
-    """Optimizer-state budget runs (seed 0) beside each method's preset size and accuracy."""
+def optimizer_budget_table(records: list[dict], main_rows: dict[str, dict], track: Track = TRACK_A) -> str:
+    """Optimizer-state budget runs (seed 0) beside each method's preset size and score."""
     lines = [
-        "| method | size knob | optimizer state (MiB) | SST-2 dev acc (seed 0) | preset: state MiB, acc (n) |",
+        f"| method | size knob | optimizer state (MiB) | {track.metric_label} (seed 0) "
+        "| preset: state MiB, score (n) |",
         "|---|---|---|---|---|",
     ]
-    for record in sorted(records, key=lambda r: -r["metrics"]["final"]["accuracy"]):
+    for record in sorted(records, key=lambda r: -r["metrics"]["final"][track.metric]):
         method = record["config"]["method"]["label"]
         solved = record["method_report"].get("budget") or {}
         row = main_rows.get(method)
@@ -490,65 +597,70 @@ def optimizer_budget_table(records: list[dict], main_rows: dict[str, dict]) -> s
         lines.append(
             f"| {method} | {solved.get('knob', '?')}={solved.get('value', '?')} "
             f"| {record['cost']['optimizer_state_bytes'] / 2**20:.1f} "
-            f"| {100 * record['metrics']['final']['accuracy']:.2f} | {default} |"
+            f"| {100 * record['metrics']['final'][track.metric]:.2f} | {default} |"
         )
     return "\n".join(lines)
 
 
-def write_report(out: Path, methods: list[str]) -> None:
-    """``<out>/README.md`` and the table between the markers of the project README."""
+def write_report(out: Path, methods: list[str], track: Track = TRACK_A) -> None:
+    """``<out>/README.md`` and the table between the track's markers in the project README."""
     from lorabench.results.record import iter_records
 
     main = completed(out / "records")
-    rows = leaderboard_rows(main)
+    rows = leaderboard_rows(main, track.metric)
+    by_method = {row["method"]: row for row in rows}
     budget = completed(out / "budget")
     budget_opt = completed(out / "budget_optimizer")
     sweep = completed(out / "sweep")
     ranks = completed(out / "ranks")
     unique = {r["run_id"]: r for r in sweep + main + budget + budget_opt + ranks}  # copied runs count once
     seconds = sum(r["cost"].get("wall_time_s") or 0 for r in unique.values())
-    missing = [m for m in methods if m not in {row["method"] for row in rows}]
+    missing = [m for m in methods if m not in by_method]
     unmatched = [
         f"- `{r['config']['method']['label']}`: {(r.get('error') or {}).get('message', r.get('error'))}"
         for _, r, _ in iter_records(out / "budget")
         if r and r["status"] == "failed"
     ]
-    excluded = [f"- `{name}`: {why}" for name, why in NOT_IN_TRACK.items()]
+    excluded = [f"- `{name}`: {why}" for name, why in track.not_in_track.items()]
     excluded += [f"- `{name}`: no completed record yet" for name in missing]
-    table = leaderboard_table(rows)
+    table = leaderboard_table(rows, track)
     summary = (
-        f"Track A: `minilm_l6` on GLUE SST-2, {len(rows)} methods, {len(main)} runs "
+        f"{track.title}, {len(rows)} methods, {len(main)} runs "
         f"(seeds {sorted({r['config']['seed'] for r in main})}); "
         f"{len(sweep)} sweep runs, {len(budget) + len(budget_opt)} budget runs, {len(ranks)} rank-comparison runs; "
-        f"{len(unique)} distinct runs took {seconds / 3600:.1f} h of run wall time in all "
-        f"(two at a time on 2 cores: about {seconds / 7200:.1f} h elapsed)."
+        f"{len(unique)} distinct runs took {seconds / 3600:.1f} h of run wall time in all."
     )
+    optimizer_section = []
+    if track.optimizer_budget_mb is not None:
+        optimizer_section = [
+            f"## {track.title} at a common optimizer-state budget: {track.optimizer_budget_mb} MiB (seed 0)",
+            "",
+            "The optimizers that train every weight, sized by `budget.optimizer_state_mb` (rank, or FRUGAL's "
+            "density); q_galore (quantized bases) and dct_adamw (shared DCT matrices) have no state formula.",
+            "",
+            optimizer_budget_table(budget_opt, by_method, track),
+            "",
+        ]
     body = [
-        "# lorabench leaderboard",
+        f"# lorabench leaderboard: {track.title}",
         "",
-        "Generated by `make leaderboard` (`scripts/leaderboard.py`); protocol in that script's docstring.",
+        "Generated by `scripts/leaderboard.py`; protocol in that script's docstring.",
         "",
         summary,
         "",
-        "## Track A: every method at its paper-default size",
+        "## Every method at its paper-default size",
         "",
         table,
         "",
-        f"## Track A at a common budget: {BUDGET:,} trainable parameters (seed 0)",
+        f"## At a common budget: {track.budget_params:,} trainable parameters (seed 0)",
         "",
-        budget_table(budget, main, {row["method"]: row for row in rows}),
+        budget_table(budget, main, by_method, track),
         "",
         "Methods whose size the budget cannot set:" if unmatched else "",
         "",
         *unmatched,
         "",
-        f"## Track A at a common optimizer-state budget: {OPT_BUDGET_MB} MiB (seed 0)",
-        "",
-        "The optimizers that train every weight, sized by `budget.optimizer_state_mb` (rank, or FRUGAL's "
-        "density); q_galore (quantized bases) and dct_adamw (shared DCT matrices) have no state formula.",
-        "",
-        optimizer_budget_table(budget_opt, {row["method"]: row for row in rows}),
-        "",
+        *optimizer_section,
         "## Not in this track",
         "",
         *excluded,
@@ -561,7 +673,7 @@ def write_report(out: Path, methods: list[str]) -> None:
     (out / "README.md").write_text("\n".join(body), encoding="utf-8")
     readme = ROOT / "README.md"
     text = readme.read_text(encoding="utf-8")
-    start, end = "<!-- leaderboard:start -->", "<!-- leaderboard:end -->"
+    start, end = f"<!-- {track.marker}:start -->", f"<!-- {track.marker}:end -->"
     if start in text and end in text:
         head, rest = text.split(start, 1)
         tail = rest.split(end, 1)[1]

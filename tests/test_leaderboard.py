@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,8 +20,10 @@ ROOT = Path(__file__).resolve().parent.parent
 def lb():
     spec = importlib.util.spec_from_file_location("leaderboard", ROOT / "scripts" / "leaderboard.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules["leaderboard"] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
-    return module
+    yield module
+    sys.modules.pop("leaderboard", None)
 
 
 def fake_record(root: Path, label: str, lr: float, seed: int, acc: float, **extra) -> dict:
@@ -177,3 +180,42 @@ def test_optimizer_budget_table_reports_solved_knob_and_state(lb, tmp_path):
     row = {"opt_mb": 93.31, "mean": 80.5, "n": 3}
     table = lb.optimizer_budget_table([record], {"galore": row})
     assert table.splitlines()[-1] == "| galore | rank=107 | 119.8 | 81.23 | 93.3, 80.50 (3) |"
+
+
+def test_track_b_report_scores_bleu_into_its_own_readme_block(lb, tmp_path, monkeypatch):
+    out = tmp_path / "b"
+    for seed, bleu in ((0, 0.50), (1, 0.54)):
+        record = fake_record(out / "records", "lora", 5e-4, seed, 0.0, params=lb.TRACK_B.budget_params)
+        record["metrics"] = {"primary": "bleu", "final": {"bleu": bleu}}  # no accuracy in a generation record
+        write_json_atomic(out / "records" / record["run_id"] / RECORD_NAME, record)
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        "<!-- leaderboard:start -->\nA\n<!-- leaderboard:end -->\n"
+        "<!-- leaderboard-b:start -->\nB\n<!-- leaderboard-b:end -->\n"
+    )
+    monkeypatch.setattr(lb, "ROOT", tmp_path)
+    lb.write_report(out, ["lora", "dora"], lb.TRACK_B)
+    text = readme.read_text()
+    assert "<!-- leaderboard:start -->\nA\n<!-- leaderboard:end -->" in text  # Track A's block untouched
+    assert "B\n" not in text and "| 1 | lora | 52.00 ± 2.83 (2) |" in text and "E2E BLEU (mean ± std, n)" in text
+    assert "`dora`: no completed record yet" in text and "`qlora`:" in text and "`xlora`:" in text
+    assert "optimizer-state budget" not in (out / "README.md").read_text()
+
+
+def test_track_b_protocol_composes_and_hardware_changes_the_run_id(lb, tmp_path):
+    from lorabench.cli import build_run
+
+    cpu = compose(lb.overrides("lora", 5e-4, 0, tmp_path, "/data/e2e", lb.TRACK_B))
+    cfg, spec = build_run(cpu)  # validates the protocol: a generation dataset on a decoder model
+    assert (cfg.model.name, cfg.dataset.name, cfg.dataset.num_beams, cfg.train.max_steps) == (
+        "smollm2_135m",
+        "e2e",
+        1,
+        100,
+    )
+    assert cfg.hardware.micro_batch_size == 8 and spec.label == "lora"
+    gpu_task = lb.overrides("lora", 5e-4, 0, tmp_path, "/data/e2e", lb.TRACK_B, hardware="gpu")
+    assert "hardware=gpu" in gpu_task and "hardware=cpu" not in gpu_task
+    assert run_id(compose(gpu_task)) != run_id(cpu)
+    # Track A's cpu task list is the protocol itself, so its existing run ids do not move
+    assert lb.overrides("lora", 5e-4, 0, tmp_path, None)[1 : 1 + len(lb.PROTOCOL)] == lb.PROTOCOL

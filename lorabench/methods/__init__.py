@@ -24,6 +24,7 @@ from lorabench.methods.adapters import (  # peft-backed  # lorabench's own layer
     sora,
     svfit,
     vera,
+    xlora,
 )
 from lorabench.methods.initializers import corda, eva, lora_ga, olora, pissa, quantized
 from lorabench.methods.optimizers import (
