@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install quickstart test test-slow lint table leaderboard clean
+.PHONY: install quickstart test test-slow lint table leaderboard leaderboard-b clean
 
 $(BIN)/lorabench: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,17 @@ leaderboard: install
 	$(BIN)/lorabench plot --results-dir results/leaderboard/records --out results/leaderboard/plots --kind pareto \
 		--x params --x opt_state --x tokens_per_s --x peak_mem --format svg
 	$(BIN)/lorabench plot --results-dir results/leaderboard/ranks --out results/leaderboard/plots --kind ranks --format svg
+
+# Track B of the leaderboard (smollm2_135m on E2E; sized for a GPU: make leaderboard-b HARDWARE=gpu JOBS=1)
+HARDWARE ?= cpu
+JOBS ?= 2
+LB_B := results/leaderboard/track_b
+leaderboard-b: install
+	$(BIN)/python scripts/leaderboard.py --track b --stage all --jobs $(JOBS) --hardware $(HARDWARE)
+	$(BIN)/lorabench table --results-dir $(LB_B)/records > $(LB_B)/table.md
+	$(BIN)/lorabench table --results-dir $(LB_B)/budget > $(LB_B)/budget_table.md
+	$(BIN)/lorabench plot --results-dir $(LB_B)/records --out $(LB_B)/plots --kind pareto \
+		--x params --x opt_state --x tokens_per_s --x peak_mem --format svg
 
 clean:
 	rm -rf $(VENV) results/runs .pytest_cache

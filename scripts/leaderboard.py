@@ -362,7 +362,9 @@ def main() -> int:
     if args.hardware not in hardware_presets:
         parser.error(f"unknown --hardware {args.hardware!r}; valid: {hardware_presets}")
 
-    from lorabench.cli import CONF_DIR
+    from lorabench.cli import CONF_DIR, build_run
+    from lorabench.config_store import compose
+    from lorabench.errors import ConfigError
     from lorabench.methods.catalog import load_presets
 
     presets = load_presets(CONF_DIR / "method")
@@ -382,6 +384,10 @@ def main() -> int:
 
     sweep_dir, records_dir = out / "sweep", out / "records"
     failures, start = [], time.perf_counter()
+    try:  # the protocol on this machine (e.g. --hardware gpu without CUDA) fails here, not in every run
+        build_run(compose(task(methods[0], DEFAULT_LR, 0, records_dir)))
+    except ConfigError as exc:
+        parser.error(f"track {track.key} with --hardware {args.hardware}: {exc}")
 
     if args.stage in ("sweep", "all"):
         attempted: set[tuple[str, float]] = set()
