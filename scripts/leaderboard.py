@@ -77,7 +77,13 @@ PROTOCOL = [
     "progress=false",
 ]
 GALORE_FINETUNING = ["method.scale=4", "method.update_proj_gap=500"]
-METHOD_OVERRIDES = {name: GALORE_FINETUNING for name in ("galore", "galore_torch", "q_galore", "dct_adamw")}
+# BAdam's preset switches block every 50 steps (the authors' K for runs of thousands of steps); 250 steps
+# would then visit only 5 of its 8 blocks (embeddings, 6 layers, the rest with the head) and never train
+# the classifier head. K = 31 makes one ascending pass over all 8 blocks.
+METHOD_OVERRIDES = {
+    **{name: GALORE_FINETUNING for name in ("galore", "galore_torch", "q_galore", "dct_adamw")},
+    "badam": ["method.switch_every=31"],
+}
 # Learning-rate starting point per method; methods not listed use DEFAULT_LR (LoRA-family adapters).
 DEFAULT_LR = 5e-4
 FAMILY_LR = {
@@ -120,6 +126,7 @@ EXTRA_LR = {
     "inttune": [2e-2],
     "loldu": [2e-2],
     "fira": [3e-5],  # seed 1 at 1e-4 stayed at chance
+    "badam": [2e-4],  # 57.7 at 5e-5: each of its 7 blocks trains only about 36 of the 250 steps
 }
 # Grid extension: while a method's pick sits at an edge of a grid of two or more points, the sweep
 # adds the next rate of LR_LADDER beyond that edge, at most MAX_EDGE_STEPS times per method.
@@ -382,6 +389,19 @@ def main() -> int:
     def results(names: list[str]) -> dict[str, dict[float, float]]:
         return sweep_results(sweep_dir, names, data_dir, track, args.hardware)
 
+    def expected(found: dict, folder: Path, extra: list[str] = ()):
+        """(method, seed) -> the run id this protocol asks for in ``folder`` (None: no pick yet)."""
+        from lorabench.results.record import run_id
+
+        def wanted(method: str, seed: int) -> str | None:
+            if method not in found:
+                return None
+            return run_id(compose([*task(method, pick_lr(found[method]), seed, folder), *extra]))
+
+        return wanted
+
+    budget_size = [f"budget.trainable_params={track.budget_params}"]
+    optimizer_size = [f"budget.optimizer_state_mb={track.optimizer_budget_mb}"]
     sweep_dir, records_dir = out / "sweep", out / "records"
     failures, start = [], time.perf_counter()
     try:  # the protocol on this machine (e.g. --hardware gpu without CUDA) fails here, not in every run
@@ -405,7 +425,7 @@ def main() -> int:
         failures += [
             f"{m}: no completed sweep run, so no learning rate (run --stage sweep)" for m in methods if m not in found
         ]
-        retire_superseded(records_dir, {m: pick_lr(points) for m, points in found.items()}, out / "superseded")
+        retire_superseded(records_dir, expected(found, records_dir), out / "superseded")
         tasks = []
         for seed in args.seeds:  # seed by seed, so that an interrupted stage leaves every method with n seeds
             for method in (m for m in methods if m in found):
@@ -416,24 +436,21 @@ def main() -> int:
     if args.stage in ("budget", "all"):
         found = results(methods)
         picks = {m: pick_lr(points) for m, points in found.items()}
-        retire_superseded(out / "budget", picks, out / "superseded")
+        retire_superseded(out / "budget", expected(found, out / "budget", budget_size), out / "superseded")
         tasks = []
         for method in (m for m in methods if m in found):
             record = read_if_completed(sweep_dir, task(method, picks[method], 0, sweep_dir))
             all_weights_train = record is not None and record["method"]["adapter"] == "none"  # no count budget
             if record is None or all_weights_train or record["cost"]["trainable_params"] == track.budget_params:
                 continue
-            tasks.append(
-                [*task(method, picks[method], 0, out / "budget"), f"budget.trainable_params={track.budget_params}"]
-            )
+            tasks.append([*task(method, picks[method], 0, out / "budget"), *budget_size])
         failures += [f for f in run_all(tasks, args.jobs) if "declares no size knob" not in f]
         if track.optimizer_budget_mb is not None:
-            retire_superseded(out / "budget_optimizer", picks, out / "superseded")
+            retire_superseded(
+                out / "budget_optimizer", expected(found, out / "budget_optimizer", optimizer_size), out / "superseded"
+            )
             tasks = [
-                [
-                    *task(m, picks[m], 0, out / "budget_optimizer"),
-                    f"budget.optimizer_state_mb={track.optimizer_budget_mb}",
-                ]
+                [*task(m, picks[m], 0, out / "budget_optimizer"), *optimizer_size]
                 for m in optimizer_budget_methods(methods, presets)
                 if m in found
             ]
@@ -469,25 +486,26 @@ def optimizer_budget_methods(methods: list[str], presets: dict[str, dict]) -> li
     ]
 
 
-def retire_superseded(folder: Path, picks: dict[str, float], superseded: Path) -> list[str]:
-    """Move the run folders under ``folder`` whose method has a pick (``picks``: method -> lr) but
-    ran at another learning rate (the pick moved when the sweep grew) to ``superseded/<folder
-    name>/``, so that tables show each method at its pick and no record is deleted. Returns the
-    moved run ids."""
+def retire_superseded(folder: Path, expected_id, superseded: Path) -> list[str]:
+    """Move the run folders under ``folder`` that the current protocol no longer asks for to
+    ``superseded/<folder name>/``: ``expected_id(method, seed)`` gives the run id it asks for (None:
+    the method is not managed here, its runs stay). A run of a managed method with another id ran at
+    a learning rate the grown sweep replaced, or with a setting the protocol changed; moving it keeps
+    such runs out of the tables without deleting any record. Returns the moved run ids."""
     from lorabench.results.record import iter_records
 
     moved = []
     for path, record, _ in list(iter_records(folder)):
         if record is None:
             continue
-        method, lr = record["config"]["method"]["label"], record["config"]["train"]["lr"]
-        if method in picks and lr != picks[method]:
+        wanted = expected_id(record["config"]["method"]["label"], record["config"]["seed"])
+        if wanted is not None and record["run_id"] != wanted:
             target = superseded / folder.name / path.parent.name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(path.parent), str(target))
             moved.append(record["run_id"])
     if moved:
-        print(f"[leaderboard] moved {len(moved)} run(s) at a superseded learning rate to {superseded / folder.name}")
+        print(f"[leaderboard] moved {len(moved)} superseded run(s) to {superseded / folder.name}")
     return moved
 
 

@@ -159,10 +159,12 @@ def test_runs_at_a_superseded_rate_are_moved_not_deleted(lb, tmp_path):
     old = fake_record(records, "adalora", 5e-3, 1, 0.7)
     new = fake_record(records, "adalora", 1e-2, 1, 0.8)
     other = fake_record(records, "lora", 5e-4, 1, 0.79)
-    moved = lb.retire_superseded(records, {"adalora": 1e-2, "lora": 5e-4}, superseded)
+    wanted = {("adalora", 1): new["run_id"], ("lora", 1): other["run_id"]}
+    stray = fake_record(records, "vera", 5e-3, 1, 0.7)  # not managed (no pick): stays
+    moved = lb.retire_superseded(records, lambda method, seed: wanted.get((method, seed)), superseded)
     assert moved == [old["run_id"]]
     assert (superseded / "records" / old["run_id"] / RECORD_NAME).is_file()
-    assert sorted(p.name for p in records.iterdir()) == sorted([new["run_id"], other["run_id"]])
+    assert sorted(p.name for p in records.iterdir()) == sorted([new["run_id"], other["run_id"], stray["run_id"]])
 
 
 def test_optimizer_state_budget_covers_exactly_the_sizable_full_weight_optimizers(lb):
