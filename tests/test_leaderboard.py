@@ -221,3 +221,19 @@ def test_track_b_protocol_composes_and_hardware_changes_the_run_id(lb, tmp_path)
     assert run_id(compose(gpu_task)) != run_id(cpu)
     # Track A's cpu task list is the protocol itself, so its existing run ids do not move
     assert lb.overrides("lora", 5e-4, 0, tmp_path, None)[1 : 1 + len(lb.PROTOCOL)] == lb.PROTOCOL
+
+
+def test_bad_hardware_is_rejected_before_any_run(lb, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["leaderboard.py", "--track", "b", "--hardware", "gpux", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as exc:
+        lb.main()
+    assert exc.value.code == 2 and "unknown --hardware 'gpux'; valid: ['cpu', 'cpu_ddp2', 'gpu', 'gpu_ddp']" in (
+        capsys.readouterr().err
+    )
+    import torch
+
+    if not torch.cuda.is_available():  # a CUDA preset on a machine without CUDA: one clear error, no run starts
+        monkeypatch.setattr(sys, "argv", ["leaderboard.py", "--hardware", "gpu", "--out", str(tmp_path)])
+        with pytest.raises(SystemExit):
+            lb.main()
+        assert "needs CUDA" in capsys.readouterr().err and not any(tmp_path.iterdir())
