@@ -375,7 +375,8 @@ def main() -> int:
     from lorabench.methods.catalog import load_presets
 
     presets = load_presets(CONF_DIR / "method")
-    methods = args.methods or sorted(m for m in presets if m not in track.not_in_track)
+    track_methods = sorted(m for m in presets if m not in track.not_in_track)
+    methods = args.methods or track_methods
     unknown = sorted(set(methods) - set(presets))
     if unknown:
         parser.error(f"unknown method(s) {unknown}; valid: {sorted(presets)}")
@@ -419,7 +420,7 @@ def main() -> int:
                 break
             attempted.update(todo)
             failures += run_all([task(m, lr, 0, sweep_dir) for m, lr in todo], args.jobs)
-        write_sweep_table(out / "sweep.md", methods, results(methods), track)
+        write_sweep_table(out / "sweep.md", track_methods, results(track_methods), track)  # every method, always
     if args.stage in ("main", "all"):
         found = results(methods)
         failures += [
@@ -468,7 +469,7 @@ def main() -> int:
                 _copy_existing_run(tasks[-1], records_dir, out / "ranks")
         failures += run_all(tasks, args.jobs)
     if args.stage in ("report", "all"):
-        write_report(out, methods, track)
+        write_report(out, track_methods, track)
     print(f"[leaderboard] done in {time.perf_counter() - start:.0f}s; failures: {failures or 'none'}")
     return 1 if failures else 0
 
