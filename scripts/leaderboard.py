@@ -59,6 +59,7 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,7 +131,7 @@ EXTRA_LR = {
 }
 # Grid extension: while a method's pick sits at an edge of a grid of two or more points, the sweep
 # adds the next rate of LR_LADDER beyond that edge, at most MAX_EDGE_STEPS times per method.
-LR_LADDER = (1e-5, 2e-5, 3e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1)
+LR_LADDER = (1e-5, 2e-5, 3e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1, 2e-1, 5e-1)
 MAX_EDGE_STEPS = 2
 RANKS = (1, 2, 4, 8)  # LoRA trained at each rank, beside DyLoRA's rank curve (r_max = 8)
 BUDGET = 74_498  # LoRA r=8 on query/value of minilm_l6 (73,728) + the classifier head (770)
@@ -148,25 +149,58 @@ NOT_IN_TRACK = {
 PROTOCOL_B = [
     "model=smollm2_135m",
     "dataset=e2e",
-    "dataset.train_size=800",
+    "dataset.train_size=160",
+    "dataset.eval_size=48",
     "dataset.max_length=128",
     "dataset.num_beams=1",
     "dataset.max_new_tokens=64",
     "train=default",
-    "train.max_steps=100",
-    "train.global_batch_size=8",
+    "train.max_steps=40",
+    "train.global_batch_size=4",
     "train.eval_every=0",
     "train.warmup_ratio=0.06",
     "hardware=cpu",
-    "hardware.micro_batch_size=8",
+    "hardware.micro_batch_size=4",
+    "hardware.mixed_precision=bf16",
     "progress=false",
 ]
+# Track B starts each method's sweep from its Track A pick (results/leaderboard/sweep.md; a test keeps
+# the two in step), which carries what Track A learned about the method's scale of learning rate, and
+# adds the rate two LR_LADDER steps above it (x3 to x5): Track B's schedule is six times shorter.
+TRACK_A_PICKS = {
+    **dict.fromkeys(("allora", "bone", "corda", "dct_adamw", "dora", "dylora", "eva", "fira", "hydra_lora"), 5e-4),
+    **dict.fromkeys(("lora", "lora_ga", "lora_pro", "loraplus", "milora", "miss", "nola", "olora", "pissa"), 5e-4),
+    **dict.fromkeys(("randlora", "rslora", "slora", "soma", "soma_recipe", "sora"), 5e-4),
+    **dict.fromkeys(("full", "lisa"), 5e-5),
+    **dict.fromkeys(("frugal", "nlora"), 1e-4),
+    **dict.fromkeys(("badam", "galore", "galore_torch", "q_galore"), 2e-4),
+    "salt": 1e-3,
+    **dict.fromkeys(("flora", "lora_sb", "lora_xs", "vera"), 5e-3),
+    **dict.fromkeys(("adalora", "lamda", "lamda_plus"), 1e-2),
+    **dict.fromkeys(("ffa_lora", "increlora", "inttune", "loldu", "lorafa"), 2e-2),
+    "svfit": 1e-1,
+}
+# BAdam visits its 32 blocks (30 decoder layers, the embeddings, the rest) once in Track B's 40
+# steps, as K = 31 does over minilm_l6's 8 blocks in Track A's 250 steps.
+METHOD_OVERRIDES_B = {**METHOD_OVERRIDES, "badam": ["method.switch_every=1"]}
 NOT_IN_TRACK_B = {
     "qlora": "4-bit base weights need bitsandbytes' CUDA kernels",
     "loftq": "4-bit base weights need bitsandbytes' CUDA kernels",
     "xlora": "X-LoRA mixes LoRA experts trained on other tasks (`method.experts`), so it has no single-task "
     "run to rank; its recipe is `scripts/xlora.py`",
 }
+
+
+def track_a_grid(method: str) -> list[float]:
+    """Track A's starting grid: the family default plus the method's ``EXTRA_LR`` points."""
+    return sorted({FAMILY_LR.get(method, DEFAULT_LR), *EXTRA_LR.get(method, [])})
+
+
+def track_b_grid(method: str) -> list[float]:
+    """Track B's starting grid: the method's Track A pick and the rate two ``LR_LADDER`` steps above."""
+    pick = TRACK_A_PICKS.get(method, DEFAULT_LR)
+    above = LR_LADDER[min(LR_LADDER.index(pick) + 2, len(LR_LADDER) - 1)]
+    return sorted({pick, above})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +219,8 @@ class Track:
     rank_curve: bool  # run the ``ranks`` stage
     optimizer_budget_mb: float | None  # run the optimizer-state budget at this size
     marker: str  # README block: <!-- {marker}:start --> ... <!-- {marker}:end -->
+    start_grid: Callable[[str], list[float]]  # method -> the learning rates its sweep starts from
+    method_overrides: dict[str, list[str]]  # per-method settings the protocol fixes
 
 
 TRACK_A = Track(
@@ -200,6 +236,8 @@ TRACK_A = Track(
     rank_curve=True,
     optimizer_budget_mb=OPT_BUDGET_MB,
     marker="leaderboard",
+    start_grid=track_a_grid,
+    method_overrides=METHOD_OVERRIDES,
 )
 TRACK_B = Track(
     key="b",
@@ -214,20 +252,22 @@ TRACK_B = Track(
     rank_curve=False,
     optimizer_budget_mb=None,
     marker="leaderboard-b",
+    start_grid=track_b_grid,
+    method_overrides=METHOD_OVERRIDES_B,
 )
 TRACKS = {track.key: track for track in (TRACK_A, TRACK_B)}
 
 
-def lr_grid(method: str) -> list[float]:
-    """The method's starting grid: the family default plus its ``EXTRA_LR`` points."""
-    return sorted({FAMILY_LR.get(method, DEFAULT_LR), *EXTRA_LR.get(method, [])})
+def lr_grid(method: str, track: Track | None = None) -> list[float]:
+    """The method's starting grid in ``track`` (default Track A)."""
+    return (track or TRACK_A).start_grid(method)
 
 
-def sweep_grid(method: str, points: dict[float, float]) -> list[float]:
+def sweep_grid(method: str, points: dict[float, float], track: Track | None = None) -> list[float]:
     """The starting grid grown by edge extension given the results so far (``points``: lr -> dev
     accuracy at seed 0): while every grid point has a result and the pick is the smallest or largest
     of two or more points, add the next ``LR_LADDER`` rate beyond it (``MAX_EDGE_STEPS`` at most)."""
-    grid = lr_grid(method)
+    grid = lr_grid(method, track)
     for _ in range(MAX_EDGE_STEPS):
         if len(grid) < 2 or any(lr not in points for lr in grid):
             break
@@ -258,7 +298,7 @@ def overrides(
     return [
         f"method={method}",
         *protocol,
-        *METHOD_OVERRIDES.get(method, []),
+        *track.method_overrides.get(method, []),
         *data,
         f"train.lr={lr}",
         f"seed={seed}",
@@ -309,7 +349,7 @@ def sweep_results(
     from lorabench.config_store import compose
     from lorabench.results.record import iter_records, run_id
 
-    rates = {m: sorted({*lr_grid(m), *LR_LADDER}) for m in methods}
+    rates = {m: sorted({*lr_grid(m, track), *LR_LADDER}) for m in methods}
     wanted = {
         run_id(compose(overrides(m, lr, 0, sweep_dir, data_dir, track, hardware))) for m in methods for lr in rates[m]
     }
@@ -322,7 +362,7 @@ def sweep_results(
             found.setdefault(record["config"]["method"]["label"], {})[record["config"]["train"]["lr"]] = final[
                 track.metric
             ]
-    grids = {method: sweep_grid(method, points) for method, points in found.items()}
+    grids = {method: sweep_grid(method, points, track) for method, points in found.items()}
     return {method: {lr: acc for lr, acc in points.items() if lr in grids[method]} for method, points in found.items()}
 
 
@@ -344,11 +384,11 @@ def write_sweep_table(
     ]
     for method in methods:
         points = found.get(method, {})
-        grid = sweep_grid(method, points)
+        grid = sweep_grid(method, points, track)
         cells = ", ".join(f"{lr:g}: {100 * points[lr]:.2f}" if lr in points else f"{lr:g}: -" for lr in grid)
         pick = f"{pick_lr(points):g}" if points else "-"
         if points and len(grid) > 1 and pick_lr(points) in (grid[0], grid[-1]):
-            pick += f" (grid edge after {len(grid) - len(lr_grid(method))} extension(s))"
+            pick += f" (grid edge after {len(grid) - len(lr_grid(method, track))} extension(s))"
         lines.append(f"| {method} | {cells} | {pick} |")
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -414,7 +454,8 @@ def main() -> int:
         attempted: set[tuple[str, float]] = set()
         while True:  # rounds: run the grids, then the edge extensions those results call for
             found = results(methods)
-            todo = [(m, lr) for m in methods for lr in sweep_grid(m, found.get(m, {})) if lr not in found.get(m, {})]
+            grids = {m: sweep_grid(m, found.get(m, {}), track) for m in methods}
+            todo = [(m, lr) for m in methods for lr in grids[m] if lr not in found.get(m, {})]
             todo = [point for point in todo if point not in attempted]
             if not todo:
                 break
