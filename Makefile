@@ -44,7 +44,7 @@ leaderboard: install
 		--x params --x opt_state --x tokens_per_s --x peak_mem --format svg
 	$(BIN)/lorabench plot --results-dir results/leaderboard/ranks --out results/leaderboard/plots --kind ranks --format svg
 
-# Track B of the leaderboard (smollm2_135m on E2E; sized for a GPU: make leaderboard-b HARDWARE=gpu JOBS=1)
+# Track B of the leaderboard (smollm2_135m on E2E; CPU-sized; on a GPU: make leaderboard-b HARDWARE=gpu JOBS=1)
 HARDWARE ?= cpu
 JOBS ?= 2
 LB_B := results/leaderboard/track_b

@@ -213,9 +213,10 @@ def test_track_b_protocol_composes_and_hardware_changes_the_run_id(lb, tmp_path)
         "smollm2_135m",
         "e2e",
         1,
-        100,
+        40,
     )
-    assert cfg.hardware.micro_batch_size == 8 and spec.label == "lora"
+    assert cfg.hardware.micro_batch_size == 4 and cfg.hardware.mixed_precision == "bf16" and spec.label == "lora"
+    assert cfg.dataset.train_size == cfg.train.max_steps * cfg.train.global_batch_size  # one epoch
     gpu_task = lb.overrides("lora", 5e-4, 0, tmp_path, "/data/e2e", lb.TRACK_B, hardware="gpu")
     assert "hardware=gpu" in gpu_task and "hardware=cpu" not in gpu_task
     assert run_id(compose(gpu_task)) != run_id(cpu)
@@ -237,3 +238,40 @@ def test_bad_hardware_is_rejected_before_any_run(lb, tmp_path, monkeypatch, caps
         with pytest.raises(SystemExit):
             lb.main()
         assert "needs CUDA" in capsys.readouterr().err and not any(tmp_path.iterdir())
+
+
+def test_track_a_picks_that_seed_track_b_match_the_committed_sweep(lb):
+    """Track B's grids start from Track A's picks: the copy in the script must be sweep.md's."""
+    rows = (ROOT / "results" / "leaderboard" / "sweep.md").read_text(encoding="utf-8").splitlines()
+    picks = {}
+    for row in rows:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        if len(cells) == 3 and cells[0] not in ("method", "---"):
+            picks[cells[0]] = float(cells[2].split()[0])
+    assert picks == lb.TRACK_A_PICKS
+    from lorabench.cli import CONF_DIR
+    from lorabench.methods.catalog import load_presets
+
+    assert set(load_presets(CONF_DIR / "method")) - set(lb.NOT_IN_TRACK_B) == set(lb.TRACK_A_PICKS)  # all of B
+
+
+def test_track_b_grid_starts_at_the_track_a_pick_and_two_ladder_steps_up(lb):
+    assert lb.lr_grid("lora", lb.TRACK_B) == [5e-4, 2e-3]
+    assert lb.lr_grid("full", lb.TRACK_B) == [5e-5, 2e-4]
+    assert lb.lr_grid("svfit", lb.TRACK_B) == [1e-1, 5e-1]
+    assert lb.lr_grid("lora") == [lb.DEFAULT_LR]  # Track A keeps its own grid
+    rising = {5e-4: 0.40, 2e-3: 0.55}
+    assert lb.sweep_grid("lora", rising, lb.TRACK_B) == [5e-4, 2e-3, 5e-3]  # edge extension as in Track A
+    task_b = lb.overrides("badam", 2e-4, 0, Path("/tmp/x"), None, lb.TRACK_B)
+    assert "method.switch_every=1" in task_b and "method.switch_every=31" not in task_b
+    assert "method.scale=4" in lb.overrides("galore", 2e-4, 0, Path("/tmp/x"), None, lb.TRACK_B)
+
+
+def test_budget_table_flags_a_budget_the_method_cannot_reach(lb, tmp_path):
+    solved = {"knob": "rank", "value": 384, "predicted": 5390, "capped": True}
+    capped = fake_record(tmp_path, "loldu", 2e-2, 0, 0.52, params=5390, method_report={"budget": solved})
+    matched = {**solved, "value": 8, "predicted": lb.BUDGET, "capped": False}
+    exact = fake_record(tmp_path, "lora", 5e-4, 0, 0.79, params=lb.BUDGET, method_report={"budget": matched})
+    lines = lb.budget_table([capped, exact], [], {}).splitlines()
+    assert "| loldu | rank=384 (its largest: the budget is out of reach) | 5,390 | 52.00 |" in lines[3]
+    assert "| lora | rank=8 | 74,498 | 79.00 |" in lines[2]
