@@ -311,6 +311,11 @@ def overrides(
     ]
 
 
+def _option(task: list[str], key: str) -> str:
+    """The value of ``key=value`` in an override list."""
+    return next(item.split("=", 1)[1] for item in task if item.startswith(f"{key}="))
+
+
 def _init_worker(threads: int) -> None:
     import torch
 
@@ -333,6 +338,12 @@ def _run(task: list[str]) -> tuple[str, int]:
 
 
 def run_all(tasks: list[list[str]], jobs: int) -> list[str]:
+    """Run the tasks whose completed record does not exist yet (checked here, so that a resumed stage
+    spawns no worker just to skip a run); returns the failures."""
+    pending = [t for t in tasks if read_if_completed(Path(_option(t, "results_dir")), t) is None]
+    if len(pending) < len(tasks):
+        print(f"[leaderboard] {len(tasks) - len(pending)} run(s) already completed: skipped", flush=True)
+    tasks = pending
     if not tasks:
         return []
     threads = max(1, (os.cpu_count() or 1) // jobs)

@@ -275,3 +275,19 @@ def test_budget_table_flags_a_budget_the_method_cannot_reach(lb, tmp_path):
     lines = lb.budget_table([capped, exact], [], {}).splitlines()
     assert "| loldu | rank=384 (its largest: the budget is out of reach) | 5,390 | 52.00 |" in lines[3]
     assert "| lora | rank=8 | 74,498 | 79.00 |" in lines[2]
+
+
+def test_completed_runs_are_skipped_without_spawning_a_worker(lb, tmp_path, monkeypatch):
+    task = lb.overrides("lora", 5e-4, 0, tmp_path, None)
+    record = {"run_id": run_id(compose(task)), "status": "completed"}
+    write_json_atomic(tmp_path / record["run_id"] / RECORD_NAME, record)
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("a worker pool was started for a completed run")
+
+    monkeypatch.setattr(lb.multiprocessing, "get_context", no_pool)
+    assert lb.run_all([task], jobs=2) == []
+    record["status"] = "failed"  # a failed run is run again
+    write_json_atomic(tmp_path / record["run_id"] / RECORD_NAME, record)
+    with pytest.raises(AssertionError, match="worker pool"):
+        lb.run_all([task], jobs=2)
