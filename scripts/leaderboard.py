@@ -19,7 +19,7 @@ preset), then one greedy generation (64 new tokens) for each of a fixed 48 evalu
 BLEU against all their references. Sized for CPU hours: one adapter run takes about 85 s here with two
 runs sharing the 2 cores (the first 100-step, 105-MR fp32 pilot took 19 min); LoRA reaches 58 BLEU
 (61 after the pilot's 100 steps of 8). Greedy decoding instead of the LoRA paper's beam 10 keeps the
-evaluation affordable. Each method's sweep starts from its Track A pick and the rate two
+evaluation affordable. Each method's sweep starts from its Track A pick (``TRACK_B_START``) and the rate two
 ``LR_LADDER`` steps above (``track_b_grid``), then grows by edge extension as in Track A. BAdam
 switches block every step (one pass over its 32 blocks). Same stages as Track A, without the rank
 comparison and the optimizer-state budget.
@@ -30,8 +30,10 @@ Stages, all resumable (a run whose completed record exists is skipped):
    (``FAMILY_LR``), plus ``EXTRA_LR`` points for methods that did not learn at the family default,
    grown by edge extension: while the pick is the smallest or largest point of a grid of two or
    more, the next rate of ``LR_LADDER`` beyond it is run too (at most ``MAX_EDGE_STEPS`` per method).
-   Methods that learned at their family default keep that single point. Records go to
-   ``<out>/sweep``; ``<out>/sweep.md`` lists every point and the pick.
+   A method without extra points starts from its family default and the next ladder rate above it
+   (the neighbour check: one epoch is a short schedule, so the larger rate is the likelier win); if the
+   default wins, edge extension then tries the rate below it. Records go to ``<out>/sweep``;
+   ``<out>/sweep.md`` lists every point and the pick.
 2. ``main``: seeds 0, 1, 2 at the picked learning rate (highest dev accuracy at seed 0; ties go to
    the smaller rate). The seed-0 run is the sweep run itself (same run id), copied, not rerun.
 3. ``budget``: seed 0 at the picked rate with ``budget.trainable_params=BUDGET`` (the trainable count
@@ -169,10 +171,12 @@ PROTOCOL_B = [
     "hardware.mixed_precision=bf16",
     "progress=false",
 ]
-# Track B starts each method's sweep from its Track A pick (results/leaderboard/sweep.md; a test keeps
-# the two in step), which carries what Track A learned about the method's scale of learning rate, and
-# adds the rate two LR_LADDER steps above it (x3 to x5): Track B's schedule is six times shorter.
-TRACK_A_PICKS = {
+# Track B starts each method's sweep from the rate Track A picked for it in Track A's first sweep (before
+# its single-point grids got the neighbour check), which carries what Track A learned about the method's
+# scale of learning rate, and adds the rate two LR_LADDER steps above it (x3 to x5): Track B's schedule is
+# six times shorter. Fixed, so that Track B's run ids do not move when Track A's picks do; Track B's own
+# edge extension then finds its pick (a test checks every start rate is one Track A ran for the method).
+TRACK_B_START = {
     **dict.fromkeys(("allora", "bone", "corda", "dct_adamw", "dora", "dylora", "eva", "fira", "hydra_lora"), 5e-4),
     **dict.fromkeys(("lora", "lora_ga", "lora_pro", "loraplus", "milora", "miss", "nola", "olora", "pissa"), 5e-4),
     **dict.fromkeys(("randlora", "rslora", "slora", "soma", "soma_recipe", "sora"), 5e-4),
@@ -197,13 +201,19 @@ NOT_IN_TRACK_B = {
 
 
 def track_a_grid(method: str) -> list[float]:
-    """Track A's starting grid: the family default plus the method's ``EXTRA_LR`` points."""
-    return sorted({FAMILY_LR.get(method, DEFAULT_LR), *EXTRA_LR.get(method, [])})
+    """Track A's starting grid: the family default plus the method's ``EXTRA_LR`` points; a method with
+    no extra points also gets the next ``LR_LADDER`` rate above its default (the neighbour check), so
+    that every grid has two points and edge extension can move the pick either way."""
+    default = FAMILY_LR.get(method, DEFAULT_LR)
+    grid = sorted({default, *EXTRA_LR.get(method, [])})
+    if len(grid) == 1:
+        grid.append(LR_LADDER[LR_LADDER.index(default) + 1])
+    return grid
 
 
 def track_b_grid(method: str) -> list[float]:
-    """Track B's starting grid: the method's Track A pick and the rate two ``LR_LADDER`` steps above."""
-    pick = TRACK_A_PICKS.get(method, DEFAULT_LR)
+    """Track B's starting grid: the method's ``TRACK_B_START`` rate and the rate two ``LR_LADDER`` steps above."""
+    pick = TRACK_B_START.get(method, DEFAULT_LR)
     above = LR_LADDER[min(LR_LADDER.index(pick) + 2, len(LR_LADDER) - 1)]
     return sorted({pick, above})
 
@@ -526,7 +536,7 @@ def main() -> int:
                 _copy_existing_run(tasks[-1], records_dir, out / "ranks")
         failures += run_all(tasks, args.jobs)
     if args.stage in ("report", "all"):
-        write_report(out, track_methods, track)
+        write_report(out, track_methods, track, {m: pick_lr(p) for m, p in results(track_methods).items()})
     print(f"[leaderboard] done in {time.perf_counter() - start:.0f}s; failures: {failures or 'none'}")
     return 1 if failures else 0
 
@@ -627,15 +637,21 @@ def leaderboard_rows(records: list[dict], metric: str = "accuracy") -> list[dict
     return sorted(rows, key=lambda row: -row["mean"])
 
 
-def leaderboard_table(rows: list[dict], track: Track = TRACK_A) -> str:
+def leaderboard_table(rows: list[dict], track: Track = TRACK_A, picks: dict[str, float] | None = None) -> str:
+    """The per-method table; with ``picks`` (method -> the sweep's current pick), a row whose runs used
+    another rate says so: the sweep moved on and ``--stage main`` has not rerun its seeds yet."""
+    picks = picks or {}
     lines = [
         f"| # | method | {track.metric_label} (mean ± std, n) | lr | trainable params | opt-state MB | peak RSS MB "
         "| tokens/s | intruders | paper |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, row in enumerate(rows, 1):
+        lr = f"{row['lr']:g}"
+        if picks.get(row["method"], row["lr"]) != row["lr"]:
+            lr += f" (sweep now picks {picks[row['method']]:g}; seeds not rerun yet)"
         lines.append(
-            f"| {i} | {row['method']} | {row['mean']:.2f} ± {row['std']:.2f} ({row['n']}) | {row['lr']:g} "
+            f"| {i} | {row['method']} | {row['mean']:.2f} ± {row['std']:.2f} ({row['n']}) | {lr} "
             f"| {_fmt(row['params'], ',.0f')} | {_fmt(row['opt_mb'], ',.2f')} | {_fmt(row['peak_mb'], ',.0f')} "
             f"| {_fmt(row['tokens_s'], ',.0f')} | {_fmt(row['intruders'], '.1f')} | {_paper_link(row['paper'])} |"
         )
@@ -686,8 +702,9 @@ def optimizer_budget_table(records: list[dict], main_rows: dict[str, dict], trac
     return "\n".join(lines)
 
 
-def write_report(out: Path, methods: list[str], track: Track = TRACK_A) -> None:
-    """``<out>/README.md`` and the table between the track's markers in the project README."""
+def write_report(out: Path, methods: list[str], track: Track = TRACK_A, picks: dict[str, float] | None = None) -> None:
+    """``<out>/README.md`` and the table between the track's markers in the project README; ``picks``
+    (method -> the sweep's current pick) flags rows whose runs used a rate the sweep has replaced."""
     from lorabench.results.record import iter_records
 
     main = completed(out / "records")
@@ -707,7 +724,7 @@ def write_report(out: Path, methods: list[str], track: Track = TRACK_A) -> None:
     ]
     excluded = [f"- `{name}`: {why}" for name, why in track.not_in_track.items()]
     excluded += [f"- `{name}`: no completed record yet" for name in missing]
-    table = leaderboard_table(rows, track)
+    table = leaderboard_table(rows, track, picks)
     summary = (
         f"{track.title}, {len(rows)} methods, {len(main)} runs "
         f"(seeds {sorted({r['config']['seed'] for r in main})}); "

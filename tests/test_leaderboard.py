@@ -56,8 +56,9 @@ def fake_record(root: Path, label: str, lr: float, seed: int, acc: float, **extr
 
 
 def test_lr_grid_has_family_default_and_extra_points(lb):
-    assert lb.lr_grid("lora") == [lb.DEFAULT_LR]
-    assert lb.lr_grid("full") == [lb.FAMILY_LR["full"]]
+    assert lb.lr_grid("lora") == [lb.DEFAULT_LR, 1e-3]  # no extra points: the neighbour above
+    assert lb.lr_grid("full") == [lb.FAMILY_LR["full"], 1e-4]
+    assert lb.lr_grid("salt") == [1e-3, 2e-3]
     assert lb.lr_grid("nola") == sorted([lb.FAMILY_LR["nola"], *lb.EXTRA_LR["nola"]])
 
 
@@ -80,6 +81,9 @@ def test_rows_aggregate_seeds_per_method_and_rate(lb, tmp_path):
     table = lb.leaderboard_table(rows)
     assert "| 2 | lora | 82.00 ± 2.00 (3) | 0.0005 |" in table
     assert "[arXiv:2106.09685](https://arxiv.org/abs/2106.09685)" in table
+    moved = lb.leaderboard_table(rows, picks={"lora": 1e-3, "full": 5e-5})  # the sweep moved lora's pick on
+    assert "| 2 | lora | 82.00 ± 2.00 (3) | 0.0005 (sweep now picks 0.001; seeds not rerun yet) |" in moved
+    assert "| 1 | full | 90.00 ± 0.00 (1) | 5e-05 |" in moved
 
 
 def test_report_rewrites_only_the_readme_block(lb, tmp_path, monkeypatch):
@@ -139,7 +143,10 @@ def test_sweep_grid_grows_past_an_edge_pick_and_stops_inside(lb):
     assert lb.MAX_EDGE_STEPS == 2
     falling = {1e-4: 0.8, 2e-4: 0.7, 5e-4: 0.6, 2e-3: 0.5, 5e-3: 0.5}
     assert lb.sweep_grid("nlora", falling) == [5e-5, *sorted(falling)]  # best at the bottom edge: one down
-    assert lb.sweep_grid("lora", {5e-4: 0.79}) == [5e-4]  # a single point is not a sweep to extend
+    assert lb.sweep_grid("lora", {5e-4: 0.79}) == [5e-4, 1e-3]  # the neighbour not run yet: nothing to extend
+    assert lb.sweep_grid("lora", {5e-4: 0.79, 1e-3: 0.78}) == [2e-4, 5e-4, 1e-3]  # default wins: one rate down
+    assert lb.sweep_grid("lora", {2e-4: 0.77, 5e-4: 0.79, 1e-3: 0.78}) == [2e-4, 5e-4, 1e-3]  # interior: stop
+    assert lb.sweep_grid("lora", {5e-4: 0.79, 1e-3: 0.80}) == [5e-4, 1e-3, 2e-3]  # neighbour wins: one rate up
 
 
 def test_sweep_results_only_count_points_of_the_grown_grid(lb, tmp_path):
@@ -240,26 +247,29 @@ def test_bad_hardware_is_rejected_before_any_run(lb, tmp_path, monkeypatch, caps
         assert "needs CUDA" in capsys.readouterr().err and not any(tmp_path.iterdir())
 
 
-def test_track_a_picks_that_seed_track_b_match_the_committed_sweep(lb):
-    """Track B's grids start from Track A's picks: the copy in the script must be sweep.md's."""
+def test_track_b_start_rates_are_rates_track_a_ran_for_the_method(lb):
+    """Track B's grids start from Track A's (first) picks: each must be a rate the committed Track A
+    sweep ran for that method, and every method of Track B needs one."""
     rows = (ROOT / "results" / "leaderboard" / "sweep.md").read_text(encoding="utf-8").splitlines()
-    picks = {}
+    ran = {}
     for row in rows:
         cells = [cell.strip() for cell in row.strip("|").split("|")]
         if len(cells) == 3 and cells[0] not in ("method", "---"):
-            picks[cells[0]] = float(cells[2].split()[0])
-    assert picks == lb.TRACK_A_PICKS
+            ran[cells[0]] = {float(point.split(":")[0]) for point in cells[1].split(", ")}
+    assert set(ran) == set(lb.TRACK_B_START)
+    for method, rate in lb.TRACK_B_START.items():
+        assert rate in ran[method], (method, rate, sorted(ran[method]))
     from lorabench.cli import CONF_DIR
     from lorabench.methods.catalog import load_presets
 
-    assert set(load_presets(CONF_DIR / "method")) - set(lb.NOT_IN_TRACK_B) == set(lb.TRACK_A_PICKS)  # all of B
+    assert set(load_presets(CONF_DIR / "method")) - set(lb.NOT_IN_TRACK_B) == set(lb.TRACK_B_START)  # all of B
 
 
 def test_track_b_grid_starts_at_the_track_a_pick_and_two_ladder_steps_up(lb):
     assert lb.lr_grid("lora", lb.TRACK_B) == [5e-4, 2e-3]
     assert lb.lr_grid("full", lb.TRACK_B) == [5e-5, 2e-4]
     assert lb.lr_grid("svfit", lb.TRACK_B) == [1e-1, 5e-1]
-    assert lb.lr_grid("lora") == [lb.DEFAULT_LR]  # Track A keeps its own grid
+    assert lb.lr_grid("lora") == [lb.DEFAULT_LR, 1e-3]  # Track A keeps its own grid
     rising = {5e-4: 0.40, 2e-3: 0.55}
     assert lb.sweep_grid("lora", rising, lb.TRACK_B) == [5e-4, 2e-3, 5e-3]  # edge extension as in Track A
     task_b = lb.overrides("badam", 2e-4, 0, Path("/tmp/x"), None, lb.TRACK_B)
