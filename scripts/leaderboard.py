@@ -43,8 +43,9 @@ Stages, all resumable (a run whose completed record exists is skipped):
    ``budget.optimizer_state_mb=OPT_BUDGET_MB`` instead, into ``<out>/budget_optimizer``.
 4. ``ranks``: DyLoRA (r_max = 8) evaluated at every rank after training, and LoRA trained separately
    at r = 1, 2, 4, 8 (``RANKS``), at their picked rates, into ``<out>/ranks``.
-5. ``report``: ``<out>/README.md`` (the per-method table, the budget table, what cannot run here)
-   and the same table between the leaderboard markers of the project README.
+5. ``report``: ``<out>/sweep.md`` from the sweep records, ``<out>/README.md`` (the per-method table,
+   the budget table, what cannot run here) and the same table between the leaderboard markers of the
+   project README.
 
 Selecting on the dev set that is also reported follows the GLUE practice of the LoRA-family papers;
 seeds 1 and 2 are fresh runs. Runs execute in ``--jobs`` worker processes (one fresh process per
@@ -536,6 +537,9 @@ def main() -> int:
                 _copy_existing_run(tasks[-1], records_dir, out / "ranks")
         failures += run_all(tasks, args.jobs)
     if args.stage in ("report", "all"):
+        write_sweep_table(
+            out / "sweep.md", track_methods, results(track_methods), track
+        )  # also after an interrupted sweep
         write_report(out, track_methods, track, {m: pick_lr(p) for m, p in results(track_methods).items()})
     print(f"[leaderboard] done in {time.perf_counter() - start:.0f}s; failures: {failures or 'none'}")
     return 1 if failures else 0
