@@ -52,6 +52,7 @@ leaderboard-b: install
 	$(BIN)/python scripts/leaderboard.py --track b --stage all --jobs $(JOBS) --hardware $(HARDWARE)
 	$(BIN)/lorabench table --results-dir $(LB_B)/records > $(LB_B)/table.md
 	$(BIN)/lorabench table --results-dir $(LB_B)/budget > $(LB_B)/budget_table.md
+	$(BIN)/lorabench table --results-dir $(LB_B)/budget_optimizer > $(LB_B)/budget_optimizer_table.md
 	$(BIN)/lorabench plot --results-dir $(LB_B)/records --out $(LB_B)/plots --kind pareto \
 		--x params --x opt_state --x tokens_per_s --x peak_mem --format svg
 

@@ -22,7 +22,7 @@ runs sharing the 2 cores (the first 100-step, 105-MR fp32 pilot took 19 min); Lo
 evaluation affordable. Each method's sweep starts from its Track A pick (``TRACK_B_START``) and the rate two
 ``LR_LADDER`` steps above (``track_b_grid``), then grows by edge extension as in Track A. BAdam
 switches block every step (one pass over its 32 blocks). Same stages as Track A, without the rank
-comparison and the optimizer-state budget.
+comparison; the optimizer-state budget is ``OPT_BUDGET_MB_B``.
 
 Stages, all resumable (a run whose completed record exists is skipped):
 
@@ -147,6 +147,10 @@ BUDGET = 74_498  # LoRA r=8 on query/value of minilm_l6 (73,728) + the classifie
 # smallest round size every one of them can meet (galore-torch keeps each whole SVD factor, so its
 # floor on minilm_l6 is 112.2 MiB at rank 1; the unprojected embeddings alone hold about 90 MiB).
 OPT_BUDGET_MB = 120
+# Track B's, by the same rule: galore-torch's floor on smollm2_135m is 416.1 MiB (rank 1: its fp32 SVD
+# factors hold 198 MiB, the unprojected tied embeddings 216 MiB); 450 MiB gives galore and fira rank
+# ~120, frugal density ~0.23, galore-torch rank ~20.
+OPT_BUDGET_MB_B = 450
 # Presets that cannot run in this track, with the reason (listed in the README instead of a number).
 NOT_IN_TRACK = {
     "qlora": "4-bit base weights need bitsandbytes' CUDA kernels",
@@ -266,7 +270,7 @@ TRACK_B = Track(
     budget_params=460_800,  # LoRA r=8 on q_proj (576x576) and v_proj (576x192) of 30 layers; no head
     not_in_track=NOT_IN_TRACK_B,
     rank_curve=False,
-    optimizer_budget_mb=None,
+    optimizer_budget_mb=OPT_BUDGET_MB_B,
     marker="leaderboard-b",
     start_grid=track_b_grid,
     method_overrides=METHOD_OVERRIDES_B,

@@ -208,7 +208,7 @@ def test_track_b_report_scores_bleu_into_its_own_readme_block(lb, tmp_path, monk
     assert "<!-- leaderboard:start -->\nA\n<!-- leaderboard:end -->" in text  # Track A's block untouched
     assert "B\n" not in text and "| 1 | lora | 52.00 ± 2.83 (2) |" in text and "E2E BLEU (mean ± std, n)" in text
     assert "`dora`: no completed record yet" in text and "`qlora`:" in text and "`xlora`:" in text
-    assert "optimizer-state budget" not in (out / "README.md").read_text()
+    assert "common optimizer-state budget: 450 MiB" in (out / "README.md").read_text()
 
 
 def test_track_b_protocol_composes_and_hardware_changes_the_run_id(lb, tmp_path):
@@ -301,3 +301,37 @@ def test_completed_runs_are_skipped_without_spawning_a_worker(lb, tmp_path, monk
     write_json_atomic(tmp_path / record["run_id"] / RECORD_NAME, record)
     with pytest.raises(AssertionError, match="worker pool"):
         lb.run_all([task], jobs=2)
+
+
+def test_track_b_optimizer_state_budget_is_the_smallest_round_size_all_four_meet(lb):
+    """Every optimizer the budget sizes must fit OPT_BUDGET_MB_B on smollm2_135m at its smallest knob
+    (else its budget run fails), and galore-torch's floor must be close below it (else the budget is
+    not the tight common size). Built on the meta device: shapes only, no weights."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lorabench import budget
+
+    config = LlamaConfig(  # SmolLM2-135M: 30 layers, hidden 576, MLP 1536, 9 heads / 3 KV heads, tied embeddings
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    )
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008  # the count the Track B records report
+    ctx = SimpleNamespace(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    smallest = {"rank": 1, "density": 1e-3, "projector": "svd", "proj_type": "std"}
+    floors = {
+        name: formula(model, SimpleNamespace(**smallest), ctx) / 2**20
+        for name, formula in budget.STATE_FORMULAS.items()
+    }
+    assert max(floors.values()) <= lb.OPT_BUDGET_MB_B, floors
+    assert floors["galore_torch"] > 0.9 * lb.OPT_BUDGET_MB_B, floors
+    assert lb.TRACK_B.optimizer_budget_mb == lb.OPT_BUDGET_MB_B
