@@ -10,7 +10,10 @@ Components declare their knob with a class attribute, ``size_knob = "rank"`` (or
 that take the same value, e.g. NOLA's ``("num_basis_a", "num_basis_b")``). The search assumes the
 size grows with the knob and checks it: integers by doubling then bisection, floats (FRUGAL's
 density) by bisection to ``FLOAT_TOL``. Ranks are capped at the largest ``min(d_out, d_in)`` of the
-targeted weights (a larger rank adds nothing), LISA's layer count at the model's layers.
+targeted weights (a larger rank adds nothing), LISA's layer count at the model's layers. A component
+whose knob also has shape constraints defines ``size_is_valid(model, params, ctx)``: the integer
+search then steps down from its answer to the largest valid value (Bone's block size must divide
+every target's d_in and d_out).
 
 The training loop calls, before ``apply_method`` (on the loaded base model, or one built on the
 meta device):
@@ -264,6 +267,13 @@ def solve_budget(
             lo, hi = (mid, hi) if (size(mid) or budget + 1) <= budget else (lo, mid)
         value = lo
         capped = value >= cap
+        valid = getattr(spec.components[axis], "size_is_valid", None)  # e.g. Bone: the rank must divide every target
+        while (
+            valid is not None
+            and value > 1
+            and not valid(base_model, with_value(spec, axis, fields, value).params[axis], ctx)
+        ):
+            value, capped = value - 1, False
     predicted = size(value)
     return {
         "knob": "=".join(fields),

@@ -72,7 +72,10 @@ def test_budget_solves_and_matches_measurement(preset, sst2_dir, tmp_path):
     cap = 2 if fields == ("lisa_activated_layers",) else 32
     v, budget = _budget_between(size, cap)
     result = solve_budget(loaded.model, spec, ctx, trainable_params=budget)
-    assert result["predicted"] <= budget < size(result["value"] + 1), result
+    assert result["predicted"] <= budget < size(v + 1), result
+    valid = getattr(spec.components[axis], "size_is_valid", None)
+    while valid and not valid(loaded.model, with_value(spec, axis, fields, v).params[axis], ctx):
+        v -= 1  # shape constraints (Bone's block size): the largest valid value below
     assert result["value"] == v and not result["capped"]
     # the count after apply_method on a fresh model with the solved value equals the prediction
     _, spec2, loaded2, _, ctx2 = build(preset, sst2_dir, tmp_path, *_overrides(result))
@@ -92,3 +95,15 @@ def test_budget_larger_than_the_cap_says_capped(sst2_dir, tmp_path):
     _, spec, loaded, _, ctx = build("lora", sst2_dir, tmp_path)
     result = solve_budget(loaded.model, spec, ctx, trainable_params=10**9)
     assert result["capped"] and result["value"] == 32  # tiny_bert's hidden size
+
+
+def test_bone_budget_steps_down_to_a_block_size_that_divides_every_target(sst2_dir, tmp_path):
+    """Bone's trainable count is r * d_out per target, but r must divide d_in and d_out: a budget that
+    rank 6 fits exactly gives Bone 4 (tiny_bert's targets are 32 x 32), and MiSS mode, free of that
+    constraint, 6."""
+    _, bone, loaded, _, ctx = build("bone", sst2_dir, tmp_path)
+    _, miss, miss_model, _, miss_ctx = build("miss", sst2_dir, tmp_path)
+    budget = expected_trainable(loaded.model, with_value(bone, "adapter", ("rank",), 6), ctx)
+    assert solve_budget(miss_model.model, miss, miss_ctx, trainable_params=budget)["value"] == 6
+    result = solve_budget(loaded.model, bone, ctx, trainable_params=budget)
+    assert result["value"] == 4 and result["predicted"] < budget and not result["capped"]

@@ -50,13 +50,26 @@ class MissAdapter(Adapter):
     Params = MissParams
     paper = "Kang et al., 2024, arXiv:2409.15371"
     backed_by = "peft"
+    size_knob = "rank"  # what a size budget sets (lorabench/budget.py); bat mode: a rank that divides every target
 
-    def apply(self, model: nn.Module, params: MissParams, ctx: MethodContext, init_kwargs: dict) -> nn.Module:
+    @staticmethod
+    def rank_problem(model: nn.Module, params: MissParams, ctx: MethodContext) -> str | None:
+        """Why ``params.rank`` cannot shard every target (None: it can)."""
         for name, w in target_linear_weights(model, ctx.target_modules):
             d_out, d_in = w.shape
             if params.rank > d_in or (params.mode == "bat" and (d_in % params.rank or d_out % params.rank)):
                 need = "divide d_in and d_out" if params.mode == "bat" else "be <= d_in"
-                raise ConfigError(f"method.rank={params.rank} must {need} of every target ({name} is {d_out}x{d_in})")
+                return f"method.rank={params.rank} must {need} of every target ({name} is {d_out}x{d_in})"
+        return None
+
+    def size_is_valid(self, model: nn.Module, params: MissParams, ctx: MethodContext) -> bool:
+        """Whether a budget may pick ``params.rank`` (lorabench/budget.py steps down until it may)."""
+        return self.rank_problem(model, params, ctx) is None
+
+    def apply(self, model: nn.Module, params: MissParams, ctx: MethodContext, init_kwargs: dict) -> nn.Module:
+        problem = self.rank_problem(model, params, ctx)
+        if problem:
+            raise ConfigError(problem)
         config = MissConfig(
             task_type=TASK_TYPES[ctx.head],
             r=params.rank,
