@@ -10,7 +10,9 @@ Components declare their knob with a class attribute, ``size_knob = "rank"`` (or
 that take the same value, e.g. NOLA's ``("num_basis_a", "num_basis_b")``). The search assumes the
 size grows with the knob and checks it: integers by doubling then bisection, floats (FRUGAL's
 density) by bisection to ``FLOAT_TOL``. Ranks are capped at the largest ``min(d_out, d_in)`` of the
-targeted weights (a larger rank adds nothing), LISA's layer count at the model's layers. A component
+targeted weights (a larger rank adds nothing; the smallest for adapters that declare
+``rank_at_most_every_target``, whose rank may not exceed any target's), LISA's layer count at the
+model's layers. A component
 whose knob also has shape constraints defines ``size_is_valid(model, params, ctx)``: the integer
 search then steps down from its answer to the largest valid value (Bone's block size must divide
 every target's d_in and d_out).
@@ -182,7 +184,11 @@ def _cap(base_model: nn.Module, spec: MethodSpec, ctx: MethodContext, axis: str,
         return len(transformer_layers(base_model)[1])
     if "rank" in fields:
         dims = [min(w.shape) for _, w in target_linear_weights(base_model, ctx.target_modules)]
-        return max(dims) if dims else INT_LIMIT
+        if not dims:
+            return INT_LIMIT
+        # SVD-based adapters (rank_at_most_every_target) need r <= min(d_out, d_in) of every target; others
+        # may exceed a small target's (e.g. LoRA on GQA's narrow v_proj), so their cap is the largest
+        return min(dims) if getattr(spec.components[axis], "rank_at_most_every_target", False) else max(dims)
     return INT_LIMIT
 
 
@@ -273,7 +279,7 @@ def solve_budget(
             and value > 1
             and not valid(base_model, with_value(spec, axis, fields, value).params[axis], ctx)
         ):
-            value, capped = value - 1, False
+            value -= 1  # the largest valid value; capped keeps its meaning (the budget is out of reach)
     predicted = size(value)
     return {
         "knob": "=".join(fields),

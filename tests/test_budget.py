@@ -107,3 +107,19 @@ def test_bone_budget_steps_down_to_a_block_size_that_divides_every_target(sst2_d
     assert solve_budget(miss_model.model, miss, miss_ctx, trainable_params=budget)["value"] == 6
     result = solve_budget(loaded.model, bone, ctx, trainable_params=budget)
     assert result["value"] == 4 and result["predicted"] < budget and not result["capped"]
+
+
+RANK_KNOB_PRESETS = ["lora", "soma", "lora_xs", "svfit", "loldu", "lora_sb", "nlora", "lamda", "vera", "slora"]
+
+
+@pytest.mark.parametrize("preset", RANK_KNOB_PRESETS)
+def test_an_unreachable_budget_caps_at_a_rank_every_target_accepts(preset, sst2_dir, tmp_path):
+    """tiny_llama's targets differ in size (q_proj 32 x 32, GQA v_proj 16 x 32, like SmolLM2's 576 vs
+    192): a budget no rank can reach must cap at a rank the method applies with (16 for the SVD-based
+    adapters, whose rank may not exceed any target's; 32 for LoRA), not fail at apply time."""
+    _, spec, loaded, _, ctx = build(preset, sst2_dir, tmp_path, "model=tiny_llama")
+    result = solve_budget(loaded.model, spec, ctx, trainable_params=10**9)
+    bounded = getattr(spec.components["adapter"], "rank_at_most_every_target", False)
+    assert result["capped"] and result["value"] == (16 if bounded else 32), result
+    _, spec2, loaded2, _, ctx2 = build(preset, sst2_dir, tmp_path, "model=tiny_llama", *_overrides(result))
+    apply_method(loaded2.model, spec2, ctx2)  # raised "method.rank=32 exceeds min(d_out, d_in)=16" before

@@ -141,6 +141,7 @@ class LamdaAdapter(OwnAdapter):
     Params = LamdaParams
     paper = "Azizi et al., 2024, arXiv:2406.12832"
     size_knob = "rank"  # what a size budget sets (lorabench/budget.py); spectrum mode: the average rank
+    rank_at_most_every_target = True  # check_rank: r <= min(d_out, d_in) of each target
 
     def make_layer(
         self, name: str, linear: nn.Linear, params: LamdaParams, ctx: MethodContext, rank: int | None = None

@@ -44,6 +44,7 @@ class LolduParams:
 class LolduAdapter(OwnAdapter):
     Params = LolduParams
     size_knob = "rank"  # what a size budget sets (lorabench/budget.py)
+    rank_at_most_every_target = True  # check_rank: r <= min(d_out, d_in) of each target
     paper = "Shi et al., 2024, arXiv:2410.13618"
 
     def make_layer(self, name: str, linear: nn.Linear, params: LolduParams, ctx: MethodContext) -> DiagLayer:

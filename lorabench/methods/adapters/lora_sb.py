@@ -87,6 +87,7 @@ class LoraSbParams:
 class LoraSbAdapter(OwnAdapter):
     Params = LoraSbParams
     size_knob = "rank"  # what a size budget sets (lorabench/budget.py)
+    rank_at_most_every_target = True  # check_rank: r <= min(d_out, d_in) of each target
     paper = "Ponkshe et al., 2024, arXiv:2411.19557"
 
     def prepare(self, model: nn.Module, params: LoraSbParams, ctx: MethodContext) -> None:

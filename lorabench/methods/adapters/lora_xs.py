@@ -79,6 +79,7 @@ class LoraXsParams:
 class LoraXsAdapter(OwnAdapter):
     Params = LoraXsParams
     size_knob = "rank"  # what a size budget sets (lorabench/budget.py)
+    rank_at_most_every_target = True  # check_rank: r <= min(d_out, d_in) of each target
     paper = "Balazy et al., 2024, arXiv:2405.17604"
 
     def make_layer(self, name: str, linear: nn.Linear, params: LoraXsParams, ctx: MethodContext) -> XsLayer:

@@ -50,6 +50,7 @@ class NloraParams:
 class NloraAdapter(OwnAdapter):
     Params = NloraParams
     size_knob = "rank"  # what a size budget sets (lorabench/budget.py)
+    rank_at_most_every_target = True  # check_rank: r <= min(d_out, d_in) of each target
     paper = "Guo et al., 2025, arXiv:2502.14482"
     train = ("B", "M", "A")
 

@@ -60,6 +60,7 @@ class MinorParams:
 class MinorComponentsAdapter(OwnAdapter):
     Params = MinorParams
     size_knob = "rank"  # what a size budget sets (lorabench/budget.py)
+    rank_at_most_every_target = True  # check_rank: r <= min(d_out, d_in) of each target
 
     def make_layer(self, name: str, linear: nn.Linear, params: MinorParams, ctx: MethodContext) -> TriLayer:
         check_rank(params.rank, linear.out_features, linear.in_features, name)

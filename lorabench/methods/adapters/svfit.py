@@ -70,6 +70,7 @@ class SvfitParams:
 class SvfitAdapter(OwnAdapter):
     Params = SvfitParams
     size_knob = "rank"  # what a size budget sets (lorabench/budget.py)
+    rank_at_most_every_target = True  # check_rank: r <= min(d_out, d_in) of each target
     paper = "Sun et al., 2024, arXiv:2409.05926"
 
     def make_layer(self, name: str, linear: nn.Linear, params: SvfitParams, ctx: MethodContext) -> DiagLayer:
