@@ -188,7 +188,8 @@ def _cap(base_model: nn.Module, spec: MethodSpec, ctx: MethodContext, axis: str,
             return INT_LIMIT
         # SVD-based adapters (rank_at_most_every_target) need r <= min(d_out, d_in) of every target; others
         # may exceed a small target's (e.g. LoRA on GQA's narrow v_proj), so their cap is the largest
-        return min(dims) if getattr(spec.components[axis], "rank_at_most_every_target", False) else max(dims)
+        bounded = any(getattr(c, "rank_at_most_every_target", False) for c in spec.components.values())
+        return min(dims) if bounded else max(dims)
     return INT_LIMIT
 
 

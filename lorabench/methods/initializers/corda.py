@@ -46,6 +46,7 @@ class CordaInit(Initializer):
     paper = "Yang et al., 2024, arXiv:2406.05223"
     backed_by = "peft"
     requires_adapter = ("lora",)
+    rank_at_most_every_target = True  # its factors come from W (or W C): r <= min(d_out, d_in) (budget cap)
 
     def _config(self, params: CordaParams) -> CordaConfig:
         return CordaConfig(corda_method=params.corda_method)

@@ -17,6 +17,7 @@ class OloraInit(Initializer):
     paper = "Büyükakyüz, 2024, arXiv:2406.01775"
     backed_by = "peft"
     requires_adapter = ("lora",)
+    rank_at_most_every_target = True  # its factors come from W (or W C): r <= min(d_out, d_in) (budget cap)
 
     def adapter_kwargs(self, params) -> dict:
         return {"init_lora_weights": "olora"}

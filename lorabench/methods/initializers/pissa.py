@@ -32,6 +32,7 @@ class PissaInit(Initializer):
     paper = "Meng et al., 2024, arXiv:2404.02948"
     backed_by = "peft"
     requires_adapter = ("lora",)
+    rank_at_most_every_target = True  # its factors come from W (or W C): r <= min(d_out, d_in) (budget cap)
 
     def adapter_kwargs(self, params: PissaParams) -> dict:
         return {"init_lora_weights": f"pissa_niter_{params.niter}" if params.niter else "pissa"}
