@@ -418,7 +418,9 @@ def write_sweep_table(
         grid = sweep_grid(method, points, track)
         cells = ", ".join(f"{lr:g}: {100 * points[lr]:.2f}" if lr in points else f"{lr:g}: -" for lr in grid)
         pick = f"{pick_lr(points):g}" if points else "-"
-        if points and len(grid) > 1 and pick_lr(points) in (grid[0], grid[-1]):
+        if any(lr not in points for lr in grid):
+            pick += " (sweep not finished)" if points else ""
+        elif len(grid) > 1 and pick_lr(points) in (grid[0], grid[-1]):
             pick += f" (grid edge after {len(grid) - len(lr_grid(method, track))} extension(s))"
         lines.append(f"| {method} | {cells} | {pick} |")
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -335,3 +335,11 @@ def test_track_b_optimizer_state_budget_is_the_smallest_round_size_all_four_meet
     assert max(floors.values()) <= lb.OPT_BUDGET_MB_B, floors
     assert floors["galore_torch"] > 0.9 * lb.OPT_BUDGET_MB_B, floors
     assert lb.TRACK_B.optimizer_budget_mb == lb.OPT_BUDGET_MB_B
+
+
+def test_sweep_table_says_when_a_grid_is_not_finished(lb, tmp_path):
+    path = tmp_path / "sweep.md"
+    lb.write_sweep_table(path, ["lora", "full"], {"lora": {5e-4: 0.79}, "full": {5e-5: 0.82, 1e-4: 0.81}})
+    rows = path.read_text().splitlines()
+    assert "| lora | 0.0005: 79.00, 0.001: - | 0.0005 (sweep not finished) |" in rows
+    assert "| full | 3e-05: -, 5e-05: 82.00, 0.0001: 81.00 | 5e-05 (sweep not finished) |" in rows  # below: to run
