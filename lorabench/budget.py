@@ -12,10 +12,9 @@ size grows with the knob and checks it: integers by doubling then bisection, flo
 density) by bisection to ``FLOAT_TOL``. Ranks are capped at the largest ``min(d_out, d_in)`` of the
 targeted weights (a larger rank adds nothing; the smallest for adapters that declare
 ``rank_at_most_every_target``, whose rank may not exceed any target's), LISA's layer count at the
-model's layers. A component
-whose knob also has shape constraints defines ``size_is_valid(model, params, ctx)``: the integer
-search then steps down from its answer to the largest valid value (Bone's block size must divide
-every target's d_in and d_out).
+model's layers. A component whose knob also has shape constraints defines ``size_is_valid(model,
+params, ctx)``: the integer search then steps down from its answer to the largest valid value
+(Bone's block size must divide every target's d_in and d_out).
 
 The training loop calls, before ``apply_method`` (on the loaded base model, or one built on the
 meta device):
