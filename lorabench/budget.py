@@ -40,7 +40,7 @@ from typing import Any, Callable
 from torch import nn
 
 from lorabench.errors import ConfigError
-from lorabench.methods.base import MethodContext, target_linear_weights
+from lorabench.methods.base import MethodContext, rank_limit, target_linear_weights
 from lorabench.methods.build import expected_trainable
 from lorabench.methods.spec import MethodSpec
 
@@ -185,10 +185,10 @@ def _cap(base_model: nn.Module, spec: MethodSpec, ctx: MethodContext, axis: str,
         dims = [min(w.shape) for _, w in target_linear_weights(base_model, ctx.target_modules)]
         if not dims:
             return INT_LIMIT
-        # SVD-based adapters (rank_at_most_every_target) need r <= min(d_out, d_in) of every target; others
-        # may exceed a small target's (e.g. LoRA on GQA's narrow v_proj), so their cap is the largest
-        bounded = any(getattr(c, "rank_at_most_every_target", False) for c in spec.components.values())
-        return min(dims) if bounded else max(dims)
+        # SVD-based components (rank_at_most_every_target) need r <= min(d_out, d_in) of every target (LoRA-GA:
+        # 2r); others may exceed a small target's (e.g. LoRA on GQA's narrow v_proj), so their cap is the largest
+        limit = rank_limit(base_model, spec.components.values(), ctx.target_modules)
+        return max(dims) if limit is None else limit[0]
     return INT_LIMIT
 
 

@@ -109,32 +109,47 @@ def test_bone_budget_steps_down_to_a_block_size_that_divides_every_target(sst2_d
     assert result["value"] == 4 and result["predicted"] < budget and not result["capped"]
 
 
-RANK_KNOB_PRESETS = [
-    "lora",
-    "corda",
-    "pissa",
-    "olora",
-    "soma",
-    "lora_xs",
-    "svfit",
-    "loldu",
-    "lora_sb",
-    "nlora",
-    "lamda",
-    "vera",
-    "slora",
-]
+# preset -> the cap on tiny_llama (q_proj 32 x 32, GQA v_proj 16 x 32): LoRA and the adapters that may exceed a
+# small target take the largest target's 32; SVD-based ones the smallest's 16; LoRA-GA 8 (2r gradient singular vectors)
+RANK_KNOB_PRESETS = {
+    "lora": 32,
+    "vera": 32,
+    "slora": 32,
+    "corda": 16,
+    "pissa": 16,
+    "olora": 16,
+    "soma": 16,
+    "lora_xs": 16,
+    "svfit": 16,
+    "loldu": 16,
+    "lora_sb": 16,
+    "nlora": 16,
+    "lamda": 16,
+    "lora_ga": 8,
+}
 
 
-@pytest.mark.parametrize("preset", RANK_KNOB_PRESETS)
-def test_an_unreachable_budget_caps_at_a_rank_every_target_accepts(preset, sst2_dir, tmp_path):
+@pytest.mark.parametrize("preset, cap", RANK_KNOB_PRESETS.items())
+def test_an_unreachable_budget_caps_at_a_rank_every_target_accepts(preset, cap, sst2_dir, tmp_path):
     """tiny_llama's targets differ in size (q_proj 32 x 32, GQA v_proj 16 x 32, like SmolLM2's 576 vs
     192): a budget no rank can reach must cap at a rank the method applies with (16 for the SVD-based
     adapters, whose rank may not exceed any target's; 32 for LoRA), not fail at apply time."""
     _, spec, loaded, _, ctx = build(preset, sst2_dir, tmp_path, "model=tiny_llama")
     result = solve_budget(loaded.model, spec, ctx, trainable_params=10**9)
-    bounded = any(getattr(c, "rank_at_most_every_target", False) for c in spec.components.values())
-    assert result["capped"] and result["value"] == (16 if bounded else 32), result
+    assert result["capped"] and result["value"] == cap, result
     _, spec2, loaded2, _, ctx2 = build(preset, sst2_dir, tmp_path, "model=tiny_llama", *_overrides(result))
     apply_method(loaded2.model, spec2, ctx2)  # raised "method.rank=32 exceeds min(d_out, d_in)=16" (corda:
-    # peft's "rank mismatch: 16 vs. 32") before the cap knew
+    # peft's "rank mismatch: 16 vs. 32"; lora_ga: "shapes cannot be multiplied (32x0 and 32x32)") before the cap knew
+
+
+@pytest.mark.parametrize("preset, most", [("lora_ga", 8), ("pissa", 16)])
+def test_a_rank_an_svd_based_init_cannot_take_is_a_config_error_before_calibration(preset, most, sst2_dir, tmp_path):
+    """A rank above what every target gives (LoRA-GA needs 2r singular vectors of each gradient) is named
+    with the valid range before any calibration pass, not a shape mismatch inside peft."""
+    _, spec, loaded, _, ctx = build(preset, sst2_dir, tmp_path, "model=tiny_llama", f"method.rank={most + 1}")
+    ctx.calibration_batches = lambda: pytest.fail("calibration ran before the rank check")
+    expected = rf"method.rank={most + 1} is too large.*valid choices are 1\.\.{most}.*v_proj"
+    with pytest.raises(ConfigError, match=expected):
+        apply_method(loaded.model, spec, ctx)
+    _, spec, loaded, _, ctx = build(preset, sst2_dir, tmp_path, "model=tiny_llama", f"method.rank={most}")
+    apply_method(loaded.model, spec, ctx)  # the largest valid rank applies

@@ -131,6 +131,20 @@ def target_linear_weights(model: nn.Module, targets: list[str]) -> list[tuple[st
     return found
 
 
+def rank_limit(model: nn.Module, components, targets: list[str]) -> tuple[int, str, tuple[int, ...]] | None:
+    """The largest rank every target accepts when a component declares ``rank_at_most_every_target``
+    (its factors are singular vectors of each target's W or gradient, so r <= min(d_out, d_in) / k,
+    with k = the component's ``singular_vectors_per_rank``, 2 for LoRA-GA's 2r), with the name and shape
+    of the target that sets it; None when no component is bounded or nothing is targeted."""
+    bounded = [c for c in components if getattr(c, "rank_at_most_every_target", False)]
+    weights = target_linear_weights(model, targets)
+    if not bounded or not weights:
+        return None
+    per_rank = max(getattr(c, "singular_vectors_per_rank", 1) for c in bounded)
+    name, weight = min(weights, key=lambda item: min(item[1].shape))
+    return min(weight.shape) // per_rank, name, tuple(weight.shape)
+
+
 HEAD_MODULES = ("classifier", "score")
 
 

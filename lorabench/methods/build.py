@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorabench.methods.base import MethodContext
+from lorabench.errors import ConfigError
+from lorabench.methods.base import MethodContext, rank_limit
 from lorabench.methods.spec import MethodSpec
 
 
@@ -22,8 +23,23 @@ class BuiltMethod:
     procedure: Any | None  # a Procedure instance, or None
 
 
+def check_rank_fits(model: nn.Module, spec: MethodSpec, ctx: MethodContext) -> None:
+    """Before any calibration pass: a rank the SVD-based components cannot take on some target is a
+    ConfigError naming the target and the valid range (peft would fail later with a shape mismatch)."""
+    rank = getattr(spec.params.get("adapter"), "rank", None)
+    limit = rank_limit(model, spec.components.values(), ctx.target_modules)
+    if rank is None or limit is None or rank <= limit[0]:
+        return
+    most, name, shape = limit
+    raise ConfigError(
+        f"method.rank={rank} is too large for method {spec.label!r} on this model: valid choices are 1..{most} "
+        f"(its factors are singular vectors of every target weight or gradient; the smallest, {name}, is {shape})"
+    )
+
+
 def apply_method(model: nn.Module, spec: MethodSpec, ctx: MethodContext) -> BuiltMethod:
     init, adapter = spec.components.get("init"), spec.components.get("adapter")
+    check_rank_fits(model, spec, ctx)
     if init:
         init.before_adapter(model, spec.params["init"], ctx)
     if adapter:

@@ -63,6 +63,8 @@ class LoraGaInit(Initializer):
     paper = "Wang et al., 2024, arXiv:2407.05000"
     backed_by = "peft"
     requires_adapter = ("lora",)
+    rank_at_most_every_target = True  # A0, B0 take 2r singular vectors of each target's gradient:
+    singular_vectors_per_rank = 2  # 2r <= min(d_out, d_in) (budget cap, check before calibration)
 
     def _config(self, params: LoraGaParams) -> LoraGAConfig:
         return LoraGAConfig(direction=params.direction, scale=params.scale, stable_gamma=params.stable_gamma)
