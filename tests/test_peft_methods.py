@@ -143,6 +143,16 @@ def test_data_driven_init_leaves_the_model_output_unchanged(method, sst2_dir: Pa
         assert len(pattern) == 4 and sum(pattern.values()) == 4 * 8  # the budget L * r is kept
 
 
+def test_eva_refuses_calibration_batches_too_small_for_its_svd(sst2_dir: Path, tmp_path: Path):
+    """peft cycles the batches until the SVD converges and skips any with fewer tokens than rho * r
+    components: with none large enough it never returned (rank 32 on the 2 x 2-sentence fixture)."""
+    _, spec, loaded, _, ctx = build("eva", sst2_dir, tmp_path, "method.rank=32", "hardware.micro_batch_size=2")
+    tokens = max(int(b["attention_mask"].sum()) for b in ctx.calibration_batches())
+    assert tokens < 64
+    with pytest.raises(ConfigError, match=rf"at least rho \* r = 64 tokens.*method.rank=32.*has {tokens}\b"):
+        apply_method(loaded.model, spec, ctx)
+
+
 def test_lora_ga_init_is_driven_by_the_gradient(sst2_dir: Path, tmp_path: Path):
     """LoRA-GA's A must span the top right-singular vectors of the averaged gradient, not be random."""
     _, spec, loaded, _, ctx = build("lora_ga", sst2_dir, tmp_path)

@@ -73,10 +73,25 @@ class EvaInit(Initializer):
         batches = list(ctx.calibration_batches())
         if not batches:
             raise ValueError("EVA needs calibration batches (train.init_batches > 0)")
+        check_enough_tokens(batches, model.peft_config["default"], params)
         initialize_lora_eva_weights(
             model, dataloader=batches, prepare_model_inputs_fn=_model_inputs, show_progress_bar=False
         )
         ctx.extras["rank_pattern"] = layer_ranks(model, ctx.target_modules)
+
+
+def check_enough_tokens(batches: list[dict], peft_config, params: EvaParams) -> None:
+    """peft's incremental SVD skips a batch with fewer SVD tokens (after masking) than the rho * r
+    components it keeps, and cycles the batches until every layer converges: with no batch large
+    enough it would loop forever, so that is a ConfigError."""
+    need = round(peft_config.r * params.rho)
+    counts = [len(_model_inputs(batch, peft_config)) for batch in batches]
+    if max(counts) < need:
+        raise ConfigError(
+            f"EVA needs a calibration batch with at least rho * r = {need} tokens (method.rho={params.rho}, "
+            f"method.rank={peft_config.r}); the largest of the {len(batches)} has {max(counts)}: lower method.rank "
+            f"or method.rho, or raise hardware.micro_batch_size"
+        )
 
 
 def layer_ranks(model: nn.Module, targets: list[str]) -> dict[str, int]:
