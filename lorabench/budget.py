@@ -11,10 +11,13 @@ that take the same value, e.g. NOLA's ``("num_basis_a", "num_basis_b")``). The s
 size grows with the knob and checks it: integers by doubling then bisection, floats (FRUGAL's
 density) by bisection to ``FLOAT_TOL``. Ranks are capped at the largest ``min(d_out, d_in)`` of the
 targeted weights (a larger rank adds nothing; the smallest for adapters that declare
-``rank_at_most_every_target``, whose rank may not exceed any target's), LISA's layer count at the
-model's layers. A component whose knob also has shape constraints defines ``size_is_valid(model,
-params, ctx)``: the integer search then steps down from its answer to the largest valid value
-(Bone's block size must divide every target's d_in and d_out).
+``rank_at_most_every_target``, whose rank may not exceed any target's; half of it for LoRA-GA),
+LISA's layer count at the model's layers. A knob with another natural limit has
+``size_limit(shapes, params)``, the largest value that still adds something on targets of those
+(d_out, d_in) shapes (SALT's residual rank, NOLA's basis count), so an unreachable budget caps
+instead of asking for millions. A component whose knob also has shape constraints defines
+``size_is_valid(model, params, ctx)``: the integer search then steps down from its answer to the
+largest valid value (Bone's block size must divide every target's d_in and d_out).
 
 The training loop calls, before ``apply_method`` (on the loaded base model, or one built on the
 meta device):
@@ -177,6 +180,10 @@ def optimizer_state_bytes(base_model: nn.Module, spec: MethodSpec, ctx: MethodCo
 
 # -- the search ---------------------------------------------------------------------------------------
 def _cap(base_model: nn.Module, spec: MethodSpec, ctx: MethodContext, axis: str, fields: tuple[str, ...]) -> int:
+    size_limit = getattr(spec.components[axis], "size_limit", None)
+    if size_limit is not None:
+        shapes = [tuple(w.shape) for _, w in target_linear_weights(base_model, ctx.target_modules)]
+        return size_limit(shapes, spec.params[axis]) if shapes else INT_LIMIT
     if fields == ("lisa_activated_layers",):
         from lorabench.methods.procedures.lisa import transformer_layers
 

@@ -110,7 +110,8 @@ def test_bone_budget_steps_down_to_a_block_size_that_divides_every_target(sst2_d
 
 
 # preset -> the cap on tiny_llama (q_proj 32 x 32, GQA v_proj 16 x 32): LoRA and the adapters that may exceed a
-# small target take the largest target's 32; SVD-based ones the smallest's 16; LoRA-GA 8 (2r gradient singular vectors)
+# small target take the largest target's 32; SVD-based ones the smallest's 16; LoRA-GA 8 (2r gradient singular vectors);
+# knobs other than a rank their size_limit
 RANK_KNOB_PRESETS = {
     "lora": 32,
     "vera": 32,
@@ -126,6 +127,8 @@ RANK_KNOB_PRESETS = {
     "nlora": 16,
     "lamda": 16,
     "lora_ga": 8,
+    "salt": 24,  # lora_rank q <= k - r = 32 - 8 of the largest target
+    "nola": 256,  # num_basis = r * d = 8 * 32 bases span every A, B of the widest target
 }
 
 

@@ -269,5 +269,10 @@ class NolaAdapter(OwnAdapter):
         ctx.extras["nola_coef_storage_bytes"] = sum(m.coef_storage_bytes() for m in layers)
         return model
 
+    def size_limit(self, shapes: list[tuple[int, int]], params: NolaParams) -> int:
+        """Budget cap: r * d random bases span every r x d_in A (d_out x r B) of the widest target; more add
+        nothing but memory (the bases hold k r d values per layer)."""
+        return params.rank * max(max(shape) for shape in shapes)
+
     def layer_trainable(self, d_out: int, d_in: int, params: NolaParams) -> int:
         return params.num_basis_a + params.num_basis_b

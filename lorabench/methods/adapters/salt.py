@@ -83,5 +83,9 @@ class SaltAdapter(OwnAdapter):
         check_rank(params.rank, linear.out_features, linear.in_features, name)
         return SaltLayer(linear, params.rank, params.lora_rank, seeded_generator(ctx.seed, name))
 
+    def size_limit(self, shapes: list[tuple[int, int]], params: SaltParams) -> int:
+        """Budget cap: X Y updates the (k - r) x (k - r) block of the largest target, so q <= k - r."""
+        return max(max(min(shape) - params.rank for shape in shapes), 1)
+
     def layer_trainable(self, d_out: int, d_in: int, params: SaltParams) -> int:
         return 2 * params.rank + 2 * params.lora_rank * (min(d_out, d_in) - params.rank)
