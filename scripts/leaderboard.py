@@ -532,6 +532,7 @@ def main() -> int:
             failures += run_all(tasks, args.jobs)
     if args.stage in ("ranks", "all") and track.rank_curve:
         found = results(["dylora", "lora"])
+        retire_other_rates(out / "ranks", {m: pick_lr(p) for m, p in found.items()}, out / "superseded")
         tasks = []
         for seed in args.seeds:
             if "dylora" in found:
@@ -570,14 +571,31 @@ def retire_superseded(folder: Path, expected_id, superseded: Path) -> list[str]:
     the method is not managed here, its runs stay). A run of a managed method with another id ran at
     a learning rate the grown sweep replaced, or with a setting the protocol changed; moving it keeps
     such runs out of the tables without deleting any record. Returns the moved run ids."""
+
+    def replaced(record: dict) -> bool:
+        wanted = expected_id(record["config"]["method"]["label"], record["config"]["seed"])
+        return wanted is not None and record["run_id"] != wanted
+
+    return _move_runs(folder, replaced, superseded)
+
+
+def retire_other_rates(folder: Path, picks: dict[str, float], superseded: Path) -> list[str]:
+    """Like ``retire_superseded`` for folders with several runs per method and seed (the rank
+    comparison): a run of a method in ``picks`` at another learning rate is moved."""
+
+    def replaced(record: dict) -> bool:
+        label = record["config"]["method"]["label"]
+        return label in picks and record["config"]["train"]["lr"] != picks[label]
+
+    return _move_runs(folder, replaced, superseded)
+
+
+def _move_runs(folder: Path, replaced, superseded: Path) -> list[str]:
     from lorabench.results.record import iter_records
 
     moved = []
     for path, record, _ in list(iter_records(folder)):
-        if record is None:
-            continue
-        wanted = expected_id(record["config"]["method"]["label"], record["config"]["seed"])
-        if wanted is not None and record["run_id"] != wanted:
+        if record is not None and replaced(record):
             target = superseded / folder.name / path.parent.name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(path.parent), str(target))

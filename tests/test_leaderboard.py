@@ -174,6 +174,17 @@ def test_runs_at_a_superseded_rate_are_moved_not_deleted(lb, tmp_path):
     assert sorted(p.name for p in records.iterdir()) == sorted([new["run_id"], other["run_id"], stray["run_id"]])
 
 
+def test_rank_runs_at_a_replaced_rate_are_moved(lb, tmp_path):
+    ranks, superseded = tmp_path / "ranks", tmp_path / "superseded"
+    old = [fake_record(ranks, "lora", 5e-4, seed, 0.78) for seed in (0, 1)]
+    new = fake_record(ranks, "lora", 2e-3, 0, 0.83)
+    other = fake_record(ranks, "dylora", 5e-4, 0, 0.78)  # not in picks: stays
+    moved = lb.retire_other_rates(ranks, {"lora": 2e-3}, superseded)
+    assert sorted(moved) == sorted(r["run_id"] for r in old)
+    assert all((superseded / "ranks" / r["run_id"] / RECORD_NAME).is_file() for r in old)
+    assert sorted(p.name for p in ranks.iterdir()) == sorted([new["run_id"], other["run_id"]])
+
+
 def test_optimizer_state_budget_covers_exactly_the_sizable_full_weight_optimizers(lb):
     from lorabench.cli import CONF_DIR
     from lorabench.methods.catalog import load_presets
