@@ -180,22 +180,21 @@ def optimizer_state_bytes(base_model: nn.Module, spec: MethodSpec, ctx: MethodCo
 
 # -- the search ---------------------------------------------------------------------------------------
 def _cap(base_model: nn.Module, spec: MethodSpec, ctx: MethodContext, axis: str, fields: tuple[str, ...]) -> int:
-    size_limit = getattr(spec.components[axis], "size_limit", None)
-    if size_limit is not None:
-        shapes = [tuple(w.shape) for _, w in target_linear_weights(base_model, ctx.target_modules)]
-        return size_limit(shapes, spec.params[axis]) if shapes else INT_LIMIT
     if fields == ("lisa_activated_layers",):
         from lorabench.methods.procedures.lisa import transformer_layers
 
         return len(transformer_layers(base_model)[1])
+    shapes = [tuple(w.shape) for _, w in target_linear_weights(base_model, ctx.target_modules)]
+    if not shapes:
+        return INT_LIMIT
+    size_limit = getattr(spec.components[axis], "size_limit", None)
+    if size_limit is not None:
+        return size_limit(shapes, spec.params[axis])
     if "rank" in fields:
-        dims = [min(w.shape) for _, w in target_linear_weights(base_model, ctx.target_modules)]
-        if not dims:
-            return INT_LIMIT
         # SVD-based components (rank_at_most_every_target) need r <= min(d_out, d_in) of every target (LoRA-GA:
         # 2r); others may exceed a small target's (e.g. LoRA on GQA's narrow v_proj), so their cap is the largest
         limit = rank_limit(base_model, spec.components.values(), ctx.target_modules)
-        return max(dims) if limit is None else limit[0]
+        return max(min(shape) for shape in shapes) if limit is None else limit[0]
     return INT_LIMIT
 
 
