@@ -341,11 +341,21 @@ def reproduce_command(argv: list[str]) -> int:
 
 
 def methods_command(argv: list[str]) -> int:
-    from lorabench.methods.catalog import method_rows
+    from lorabench.methods.catalog import fidelity_rows, method_rows
 
-    argparse.ArgumentParser(prog="lorabench methods", description="Registered method presets.").parse_args(argv)
-    rows = method_rows(CONF_DIR / "method")
-    header = ("preset", "family", "backed by", "size knob (budget)", "components", "paper")
+    parser = argparse.ArgumentParser(prog="lorabench methods", description="Registered method presets.")
+    parser.add_argument(
+        "--fidelity",
+        action="store_true",
+        help="one row per component: agreement with the authors' code (status, reference, tolerance, deviations)",
+    )
+    args = parser.parse_args(argv)
+    if args.fidelity:
+        rows = fidelity_rows(CONF_DIR / "method")
+        header = ("preset", "component", "status", "reference", "tolerance", "deviations / unchecked")
+    else:
+        rows = method_rows(CONF_DIR / "method")
+        header = ("preset", "family", "backed by", "size knob (budget)", "components", "paper")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
@@ -366,7 +376,8 @@ commands:
   train      run one experiment, or a sweep with -m (Hydra overrides: method=galore dataset=sst2 ...)
              `lorabench train --help` lists the config groups and options; sweep presets: +sweep=seeds
   table      comparison table of the run records (md, csv, latex or html; --group-by, --vs-paper)
-  methods    registered method presets: family, backing library, paper
+  methods    registered method presets: family, backing library, paper (--fidelity: agreement with
+             the authors' code per component)
   plot       Pareto fronts (metric vs memory/params/...), loss and eval curves, rank curves (PNG, SVG)
   report     one static offline HTML page with the tables and plots of a results folder
   reproduce  run a paper recipe (recipes/<name>/recipe.yaml) and print ours beside theirs

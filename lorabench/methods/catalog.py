@@ -29,3 +29,19 @@ def method_rows(method_dir: Path) -> list[tuple[str, ...]]:
         parts = "+".join(f"{axis}:{n}" for axis, n in spec.names.items() if n != "none")
         rows.append((name, spec.family, spec.backed_by(), describe_knob(spec), parts, spec.paper))
     return rows
+
+
+def fidelity_rows(method_dir: Path) -> list[tuple[str, ...]]:
+    """One row per (preset, component): status, reference, tolerance and deviations."""
+    rows = []
+    for name, raw in load_presets(method_dir).items():
+        try:
+            spec = resolve_method(raw)
+        except ConfigError as exc:
+            rows.append((name, "-", "unavailable", "-", "", f"unavailable here: {exc}"))
+            continue
+        for axis, entry in spec.fidelity().items():
+            notes = "; ".join([*entry["deviations"], *(f"unchecked: {u}" for u in entry["unchecked"])])
+            component = f"{axis}:{spec.names[axis]}"
+            rows.append((name, component, entry["status"], entry["reference"], entry["tolerance"], notes))
+    return rows

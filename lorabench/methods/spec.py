@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lorabench.errors import ConfigError
+from lorabench.methods.fidelity import fidelity_of
 from lorabench.registry import ADAPTERS, INITIALIZERS, OPTIMIZERS, PROCEDURES, Registry
 
 # label: what tables show; family: how `lorabench methods` groups it; lr overrides train.lr;
@@ -48,7 +49,12 @@ class MethodSpec:
             **self.names,
             "backed_by": self.backed_by(),
             "params": {axis: OmegaConf.to_container(OmegaConf.structured(p)) for axis, p in self.params.items()},
+            "fidelity": self.fidelity(),
         }
+
+    def fidelity(self) -> dict[str, dict]:
+        """axis -> the component's fidelity entry (lorabench/methods/fidelity.py)."""
+        return {axis: fidelity_of(comp).describe() for axis, comp in self.components.items()}
 
     def backed_by(self) -> str:
         backends = sorted({c.backed_by for c in self.components.values()} - {"torch"})

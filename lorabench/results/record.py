@@ -36,7 +36,15 @@ def now() -> str:
 
 
 def config_hash(config: dict) -> str:
+    """sha256 of the science-relevant config; for a run config (one with ``method``) also of the
+    revisions of its components that were revised (lorabench/methods/fidelity.py)."""
     science = {k: v for k, v in config.items() if k not in NON_SCIENCE_KEYS}
+    if isinstance(config.get("method"), dict):
+        from lorabench.methods.fidelity import component_revisions
+
+        revisions = component_revisions(config["method"])
+        if revisions:
+            science["component_revisions"] = revisions
     blob = json.dumps(science, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()
 

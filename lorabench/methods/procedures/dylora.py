@@ -18,6 +18,7 @@ from torch import nn
 
 from lorabench.methods.adapters.dylora import DyLoraLayer
 from lorabench.methods.base import MethodContext, Procedure
+from lorabench.methods.fidelity import Fidelity
 from lorabench.registry import PROCEDURES
 
 
@@ -31,6 +32,15 @@ class DyLoraSamplingParams:
 class DyLoraSampling(Procedure):
     Params = DyLoraSamplingParams
     paper = "Valipour et al., 2023, arXiv:2210.07558"
+    fidelity = Fidelity(
+        reference="huawei-noah/Efficient-NLP DyLoRA (a patch over microsoft/LoRA loralib)",
+        status="unchecked",
+        unchecked=(
+            "no parity fixture produced by the authors' code yet",
+            "the authors' GLUE script trains in frozen mode (ours defaults to frozen: false), and our frozen "
+            "mode zeroes gradients while Adam momentum still moves lower ranks",
+        ),
+    )
     requires_adapter = ("dylora",)
 
     def setup(

@@ -66,6 +66,7 @@ from lorabench.config import check_positive
 from lorabench.errors import ConfigError
 from lorabench.methods.adapters.increlora import IncreLoraLayer
 from lorabench.methods.base import MethodContext, Procedure
+from lorabench.methods.fidelity import Fidelity
 from lorabench.registry import PROCEDURES
 
 GLOBAL = -1  # warm-up start of a component that follows the run's own schedule
@@ -110,6 +111,15 @@ class IncreLoraAllocParams:
 class IncreLoraAllocator(Procedure):
     Params = IncreLoraAllocParams
     paper = "Zhang et al., 2023, arXiv:2308.12043"
+    fidelity = Fidelity(
+        reference="FeiyuZhang98/IncreLoRA",
+        status="unchecked",
+        unchecked=(
+            "no parity fixture produced by the authors' code yet",
+            "the authors add 4 components to each of 6 modules per round and scale by alpha / current rank; "
+            "ours adds one component to one module per round and scales by alpha / r_max",
+        ),
+    )
     requires_adapter = ("increlora",)
 
     def setup(

@@ -27,6 +27,7 @@ from torch import nn
 from lorabench.errors import ConfigError
 from lorabench.methods.adapters.lamda import LamdaLayer
 from lorabench.methods.base import MethodContext, Procedure
+from lorabench.methods.fidelity import Fidelity
 from lorabench.registry import PROCEDURES
 
 
@@ -47,6 +48,14 @@ class LamdaFreezeParams:
 class LamdaFreeze(Procedure):
     Params = LamdaFreezeParams
     paper = "Azizi et al., 2024, arXiv:2406.12832"
+    fidelity = Fidelity(
+        reference="ArminAzizi98/LaMDA",
+        status="unchecked",
+        unchecked=(
+            "no parity fixture produced by the authors' code yet",
+            "the authors freeze at most 3 PMB columns over a run; ours freezes all of PMB by 10% of training",
+        ),
+    )
     requires_adapter = ("lamda",)
 
     def setup(

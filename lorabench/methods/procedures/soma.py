@@ -34,6 +34,7 @@ from torch import nn
 from lorabench.config import check_positive
 from lorabench.errors import ConfigError
 from lorabench.methods.base import MethodContext, Procedure
+from lorabench.methods.fidelity import Fidelity
 from lorabench.methods.procedures.lisa import transformer_layers
 from lorabench.registry import PROCEDURES
 
@@ -63,6 +64,11 @@ def cosine_weight_decay(t: int, total: int, start: float, end: float) -> float:
 class SomaWeightDecay(Procedure):
     Params = SomaWdParams
     paper = "Yun et al., 2025, arXiv:2412.04077"
+    fidelity = Fidelity(
+        reference="ysj9909/SoMA configs/sora/*.py (the schedule read from the authors' configs, not run)",
+        status="unchecked",
+        unchecked=("no parity fixture produced by the authors' code yet",),
+    )
     backed_by = "lorabench"
 
     def setup(

@@ -21,6 +21,7 @@ from lorabench.config import check_positive
 from lorabench.errors import ConfigError
 from lorabench.methods.adapters.sora import SoraLayer
 from lorabench.methods.base import MethodContext, Procedure
+from lorabench.methods.fidelity import Fidelity
 from lorabench.registry import PROCEDURES
 
 
@@ -47,6 +48,14 @@ def soft_threshold_(g: torch.Tensor, tau: float) -> None:
 class SoraProximal(Procedure):
     Params = SoraProximalParams
     paper = "Ding et al., 2023, arXiv:2311.11696"
+    fidelity = Fidelity(
+        reference="TsinghuaC3I/SoRA",
+        status="unchecked",
+        unchecked=(
+            "no parity fixture produced by the authors' code yet",
+            "the authors' trainer also adds an L1 term (lambda = 10) to the loss; ours applies only the proximal step",
+        ),
+    )
     requires_adapter = ("sora",)
 
     def setup(
