@@ -65,8 +65,12 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+def trainable_tensors(model: torch.nn.Module, every_parameter: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint keeps: those that train now, or every parameter when the trainable
+    set moves during the run (LISA, BAdam: layers trained earlier are frozen at save time)."""
+    return {
+        n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if every_parameter or p.requires_grad
+    }
 
 
 def save_checkpoint(
@@ -84,7 +88,8 @@ def save_checkpoint(
     target = root / f"step_{step}"
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
-        save_file(trainable_tensors(unwrapped), str(staging / "trainable.safetensors"))
+        every_parameter = bool(getattr(procedure, "moves_trainable_set", False))
+        save_file(trainable_tensors(unwrapped, every_parameter), str(staging / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), staging / "optimizer.pt")
         (staging / "scheduler.json").write_text(json.dumps(scheduler.state_dict(), default=str))
         if procedure is not None:

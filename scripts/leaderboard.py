@@ -86,12 +86,14 @@ PROTOCOL = [
     "progress=false",
 ]
 GALORE_FINETUNING = ["method.scale=4", "method.update_proj_gap=500"]
-# BAdam's preset switches block every 50 steps (the authors' K for runs of thousands of steps); 250 steps
-# would then visit only 5 of its 8 blocks (embeddings, 6 layers, the rest with the head) and never train
-# the classifier head. K = 31 makes one ascending pass over all 8 blocks.
+# BAdam's preset switches block every 50 steps (the authors' K for runs of thousands of steps); its blocks
+# are minilm_l6's 6 layers (the pooler and head train at every step, the embeddings stay frozen) and the
+# first visit lasts K - 1 steps, so K = 50 would give the last layer 1 of the 250 steps. K = 42 makes one
+# ascending pass: 41, 42, 42, 42, 42 and 41 steps.
 METHOD_OVERRIDES = {
-    **{name: GALORE_FINETUNING for name in ("galore", "galore_torch", "q_galore", "dct_adamw")},
-    "badam": ["method.switch_every=31"],
+    **{name: GALORE_FINETUNING for name in ("galore", "galore_torch", "q_galore")},
+    # dct_adamw has no scale and its preset is the authors' DCTAdamW defaults (columns re-chosen every step)
+    "badam": ["method.switch_every=42"],
 }
 # Learning-rate starting point per method; methods not listed use DEFAULT_LR (LoRA-family adapters).
 DEFAULT_LR = 5e-4
@@ -194,8 +196,8 @@ TRACK_B_START = {
     **dict.fromkeys(("ffa_lora", "increlora", "inttune", "loldu", "lorafa"), 2e-2),
     "svfit": 1e-1,
 }
-# BAdam visits its 32 blocks (30 decoder layers, the embeddings, the rest) once in Track B's 40
-# steps, as K = 31 does over minilm_l6's 8 blocks in Track A's 250 steps.
+# BAdam's blocks on smollm2_135m are its 30 decoder layers (a causal LM keeps its embeddings, final norm
+# and LM head frozen, as the authors' default): K = 1 visits each once in Track B's first 30 steps.
 METHOD_OVERRIDES_B = {**METHOD_OVERRIDES, "badam": ["method.switch_every=1"]}
 NOT_IN_TRACK_B = {
     "qlora": "4-bit base weights need bitsandbytes' CUDA kernels",

@@ -1,5 +1,5 @@
 """The GaLore family (galore_family.py, projectors.py): parity with galore-torch and pip fira,
-the FRUGAL split, the DCT basis, analytic optimizer-state bytes, Q-GaLore's lazy refresh, and
+the FRUGAL split, the DCT basis, analytic optimizer-state bytes, and
 one-step hand computations of the Fira and FRUGAL update rules."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from lorabench.measure import optimizer_state_bytes
 from lorabench.methods.base import MethodContext
 from lorabench.methods.optimizers import galore_family as gf
 from lorabench.methods.optimizers import galore_torch
-from lorabench.methods.optimizers.projectors import dct_matrix, dequantize_rows, make_projector, quantize_rows
+from lorabench.methods.optimizers.dct_adamw import dct_matrix
+from lorabench.methods.optimizers.projectors import make_projector
 from lorabench.registry import OPTIMIZERS
 
 LR, WD = 1e-2, 0.01
@@ -134,15 +135,31 @@ def test_dct_basis_orthonormal_and_top_r():
     q = dct_matrix(12)
     assert torch.allclose(q.T @ q, torch.eye(12), atol=1e-5)
     ref = torch.tensor(scipy_fft.dct(torch.eye(12).numpy(), type=2, norm="ortho", axis=0)).float()
-    assert torch.allclose(q, ref.T, atol=1e-5)  # columns are the DCT-II basis vectors
-    for shape in [(20, 12), (12, 20)]:  # right side: columns of G; left side: rows
+    assert torch.allclose(q, ref, atol=1e-6)  # the DCT-II matrix itself; its columns are the candidates
+    for shape in [(20, 12), (12, 20), (12, 12)]:  # right side (m >= n, square too): G Q; left: Qᵀ G
         grad = torch.randn(shape, generator=torch.Generator().manual_seed(0))
         proj = make_projector("dct", shape, 4, 10)
+        assert proj.side == ("left" if shape[0] < shape[1] else "right")
         proj.refresh(grad, 0)
-        g = grad if shape[0] >= shape[1] else grad.T
-        scores = torch.stack([(g @ q[:, j]).norm() for j in range(12)])
+        g = grad if proj.side == "right" else grad.T
+        scores = torch.stack([(g @ q[:, j]).abs().sum() for j in range(12)])  # l1 norms
         assert set(proj.indices.tolist()) == set(scores.topk(4).indices.tolist())
         assert torch.allclose(proj.basis(), q[:, proj.indices].T)
+
+
+def test_dct_refresh_schedule_and_max_shape():
+    proj, grad, due = make_projector("dct", (20, 12), 4, 5), torch.randn(20, 12), []
+    for step in range(12):
+        if proj.due(step):
+            due.append(step)
+            proj.refresh(grad, step)
+    assert due == [0, 4, 9]  # 1-based steps 1, 5 and 10: the authors' ``steps == 1 or steps % gap == 0``
+    model = stack()
+    opt = build("dct_adamw", model, rank=4, max_shape=20)
+    run_same_grads([(model, opt)], steps=2)
+    assert "projector" not in opt.state[model[0].weight]  # 24x16: a dimension >= 20, full AdamW
+    assert opt.state[model[0].weight]["exp_avg"].shape == (24, 16)
+    assert opt.state[model[4].weight]["exp_avg"].shape == (4, 16)
 
 
 # (5) optimizer-state bytes against analytic formulas --------------------------------------------
@@ -168,11 +185,9 @@ def test_state_bytes_galore_fira():
     assert measured("fira", steps=2, rank=4) == galore + 4 * len(MATS)  # + one fp32 norm per matrix
 
 
-def test_state_bytes_dct_q_galore():
+def test_state_bytes_dct():  # Q-GaLore's: tests/test_q_galore.py
     dct = BIAS_BYTES + sum(moments(4, m, n) + 8 * 4 for m, n in MATS) + 4 * (16 * 16 + 10 * 10)
     assert measured("dct_adamw", rank=4) == dct  # the 16x16 DCT matrix is shared by two weights
-    q4 = BIAS_BYTES + sum(moments(4, m, n) + math.ceil(4 * min(m, n) / 2) + 4 * 4 for m, n in MATS)
-    assert measured("q_galore", rank=4) == q4
 
 
 @pytest.mark.parametrize("projector", ["svd", "randk"])
@@ -183,53 +198,7 @@ def test_state_bytes_frugal(projector):
     assert measured("frugal", projector=projector) == expected
 
 
-def test_int4_round_trip():
-    basis = torch.linalg.qr(torch.randn(30, 5))[0].T.contiguous()
-    codes, scale = quantize_rows(basis, 4)
-    assert codes.dtype == torch.uint8 and codes.numel() == 75 and scale.shape == (5, 1)
-    back = dequantize_rows(codes, scale, 4, basis.shape)
-    assert (back - basis).abs().max() <= scale.max() / 2 + 1e-7
-
-
-# (6) Q-GaLore's lazy refresh -------------------------------------------------------------------
-
-
-def lazy_refreshes(grads, threshold: float) -> int:
-    w = nn.Parameter(torch.zeros(16, 32))
-    opt = gf.GaLoreFamily(
-        [
-            {
-                "params": [w],
-                "projector": "svd",
-                "rank": 2,
-                "update_proj_gap": 1,
-                "bits": 4,
-                "lazy": {"cos_threshold": threshold, "patience": 2, "gap_growth": 2},
-            }
-        ],
-        lr=1e-3,
-    )
-    for g in grads:
-        w.grad = g
-        opt.step()
-    return opt.state[w]["projector"].refreshes
-
-
-def test_q_galore_lazy_refresh_skips_stable_layers():
-    gen = torch.Generator().manual_seed(0)
-    u, v = torch.randn(16, 1, generator=gen), torch.randn(1, 32, generator=gen)
-    stable = [u @ v * 10 + 0.01 * torch.randn(16, 32, generator=gen) for _ in range(30)]
-    noisy = [torch.randn(16, 32, generator=gen) for _ in range(30)]
-    assert lazy_refreshes(stable, 0.4) < 15  # 30 scheduled; the gap doubles after every 2 stable SVDs
-    assert lazy_refreshes(noisy, 0.999) == 30  # never stable: an SVD at every scheduled step
-
-
-# (7) one step by hand ---------------------------------------------------------------------------
-
-
-def adam_first(low: torch.Tensor, b1=0.9, b2=0.999, eps=1e-6) -> tuple[torch.Tensor, float]:
-    """Adam's normalised direction and step-size factor after one step (galore-torch's form)."""
-    return (1 - b1) * low / ((1 - b2) * low**2).sqrt().add(eps), math.sqrt(1 - b2) / (1 - b1)
+# (6) one step by hand ---------------------------------------------------------------------------
 
 
 def one_matrix(shape, seed=0):
@@ -238,11 +207,14 @@ def one_matrix(shape, seed=0):
     return model, model[0].weight
 
 
-@pytest.mark.parametrize("shape", [(8, 20), (20, 8)])
-def test_fira_update_by_hand(shape):
+@pytest.mark.parametrize("form", ["package", "exact"])
+@pytest.mark.parametrize("shape", [(8, 20), (20, 8), (12, 12)])
+def test_fira_update_by_hand(shape, form):
+    """package (the default, pip fira): S = G - scale·P R; exact (the paper): S = G - P R."""
     model, w = one_matrix(shape)
     w0 = w.detach().clone()
-    opt = build("fira", model, ctx(target_modules=["0"], weight_decay=0.0), rank=3, scale=0.5, gamma=1.01)
+    c = ctx(target_modules=["0"], weight_decay=0.0)
+    opt = build("fira", model, c, rank=3, scale=0.5, gamma=1.01, fira_residual=form)
     gen = torch.Generator().manual_seed(1)
     g1 = torch.randn(shape, generator=gen)
     g2 = 5 * torch.randn(shape, generator=gen)  # a much larger residual: the limiter must act
@@ -250,7 +222,7 @@ def test_fira_update_by_hand(shape):
         w.grad = g.clone()
         opt.step()
     u, _, vh = torch.linalg.svd(g1, full_matrices=False)
-    left = shape[0] < shape[1]
+    left = shape[0] < shape[1]  # square matrices project on the right, as galore-torch and fira
     P = u[:, :3] if left else vh[:3].T  # P: d x r, orthonormal columns
     proj = (lambda g: P.T @ g) if left else (lambda g: g @ P)
     back = (lambda r: P @ r) if left else (lambda r: r @ P.T)
@@ -262,7 +234,7 @@ def test_fira_update_by_hand(shape):
         N = m / (v.sqrt() + eps)
         axis = 0 if left else 1
         phi = N.norm(dim=axis, keepdim=True) / (R.norm(dim=axis, keepdim=True) + 1e-8)
-        S = (g - back(R)) * phi
+        S = (g - (0.5 if form == "package" else 1.0) * back(R)) * phi
         if prev is not None and S.norm() > 1.01 * prev:
             S = S * (1.01 * prev / S.norm())
         prev = S.norm()
@@ -273,27 +245,43 @@ def test_fira_update_by_hand(shape):
 
 @pytest.mark.parametrize("rule", ["sign_sgd", "sgd"])
 def test_frugal_update_by_hand(rule):
+    """FRUGAL's AdamW: W *= 1 - lr·wd first (the group's lr), then both parts at lr·proj_params_lr_scale;
+    after one step denom = sqrt(v)/sqrt(1-β2) + eps = |R| + eps and the step size is lr/(1-β1)."""
     model, w = one_matrix((8, 32))
     w0 = w.detach().clone()
     opt = build(
         "frugal",
         model,
-        ctx(target_modules=["0"], weight_decay=0.0),
+        ctx(target_modules=["0"], weight_decay=0.1),
         density=0.25,
         inactive_update_rule=rule,
         inactive_lr_scale=0.1,
+        proj_params_lr_scale=0.5,
     )
     g = torch.randn(8, 32, generator=torch.Generator().manual_seed(2))
     w.grad = g.clone()
     opt.step()
     P = torch.linalg.svd(g, full_matrices=False)[0][:, :2]  # d = 8, rank round(0.25 * 8) = 2
     R = P.T @ g
-    direction, factor = adam_first(R, eps=1e-8)
     S = g - P @ R
     free = S.sign() if rule == "sign_sgd" else S
-    w_hand = w0 - LR * factor * (P @ direction) - LR * 0.1 * free
+    w_hand = w0 * (1 - LR * 0.1) - LR * 0.5 * (P @ (R / (R.abs() + 1e-8))) - LR * 0.5 * 0.1 * free
     assert torch.allclose(w, w_hand, atol=1e-6, rtol=0)
     assert opt.state[w]["exp_avg"].shape == (2, 32)
+
+
+def test_frugal_resets_moments_on_refresh_and_square_weights_project_right():
+    model, w = one_matrix((12, 12))
+    opt = build("frugal", model, ctx(target_modules=["0"], weight_decay=0.0), density=0.25, update_gap=2)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):  # the subspace is refreshed before the third step
+        w.grad = torch.randn(12, 12, generator=gen)
+        opt.step()
+    state = opt.state[w]
+    assert state["projector"].side == "right" and state["exp_avg"].shape == (12, 3)
+    assert state["adam_step"] == 1  # restarted at the refresh
+    R = w.grad @ state["projector"].basis().T
+    assert torch.allclose(state["exp_avg"], 0.1 * R, atol=1e-7, rtol=0)
 
 
 def test_params_validate_with_clear_messages():
@@ -301,7 +289,5 @@ def test_params_validate_with_clear_messages():
         gf.FrugalParams(density=0)
     with pytest.raises(ConfigError, match="gamma=0.9"):
         gf.FiraParams(gamma=0.9)
-    with pytest.raises(ConfigError, match="proj_bits=3"):
-        gf.QGaLoreParams(proj_bits=3)
     with pytest.raises(ConfigError, match="projector='dct'"):
         gf.FrugalParams(projector="dct")

@@ -1,10 +1,11 @@
 """LISA and BAdam on a 4-layer random BERT: in every period exactly the intended parameters change,
-the schedule follows the seed / order, and the optimizer holds state for the active set only."""
+the schedule follows the seed / order, and the optimizer holds the state each reference keeps (LISA:
+every layer trained so far, moments kept across re-freezing; BAdam: the active set, reset at each
+switch)."""
 
 from __future__ import annotations
 
-import random
-
+import numpy as np
 import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
@@ -35,11 +36,11 @@ def _model():
     return BertForSequenceClassification(config)
 
 
-def _run(method: str, steps: int, seed: int = 0, **overrides):
+def _run(method: str, steps: int, seed: int = 0, head: str = "classification", **overrides):
     """Train ``steps`` steps as the loop does; returns the procedure, the optimizer, the model and
     the set of parameter names that changed in each period (periods start where the schedule says)."""
     spec = resolve_method({**PRESETS[method], **overrides})
-    ctx = MethodContext([], "classification", lr=1e-2, weight_decay=0.01, max_steps=steps, seed=seed)
+    ctx = MethodContext([], head, lr=1e-2, weight_decay=0.01, max_steps=steps, seed=seed)
     built = apply_method(_model(), spec, ctx)
     model, opt, proc = built.model, built.optimizer, built.procedure
     gen = torch.Generator().manual_seed(1)
@@ -69,6 +70,11 @@ def _non_layer_names(model) -> set[str]:
     return {n for n, _ in model.named_parameters() if not n.startswith(PREFIX)}
 
 
+def _named(model, names) -> list:
+    params = dict(model.named_parameters())
+    return [params[n] for n in sorted(names)]
+
+
 def _state_bytes_of(params) -> int:
     return sum(2 * p.numel() * 4 + 4 for p in params)  # exp_avg, exp_avg_sq, fp32 step scalar
 
@@ -80,17 +86,23 @@ def test_lisa_trains_embeddings_head_and_the_sampled_layers_only():
     K, gamma, steps = 2, 1, 7
     proc, opt, model, moved, spec, ctx, start = _run("lisa", steps, lisa_interval_steps=K, lisa_activated_layers=gamma)
     assert [p["start_step"] for p in proc.periods] == [0, 2, 4, 6]  # no switch after the last step
-    rng = random.Random(0)
-    expected_schedule = [sorted(rng.sample(range(LAYERS), gamma)) for _ in proc.periods]
+    rng = np.random.RandomState(0)  # LMFlow: np.random.choice on the generator the run's seed seeded
+    expected_schedule = [sorted(rng.choice(LAYERS, gamma, replace=False).tolist()) for _ in proc.periods]
     assert [p["layers"] for p in proc.periods] == expected_schedule
     for period, changed in zip(proc.periods, moved):
         assert changed == _non_layer_names(model) | _layer_names(model, period["layers"])
     union = {i for p in proc.periods for i in p["layers"]}
     assert set().union(*moved) == _non_layer_names(model) | _layer_names(model, union)
-    # after the last switch only the active set holds optimizer state
+    # re-frozen layers keep their Adam state (LMFlow leaves the optimizer alone): it covers every layer
+    # trained so far, and a layer's step count is the number of steps it trained
+    kept = _named(model, _non_layer_names(model) | _layer_names(model, union))
+    assert {id(p) for p in opt.state} == {id(p) for p in kept}
+    assert optimizer_state_bytes(opt) == _state_bytes_of(kept)
+    for i in union:
+        trained = sum(min(K, steps - p["start_step"]) for p in proc.periods if i in p["layers"])
+        for p in _named(model, _layer_names(model, [i])):
+            assert int(opt.state[p]["step"]) == trained
     active = [p for p in model.parameters() if p.requires_grad]
-    assert {id(p) for p in opt.state} == {id(p) for p in active}
-    assert optimizer_state_bytes(opt) == _state_bytes_of(active)
     assert sum(p.numel() for p in active) < sum(p.numel() for p in model.parameters())
     assert start == proc.expected_trainable(_model(), spec.params["procedure"], ctx)
     assert proc.state()["lisa_num_layers"] == LAYERS
@@ -106,53 +118,114 @@ def test_lisa_schedule_depends_on_the_seed():
 # ----------------------------------------------------------------------------- BAdam
 
 
-def _blocks(model) -> dict[str, set[str]]:
-    names = {n for n, _ in model.named_parameters()}
-    blocks = {"embeddings": {n for n in names if not n.startswith(PREFIX) and "embed" in n}}
-    blocks.update({f"bert.encoder.layer.{i}": _layer_names(model, [i]) for i in range(LAYERS)})
-    blocks["rest"] = {n for n in names if not n.startswith(PREFIX) and "embed" not in n}
-    return blocks
+def _embedding_names(model) -> set[str]:
+    return {n for n in _non_layer_names(model) if "embed" in n}
+
+
+def _head_names(model) -> set[str]:
+    """Pooler and classifier: the non-layer, non-embedding tensors (the authors' active_modules)."""
+    return _non_layer_names(model) - _embedding_names(model)
+
+
+def _layer_blocks(model) -> dict[str, set[str]]:
+    return {f"bert.encoder.layer.{i}": _layer_names(model, [i]) for i in range(LAYERS)}
+
+
+def _starts(K: int, steps: int) -> list[int]:
+    """The reference's switch points: after step g when (g + 1) % K == 0, so the first visit has K - 1 steps."""
+    return [0] + [g for g in range(1, steps) if (g + 1) % K == 0]
 
 
 @pytest.mark.parametrize("mode", ["ascending", "descending"])
-def test_badam_trains_one_block_per_period(mode):
-    K = 2
-    D = LAYERS + 2
-    proc, opt, model, moved, spec, ctx, start = _run("badam", K * D, switch_every=K, switch_mode=mode)
-    order = list(_blocks(model))
+def test_badam_trains_one_layer_per_period_and_the_head_always(mode):
+    K, steps = 3, 3 * LAYERS
+    proc, opt, model, moved, spec, ctx, start = _run("badam", steps, switch_every=K, switch_mode=mode)
+    order = list(_layer_blocks(model))
     if mode == "descending":
         order.reverse()
-    assert [p["block"] for p in proc.periods] == order
-    assert [p["start_step"] for p in proc.periods] == list(range(0, K * D, K))
-    blocks = _blocks(model)
+    starts = _starts(K, steps)
+    assert [p["start_step"] for p in proc.periods] == starts == [0, 2, 5, 8, 11]
+    assert [p["block"] for p in proc.periods] == [order[i % LAYERS] for i in range(len(starts))]
+    blocks = _layer_blocks(model)
     for period, changed in zip(proc.periods, moved):
-        assert changed == blocks[period["block"]]
+        assert changed == blocks[period["block"]] | _head_names(model)  # embeddings never train
+    # the state was reset at the last switch: the active block and the head, one step each
     active = [p for p in model.parameters() if p.requires_grad]
-    named = dict(model.named_parameters())
-    assert {id(p) for p in active} == {id(named[n]) for n in blocks[order[-1]]}
+    assert {id(p) for p in active} == {id(p) for p in _named(model, blocks[order[0]] | _head_names(model))}
     assert {id(p) for p in opt.state} == {id(p) for p in active}
+    assert {int(s["step"]) for s in opt.state.values()} == {steps - starts[-1]}
     assert optimizer_state_bytes(opt) == _state_bytes_of(active)
+    assert start == proc.expected_trainable(_model(), spec.params["procedure"], ctx)
+    assert proc.state()["badam_non_layer"] == "active"
+
+
+def test_badam_random_mode_draws_the_references_permutations():
+    proc, opt, model, moved, spec, ctx, start = _run("badam", 2 * LAYERS, seed=3, switch_every=1, switch_mode="random")
+    gen = torch.Generator().manual_seed(3)  # torch.randperm per block-epoch, taken from its end
+    expected = [i for _ in range(2) for i in reversed(torch.randperm(LAYERS, generator=gen).tolist())]
+    labels = list(_layer_blocks(model))
+    assert [p["block"] for p in proc.periods] == [labels[i] for i in expected]
+    assert expected[:LAYERS] != list(range(LAYERS))  # not ascending for seed 3
+    for period, changed in zip(proc.periods, moved):
+        assert changed == _layer_blocks(model)[period["block"]] | _head_names(model)
     assert start == proc.expected_trainable(_model(), spec.params["procedure"], ctx)
 
 
-def test_badam_random_mode_visits_every_block_once_per_epoch():
-    D = LAYERS + 2
-    proc, opt, model, moved, spec, ctx, start = _run("badam", 2 * D, seed=3, switch_every=1, switch_mode="random")
-    visited = [p["block"] for p in proc.periods]
-    assert sorted(visited[:D]) == sorted(visited[D:]) == sorted(_blocks(model))
-    assert visited[:D] != sorted(_blocks(model), key=list(_blocks(model)).index)  # not ascending for seed 3
-    blocks = _blocks(model)
+def test_badam_blocks_mode_makes_embeddings_and_the_rest_blocks():
+    K, D = 2, LAYERS + 2
+    proc, opt, model, moved, spec, ctx, start = _run("badam", K * D, switch_every=K, badam_non_layer="blocks")
+    blocks = {"embeddings": _embedding_names(model), **_layer_blocks(model), "rest": _head_names(model)}
+    assert [p["block"] for p in proc.periods] == list(blocks) + ["embeddings"]
     for period, changed in zip(proc.periods, moved):
         assert changed == blocks[period["block"]]
     assert start == proc.expected_trainable(_model(), spec.params["procedure"], ctx)
 
 
-def test_badam_non_layer_always_trains_with_every_layer_block():
+@pytest.mark.parametrize("head,overrides", [("causal_lm", {}), ("classification", {"badam_non_layer": "frozen"})])
+def test_badam_frozen_non_layer_never_trains(head, overrides):
+    """The reference's defaults (and ``auto`` for causal LMs, whose head is pretrained)."""
     K = 2
-    proc, opt, model, moved, spec, ctx, start = _run("badam", K * LAYERS, switch_every=K, badam_non_layer="always")
-    assert [p["block"] for p in proc.periods] == [f"bert.encoder.layer.{i}" for i in range(LAYERS)]
-    for i, changed in enumerate(moved):
-        assert changed == _non_layer_names(model) | _layer_names(model, [i])
-    active = [p for p in model.parameters() if p.requires_grad]
-    assert optimizer_state_bytes(opt) == _state_bytes_of(active)
+    proc, opt, model, moved, spec, ctx, start = _run("badam", K * LAYERS, head=head, switch_every=K, **overrides)
+    assert proc.state()["badam_non_layer"] == "frozen"
+    for period, changed in zip(proc.periods, moved):
+        assert changed == _layer_blocks(model)[period["block"]]
     assert start == proc.expected_trainable(_model(), spec.params["procedure"], ctx)
+
+
+@pytest.mark.parametrize(
+    "method,overrides",
+    [
+        ("badam", {"switch_every": 1, "switch_mode": "random"}),
+        ("lisa", {"lisa_interval_steps": 1, "lisa_activated_layers": 2}),
+    ],
+)
+def test_state_dict_resumes_the_schedule(method, overrides):
+    """A procedure rebuilt and loaded from a JSON round trip of its state after step 6 continues the
+    schedule of an uninterrupted one (the random draws are replayed) and trains the same tensors."""
+    import json
+
+    ctx = MethodContext([], "classification", lr=1e-2, weight_decay=0.0, max_steps=12, seed=5)
+
+    def build():  # a spec of its own: the resolved spec holds the procedure instance
+        model = _model()
+        return model, apply_method(model, resolve_method({**PRESETS[method], **overrides}), ctx).procedure
+
+    _, full = build()
+    _, first = build()
+    for step in range(1, 13):
+        full.on_step_end(step)
+    for step in range(1, 7):
+        first.on_step_end(step)
+    model, resumed = build()
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    for step in range(7, 13):
+        resumed.on_step_end(step)
+    assert resumed.periods == full.periods and len(full.periods) == 12
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    last = full.periods[-1]
+    expected = (
+        _layer_blocks(model)[last["block"]] | _head_names(model)
+        if method == "badam"
+        else _non_layer_names(model) | _layer_names(model, last["layers"])
+    )
+    assert trainable == expected

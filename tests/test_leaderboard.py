@@ -132,6 +132,12 @@ def test_galore_family_runs_the_fine_tuning_setting(lb):
     assert compose(lb.overrides("fira", 1e-4, 0, Path("/tmp/x"), None))["method"]["scale"] == 0.25
 
 
+def test_dct_adamw_runs_at_the_authors_defaults(lb):
+    dct = lb.overrides("dct_adamw", 1e-4, 0, Path("/tmp/x"), None)
+    assert not any(o.startswith(("method.scale", "method.update_proj_gap")) for o in dct)
+    assert "scale" not in compose(dct)["method"] and compose(dct)["method"]["update_proj_gap"] == 1
+
+
 def test_sweep_grid_grows_past_an_edge_pick_and_stops_inside(lb):
     base = lb.lr_grid("adalora")  # [5e-4, 2e-3, 5e-3]
     assert lb.sweep_grid("adalora", {}) == base  # nothing run yet: nothing to extend
@@ -284,7 +290,7 @@ def test_track_b_grid_starts_at_the_track_a_pick_and_two_ladder_steps_up(lb):
     rising = {5e-4: 0.40, 2e-3: 0.55}
     assert lb.sweep_grid("lora", rising, lb.TRACK_B) == [5e-4, 2e-3, 5e-3]  # edge extension as in Track A
     task_b = lb.overrides("badam", 2e-4, 0, Path("/tmp/x"), None, lb.TRACK_B)
-    assert "method.switch_every=1" in task_b and "method.switch_every=31" not in task_b
+    assert "method.switch_every=1" in task_b and "method.switch_every=42" not in task_b
     assert "method.scale=4" in lb.overrides("galore", 2e-4, 0, Path("/tmp/x"), None, lb.TRACK_B)
 
 

@@ -36,11 +36,13 @@ def _projection(a, b, full):
     return torch.from_numpy((basis @ coef).reshape(M, N, order="F"))
 
 
-def test_lora_pro_equivalent_gradient_is_the_projection_of_the_full_gradient():
-    a, b, full, ga, gb = _problem()
-    new_a, new_b = lora_pro_gradients(a, b, ga, gb, S, ridge=1e-12)
-    adjusted = S * (b @ new_a + new_b @ a)
-    vanilla = S * (b @ ga + gb @ a)
+@pytest.mark.parametrize("scale", [S, 0.5])  # the parity fixture covers only the reference's hard-coded 2
+def test_lora_pro_equivalent_gradient_is_the_projection_of_the_full_gradient(scale):
+    a, b, full, _, _ = _problem()
+    ga, gb = scale * b.T @ full, scale * full @ a.T
+    new_a, new_b = lora_pro_gradients(a, b, ga, gb, scale, ridge=1e-12)
+    adjusted = scale * (b @ new_a + new_b @ a)
+    vanilla = scale * (b @ ga + gb @ a)
     torch.testing.assert_close(adjusted, _projection(a, b, full), atol=1e-9, rtol=1e-9)
     assert (adjusted - full).norm() < (vanilla - full).norm()
 
@@ -89,11 +91,36 @@ def test_lora_pro_full_mode_step_matches_a_hand_computed_adam_step():
     equivalent = S * (b0 @ ea + eb @ a0)
     u = equivalent / (equivalent.abs() + eps)  # first Adam step: m̂ = g, v̂ = g²
     da, db = lora_pro_gradients(a0, b0, S * b0.T @ u, S * u @ a0.T, S)
-    shrink = (1 - lr * wd) ** 0.5
+    shrink = 1 - lr * wd  # the reference's SGD weight decay, p - lr (g + wd p), on A and on B
     torch.testing.assert_close(a.detach(), shrink * a0 - lr * da, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(b.detach(), shrink * b0 - lr * db, atol=1e-10, rtol=1e-10)
     state = opt.state[b]
     assert state["exp_avg"].shape == (M, N) and a not in opt.state  # m x n moments, one set per pair
+
+
+def test_lora_pro_efficient_mode_is_adamw_on_the_adjusted_gradients():
+    """Two steps by hand: AdamW (decay before the step) on (g_A', g_B'), moments of A and of B."""
+    a0, b0, full, _, _ = _problem(6)
+    a, b = torch.nn.Parameter(a0.clone()), torch.nn.Parameter(b0.clone())
+    lr, eps, wd, (beta1, beta2) = 0.05, 0.3, 0.1, (0.9, 0.999)
+    opt = LoraProAdamW([{"params": [a, b], "pair_scale": S}], lr=lr, eps=eps, weight_decay=wd, mode="efficient")
+    ea, eb = a0.clone(), b0.clone()
+    moments = {"a": [0.0, 0.0], "b": [0.0, 0.0]}
+    for t in (1, 2):
+        grads = lora_pro_gradients(ea, eb, S * eb.T @ full, S * full @ ea.T, S)
+        a.grad, b.grad = S * b.detach().T @ full, S * full @ a.detach().T
+        opt.step()
+        new = []
+        for key, theta, g in zip("ab", (ea, eb), grads):
+            m, v = moments[key]
+            m, v = beta1 * m + (1 - beta1) * g, beta2 * v + (1 - beta2) * g * g
+            moments[key] = [m, v]
+            step = (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + eps)
+            new.append(theta * (1 - lr * wd) - lr * step)
+        ea, eb = new
+    torch.testing.assert_close(a.detach(), ea, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(b.detach(), eb, atol=1e-10, rtol=1e-10)
+    assert opt.state[a]["exp_avg"].shape == a.shape and opt.state[b]["exp_avg"].shape == b.shape
 
 
 @pytest.mark.parametrize("mode", ["full", "efficient"])
@@ -149,6 +176,35 @@ def test_allora_one_step_matches_hand_computation():
     assert not torch.allclose(p.detach(), _hand_allora_adamw(theta0, grad, lr, eps, wd, eta, "tensor"))
     # the zero row gets the maximal coefficient eta
     assert allora_coefficient(theta0, eta)[5].item() == pytest.approx(eta)
+
+
+@pytest.mark.parametrize("norm", ["row", "tensor"])
+def test_allora_steps_match_an_independent_adamw_loop(norm):
+    """Eight steps of A (r x d_in), a square B-like tensor and B (d_out x r, zero init): the coefficient
+    from each step's weights before the decay, then AdamW with its decay before the update."""
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(4, 6), (5, 5), (7, 4)]
+    thetas = [torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in shapes[:2]]
+    thetas.append(torch.zeros(*shapes[2], dtype=torch.float64))  # LoRA's B
+    params = [torch.nn.Parameter(t.clone()) for t in thetas]
+    lr, eps, wd, eta, (beta1, beta2) = 0.05, 1e-3, 0.2, 2.0, (0.9, 0.999)
+    opt = ALLoRAAdamW([{"params": params, "allora": True, "eta": eta, "norm": norm}], lr=lr, eps=eps, weight_decay=wd)
+    state = [[torch.zeros_like(t), torch.zeros_like(t)] for t in thetas]
+    for t in range(1, 9):
+        grads = [torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in shapes]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        for i, (theta, g) in enumerate(zip(thetas, grads)):
+            sq = (theta**2).sum(1, keepdim=True) if norm == "row" else (theta**2).sum()
+            g = g / torch.sqrt(sq + 1 / eta**2)
+            m, v = state[i]
+            m, v = beta1 * m + (1 - beta1) * g, beta2 * v + (1 - beta2) * g * g
+            state[i] = [m, v]
+            step = (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + eps)
+            thetas[i] = theta * (1 - lr * wd) - lr * step
+    for p, theta in zip(params, thetas):
+        torch.testing.assert_close(p.detach(), theta, atol=1e-12, rtol=1e-12)
 
 
 def test_allora_preset_has_no_dropout_and_unit_scale(sst2_dir, tmp_path):

@@ -30,11 +30,13 @@ from lorabench.methods.initializers import corda, eva, lora_ga, olora, pissa, qu
 from lorabench.methods.optimizers import (
     adamw,
     allora,
+    dct_adamw,
     galore_family,
     galore_torch,
     lora_pro,
     lorafa,
     loraplus,
+    q_galore,
 )
 from lorabench.methods.procedures import adalora as adalora_procedure
 from lorabench.methods.procedures import badam, lisa

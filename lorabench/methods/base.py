@@ -80,11 +80,13 @@ class OptimizerBuilder:
 
 
 class Procedure:
-    """Changes what trains when. The loop calls the hooks at the named points."""
+    """Changes what trains when. The loop calls the hooks at the named points. A procedure that
+    freezes tensors it trained earlier sets ``moves_trainable_set`` so checkpoints keep every weight."""
 
     Params: type = NoParams
     paper: str = ""
     backed_by: str = "lorabench"
+    moves_trainable_set: bool = False
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, params: Any, ctx: MethodContext) -> None:
         return None

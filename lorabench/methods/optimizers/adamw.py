@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from lorabench.methods.base import MethodContext, OptimizerBuilder, decay_groups
+from lorabench.methods.fidelity import Fidelity
 from lorabench.registry import OPTIMIZERS
 
 
@@ -24,6 +25,7 @@ class AdamW(OptimizerBuilder):
     Params = AdamWParams
     paper = "Loshchilov & Hutter, 2019, arXiv:1711.05101"
     backed_by = "torch"
+    fidelity = Fidelity(reference=f"torch=={torch.__version__.split('+')[0]} (torch.optim.AdamW)", status="library")
 
     def build(self, model, params: AdamWParams, ctx: MethodContext) -> torch.optim.Optimizer:
         groups = decay_groups(model, ctx.weight_decay)

@@ -29,6 +29,7 @@ import torch
 from lorabench.config import check_choice, check_positive
 from lorabench.errors import ConfigError
 from lorabench.methods.base import MethodContext, OptimizerBuilder, decay_groups
+from lorabench.methods.fidelity import Fidelity
 from lorabench.registry import OPTIMIZERS
 
 NORMS = ("row", "tensor")
@@ -74,6 +75,16 @@ class ALLoRA(OptimizerBuilder):
     Params = ALLoRAParams
     paper = "Huang et al., 2024, arXiv:2410.09692"
     backed_by = "lorabench"
+    fidelity = Fidelity(
+        reference="none released: no code found for arXiv:2410.09692 (GitHub code, issues and pages searched for"
+        " 'ALLoRA')",
+        status="rule",
+        tolerance="hand-computed AdamW loops, 1e-12 (tests/test_lowrank_optimizers.py)",
+        unchecked=(
+            "the coefficient's form 1/sqrt(||row||^2 + 1/eta^2), per row, and eta 1.0 are our reading of 'inversely"
+            " proportional to the l2 norm' (METHODS.md); no code exists to check them against",
+        ),
+    )
     requires_adapter = ("lora",)
 
     def build(self, model, params: ALLoRAParams, ctx: MethodContext) -> torch.optim.Optimizer:

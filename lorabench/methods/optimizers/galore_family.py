@@ -2,27 +2,28 @@
 
 * GaLore (Zhao et al., 2024, arXiv:2403.03507): R = PᵀG, W -= lr·scale·P Adam(R). Defaults: rank 8,
   update_proj_gap 200 (GLUE README: 500), scale 0.25 (GLUE: 4), eps 1e-6 (galore-torch's AdamW).
-* Fira (Chen et al., 2024, arXiv:2410.01623): W -= lr·(scale·P Adam(R) + φ⊙S), S = G - P R, with
-  φ = ‖Adam(R)‖/‖R‖ per column of R (per row when R is m x r), then the norm-growth limiter
-  ‖S_t‖ <= γ‖S_{t-1}‖, γ = 1.01. Defaults: rank 8, gap 200, scale 0.25 (pre-training scripts).
+* Fira (Chen et al., 2024, arXiv:2410.01623): W -= lr·(scale·P Adam(R) + φ⊙S), S = G - scale·P R
+  (the authors' code, whose project_back multiplies by scale; ``fira_residual: exact`` gives the
+  paper's G - P R), with φ = ‖Adam(R)‖/‖R‖ per column of R (per row when R is m x r), then the
+  norm-growth limiter ‖S_t‖ <= γ‖S_{t-1}‖, γ = 1.01. Defaults: rank 8, gap 200, scale 0.25
+  (pre-training scripts).
 * FRUGAL (Zmushko et al., 2025, arXiv:2411.07837): AdamW on R (moments only in the subspace, reset
-  when it is refreshed), state-free signSGD (or SGD) on S at lr·inactive_lr_scale. Defaults:
-  density 0.25 (rank = round(density·d)), update_gap 200, inactive_lr_scale 0.1 (fine-tuning; 1.0
-  pre-training), eps 1e-8.
-* Q-GaLore (Zhang et al., 2024, arXiv:2407.08296): GaLore with the basis stored in INT4 (per-vector
-  fp32 scale) and lazy layer-adaptive refresh (cos_threshold 0.4, patience 5, gap_growth 2). The
-  INT8 weights with stochastic rounding are not supported: lorabench keeps the model in its
-  training precision for every method, so quantized weights would confound the comparison and
-  need a custom quantized Linear; only the optimizer-side changes are implemented.
-* DCT-AdamW (arXiv:2505.17967, per METHODS.md): GaLore with the DCT projector (top-r DCT columns).
+  when it is refreshed), state-free signSGD (or SGD) on S = G - P R at lr·inactive_lr_scale; both
+  parts at lr·proj_params_lr_scale. As the authors' AdamW (and torch's): denom = sqrt(v)/sqrt(1-β2^t)
+  + eps, step size lr/(1-β1^t), and the decay W *= 1 - lr·wd comes before the update (unscaled lr).
+  Defaults: density 0.25 (rank = round(density·d), d = the projected side), update_gap 200,
+  inactive_lr_scale 0.1 (fine-tuning; 1.0 pre-training), eps 1e-8.
+* Q-GaLore (arXiv:2407.08296) subclasses this optimizer in q_galore.py (INT4 projection, lazy
+  refresh, 8-bit moments).
 
-All: Adam bias correction and eps as galore-torch (denom = sqrt(v) + eps, step size
-lr·sqrt(1-β2^t)/(1-β1^t)); decoupled weight decay W -= lr·wd·W after the update, on every group;
-non-projected parameters get plain AdamW in the same class. Differences from the authors' code
-(documented choices): Fira's residual is G - P R as in the paper (``fira_residual: package`` gives
-pip fira 1.0.2's G - scale·P R); FRUGAL's ``blocks`` are contiguous row/column blocks of each
-matrix (the authors' BAdam-like blocks are whole tensors); Q-GaLore's lazy rule counts consecutive
-similarities (the authors average a queue of 5) and uses |cos| (singular vectors have no sign).
+All but FRUGAL: Adam bias correction and eps as galore-torch (denom = sqrt(v) + eps, step size
+lr·sqrt(1-β2^t)/(1-β1^t)); decoupled weight decay W -= lr·wd·W after the update, on every group.
+Non-projected parameters get plain AdamW in the same class, by the same rules. The projection side
+follows galore-torch's ``std``: left if m < n, else right (square matrices project on the right).
+Differences from the authors' code (documented choices): FRUGAL's ``blocks`` are contiguous
+row/column blocks of each matrix (the authors' BAdam-like blocks are whole tensors), its ``randk``
+picks rows or columns on the projected side with rank round(density·d) (the authors' CoordAdamW
+picks int(density·n) columns) and its rank is at least 1.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ import torch
 from lorabench.config import check_choice, check_positive
 from lorabench.errors import ConfigError
 from lorabench.methods.base import MethodContext, OptimizerBuilder, decay_groups, target_linear_weights
-from lorabench.methods.optimizers.projectors import SIDE_RULES, DCTCache, Projector, make_projector
+from lorabench.methods.fidelity import Fidelity
+from lorabench.methods.optimizers.projectors import SIDE_RULES, Projector, make_projector
 from lorabench.registry import OPTIMIZERS
 
 RESIDUAL_RULES = ("none", "fira", "sign_sgd", "sgd")
@@ -44,7 +46,14 @@ RESIDUAL_RULES = ("none", "fira", "sign_sgd", "sgd")
 class GaLoreFamily(torch.optim.Optimizer):
     """Adam(W) whose groups may carry ``projector`` (a name in projectors.PROJECTORS) plus rank,
     update_proj_gap, scale, proj_type, residual, residual_lr_scale, gamma, fira_residual,
-    reset_on_refresh, bits, lazy (dict or None) and seed. Other groups are plain AdamW."""
+    reset_on_refresh, proj_lr_scale and seed. Other groups are plain
+    AdamW. Every group also carries two rules, from ``rule_defaults`` unless it sets them:
+    ``eps_after_correction`` (False: denom = sqrt(v) + eps with step lr·sqrt(1-β2^t)/(1-β1^t), as
+    galore-torch and fira; True: denom = sqrt(v)/sqrt(1-β2^t) + eps with step lr/(1-β1^t), as FRUGAL
+    and torch.optim.AdamW) and ``decay_first`` (False: W -= lr·wd·W after the update; True: W *= 1 -
+    lr·wd before it)."""
+
+    rule_defaults: dict = {"eps_after_correction": False, "decay_first": False}
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0):
         defaults = {
@@ -60,14 +69,13 @@ class GaLoreFamily(torch.optim.Optimizer):
             "residual": "none",
             "residual_lr_scale": 1.0,
             "gamma": 1.01,
-            "fira_residual": "exact",
+            "fira_residual": "package",
             "reset_on_refresh": False,
-            "bits": 32,
-            "lazy": None,
+            "proj_lr_scale": 1.0,
             "seed": 0,
+            **self.rule_defaults,
         }
         super().__init__(params, defaults)
-        self.dct_cache = DCTCache()
 
     def state_dict(self) -> dict:
         """Projector objects become plain dicts, so checkpoints load with weights_only=True."""
@@ -85,22 +93,20 @@ class GaLoreFamily(torch.optim.Optimizer):
         for key, value in state_dict["state"].items():
             if isinstance(value.get("projector"), dict):
                 device = params[int(key)].device
-                projector = Projector.from_state(value["projector"], self.dct_cache)
+                projector = Projector.from_state(value["projector"])
                 for name, item in vars(projector).items():
                     if isinstance(item, torch.Tensor):
                         setattr(projector, name, item.to(device))
                 value = {**value, "projector": projector}
             state[key] = value
         super().load_state_dict({**state_dict, "state": state})
-
-    def extra_state_tensors(self):
-        """The shared DCT matrices, counted once per optimizer."""
-        return list(self.dct_cache.matrices.values())
+        for group in self.param_groups:  # checkpoints written before a group option existed
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
 
     def _projector(self, p, group, index):
         if group["residual"] not in RESIDUAL_RULES:
             raise ValueError(f"residual={group['residual']!r} is invalid; valid: {', '.join(RESIDUAL_RULES)}")
-        extra = {"dct_cache": self.dct_cache} if group["projector"] == "dct" else dict(group["lazy"] or {})
         return make_projector(
             group["projector"],
             p.shape,
@@ -108,8 +114,6 @@ class GaLoreFamily(torch.optim.Optimizer):
             group["update_proj_gap"],
             proj_type=group["proj_type"],
             seed=group["seed"] * 100_003 + index,
-            bits=group["bits"],
-            **extra,
         )
 
     @torch.no_grad()
@@ -123,10 +127,13 @@ class GaLoreFamily(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 projected = group["projector"] is not None and p.ndim == 2
+                decay = group["lr"] * group["weight_decay"]
+                if decay > 0 and group["decay_first"]:
+                    p.mul_(1.0 - decay)
                 update = self._update(p, group, index, projected)
                 p.add_(update.to(p.dtype))
-                if group["weight_decay"] > 0:
-                    p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+                if decay > 0 and not group["decay_first"]:
+                    p.add_(p, alpha=-decay)
         return loss
 
     def _update(self, p, group, index, projected: bool) -> torch.Tensor:
@@ -141,26 +148,14 @@ class GaLoreFamily(torch.optim.Optimizer):
             proj = state["projector"]
             if proj.due(step):
                 proj.refresh(grad, step)
-                if group["reset_on_refresh"] and "exp_avg" in state:
-                    state["exp_avg"].zero_()
-                    state["exp_avg_sq"].zero_()
-                    state["adam_step"] = 0
+                if group["reset_on_refresh"]:
+                    self._reset_moments(state)
             low = proj.project(grad)
-        if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(low)
-            state["exp_avg_sq"] = torch.zeros_like(low)
-            state["adam_step"] = 0
         state["step"] = step + 1
-        state["adam_step"] += 1
-        t = state["adam_step"]
-        beta1, beta2 = group["betas"]
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        exp_avg.mul_(beta1).add_(low, alpha=1.0 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
-        normed = exp_avg / exp_avg_sq.sqrt().add_(group["eps"])
-        step_size = group["lr"] * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
+        normed, step_size = self._adam_direction(state, low, group)
         if not projected:
             return normed.mul_(-step_size)
+        step_size *= group["proj_lr_scale"]
         update = proj.project_back(normed).mul_(group["scale"])
         rule = group["residual"]
         if rule == "none":
@@ -170,9 +165,39 @@ class GaLoreFamily(torch.optim.Optimizer):
         if rule == "fira":
             update.add_(self._fira_residual(residual, normed, low, proj.side, state, group["gamma"]))
             return update.mul_(-step_size)
-        lr_free = group["lr"] * group["residual_lr_scale"]
+        lr_free = group["lr"] * group["proj_lr_scale"] * group["residual_lr_scale"]
         free = residual.sign() if rule == "sign_sgd" else residual
         return update.mul_(-step_size).add_(free, alpha=-lr_free)
+
+    def _reset_moments(self, state: dict) -> None:
+        """Zero the moments and restart their bias correction (the subspace changed); a no-op before
+        the first step. Subclasses that store the moments under other keys override this too."""
+        if "exp_avg" in state:
+            state["exp_avg"].zero_()
+            state["exp_avg_sq"].zero_()
+            state["adam_step"] = 0
+
+    def _adam_direction(self, state: dict, low: torch.Tensor, group: dict) -> tuple[torch.Tensor, float]:
+        """Update the moments with ``low``; returns (m / denom, step size): denom = sqrt(v) + eps with
+        step lr·sqrt(1-β2^t)/(1-β1^t), or with ``eps_after_correction`` denom = sqrt(v)/sqrt(1-β2^t)
+        + eps with step lr/(1-β1^t). Subclasses that store the moments differently (e.g. 8-bit)
+        override this one method."""
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(low)
+            state["exp_avg_sq"] = torch.zeros_like(low)
+            state["adam_step"] = 0
+        state["adam_step"] += 1
+        t = state["adam_step"]
+        beta1, beta2 = group["betas"]
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.mul_(beta1).add_(low, alpha=1.0 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
+        correction1, correction2 = 1.0 - beta1**t, math.sqrt(1.0 - beta2**t)
+        if group["eps_after_correction"]:
+            normed = exp_avg / exp_avg_sq.sqrt().div_(correction2).add_(group["eps"])
+            return normed, group["lr"] / correction1
+        normed = exp_avg / exp_avg_sq.sqrt().add_(group["eps"])
+        return normed, group["lr"] * correction2 / correction1
 
     @staticmethod
     def _fira_residual(residual, normed, low, side, state, gamma):
@@ -248,6 +273,17 @@ class GaLore(OptimizerBuilder):
     size_knob = "rank"  # what a size budget sets (lorabench/budget.py)
     paper = "Zhao et al., 2024, arXiv:2403.03507"
     backed_by = "lorabench"
+    fidelity = Fidelity(
+        reference="pip galore-torch==1.0 (GaLoreAdamW; = jiaweizzhao/GaLore)",
+        status="parity",
+        tolerance="max |Δθ| <= 1e-6 over 12 steps (seen <= 1.5e-8)",
+        fixture="tests/fixtures/parity/galore.json",
+        unchecked=(
+            "projector randomized_svd and random: lorabench additions, galore-torch projects by SVD only",
+            "proj_type other than std (reverse_std, left, right): not pinned; galore-torch's 'full' is not offered",
+            "non-fp32 weights: the parity problem is fp32",
+        ),
+    )
 
     def build(self, model, params: GaLoreParams, ctx: MethodContext):
         return build_family(model, ctx, params, projector=params.projector, rank=params.rank, scale=params.scale)
@@ -256,13 +292,13 @@ class GaLore(OptimizerBuilder):
 @dataclass
 class FiraParams(ProjectedAdamParams):
     gamma: float = 1.01  # norm-growth limiter
-    fira_residual: str = "exact"  # exact: S = G - P R (paper); package: S = G - scale·P R (pip fira)
+    fira_residual: str = "package"  # package: S = G - scale·P R (the authors' code); exact: G - P R (paper)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.gamma >= 1.0:
             raise ConfigError(f"method.gamma={self.gamma!r} is invalid; the norm-growth limit must be >= 1")
-        check_choice("method.fira_residual", self.fira_residual, ("exact", "package"))
+        check_choice("method.fira_residual", self.fira_residual, ("package", "exact"))
 
 
 @OPTIMIZERS.register("fira")
@@ -271,6 +307,18 @@ class Fira(OptimizerBuilder):
     size_knob = "rank"  # what a size budget sets (lorabench/budget.py)
     paper = "Chen et al., 2024, arXiv:2410.01623"
     backed_by = "lorabench"
+    fidelity = Fidelity(
+        reference="pip fira==1.0.2 (FiraAdamW; = xichen-fy/Fira optimizer_torch/)",
+        status="parity",
+        tolerance="max |Δθ| <= 1e-6 over 12 steps (seen <= 3e-8)",
+        fixture="tests/fixtures/parity/fira.json",
+        revision=2,  # the residual follows the authors' code (S = G - scale·P R)
+        unchecked=(
+            "fira_residual: exact (the paper's S = G - P R): no released code uses it",
+            "gamma other than 1.01: the package fixes the limiter at 1.01",
+            "proj_type other than std; non-fp32 weights (the parity problem is fp32)",
+        ),
+    )
 
     def build(self, model, params: FiraParams, ctx: MethodContext):
         return build_family(
@@ -313,7 +361,10 @@ class FrugalParams:
 
 
 class FrugalFamily(GaLoreFamily):
-    """FRUGAL's rank comes from density per matrix: r = max(1, round(density·d))."""
+    """FRUGAL's AdamW rules on every group (eps after the bias correction, decay before the update);
+    its rank comes from density per matrix: r = max(1, round(density·d)), d = the projected side."""
+
+    rule_defaults = {"eps_after_correction": True, "decay_first": True}
 
     def _projector(self, p, group, index):
         d = p.shape[0] if SIDE_RULES[group["proj_type"]](*p.shape) == "left" else p.shape[1]
@@ -327,9 +378,32 @@ class Frugal(OptimizerBuilder):
     size_knob = "density"  # what a size budget sets (lorabench/budget.py)
     paper = "Zmushko et al., 2025, arXiv:2411.07837"
     backed_by = "lorabench"
+    fidelity = Fidelity(
+        reference="fzmushko/FRUGAL@c7ebe4c242f7 frugal/adamw.py (GaloreAdamW, proj_optimizer_templates.py)",
+        status="parity",
+        tolerance="max |Δθ| <= 1e-6 over 12 steps (seen <= 3e-8)",
+        fixture="tests/fixtures/parity/frugal.json",
+        revision=2,  # eps after bias correction, weight decay before the update
+        deviations=(
+            "rank is max(1, round(density·d)): the authors' round(density·d) gives an empty subspace when "
+            "density·d <= 0.5",
+            "the preset runs the SVD projector (GaloreAdamW) at density 0.25 on every target, the variant "
+            "comparable with GaLore and Fira; the authors' GLUE scripts run CoordAdamW (random columns) at "
+            "density = rank / 768",
+        ),
+        unchecked=(
+            "projector random: the authors draw torch.nn.init.orthogonal_ from the global RNG, lorabench a "
+            "seeded QR; the streams differ",
+            "projector randk: the authors' CoordAdamW takes int(density·n) random columns, lorabench round("
+            "density·d) rows or columns on the projected side, from its own seeded generator",
+            "projector blocks: the authors' BlockAdamW activates whole tensors, lorabench contiguous "
+            "row/column blocks of each matrix",
+            "proj_type other than std; non-fp32 weights (the parity problem is fp32)",
+        ),
+    )
 
     def build(self, model, params: FrugalParams, ctx: MethodContext):
-        opt = build_family(
+        return build_family(
             model,
             ctx,
             params,
@@ -341,49 +415,5 @@ class Frugal(OptimizerBuilder):
             residual=params.inactive_update_rule,
             residual_lr_scale=params.inactive_lr_scale,
             reset_on_refresh=params.reset_statistics,
+            proj_lr_scale=params.proj_params_lr_scale,  # both parts; the decay keeps the group's lr
         )
-        for group in opt.param_groups:  # proj_params_lr_scale: lr of the projected group (both parts)
-            if group["projector"] is not None:
-                group["lr"] = ctx.lr * params.proj_params_lr_scale
-        return opt
-
-
-@dataclass
-class QGaLoreParams(ProjectedAdamParams):
-    proj_bits: int = 4
-    cos_threshold: float = 0.4
-    patience: int = 5
-    gap_growth: int = 2
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_choice("method.proj_bits", self.proj_bits, (4, 8, 32))
-        if not 0.0 <= self.cos_threshold <= 1.0:
-            raise ConfigError(f"method.cos_threshold={self.cos_threshold!r} is invalid; it must be in [0, 1]")
-        check_positive("method.patience", self.patience)
-        check_positive("method.gap_growth", self.gap_growth)
-
-
-@OPTIMIZERS.register("q_galore")
-class QGaLore(OptimizerBuilder):
-    Params = QGaLoreParams
-    size_knob = "rank"  # what a size budget sets (lorabench/budget.py)
-    paper = "Zhang et al., 2024, arXiv:2407.08296"
-    backed_by = "lorabench"
-
-    def build(self, model, params: QGaLoreParams, ctx: MethodContext):
-        lazy = {"cos_threshold": params.cos_threshold, "patience": params.patience, "gap_growth": params.gap_growth}
-        return build_family(
-            model, ctx, params, projector="svd", rank=params.rank, scale=params.scale, bits=params.proj_bits, lazy=lazy
-        )
-
-
-@OPTIMIZERS.register("dct_adamw")
-class DCTAdamW(OptimizerBuilder):
-    Params = ProjectedAdamParams
-    size_knob = "rank"  # what a size budget sets (lorabench/budget.py)
-    paper = "arXiv:2505.17967"
-    backed_by = "lorabench"
-
-    def build(self, model, params: ProjectedAdamParams, ctx: MethodContext):
-        return build_family(model, ctx, params, projector="dct", rank=params.rank, scale=params.scale)

@@ -16,6 +16,7 @@ import torch
 
 from lorabench.config import check_choice, check_positive
 from lorabench.methods.base import MethodContext, OptimizerBuilder, decay_groups, target_linear_weights
+from lorabench.methods.fidelity import Fidelity
 from lorabench.registry import OPTIMIZERS
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
@@ -58,6 +59,13 @@ class GaLoreTorch(OptimizerBuilder):
     size_knob = "rank"  # what a size budget sets (lorabench/budget.py)
     paper = "Zhao et al., 2024, arXiv:2403.03507"
     backed_by = "galore-torch"
+    fidelity = Fidelity(
+        reference="pip galore-torch==1.0 (GaLoreAdamW)",
+        status="library",
+        tolerance="reproduces tests/fixtures/parity/galore.json exactly (max |Δθ| = 0 over 12 steps)",
+        fixture="tests/fixtures/parity/galore.json",
+        unchecked=("betas and eps stay at GaLoreAdamW's defaults (0.9, 0.999), 1e-6: the builder passes none",),
+    )
 
     def build(self, model, params: GaLoreParams, ctx: MethodContext) -> torch.optim.Optimizer:
         from galore_torch import GaLoreAdamW

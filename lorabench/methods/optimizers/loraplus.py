@@ -13,11 +13,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import peft
 import torch
 from peft.optimizers import create_loraplus_optimizer
 
 from lorabench.config import check_positive
 from lorabench.methods.base import MethodContext, OptimizerBuilder
+from lorabench.methods.fidelity import Fidelity
 from lorabench.registry import OPTIMIZERS
 
 
@@ -37,6 +39,15 @@ class LoraPlus(OptimizerBuilder):
     Params = LoraPlusParams
     paper = "Hayou et al., 2024, arXiv:2402.12354"
     backed_by = "peft"
+    fidelity = Fidelity(
+        reference=f"peft=={peft.__version__} peft.optimizers.create_loraplus_optimizer (a port of"
+        " nikhil-ghosh-berkeley/loraplus@a0c44bfec0ef lora_plus.py: the same four groups)",
+        status="library",
+        deviations=(
+            "the authors' function has no default ratio; 16 is the paper's recommendation for LLMs (their RoBERTa"
+            " GLUE script uses 80 with lr 5e-5, alpha 8, beta2 0.99)",
+        ),
+    )
     requires_adapter = ("lora",)
 
     def build(self, model, params: LoraPlusParams, ctx: MethodContext) -> torch.optim.Optimizer:

@@ -1,31 +1,36 @@
 """LISA (Pan et al., 2024, "LISA: Layerwise Importance Sampling for Memory-Efficient Large Language
 Model Fine-Tuning", arXiv:2403.17919), with adapter none and AdamW.
 
-Every K steps: freeze all transformer layers, then unfreeze γ layers sampled uniformly without
-replacement; everything outside the layer list (embeddings, final norm, pooler, LM/task head)
-always trains. With period p = ⌊t / K⌋: trainable(t) = non-layer params ∪ {layer l : l ∈ S_p},
-S_p ~ Uniform(γ-subsets of {0..L-1}). Full-parameter AdamW on the active set; the optimizer state
-(exp_avg, exp_avg_sq, step) of layers that get re-frozen is deleted, so optimizer memory is that of
-the active set only, and a layer sampled again starts with fresh moments. Sampling uses
-``random.Random(seed)``, so a seed gives the same layer schedule.
-Hyper-parameters: γ = ``lisa_activated_layers`` (LMFlow examples: 1-2; default 2) and K =
+Every K steps (at steps 0, K, 2K, ...): freeze all transformer layers, then unfreeze γ layers sampled
+uniformly without replacement; everything outside the layer list (embeddings, final norm, pooler,
+LM/task head) always trains. With period p = ⌊t / K⌋: trainable(t) = non-layer params ∪ {layer l :
+l ∈ S_p}, S_p ~ Uniform(γ-subsets of {0..L-1}). Full-parameter AdamW over every parameter; a frozen
+layer gets no gradient, so AdamW leaves it and its state alone: the moments and step count of a
+layer that is re-frozen are kept and resume when it is sampled again (as the authors' LMFlow
+callback leaves them), so optimizer memory grows to the layers visited so far.
+Sampling: ``numpy.random.RandomState(seed).choice(L, γ, replace=False)``, the call LMFlow makes on
+numpy's global generator (seeded with the run's seed by the HF Trainer), so a seed gives LMFlow's
+layer schedule.
+Hyper-parameters: γ = ``lisa_activated_layers`` (LMFlow's default 2; its example script 1) and K =
 ``lisa_interval_steps`` (LMFlow: 20); full-FT-like lr (~1e-5).
 The layer list is found generically (``transformer_layers``): the ``nn.ModuleList`` holding the most
-parameters (``bert.encoder.layer``, ``model.layers``, ``transformer.h``, ...).
+parameters (``bert.encoder.layer``, ``model.layers``, ``transformer.h``, ...), the lists LMFlow names
+per model class.
 Multi-process runs: changing ``requires_grad`` under DDP needs ``find_unused_parameters``.
 """
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
 from lorabench.config import check_positive
 from lorabench.errors import ConfigError
 from lorabench.methods.base import MethodContext, Procedure
+from lorabench.methods.fidelity import Fidelity
 from lorabench.registry import PROCEDURES
 
 
@@ -50,13 +55,12 @@ def layer_parameters(model: nn.Module) -> tuple[list[list[nn.Parameter]], list[n
     return per_layer, [p for p in model.parameters() if id(p) not in inside]
 
 
-def set_trainable(params: list[nn.Parameter], on: bool, optimizer: torch.optim.Optimizer) -> None:
-    """Flip ``requires_grad``; frozen tensors lose their gradient and their optimizer state."""
+def set_trainable(params: list[nn.Parameter], on: bool) -> None:
+    """Flip ``requires_grad``; frozen tensors lose their gradient (their optimizer state is the caller's)."""
     for p in params:
         p.requires_grad_(on)
         if not on:
             p.grad = None
-            optimizer.state.pop(p, None)
 
 
 @dataclass
@@ -76,6 +80,24 @@ class Lisa(Procedure):
     paper = "Pan et al., 2024, arXiv:2403.17919"
     backed_by = "lorabench"
     requires_adapter = ("none",)
+    moves_trainable_set = True  # layers trained earlier are frozen later: checkpoints keep every weight
+    fidelity = Fidelity(
+        reference="OptimalScale/LMFlow@f3597dba134e src/lmflow/pipeline/utils/lisa_trainer.py"
+        " (DynamicLayerActivationCallback)",
+        status="parity",
+        tolerance="max |Δθ| <= 1e-6 over 20-100 steps (fp32, CPU); sampled layers and Adam-state sizes equal at"
+        " every step",
+        fixture="tests/fixtures/parity/lisa.json",
+        unchecked=(
+            "the HF Trainer around the callback: the parity calls its on_step_begin before each step of a torch"
+            " AdamW built over every parameter, as the Trainer builds it before the first switch",
+            "the schedule equals LMFlow's only while nothing else draws from numpy's global generator between the"
+            " Trainer's set_seed and the first step (lorabench draws from a generator of its own)",
+            "resume: LMFlow does not restore the active layers from a checkpoint (every layer trains until the"
+            " next switch); lorabench restores them",
+        ),
+        revision=2,  # numpy sampling and kept optimizer state of re-frozen layers
+    )
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, params: LisaParams, ctx: MethodContext) -> None:
         self.layers, self.always = layer_parameters(model)
@@ -84,16 +106,22 @@ class Lisa(Procedure):
                 f"method.lisa_activated_layers={params.lisa_activated_layers} exceeds the model's "
                 f"{len(self.layers)} layers"
             )
-        self.optimizer, self.params, self.max_steps = optimizer, params, ctx.max_steps
-        self.rng = random.Random(ctx.seed)
+        self.optimizer, self.params, self.max_steps, self.seed = optimizer, params, ctx.max_steps, ctx.seed
+        self.rng = np.random.RandomState(ctx.seed)
+        self.draws = 0
         self.periods: list[dict] = []
-        set_trainable(self.always, True, optimizer)
+        set_trainable(self.always, True)
         self._switch(0)
 
+    def _sample(self) -> list[int]:
+        self.draws += 1
+        chosen = self.rng.choice(len(self.layers), self.params.lisa_activated_layers, replace=False)
+        return sorted(int(i) for i in chosen)
+
     def _switch(self, step: int) -> None:
-        active = sorted(self.rng.sample(range(len(self.layers)), self.params.lisa_activated_layers))
+        active = self._sample()
         for i, params in enumerate(self.layers):
-            set_trainable(params, i in active, self.optimizer)
+            set_trainable(params, i in active)
         self.active = active
         self.periods.append({"start_step": step, "layers": active})
 
@@ -111,11 +139,12 @@ class Lisa(Procedure):
         return {"lisa_num_layers": len(self.layers), "lisa_periods": self.periods}
 
     def state_dict(self) -> dict:
-        return {"rng": self.rng.getstate(), "active": self.active, "periods": self.periods}
+        return {"draws": self.draws, "active": self.active, "periods": self.periods}
 
     def load_state_dict(self, state: dict) -> None:
-        version, internal, gauss = state["rng"]
-        self.rng.setstate((version, tuple(internal), gauss))
+        self.rng, self.draws = np.random.RandomState(self.seed), 0
+        for _ in range(state["draws"]):  # replay the draws made so far
+            self._sample()
         self.active, self.periods = list(state["active"]), list(state["periods"])
         for i, params in enumerate(self.layers):
-            set_trainable(params, i in self.active, self.optimizer)
+            set_trainable(params, i in self.active)
