@@ -1,11 +1,12 @@
 # make quickstart   set up .venv if needed, then run the offline GaLore quickstart
 # make test         set up .venv if needed, then run the test suite (what .ci/run runs)
+# make mutation     set up .venv if needed, then mutation-test optimizers/ and procedures/ (tests/MUTATION.md)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install quickstart test test-slow lint table leaderboard leaderboard-b clean
+.PHONY: install quickstart test test-slow mutation lint table leaderboard leaderboard-b clean
 
 $(BIN)/lorabench: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +28,11 @@ test: install
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
+
+# mutmut (config: [tool.mutmut] in pyproject.toml) caches its results in mutants/; not part of make test
+mutation: install
+	$(BIN)/mutmut run --max-children 2
+	$(BIN)/mutmut results
 
 lint: install
 	$(BIN)/ruff check lorabench tests scripts

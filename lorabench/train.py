@@ -428,7 +428,8 @@ def train(cfg: RunConfig, spec: MethodSpec, command: str = "") -> dict:
                 sync = accelerator.no_sync(model) if micro < accum - 1 else contextlib.nullcontext()
                 with sync:
                     loss = model(**batch).loss / accum
-                    accelerator.backward(loss)
+                    extra = procedure.extra_loss(model) if procedure else None  # gradient only, not the logged loss
+                    accelerator.backward(loss if extra is None else loss + extra / accum)
                 loss_sum += loss.detach().float()
             if procedure:
                 procedure.after_backward(step)

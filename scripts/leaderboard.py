@@ -732,6 +732,38 @@ def optimizer_budget_table(records: list[dict], main_rows: dict[str, dict], trac
     return "\n".join(lines)
 
 
+# Methods whose rule or preset changed to match the authors' released code (lorabench methods
+# --fidelity); the report compares their rows with the superseded ones, run by the old rule.
+FIDELITY_RERUNS = ("badam", "dct_adamw", "fira", "frugal", "lisa", "lora_pro", "q_galore")
+
+
+def fidelity_table(superseded: list[dict], main_rows: dict[str, dict], track: Track = TRACK_A) -> str:
+    """Before -> after for ``FIDELITY_RERUNS``: before is the superseded row of the method with the
+    most seeds (the last one the leaderboard reported; ties: the most recent), after the current row."""
+    before: dict[str, dict] = {}
+    latest = {r["run_id"]: r.get("finished_at") or "" for r in superseded}
+    for row in leaderboard_rows(superseded, track.metric):
+        ids = [
+            r["run_id"]
+            for r in superseded
+            if r["config"]["method"]["label"] == row["method"] and r["config"]["train"]["lr"] == row["lr"]
+        ]
+        row["finished"] = max(latest[i] for i in ids)
+        best = before.get(row["method"])
+        if best is None or (row["n"], row["finished"]) > (best["n"], best["finished"]):
+            before[row["method"]] = row
+    lines = [
+        f"| method | before: {track.metric_label} (n) at lr | after: {track.metric_label} (n) at lr | change |",
+        "|---|---|---|---|",
+    ]
+    for method in FIDELITY_RERUNS:
+        old, new = before.get(method), main_rows.get(method)
+        cells = [f"{r['mean']:.2f} ± {r['std']:.2f} ({r['n']}) at {r['lr']:g}" if r else "-" for r in (old, new)]
+        change = f"{new['mean'] - old['mean']:+.2f}" if old and new else "-"
+        lines.append(f"| {method} | {cells[0]} | {cells[1]} | {change} |")
+    return "\n".join(lines)
+
+
 def write_report(out: Path, methods: list[str], track: Track = TRACK_A, picks: dict[str, float] | None = None) -> None:
     """``<out>/README.md`` and the table between the track's markers in the project README; ``picks``
     (method -> the sweep's current pick) flags rows whose runs used a rate the sweep has replaced."""
@@ -794,6 +826,13 @@ def write_report(out: Path, methods: list[str], track: Track = TRACK_A, picks: d
         *unmatched,
         "",
         *optimizer_section,
+        "## Re-run to match the authors' code: before -> after",
+        "",
+        "Methods whose update rule or preset changed when parity tests pinned them to their authors' released "
+        "code (the README's Fidelity section); before: the superseded rows of the old rule (`superseded/records`).",
+        "",
+        fidelity_table(completed(out / "superseded" / "records"), by_method, track),
+        "",
         "## Not in this track",
         "",
         *excluded,

@@ -264,14 +264,39 @@ def test_e2e_errors_name_file_and_line(tmp_path):
     test_csv.write_text("meaning,ref\r\nx,y\r\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"testset_w_refs\.csv: missing column.*'mr'"):
         DATASETS.get("e2e").load(DatasetConfig(name="e2e", data_dir=str(folder)))
-    with pytest.raises(DataError, match="devset.csv is missing"):
-        DATASETS.get("e2e").load(DatasetConfig(name="e2e", data_dir=str(tmp_path)))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="holds no CSV file; expected the official E2E files trainset.csv"):
+        DATASETS.get("e2e").load(DatasetConfig(name="e2e", data_dir=str(empty)))
+
+
+def test_e2e_dev_and_test_files_train_on_dev_and_evaluate_on_test(tmp_path):
+    folder = write_e2e(tmp_path / "e2e", files=("devset", "testset_w_refs"))
+    splits = DATASETS.get("e2e").load(DatasetConfig(name="e2e", data_dir=str(folder)))
+    assert (splits.train_split, splits.eval_split) == ("dev", "test")
+    assert all(p["mr"].endswith("(devset)") for p in splits.train)
+    assert len(splits.eval) == 12 and all(e["mr"].endswith("(testset_w_refs)") for e in splits.eval)
+    assert any("testset_w_refs.csv" in note for note in splits.notes)
+
+
+def test_e2e_unusable_folder_names_the_files_found(tmp_path):
+    folder = write_e2e(tmp_path / "e2e", files=("testset", "trainset"))
+    with pytest.raises(DataError, match=r"holds testset\.csv, trainset\.csv \(testset\.csv has no references"):
+        DATASETS.get("e2e").load(DatasetConfig(name="e2e", data_dir=str(folder)))
+
+
+def test_e2e_reader_repairs_encodings_as_the_official_scorer(tmp_path):
+    path = tmp_path / "devset.csv"
+    path.write_text(
+        'mr,ref\n"name[Caf\u00c3\u00a9 X]","Costs \u00c2\u00a320 or \u014130, caf\u00e3\u00a9."\n', encoding="utf-8"
+    )
+    assert e2e.read_e2e_csv(path) == [{"mr": "name[Caf\u00e9 X]", "ref": "Costs \u00a320 or \u00a330, caf\u00e9."}]
 
 
 def test_e2e_score_perfect_predictions(monkeypatch):
     from lorabench.evaluation import data_to_text
 
-    monkeypatch.setattr(data_to_text, "find_java", lambda: None)  # METEOR unavailable (and no 10 s JVM)
+    monkeypatch.setattr(data_to_text, "find_java", lambda: None)  # no PTB tokens or METEOR (and no 10 s JVM)
     examples = [
         {"mr": mr, "references": [f"Place {i} is a riverside pub rated {i} out of 5 .", f"A pub {i} ."]}
         for i, mr in enumerate(E2E_MRS[:4])
@@ -279,6 +304,7 @@ def test_e2e_score_perfect_predictions(monkeypatch):
     scores = DATASETS.get("e2e").score([e["references"][0] for e in examples], examples)
     assert scores["bleu"] == pytest.approx(1.0)
     assert scores["meteor"] is None and "java" in scores["missing"]["meteor"]
+    assert scores["rouge_l"] is None and scores["cider"] is None and scores["nist"] > 0
     for name in DATASETS.get("e2e").metrics:
         assert scores[name] is None or type(scores[name]) is float
     assert json.loads(json.dumps(scores)) == scores

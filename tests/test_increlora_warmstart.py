@@ -1,6 +1,8 @@
-"""IncreLoRA's advance learning (warm-started reserved components) and the restarted warm-up of new
-components, as in the authors' code (FeiyuZhang98/IncreLoRA: loralib/loralib/increlora.py and
-NLU/src/transformers/optimization.py ``Multi_LambdaLR``), on the tiny BERT."""
+"""IncreLoRA's reserves (advance learning), rounds, budget and the separate AdamW groups of new
+components, as in the authors' code (FeiyuZhang98/IncreLoRA: loralib/loralib/increlora.py,
+NLU/src/transformers/optimization.py ``Multi_LambdaLR``), on the tiny BERT (4 adapted modules).
+tests/test_parity_lamda_increlora.py compares the whole trajectory with the authors' code; these
+check the mechanics one by one, and resuming."""
 
 from __future__ import annotations
 
@@ -8,26 +10,23 @@ import itertools
 import json
 import math
 
-import pytest
 import torch
 from transformers import get_scheduler
 
 from lorabench.methods.adapters.layer import adapter_layers
-from lorabench.methods.base import head_parameter_count, target_linear_weights
 from lorabench.methods.build import apply_method
 from tests.method_harness import build
 
 GATE = 1e-5  # the authors' frozen lambda of a reserved component (add_reserve_param)
 GATE32 = float(torch.tensor(GATE, dtype=torch.float32))  # as stored in the float32 lambda
+# budget 4 x 4 = 16 from 4 x 1; target_r 4 -> 2 components per round; 2 modules a round: 4 -> 8 -> 12 -> 16
+SCHEDULE = ("method.target_r=4", "method.add_per_round=2", "method.delta_t=3", "method.tinit=3")
 
 
 def authors_lr(base: float, add_step: int, step: int, warmup: int, total: int) -> float:
     """The learning rate the authors' ``Multi_LambdaLR`` gives, at optimizer step ``step``, to a param
-    group added before ``optimizer.step()`` of ``add_step``: no update at ``add_step`` (the tensors had
-    no gradient), then the group's own counter k = 0, 1, ... (it starts at -1 and is incremented by each
-    ``scheduler.step()``) in get_lr_lambda(warmup, total - last_epoch) with last_epoch = add_step + 1."""
-    if step <= add_step:
-        return 0.0
+    group added before ``optimizer.step()`` of ``add_step``: its own counter k = 0, 1, ... from the
+    next step in get_lr_lambda(warmup, total - (add_step + 1))."""
     k = step - add_step - 1
     horizon = total - (add_step + 1)
     if k < warmup:
@@ -36,21 +35,19 @@ def authors_lr(base: float, add_step: int, step: int, warmup: int, total: int) -
 
 
 def setup_run(sst2_dir, tmp_path, steps: int, *extra: str):
-    cfg, spec, loaded, loader, ctx = build("increlora", sst2_dir, tmp_path, f"train.max_steps={steps}", *extra)
-    base_count = sum(
-        spec.params["adapter"].rank * (w.shape[0] + w.shape[1] + 1)
-        for _, w in target_linear_weights(loaded.model, ctx.target_modules)
-    ) + head_parameter_count(loaded.model, ctx.head)
+    cfg, spec, loaded, loader, ctx = build(
+        "increlora", sst2_dir, tmp_path, f"train.max_steps={steps}", "train.lr=2e-2", "method.dropout=0", *extra
+    )
     built = apply_method(loaded.model, spec, ctx)
     warmup = math.ceil(cfg.train.warmup_ratio * steps)
     scheduler = get_scheduler("linear", built.optimizer, num_warmup_steps=warmup, num_training_steps=steps)
     batches = list(itertools.islice(itertools.cycle(loader), steps))
-    return built, scheduler, batches, base_count
+    return built, scheduler, batches, warmup
 
 
 def forward_backward(built, batch, step: int) -> None:
     built.model.train()
-    torch.manual_seed(1000 + step)  # the same dropout masks in every run
+    torch.manual_seed(1000 + step)
     built.model(**batch).loss.backward()
     built.procedure.after_backward(step)
 
@@ -76,175 +73,133 @@ def logits(model, batch) -> torch.Tensor:
         return model(**batch).logits
 
 
-def test_defaults_are_the_authors():
-    from lorabench.methods.procedures.increlora import IncreLoraAllocParams
-
-    p = IncreLoraAllocParams()
-    assert p.advance_learn and p.warmup_new and p.reserve_gate == GATE
-
-
-def test_reserve_is_advance_learned_and_activated_warm(sst2_dir, tmp_path):
-    """Each layer reserves its next component with lambda frozen at 1e-5; its P column and Q row train
-    before activation; the activated component keeps them and starts from lambda = 1e-5 (not 0)."""
-    built, scheduler, batches, _ = setup_run(
-        sst2_dir, tmp_path, 24, "method.delta_t=4", "method.target_r=3", "method.new_warmup_ratio=0.1"
-    )
+def test_reserves_come_after_step_0_and_start_warm(sst2_dir, tmp_path):
+    """No reserve before the first backward (the model is W0 at step 0); then a = 2 reserves per module
+    with lambda frozen at 1e-5 whose P and Q train; an activated reserve keeps them and starts from
+    lambda = 1e-5, which stays put at the activation step and the next (restarted warm-up)."""
+    built, scheduler, batches, _ = setup_run(sst2_dir, tmp_path, 16, *SCHEDULE, "method.new_warmup_ratio=0.1")
     layers = adapter_layers(built.model)
     init = {n: (m.lora_P.detach().clone(), m.lora_Q.detach().clone()) for n, m in layers.items()}
-    for m in layers.values():  # init_r = 2 active, component 2 reserved with the frozen gate
-        assert m.rank_mask.tolist()[:3] == [1, 1, 0] and m.reserved() == 2 and m.lora_E[2].item() == GATE32
-        assert m.gates()[2].item() == GATE32 and m.gates()[3:].abs().sum() == 0
-    ranks = {n: m.rank() for n, m in layers.items()}
-    activated = []
-
-    def check(step):
-        for n, m in layers.items():
-            if m.rank() > ranks[n]:
-                ranks[n], i = m.rank(), m.rank() - 1
-                activated.append((n, i))
-                # warm start: lambda starts from the reserve's 1e-5 (no update at the addition step),
-                # P and Q from their advance-learned values
-                assert m.lora_E[i].item() == GATE32
-                assert not torch.equal(m.lora_P[:, i], init[n][0][:, i])
-                assert not torch.equal(m.lora_Q[i], init[n][1][i])
-            r = m.reserved()
-            if r is not None:  # the next component, lambda frozen while reserved
-                assert r == m.rank() and m.lora_E[r].item() == GATE32
-
-    train(built, scheduler, batches, 0, 24, every=check)
-    assert len(activated) == len(layers)  # budget 3 per layer, 2 to start with
+    assert all(m.rank() == 1 and not m.reserve_mask.any() and m.gates().abs().sum() == 0 for m in layers.values())
+    forward_backward(built, batches[0], 0)
     for m in layers.values():
-        assert m.reserved() is None  # budget spent: reserves released
-        assert m.gates()[m.rank_mask == 0].abs().sum() == 0
-    for n, i in activated:
-        assert not torch.equal(layers[n].lora_E[i], torch.tensor(GATE))  # lambda trained after its warm-up
-
-
-def test_warm_start_off_starts_from_init(sst2_dir, tmp_path):
-    """The contrast: without advance learning a new component starts from its init with lambda = 0."""
-    built, scheduler, batches, _ = setup_run(
-        sst2_dir, tmp_path, 8, "method.delta_t=4", "method.target_r=3", "method.advance_learn=false"
-    )
-    layers = adapter_layers(built.model)
-    init = {n: m.lora_P.detach().clone() for n, m in layers.items()}
-    assert all(m.reserved() is None and m.lora_E[2].item() == 0 for m in layers.values())
-    train(built, scheduler, batches, 0, 5)  # first addition at step 4
-    grown = [n for n, m in layers.items() if m.rank() == 3]
-    assert len(grown) == 1
-    m = layers[grown[0]]
-    assert m.lora_E[2].item() == 0 and torch.equal(m.lora_P[:, 2], init[grown[0]][:, 2])
-
-
-def test_new_component_lr_follows_the_restarted_schedule(sst2_dir, tmp_path):
-    """Step by step, the update of a new component's slices is the optimizer's update scaled to the
-    authors' per-group learning rate; initial components are untouched by the scaling."""
-    steps, warmup_new = 40, 5
-    built, scheduler, batches, _ = setup_run(
-        sst2_dir,
-        tmp_path,
-        steps,
-        "method.delta_t=4",
-        "method.target_r=3",
-        f"method.new_warmup_ratio={warmup_new / steps}",
-        "train.weight_decay=0.01",
-    )
-    proc, opt = built.procedure, built.optimizer
-    assert proc.warmup == warmup_new
-    layers = adapter_layers(built.model)
-    r_max = next(iter(layers.values())).rank_mask.numel()
-    group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
-    keys = ("lora_P", "lora_Q", "lora_E")
-    added: dict[tuple[str, int], int] = {}  # (layer, component) -> step it was activated
-    reserved_at: dict[tuple[str, int], int] = {}  # (layer, component) -> step it was reserved
-    seen_scaled = 0
-    for step in range(steps):
-        ranks = {n: m.rank() for n, m in layers.items()}
-        forward_backward(built, batches[step], step)
-        for n, m in layers.items():
-            if m.rank() > ranks[n]:
-                added[(n, m.rank() - 1)] = step
-            if m.reserved() is not None:
-                reserved_at.setdefault((n, m.reserved()), step)
-        before = {n: {k: getattr(m, k).detach().clone() for k in keys} for n, m in layers.items()}
-        lrs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
-        mults = {n: proc.lr_multipliers(n, step) for n in layers}  # with the lr this step runs at
-        opt.step()
-        raw = {n: {k: getattr(m, k).detach().clone() for k in keys} for n, m in layers.items()}
-        scheduler.step()
-        opt.zero_grad(set_to_none=True)
-        proc.on_step_end(step + 1)
-        for n, m in layers.items():
-            base = group_of[id(m.lora_E)]["initial_lr"]
-            mult = mults[n]
-            assert mult["lora_P"][:2] == [1.0, 1.0] and mult["lora_E"][:2] == [1.0, 1.0]  # run's schedule
-            for i in range(2, r_max):
-                live = m.rank_mask[i] == 1 or m.reserve_mask[i] == 1
-                if live:  # P/Q: the authors' lr of the group made when the component was reserved
-                    want = authors_lr(base, reserved_at[(n, i)], step, warmup_new, steps)
-                    for key in ("lora_P", "lora_Q"):
-                        assert mult[key][i] * lrs[id(getattr(m, key))] == pytest.approx(want, rel=1e-9, abs=1e-15)
-                else:  # neither active nor reserved: does not move
-                    assert mult["lora_P"][i] == mult["lora_Q"][i] == 0
-                if (n, i) in added:  # lambda: the authors' lr of the group made at activation
-                    t = added[(n, i)]
-                    want = authors_lr(base, t, step, warmup_new, steps)
-                    assert mult["lora_E"][i] * lrs[id(m.lora_E)] == pytest.approx(want, rel=1e-9, abs=1e-15)
-                    if step in (t, t + 1):  # the restarted warm-up: no update, lr 0, then base / W
-                        assert want == 0 and m.lora_E[i].item() == GATE32
-                    if step == t + 2:
-                        assert want == pytest.approx(base / warmup_new)
-                else:
-                    assert mult["lora_E"][i] == 0  # a reserve's lambda is frozen
-                    if m.reserve_mask[i] == 1:
-                        assert m.lora_E[i].item() == GATE32
-            # the applied update is the optimizer's, scaled per component
-            for key, view in (("lora_P", (1, -1)), ("lora_Q", (-1, 1)), ("lora_E", (-1,))):
-                f = torch.tensor(mult[key], dtype=torch.float64).view(view)
-                old, new, got = before[n][key].double(), raw[n][key].double(), getattr(m, key).detach().double()
-                torch.testing.assert_close(got, old + f * (new - old), rtol=1e-6, atol=1e-9)
-                seen_scaled += int(key == "lora_E" and bool(((f > 0) & (f != 1) & (new != old)).any()))
-    assert len(added) == len(layers) and seen_scaled > 0
-
-
-def test_budget_is_never_exceeded(sst2_dir, tmp_path):
-    built, scheduler, batches, count = setup_run(
-        sst2_dir, tmp_path, 12, "method.delta_t=1", "method.target_r=4", "method.add_per_round=3"
-    )
-    proc = built.procedure
-    layers = adapter_layers(built.model)
-    assert sum(p.numel() for p in built.model.parameters() if p.requires_grad) == count
+        assert m.reserved() == [1, 2] and m.lora_E[1:3, 0].tolist() == [GATE32, GATE32]
+    finish_step(built, scheduler, 0)
+    activated = {}
 
     def check(step):
-        assert proc.total_rank() <= proc.budget == 4 * len(layers)
-        for m in layers.values():
-            assert m.reserve_mask.sum() <= 1 and not (m.reserve_mask.bool() & m.rank_mask.bool()).any()
-            if proc.total_rank() < proc.budget and m.rank() < m.rank_mask.numel():
-                assert m.reserved() is not None
-        if proc.total_rank() == proc.budget:
-            assert all(m.reserved() is None for m in layers.values())
+        for n, m in layers.items():
+            for i in m.rank_mask.nonzero()[:, 0].tolist():
+                if i >= 1 and (n, i) not in activated:
+                    activated[(n, i)] = step
+            for (name, i), t in activated.items():
+                if name == n and step <= t + 1:  # no update at t, lr 0 at t + 1
+                    assert m.lora_E[i, 0].item() == GATE32
+            frozen = GATE32 if built.procedure.total_rank() < built.procedure.budget else 0.0  # 0: released
+            assert all(m.lora_E[i, 0].item() == frozen for i in m.reserved())
 
-    train(built, scheduler, batches, 0, 12, every=check)
-    assert proc.total_rank() == proc.budget
-    assert sum(p.numel() for p in built.model.parameters() if p.requires_grad) == count
-    batch = batches[0]
-    out = logits(built.model, batch)
-    with torch.no_grad():  # neither inactive nor released components play a part
+    train(built, scheduler, batches, 1, 16, every=check)
+    assert sorted(set(activated.values())) == [6, 9, 12]
+    for n, i in activated:
+        m = layers[n]
+        assert not torch.equal(m.lora_P[:, i], init[n][0][:, i]) and not torch.equal(m.lora_Q[i], init[n][1][i])
+        assert m.lora_E[i, 0].item() != GATE32  # lambda trained after its restarted warm-up (2 steps)
+
+
+def test_warm_start_off_keeps_reserves_frozen(sst2_dir, tmp_path):
+    """Without advance learning reserves have lambda = 0 and frozen P, Q until activated."""
+    built, scheduler, batches, _ = setup_run(sst2_dir, tmp_path, 8, *SCHEDULE, "method.advance_learn=false")
+    layers = adapter_layers(built.model)
+    init = {n: (m.lora_P.detach().clone(), m.lora_Q.detach().clone()) for n, m in layers.items()}
+    train(built, scheduler, batches, 0, 6)  # first round at step 6
+    for n, m in layers.items():
+        assert m.reserved() == [1, 2] and m.lora_E[1:3].abs().sum() == 0
+        assert torch.equal(m.lora_P[:, 1:3], init[n][0][:, 1:3]) and torch.equal(m.lora_Q[1:3], init[n][1][1:3])
+    forward_backward(built, batches[6], 6)
+    grown = [n for n, m in layers.items() if m.rank() == 3]
+    assert len(grown) == 2 and all(layers[n].reserved() == [3, 4] for n in grown)
+
+
+def test_new_components_step_as_their_own_adamw_groups(sst2_dir, tmp_path):
+    """Each new component's slices follow torch's AdamW run on a separate tensor with the same
+    gradients, its own step count and the authors' restarted learning rate (weight decay on)."""
+    steps = 16
+    built, scheduler, batches, warmup = setup_run(
+        sst2_dir, tmp_path, steps, *SCHEDULE, "method.new_warmup_ratio=0.1", "train.weight_decay=0.1"
+    )
+    layers = adapter_layers(built.model)
+    shadows: dict = {}  # (layer, key, component) -> (parameter, optimizer, start step)
+    base = built.optimizer.param_groups[0]["initial_lr"]
+    proc, seen = built.procedure, set()
+
+    def slice_of(m, key, i, tensors=None):
+        p, q, e = tensors or (m.lora_P, m.lora_Q, m.lora_E)
+        return {"P": p[:, i], "Q": q[i], "E": e[i]}[key]
+
+    for step in range(steps):
+        forward_backward(built, batches[step], step)
+        grads = {}
+        for name, m in layers.items():
+            for key, starts in (("P", proc.pq_start[name]), ("Q", proc.pq_start[name]), ("E", proc.e_start[name])):
+                for i, s in enumerate(starts):
+                    if s is not None and s >= 0 and (name, key, i) not in shadows:
+                        shadow = torch.nn.Parameter(slice_of(m, key, i).detach().clone())
+                        opt = torch.optim.AdamW([shadow], lr=base, weight_decay=0.1)
+                        shadows[(name, key, i)] = (shadow, opt, s)
+            grads[name] = (m.lora_P.grad.clone(), m.lora_Q.grad.clone(), m.lora_E.grad.clone())
+        finish_step(built, scheduler, step)
+        for (name, key, i), (shadow, opt, s) in shadows.items():
+            if step <= s:
+                continue
+            shadow.grad = slice_of(None, key, i, grads[name]).clone()
+            for group in opt.param_groups:
+                group["lr"] = authors_lr(base, s, step, warmup, steps)
+            opt.step()
+            torch.testing.assert_close(slice_of(layers[name], key, i), shadow.detach(), rtol=0, atol=1e-7)
+            seen.add(key)
+    assert seen == {"P", "Q", "E"}
+
+
+def test_exact_budget_releases_the_reserves(sst2_dir, tmp_path):
+    built, scheduler, batches, _ = setup_run(sst2_dir, tmp_path, 16, *SCHEDULE)
+    proc, layers = built.procedure, adapter_layers(built.model)
+    train(built, scheduler, batches, 0, 13)
+    assert proc.total_rank() == proc.budget == 16 and proc.rounds == 3
+    for m in layers.values():  # released: created, lambda 0, out of the forward; scoring off
+        assert len(m.reserved()) == 2 and m.lora_E[m.reserve_mask.bool()].abs().sum() == 0
+        assert not m.track_score
+    out = logits(built.model, batches[0])
+    with torch.no_grad():
         for m in layers.values():
             m.lora_P[:, m.rank_mask == 0] = 1.0
-    torch.testing.assert_close(logits(built.model, batch), out, rtol=0, atol=0)
+    torch.testing.assert_close(logits(built.model, batches[0]), out, rtol=0, atol=0)
+    assert proc.state()["increlora_total_rank"] == 16
+
+
+def test_last_round_may_pass_the_budget(sst2_dir, tmp_path):
+    """target_r 6 (3 per round), 2 modules a round: 4 -> 10 -> 16 -> 22 -> 28 > 24, as the authors'
+    k = min(top_h, budget left) counts modules against a budget in ranks; no release then."""
+    extra = ("method.target_r=6", "method.add_per_round=2", "method.delta_t=1", "method.tinit=0")
+    built, scheduler, batches, _ = setup_run(sst2_dir, tmp_path, 8, *extra)
+    proc, layers = built.procedure, adapter_layers(built.model)
+    totals = []
+    train(built, scheduler, batches, 0, 8, every=lambda step: totals.append(proc.total_rank()))
+    assert totals[:6] == [4, 10, 16, 22, 28, 28] and proc.budget == 24
+    assert all(m.lora_E[m.reserve_mask.bool(), 0].tolist() == [GATE32] * 3 for m in layers.values())
+    assert built.procedure.state()["increlora_rounds"] == 4
 
 
 def test_resume_mid_training_is_exact(sst2_dir, tmp_path):
-    """Checkpoint (trainable tensors, optimizer, scheduler, procedure JSON) in the middle of a
-    warm-up, with a reserve mid advance-learning; the resumed run matches the uninterrupted one."""
-    steps, cut = 20, 7
-    extra = ("method.delta_t=3", "method.target_r=3", "method.new_warmup_ratio=0.2", "train.weight_decay=0.01")
+    """Checkpoint (trainable tensors, optimizer, scheduler, procedure JSON) between rounds, with new
+    components mid warm-up; the resumed run matches the uninterrupted one."""
+    steps, cut = 16, 8
+    extra = (*SCHEDULE, "method.new_warmup_ratio=0.1", "train.weight_decay=0.01")
     full, full_sched, batches, _ = setup_run(sst2_dir, tmp_path, steps, *extra)
     train(full, full_sched, batches, 0, steps)
 
     part, part_sched, _, _ = setup_run(sst2_dir, tmp_path, steps, *extra)
     train(part, part_sched, batches, 0, cut)
-    assert 0 < part.procedure.additions < len(adapter_layers(part.model))  # mid-allocation
+    assert part.procedure.rounds == 1
     tensors = {n: p.detach().clone() for n, p in part.model.named_parameters() if p.requires_grad}
     opt_state = part.optimizer.state_dict()
     sched_state = json.loads(json.dumps(part_sched.state_dict(), default=str))

@@ -1,8 +1,8 @@
 """LaMDA++ (``method=lamda_plus``: the ``lamda`` adapter with ``rank_allocation: spectrum``): the
 spectrum-energy rank allocation (exact values on weights with known spectra, budget, min rank, caps),
-exact closed-form trainable count with mixed ranks, step-0 identity, what one step moves, PMB freezing
-per layer rank, save/load, and the per-layer ranks in the run record. The default (uniform) stays as
-it was."""
+exact closed-form trainable count with mixed ranks, step-0 identity, what one step moves, the
+authors' PMB freezing per layer rank, save/load, and the per-layer ranks in the run record. The
+default (``method=lamda``) is uniform with the authors' released init."""
 
 from __future__ import annotations
 
@@ -143,41 +143,57 @@ def test_step0_identity_and_one_step_moves_only_pmb_and_core(sst2_dir, tmp_path)
 
 
 def test_pmb_freezing_with_mixed_ranks(sst2_dir, tmp_path):
-    _, built, batch, _, _, names, _ = make_plus(sst2_dir, tmp_path, "train.max_steps=8", "method.pmb_freeze_end=0.5")
+    """The authors' gradual_freeze_B per layer rank: t = floor(g / (eta T)) = floor(g / 2) here; PMB's
+    first t columns get no gradient, and a layer with t >= r stops training (full gradient at that
+    step, none after: AdamW leaves it untouched)."""
+    _, built, batch, _, _, names, _ = make_plus(
+        sst2_dir, tmp_path, "train.max_steps=8", "method.pmb_freeze_every=0.25", "train.weight_decay=0.1"
+    )
     model, proc = built.model, built.procedure
     layers = adapter_layers(model)
-    # column i of a rank-r layer freezes at ceil(4 (i + 1) / r): every layer is fully frozen at step 4
-    schedules = {8: [1, 1, 2, 2, 3, 3, 4, 4], 5: [1, 2, 3, 4, 4], 2: [2, 4], 1: [4]}
-    assert proc.schedules == [schedules[r] for r in EXPECTED]
-    assert proc.freeze_at == schedules[8]
-    history = {n: [] for n in names}
-
-    def record(step):
+    model.train()
+    history = {n: [layers[n].lora_B.detach().clone()] for n in names}
+    for step in range(8):
+        model(**batch).loss.backward()
+        proc.after_backward(step)
+        t = (step + 1) // 2
+        assert proc.t == t
+        for n, r in zip(names, EXPECTED):
+            grad = layers[n].lora_B.grad
+            if t >= r and step // 2 >= r:  # stopped at an earlier step
+                assert grad is None, (n, step)
+            elif t >= r:  # the step it stops at keeps the whole gradient
+                assert grad is not None and (grad != 0).any(dim=0).all(), (n, step)
+            else:
+                assert (grad[:, :t] == 0).all() and (grad[:, t:] != 0).any(dim=0).all(), (n, step)
+        built.optimizer.step()
+        built.optimizer.zero_grad(set_to_none=True)
+        proc.on_step_end(step + 1)
         for n in names:
             history[n].append(layers[n].lora_B.detach().clone())
-
-    train_with_procedure(built, batch, 6, record)
+    # ranks 8, 5, 2, 1: the rank-1 PMB stops after step 2 (g = 2), the rank-2 one after g = 4
+    for n, last in zip(names, (None, None, 4, 2)):
+        if last is None:  # columns without gradient still move (AdamW's momentum and weight decay)
+            assert not torch.equal(history[n][-1][:, 0], history[n][2][:, 0]), n
+        else:
+            assert all(torch.equal(h, history[n][last]) for h in history[n][last:]), n
+            assert not torch.equal(history[n][last], history[n][last - 1]), n
     state = proc.state()
-    assert state["lamda_pmb_frozen_columns"] == 8 and state["lamda_rank"] == 8
-    assert state["lamda_pmb_frozen_columns_per_layer"] == dict(zip(names, EXPECTED))
-    for n, r in zip(names, EXPECTED):
-        for col, t in enumerate(schedules[r]):  # column col keeps its value from step t on
-            for later in history[n][t:]:
-                assert torch.equal(later[:, col], history[n][t - 1][:, col]), (n, col)
-        # the last column freezes only at step 4 (not at the rank-8 layer's first step): it moved before
-        assert not torch.equal(history[n][0][:, r - 1], history[n][2][:, r - 1]), n
+    assert state["lamda_pmb_frozen_columns"] == 4 and state["lamda_rank"] == 8
+    assert state["lamda_pmb_frozen_columns_per_layer"] == dict(zip(names, [4, 4, 2, 1]))
+    assert state["lamda_pmb_stopped"] == names[2:]
 
 
 def test_save_load_and_procedure_state_round_trip(sst2_dir, tmp_path):
-    _, built, batch, _, _, _, _ = make_plus(sst2_dir, tmp_path, "train.max_steps=8", "method.pmb_freeze_end=0.5")
+    _, built, batch, _, _, _, _ = make_plus(sst2_dir, tmp_path, "train.max_steps=8", "method.pmb_freeze_every=0.25")
     model, proc = built.model, built.procedure
     train_with_procedure(built, batch, 3)
     out = logits(model, batch)
     path = tmp_path / "adapter.safetensors"
     save_trainable(model, path)
     state = json.loads(json.dumps(proc.state_dict()))
-    assert state == {"frozen": [6, 3, 1, 0]}  # per layer (ranks 8, 5, 2, 1) after step 3
-    _, fresh, _, _, _, _, _ = make_plus(sst2_dir, tmp_path, "train.max_steps=8", "method.pmb_freeze_end=0.5")
+    assert state == {"t": 1}  # after g = 3: floor(3 / 2); the rule depends on the step only
+    _, fresh, _, _, _, _, _ = make_plus(sst2_dir, tmp_path, "train.max_steps=8", "method.pmb_freeze_every=0.25")
     assert not torch.equal(logits(fresh.model, batch), out)
     load_trainable(fresh.model, path)
     fresh.procedure.load_state_dict(state)
@@ -186,15 +202,18 @@ def test_save_load_and_procedure_state_round_trip(sst2_dir, tmp_path):
 
 
 def test_default_lamda_stays_uniform(sst2_dir, tmp_path):
-    """``method=lamda`` has no rank_allocation key (its run ids are unchanged) and keeps rank r everywhere."""
+    """``method=lamda`` has no rank_allocation key, keeps rank r everywhere and the authors' init."""
     cfg = compose(["method=lamda", *tiny_overrides("classification", sst2_dir, tmp_path)])
     assert "rank_allocation" not in cfg["method"]
     base, built, _, spec, ctx, names, expected = make_plus(sst2_dir, tmp_path, method="lamda")
     assert spec.params["adapter"].rank_allocation == "uniform"
     assert [adapter_layers(built.model)[n].lora_B.shape[1] for n in names] == [4] * 4
-    assert built.procedure.state_dict() == {"frozen": 0} and "lamda_pmb_frozen_columns_per_layer" not in (
+    assert built.procedure.state_dict() == {"t": 0} and "lamda_pmb_frozen_columns_per_layer" not in (
         built.procedure.state()
     )
+    assert spec.params["adapter"].factor_init == "lora"
+    for layer in adapter_layers(built.model).values():  # PMB = 0: the model starts at W0 without a subtraction
+        assert not layer.subtract_init and layer.lora_B.abs().max() == 0
     assert expected == 4 * (4 * D + 16) + head_parameter_count(base, ctx.head)
     assert layer_ranks(base, ctx.target_modules, spec.params["adapter"]) == (dict.fromkeys(names, 4), {})
 

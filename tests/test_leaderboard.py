@@ -360,3 +360,17 @@ def test_sweep_table_says_when_a_grid_is_not_finished(lb, tmp_path):
     rows = path.read_text().splitlines()
     assert "| lora | 0.0005: 79.00, 0.001: - | 0.0005 (sweep not finished) |" in rows
     assert "| full | 3e-05: -, 5e-05: 82.00, 0.0001: 81.00 | 5e-05 (sweep not finished) |" in rows  # below: to run
+
+
+def test_fidelity_table_compares_the_last_reported_superseded_row(lb, tmp_path):
+    old, new = tmp_path / "superseded", tmp_path / "records"
+    for seed, acc in enumerate([0.70, 0.72, 0.74]):
+        fake_record(old, "badam", 2e-4, seed, acc)  # the row the leaderboard reported (n = 3)
+    fake_record(old, "badam", 1e-4, 1, 0.9)  # a seed retired earlier at a replaced rate (n = 1)
+    for seed, acc in enumerate([0.80, 0.81, 0.82]):
+        fake_record(new, "badam", 5e-4, seed, acc)
+    rows = {r["method"]: r for r in lb.leaderboard_rows(lb.completed(new))}
+    lines = lb.fidelity_table(lb.completed(old), rows).splitlines()
+    badam = next(line for line in lines if line.startswith("| badam "))
+    assert badam == "| badam | 72.00 ± 2.00 (3) at 0.0002 | 81.00 ± 1.00 (3) at 0.0005 | +9.00 |"
+    assert next(line for line in lines if line.startswith("| fira ")) == "| fira | - | - | - |"

@@ -40,7 +40,7 @@ def quant_opts(bits: int | None, quant_aware: bool = True) -> tuple[str, ...]:
 
 
 def set_coefs(model, seed: int = 1) -> None:
-    """Non-trivial coefficients (coef_B starts at zero), the same in every model built alike."""
+    """Non-trivial coefficients (both start at zero), the same in every model built alike."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in adapter_layers(model).values():
@@ -78,7 +78,7 @@ def test_forward_uses_hand_dequantised_coefficients(bits, sst2_dir, tmp_path):
                 layer.train(mode)
                 coef_a, coef_b = layer.coefficients()
                 assert torch.equal(coef_a, qa) and torch.equal(coef_b, qb)
-            a = torch.einsum("k,krd->rd", qa, layer.basis_A)
+            a = torch.einsum("k,krd->rd", qa, layer.basis_A) + layer.lora_A0  # A0 is frozen, never quantised
             b = torch.einsum("l,lor->or", qb, layer.basis_B)
             assert torch.equal(layer.delta_weight(), layer.scale * b @ a)
             ref_layers[name].coef_A.copy_(qa)

@@ -175,6 +175,34 @@ def test_lora_ga_init_is_driven_by_the_gradient(sst2_dir: Path, tmp_path: Path):
     assert overlap > 0.99
 
 
+def test_lora_ga_gradient_cache_key_holds_the_seed_only_when_the_estimate_depends_on_it(tmp_path, monkeypatch):
+    """A pretrained causal LM without dropout shares one estimate across seeds; a seeded head, weights
+    drawn from the seed, or active dropout (peft estimates in train mode) make the key per seed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lorabench.methods.base import MethodContext
+    from lorabench.methods.initializers.lora_ga import gradient_cache
+
+    monkeypatch.setenv("LORABENCH_CACHE", str(tmp_path))
+    config = dict(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2)
+
+    def paths(model, head="causal_lm"):
+        return {
+            gradient_cache(MethodContext(["q_proj"], head, 1e-3, 0.0, 4, seed, calibration_key="k"), model).name
+            for seed in (0, 1)
+        }
+
+    model = LlamaForCausalLM(LlamaConfig(**config, attention_dropout=0.0))
+    model.config._name_or_path = "org/pretrained"
+    assert paths(model) == {"k-q_proj.pt"}
+    assert paths(model, head="classification") == {"k-q_proj-seed0.pt", "k-q_proj-seed1.pt"}
+    dropping = LlamaForCausalLM(LlamaConfig(**config, attention_dropout=0.1))
+    dropping.config._name_or_path = "org/pretrained"
+    assert len(paths(dropping)) == 2
+    model.config._name_or_path = ""  # built from a config: every weight comes from the seed
+    assert len(paths(model)) == 2
+
+
 # -- AdaLoRA's allocator --------------------------------------------------------------------------------
 def test_adalora_allocator_prunes_ranks_to_the_target_budget(sst2_dir: Path, tmp_path: Path):
     result = one_step(

@@ -55,6 +55,15 @@ CASES = [
     ("badam", "classification", ["method.switch_every=2"]),
     ("eva", "classification", []),  # data-driven init: re-run from the same calibration batches
     ("full", "causal_lm", []),
+    # LaMDA++ at rank 2: t = floor(g / 1.8) zeroes PMB's first column before the cut; PMB stops training after it
+    ("lamda_plus", "classification", ["method.rank=2"]),
+    # IncreLoRA: rounds at steps 2, 3, 4 around the cut, new components stepped as their own AdamW groups
+    (
+        "increlora",
+        "classification",
+        ["method.target_r=4", "method.add_per_round=2", "method.delta_t=1", "method.tinit=1"]
+        + ["method.new_warmup_ratio=0.2"],
+    ),
 ]
 
 

@@ -144,13 +144,16 @@ def test_wandb_tracker_offline(sst2_dir, tmp_path, monkeypatch):
     assert list(tmp_path.rglob("wandb/offline-run-*")), "no offline W&B run was written"
 
 
-def test_lora_ga_gradient_estimate_is_reused_across_seeds(sst2_dir, tmp_path, monkeypatch):
+def test_lora_ga_gradient_estimate_is_cached_per_seed_when_the_seed_draws_the_head(sst2_dir, tmp_path, monkeypatch):
+    """The tiny classifier's head (and, here, every weight) comes from the seed: seed 1 must not reuse
+    seed 0's gradient (it did before the key held the seed)."""
     monkeypatch.setenv("LORABENCH_CACHE", str(tmp_path / "cache"))
     for seed in (0, 1):
         assert train("method=lora_ga", f"seed={seed}", *tiny_overrides("classification", sst2_dir, tmp_path)) == 0
     by_seed = {r["config"]["seed"]: r["method_report"]["lora_ga_gradient_cache"] for r in records(tmp_path)}
-    assert by_seed[0]["hit"] is False and by_seed[1]["hit"] is True
-    assert by_seed[0]["path"] == by_seed[1]["path"]
+    assert by_seed[0]["hit"] is False and by_seed[1]["hit"] is False
+    assert by_seed[0]["path"] != by_seed[1]["path"] and by_seed[1]["path"].endswith("-seed1.pt")
+    assert "classification head drawn from the seed" in by_seed[1]["per_seed"]
 
 
 def test_mlflow_tracker_file_store(sst2_dir, tmp_path, monkeypatch):

@@ -110,16 +110,29 @@ def count_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int(batch["attention_mask"].sum())
 
 
+def truncate_at_stops(text: str, stops: tuple[str, ...] | list[str]) -> str:
+    """``text`` up to the first occurrence of any stop string (all of it when none occurs)."""
+    for stop in stops:
+        if stop:
+            text = text.split(stop, 1)[0]
+    return text
+
+
 @torch.no_grad()
-def generate_texts(model, tokenizer, prompts: list[str], cfg: DatasetConfig, device, **generate_kwargs) -> list[str]:
+def generate_texts(
+    model, tokenizer, prompts: list[str], cfg: DatasetConfig, device, stop: tuple[str, ...] = (), **generate_kwargs
+) -> list[str]:
     """Batched generation (left padding, KV cache; greedy, or beam with ``cfg.num_beams``): the
     decoded new tokens of each prompt. Prompts are tokenized as in ``lm_features`` (BOS only when
-    the tokenizer adds one)."""
+    the tokenizer adds one). With ``stop`` strings, a sequence stops once its text ends in one
+    (transformers' ``stop_strings``) and each text is cut before the first stop string it holds."""
     bos = (
         [tokenizer.bos_token_id]
         if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False)
         else []
     )
+    if stop:
+        generate_kwargs = {**generate_kwargs, "stop_strings": list(stop), "tokenizer": tokenizer}
     outputs = []
     for start in range(0, len(prompts), cfg.eval_batch_size):
         chunk = prompts[start : start + cfg.eval_batch_size]
@@ -136,5 +149,6 @@ def generate_texts(model, tokenizer, prompts: list[str], cfg: DatasetConfig, dev
             use_cache=True,
             **generate_kwargs,
         )
-        outputs.extend(tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1] :], skip_special_tokens=True))
+        texts = tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        outputs.extend(truncate_at_stops(text, stop) for text in texts)
     return outputs

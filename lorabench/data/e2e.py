@@ -9,11 +9,14 @@ MR's references with the official E2E metrics (``evaluation.data_to_text``; BLEU
 
 Sources:
 
-* ``dataset.data_dir``: a folder in the official format (tuetschek/e2e-dataset): ``trainset.csv``,
-  ``devset.csv``, ``testset_w_refs.csv``, each a CSV with header ``mr,ref`` and one row per
-  reference. Train on ``trainset.csv``; evaluate on ``testset_w_refs.csv`` (the LoRA paper's
-  table), else on ``devset.csv``. When the folder holds only ``devset.csv``, the dev set is split
-  by MR (see :func:`split_by_mr`) so no MR is in both halves; the split names and notes say so.
+* ``dataset.data_dir``: a folder in the official format (tuetschek/e2e-dataset), CSV files with
+  header ``mr,ref`` and one row per reference. Which files are used (first that applies):
+  ``trainset.csv`` + ``testset_w_refs.csv`` (train / test, the LoRA paper's table);
+  ``trainset.csv`` + ``devset.csv`` (train / dev); ``devset.csv`` + ``testset_w_refs.csv`` (train on
+  the dev set, evaluate on the test set; a note says so); ``devset.csv`` alone, split by MR (see
+  :func:`split_by_mr`) so no MR is in both halves (the split names and notes say so). Any other
+  folder is an error naming the CSV files found and the expected names. As the official scorer
+  does, the mis-encodings ``Ł``/``Â£`` (for ``£``) and ``Ã©``/``ã©`` (for ``é``) are repaired.
 * the hub (``dataset.hub_id``, default ``tuetschek/e2e_nlg``, columns ``meaning_representation``,
   ``human_reference``; ``GEM/e2e_nlg`` also works: ``target`` plus a ``references`` list).
 """
@@ -25,7 +28,7 @@ import hashlib
 from pathlib import Path
 
 from lorabench.config import DatasetConfig
-from lorabench.data.base import Splits, check_columns, generate_texts, require_file, resolve_primary, subset
+from lorabench.data.base import Splits, check_columns, generate_texts, resolve_primary, subset
 from lorabench.data.gsm8k import lm_features, prompt_text
 from lorabench.errors import ConfigError, DataError
 from lorabench.evaluation.data_to_text import e2e_metrics
@@ -35,6 +38,16 @@ from lorabench.registry import DATASETS
 TEMPLATES = ("plain", "chat")
 DEV_EVAL_MODULUS = 5  # dev-only split: an MR is evaluated when sha256(mr) % 5 == 0 (about 20%)
 BEAM_KWARGS = {"length_penalty": 0.9, "no_repeat_ngram_size": 4}  # LoRA paper, Table 11 (E2E)
+# Mis-encodings the official scorer (measure_scores.py) repairs in every line it reads, in its order.
+TEXT_REPAIRS = (
+    ("\u0141", "\u00a3"),  # Ł -> £
+    ("\u00c2\u00a3", "\u00a3"),  # Â£ -> £
+    ("\u00c3\u00a9", "\u00e9"),  # Ã© -> é
+    ("\u00e3\u00a9", "\u00e9"),  # ã© -> é
+)
+METRIC_REFERENCE = (
+    "tuetschek/e2e-metrics@1b9c4d87fd0b measure_scores.py (parity: tests/fixtures/parity/e2e_metrics.json)"
+)
 
 
 def e2e_prompt(mr: str, tokenizer, template: str) -> str:
@@ -49,8 +62,16 @@ def e2e_prompt(mr: str, tokenizer, template: str) -> str:
     raise ConfigError(f"dataset.prompt_template={template!r} is invalid for e2e; valid choices: {', '.join(TEMPLATES)}")
 
 
+def repair_text(text: str) -> str:
+    """``text`` with the official scorer's repairs of mis-encoded pound signs and e-acute."""
+    for wrong, right in TEXT_REPAIRS:
+        text = text.replace(wrong, right)
+    return text
+
+
 def read_e2e_csv(path: Path) -> list[dict]:
-    """(mr, ref) rows of one official E2E CSV file; extra columns (the cleaned release's) are ignored."""
+    """(mr, ref) rows of one official E2E CSV file, text repaired (:func:`repair_text`); extra
+    columns (the cleaned release's) are ignored."""
     with path.open(encoding="utf-8-sig", newline="") as fh:
         reader = csv.reader(fh)
         header = next(reader, [])
@@ -66,7 +87,7 @@ def read_e2e_csv(path: Path) -> list[dict]:
                     f"{path}:{reader.line_num}: expected {len(header)} comma-separated fields "
                     f"({','.join(header)}), found {len(row)}"
                 )
-            mr, ref = row[mr_i].strip(), row[ref_i].strip()
+            mr, ref = repair_text(row[mr_i]).strip(), repair_text(row[ref_i]).strip()
             if not mr:
                 raise DataError(f"{path}:{reader.line_num}: empty 'mr' field")
             rows.append({"mr": mr, "ref": ref})
@@ -105,7 +126,7 @@ def split_by_mr(pairs: list[dict]) -> tuple[list[dict], list[dict]]:
 
 class E2E:
     name = "e2e"
-    version = "1"
+    version = "2"  # 2: metrics equal to the official scorer (PTB jar tokens, mteval lower-casing)
     head = "causal_lm"
     num_labels = None
     metrics = ("bleu", "nist", "meteor", "rouge_l", "cider")
@@ -133,20 +154,36 @@ class E2E:
                 "(expected the official E2E trainset.csv / devset.csv / testset_w_refs.csv)"
             )
         files = {n: root / f"{n}.csv" for n in ("trainset", "devset", "testset_w_refs")}
+        have = {n for n, path in files.items() if path.is_file()}
         source = {"kind": "local", "path": str(root.resolve()), "format": "E2E csv (mr,ref)"}
-        if files["trainset"].is_file():
-            eval_name = "testset_w_refs" if files["testset_w_refs"].is_file() else "devset"
+        if "trainset" in have and have & {"testset_w_refs", "devset"}:
+            eval_name = "testset_w_refs" if "testset_w_refs" in have else "devset"
             train = read_e2e_csv(files["trainset"])
-            evals = read_e2e_csv(require_file(files[eval_name], self.name))
+            evals = read_e2e_csv(files[eval_name])
             return Splits(train, evals, source, "train", "test" if eval_name == "testset_w_refs" else "dev")
-        dev = read_e2e_csv(require_file(files["devset"], self.name))
-        train, evals = split_by_mr(dev)
-        rule = f"sha256(mr) % {DEV_EVAL_MODULUS}"
-        note = (
-            f"no trainset.csv in {root}: devset.csv was split by MR ({rule} == 0 -> eval, else train); "
-            "scores are not comparable with official E2E test scores"
+        if have == {"devset", "testset_w_refs"}:
+            note = (
+                f"no trainset.csv in {root}: training on devset.csv, evaluating on testset_w_refs.csv "
+                "(test scores, but from a model trained on the smaller dev set)"
+            )
+            dev, test = read_e2e_csv(files["devset"]), read_e2e_csv(files["testset_w_refs"])
+            return Splits(dev, test, source, "dev", "test", notes=[note])
+        if have == {"devset"}:
+            dev = read_e2e_csv(files["devset"])
+            train, evals = split_by_mr(dev)
+            rule = f"sha256(mr) % {DEV_EVAL_MODULUS}"
+            note = (
+                f"no trainset.csv in {root}: devset.csv was split by MR ({rule} == 0 -> eval, else train); "
+                "scores are not comparable with official E2E test scores"
+            )
+            return Splits(train, evals, source, f"dev[{rule} != 0]", f"dev[{rule} == 0]", notes=[note])
+        found = sorted(p.name for p in root.glob("*.csv"))
+        hint = " (testset.csv has no references: use testset_w_refs.csv)" if "testset.csv" in found else ""
+        raise DataError(
+            f"dataset 'e2e': {root} holds {', '.join(found) or 'no CSV file'}{hint}; expected the official E2E "
+            "files trainset.csv with testset_w_refs.csv or devset.csv, devset.csv with testset_w_refs.csv, "
+            "or devset.csv alone"
         )
-        return Splits(train, evals, source, f"dev[{rule} != 0]", f"dev[{rule} == 0]", notes=[note])
 
     def _load_hub(self, cfg: DatasetConfig) -> Splits:
         hub_id = cfg.hub_id or "tuetschek/e2e_nlg"
@@ -212,6 +249,7 @@ class E2E:
                 "postprocess": "first line, stripped",
             },
             "references": "all references of an MR (multi-reference); one generation per MR",
+            "metrics": METRIC_REFERENCE,
             "primary_metric": resolve_primary(self, cfg),
         }
 

@@ -1,7 +1,9 @@
 """GSM8K (Cobbe et al., 2021) and a GSM8K-format offline stand-in, for causal language models.
 
 Training: prompt + worked solution ending ``#### N``; loss on the solution tokens only.
-Evaluation: batched greedy (or beam) generation with left padding and a KV cache, final-number
+Evaluation: batched greedy (or beam) generation with left padding and a KV cache, stopped at the
+stop strings of lm-evaluation-harness' gsm8k task (``STOP_STRINGS``: the next ``Question:`` of the
+plain prompt, and the end-of-turn strings ``</s>``, ``<|im_end|>``) and cut before them; final-number
 extraction (``lorabench.evaluation.math_answers``) and exact numeric match against ``#### N``.
 
 Sources: ``gsm8k`` reads the hub dataset ``openai/gsm8k`` (config ``main``) or the official
@@ -20,11 +22,13 @@ import torch
 from lorabench.config import DatasetConfig
 from lorabench.data.base import Splits, check_columns, generate_texts, require_file, resolve_primary, subset
 from lorabench.errors import ConfigError, DataError
-from lorabench.evaluation.math_answers import exact_match, reference_answer
+from lorabench.evaluation.math_answers import NEXT_QUESTION, exact_match, reference_answer
 from lorabench.hub import hub_reachable
 from lorabench.registry import DATASETS
 
 TEMPLATES = ("plain", "chat")
+# lm-evaluation-harness gsm8k.yaml ``until``: generation stops at the first of these, text is cut before it.
+STOP_STRINGS = (NEXT_QUESTION, "</s>", "<|im_end|>")
 
 
 def prompt_text(question: str, tokenizer, template: str) -> str:
@@ -60,7 +64,7 @@ def lm_features(prompt: str, target: str, tokenizer, max_length: int) -> dict:
 class MathWordProblems:
     """Shared features, prediction and scoring for GSM8K-format tasks."""
 
-    version = "1"
+    version = "2"  # 2: stop strings; answer phrase read to the result of its calculation, \boxed{}
     head = "causal_lm"
     num_labels = None
     metrics = ("exact_match",)
@@ -79,7 +83,7 @@ class MathWordProblems:
     @torch.no_grad()
     def predict(self, model, tokenizer, examples: list[dict], cfg: DatasetConfig, device) -> list[str]:
         prompts = [prompt_text(e["question"], tokenizer, cfg.prompt_template) for e in examples]
-        return generate_texts(model, tokenizer, prompts, cfg, device)
+        return generate_texts(model, tokenizer, prompts, cfg, device, stop=STOP_STRINGS)
 
     def score(self, predictions: list[str], examples: list[dict]) -> dict:
         hits = [exact_match(p, reference_answer(e["answer"])) for p, e in zip(predictions, examples)]
@@ -93,8 +97,16 @@ class MathWordProblems:
                 "strategy": "greedy" if cfg.num_beams == 1 else "beam",
                 "num_beams": cfg.num_beams,
                 "max_new_tokens": cfg.max_new_tokens,
+                "stop": list(STOP_STRINGS),
             },
-            "answer_extraction": "#### N, then 'the answer is N', then the last number; exact numeric match",
+            "answer_extraction": (
+                "text before 'Question:'; first #### N, then the last \\boxed{N}, then the last 'the answer is' "
+                "clause (its result after '='), then the last number; exact numeric match"
+            ),
+            "answer_reference": (
+                "right wherever lm-eval==0.4.13 gsm8k strict-match/flexible-extract is "
+                "(parity: tests/fixtures/parity/gsm8k_extraction.json)"
+            ),
             "primary_metric": resolve_primary(self, cfg),
         }
 

@@ -91,6 +91,12 @@ class Procedure:
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, params: Any, ctx: MethodContext) -> None:
         return None
 
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+        """A term the loop adds to every micro-batch's loss before backward (a regulariser such as
+        SoRA's L1 on its gates): it enters the gradient (and so the clipping); the logged training
+        loss stays the model's. None: nothing."""
+        return None
+
     def after_backward(self, step: int) -> None:
         """After the last backward of an optimizer step, before clipping and ``optimizer.step()``."""
 

@@ -7,10 +7,12 @@ whole model per step) and the forward uses only the first b ranks:
 Delta W_b = (alpha / b) B[:, :b] A[:b, :]. In eval mode the layer uses ``eval_rank`` (0 = r_max), so
 one trained adapter can be served at any rank <= r_max. Trainable parameters per target:
 r_max * (d_in + d_out), plus the task head.
-Hyper-parameters: rank (r_max; paper: 8 on GLUE), r_min (1), alpha (paper follows LoRA's GLUE
-scripts), eval_rank. The procedure's ``frozen`` flag is the paper's "frozen" mode (only row/column
-b receives gradient); the default updates all ranks <= b.
-Without the ``dylora`` procedure the layer trains at r_max (plain LoRA with scale alpha / r_max).
+Hyper-parameters: rank (r_max; the authors' GLUE scripts: 8), r_min (1), alpha (their scripts: 16),
+eval_rank. The procedure's ``frozen`` flag (default true, as the authors' scripts) is the paper's
+"frozen" mode: only row/column b receives gradient; with false all ranks <= b do.
+The authors' layer scales each truncated factor by sqrt(r_max / b) around LoRA's alpha / r_max, the
+same alpha / b on the product. Without the ``dylora`` procedure the layer trains at r_max (plain LoRA
+with scale alpha / r_max).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from lorabench.config import check_positive
 from lorabench.errors import ConfigError
 from lorabench.methods.adapters.layer import AdapterLayer, OwnAdapter, seeded_generator
 from lorabench.methods.base import MethodContext
+from lorabench.methods.fidelity import Fidelity
 from lorabench.registry import ADAPTERS
 
 
@@ -82,6 +85,18 @@ class DyLoraAdapter(OwnAdapter):
     Params = DyLoraParams
     size_knob = "rank"  # what a size budget sets (lorabench/budget.py)
     paper = "Valipour et al., 2023, arXiv:2210.07558"
+    fidelity = Fidelity(
+        reference="huawei-noah/Efficient-NLP@bb44348bc897 DyLoRA/loralib (layers.py Linear, DyLoRA.py dynamic)",
+        status="parity",
+        tolerance="max |Δ| / max(1, |ref|) <= 1e-6 of outputs, gradients, A and B over 12 steps (fp32, CPU), and of"
+        " the outputs at every rank after training",
+        fixture="tests/fixtures/parity/dylora.json",
+        deviations=(
+            "A's Kaiming-uniform init is drawn from a generator seeded by the run seed and the layer name, not"
+            " torch's global generator (same distribution; the parity test loads the reference's draw)",
+        ),
+        unchecked=("loralib's merge-on-eval path (merge_weights) is not exercised; ours merges on request only",),
+    )
 
     def make_layer(self, name: str, linear: nn.Linear, params: DyLoraParams, ctx: MethodContext) -> DyLoraLayer:
         return DyLoraLayer(

@@ -1,27 +1,27 @@
 """LaMDA and LaMDA++ (Azizi et al., 2024, "LaMDA: Large Model Fine-Tuning via Spectrally Decomposed
 Low-Dimensional Adaptation", arXiv:2406.12832, EMNLP 2024 Findings), our own layer (slora.TriLayer).
 
-Update rule: y = W0 x + s PMB S PMA x with PMA (r x d_in) frozen, a trainable square core S (r x r)
-and PMB (d_out x r) trainable at first and frozen progressively during the early stage of training
-(the ``lamda`` procedure, lorabench/methods/procedures/lamda.py). Trainable parameters per target
-(at the start): r_l d_out + r_l^2, plus the task head (r_l = r unless ranks are allocated per layer).
+Update rule: y = W0 x + s PMB S PMA drop(x) with PMA (r x d_in) frozen, a trainable square core S
+(r x r) and PMB (d_out x r) trainable, its columns frozen one after another by the ``lamda``
+procedure (lorabench/methods/procedures/lamda.py); s = alpha / r, drop = dropout on the adapter's
+input. Trainable parameters per target: r_l d_out + r_l^2, plus the task head (r_l = r unless ranks
+are allocated per layer).
 
-Init, what is implemented (both ``rank_allocation`` modes): SVD W0 = U Sigma V^T (float32, full SVD),
-PMA = V_r^T (top-r right singular vectors), PMB = U_r (top-r left singular vectors), S0 =
-diag(sigma_1..sigma_r) / s, and the initial product is subtracted (Delta W = s (PMB S PMA - PMB0 S0
-PMA)), so the model is unchanged at step 0 and S starts at the scaled top-r singular values.
-Provenance: this SVD init is the paper's LaMDA++ init (METHODS.md: "LaMDA++ initialises PMA and PMB
-from the SVD of W0"); the subtraction of the initial product and S0 = diag(Sigma_r) / s are our
-choices (the paper's exact S0 is not recorded). The authors' released code (github.com/ArminAzizi98/
-LaMDA, files ``lamda.py`` and ``train_clm.py``, checked at commit 8ad34b4) contains plain LaMDA
-only: PMA/PMB are peft's default LoRA init (``init_lora_weights=True``: Kaiming-uniform A, zero B),
-S is a default ``nn.Linear(r, r)`` (Kaiming uniform), and there is no SVD and no rank allocation in
-that repository. So ``method=lamda`` here is LaMDA with LaMDA++'s init, not the released LaMDA init.
+Init (``factor_init``):
 
-LaMDA++ rank allocation (``rank_allocation: spectrum``; preset ``conf/method/lamda_plus.yaml``). The
-paper describes a "lite-weight" adaptive rank allocation "via normalized spectrum analysis of
-pre-trained model weights"; the exact rule is in neither the released code nor METHODS.md, so this is
-our stated reading:
+* ``lora`` (default; the authors' released code, ArminAzizi98/LaMDA@8ad34b46e154 ``lamda.py`` on
+  peft's LoRA layer with ``init_lora_weights=True``): PMA Kaiming-uniform with a = sqrt(5),
+  U(-1/sqrt(d_in), 1/sqrt(d_in)); S as a default ``nn.Linear(r, r, bias=False)``, U(-1/sqrt(r),
+  1/sqrt(r)); PMB = 0, so the model is unchanged at step 0 (and S has no gradient until PMB moves).
+* ``svd`` (LaMDA++, ``conf/method/lamda_plus.yaml``): SVD W0 = U Sigma V^T (float32, full SVD),
+  PMA = V_r^T, PMB = U_r, S0 = diag(sigma_1..sigma_r) / s, and the initial product is subtracted
+  (Delta W = s (PMB S - PMB0 S0) PMA), so the model is unchanged at step 0. The paper's LaMDA++ init
+  (METHODS.md: "LaMDA++ initialises PMA and PMB from the SVD of W0"); the released code has no
+  LaMDA++, so S0 = diag(Sigma_r) / s and the subtraction are our choices.
+
+LaMDA++ rank allocation (``rank_allocation: spectrum``, only in ``lamda_plus``). The paper describes a
+"lite-weight" adaptive rank allocation "via normalized spectrum analysis of pre-trained model weights";
+the exact rule is in neither the released code nor METHODS.md, so this is our stated reading:
 
 * For every targeted W0_l with singular values sigma_{l,i}, the normalised spectrum energy captured by
   the top-r directions (r = ``method.rank``) is E_l = sum_{i<=r} sigma_{l,i}^2 / sum_i sigma_{l,i}^2,
@@ -38,9 +38,16 @@ our stated reading:
 
 The per-layer ranks (and rho_l) are reported to the run record (``method_report.lamda_layer_ranks``,
 ``lamda_spectrum_residual``); ``expected_trainable`` recomputes the allocation on the unwrapped model,
-so the closed-form count stays exact. Hyper-parameters: rank r, alpha (s = alpha / r_l per layer, as
-LoRA's alpha / r), rank_allocation (``uniform`` | ``spectrum``); the freezing window lives in the
-procedure.
+so the closed-form count stays exact. Hyper-parameters (the authors' defaults where they have one):
+rank r (theirs 64; the preset keeps the project's comparison rank 8), alpha (16, s = alpha / r_l per
+layer as peft's LoRA), dropout (0.1, their ``LoraConfig``), factor_init, rank_allocation; the freezing
+schedule lives in the procedure.
+
+Deviations kept: the factors are drawn from a generator seeded by the run seed and the layer name (the
+authors draw from torch's global generator; same distribution); S is held in the adapter dtype
+(float32 for half-precision bases, as every lorabench adapter), where the authors cast it to bfloat16
+because their scripts load the model in bfloat16 (a float32 model fails in their forward on the dtype
+mismatch).
 """
 
 from __future__ import annotations
@@ -50,35 +57,63 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from lorabench.config import check_positive
 from lorabench.errors import ConfigError
-from lorabench.methods.adapters.layer import OwnAdapter, as_linear, check_rank, target_shapes, top_svd, wrap_targets
+from lorabench.methods.adapters.dylora import kaiming_uniform
+from lorabench.methods.adapters.layer import (
+    OwnAdapter,
+    as_linear,
+    check_rank,
+    seeded_generator,
+    target_shapes,
+    top_svd,
+    wrap_targets,
+)
 from lorabench.methods.adapters.slora import TriLayer
 from lorabench.methods.base import MethodContext, head_parameter_count
+from lorabench.methods.fidelity import Fidelity
 from lorabench.registry import ADAPTERS
 
 RANK_ALLOCATIONS = ("uniform", "spectrum")
+FACTOR_INITS = ("lora", "svd")
+REPO = "ArminAzizi98/LaMDA@8ad34b46e154"
 
 
 class LamdaLayer(TriLayer):
-    """TriLayer with B = PMB (trainable), M = S (trainable), A = PMA (frozen)."""
+    """TriLayer with B = PMB (trainable), M = S (trainable), A = PMA (frozen); dropout on the input of
+    the adapter path (drawn in the adapter dtype, as the authors' peft layer)."""
+
+    def __init__(self, *args, dropout: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dropout = dropout
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.to(self.lora_A.dtype)
+        if self.dropout and self.training:
+            h = F.dropout(h, self.dropout, training=True)
+        return super().adapter_forward(h).to(x.dtype)
 
 
 @dataclass
 class LamdaParams:
     rank: int = 8
     alpha: float = 16.0
+    dropout: float = 0.1  # the authors' LoraConfig(lora_dropout=0.1)
+    factor_init: str = "lora"  # "svd": LaMDA++'s SVD init (module docstring)
     rank_allocation: str = "uniform"  # "spectrum": LaMDA++'s per-layer ranks (module docstring)
 
     def __post_init__(self) -> None:
         check_positive("method.rank", self.rank)
         check_positive("method.alpha", self.alpha)
-        if self.rank_allocation not in RANK_ALLOCATIONS:
-            raise ConfigError(
-                f"method.rank_allocation={self.rank_allocation!r} is invalid; "
-                f"valid choices: {', '.join(RANK_ALLOCATIONS)}"
-            )
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"method.dropout={self.dropout!r} is invalid; it must be in [0, 1)")
+        for key, choices in (("factor_init", FACTOR_INITS), ("rank_allocation", RANK_ALLOCATIONS)):
+            if getattr(self, key) not in choices:
+                raise ConfigError(
+                    f"method.{key}={getattr(self, key)!r} is invalid; valid choices: {', '.join(choices)}"
+                )
 
 
 def residual_energy(sv: torch.Tensor, rank: int) -> float:
@@ -142,6 +177,23 @@ class LamdaAdapter(OwnAdapter):
     paper = "Azizi et al., 2024, arXiv:2406.12832"
     size_knob = "rank"  # what a size budget sets (lorabench/budget.py); spectrum mode: the average rank
     rank_at_most_every_target = True  # check_rank: r <= min(d_out, d_in) of each target
+    fidelity = Fidelity(
+        reference=f"{REPO} lamda.py (get_lamda_model on peft's LoRA Linear, init_lora_weights=True)",
+        status="parity",
+        tolerance="max |Δθ| <= 1e-6 over 12 AdamW steps (fp32, CPU, dropout masks shared); init rule exact",
+        fixture="tests/fixtures/parity/lamda.json",
+        deviations=(
+            "PMA and S are drawn from a generator seeded by the run seed and the layer name, not torch's global"
+            " generator: same distribution, other values (the trajectory is compared from the reference's values)",
+            "S is held in the adapter dtype (float32 for half-precision bases); the authors cast it to bfloat16"
+            " because their scripts load the model in bfloat16 (with a float32 model their forward fails)",
+        ),
+        unchecked=(
+            "factor_init=svd and rank_allocation=spectrum (LaMDA++, lamda_plus): not in the released code; our"
+            " reading of the paper, checked by tests/test_lamda_plus.py only",
+        ),
+        revision=2,
+    )
 
     def make_layer(
         self, name: str, linear: nn.Linear, params: LamdaParams, ctx: MethodContext, rank: int | None = None
@@ -149,8 +201,23 @@ class LamdaAdapter(OwnAdapter):
         r = params.rank if rank is None else rank
         check_rank(r, linear.out_features, linear.in_features, name)
         scale = params.alpha / r
-        u, s, vh = top_svd(linear.weight, r)
-        return LamdaLayer(linear, u, torch.diag(s / scale), vh, scale, train=("B", "M"), subtract_init=True)
+        if params.factor_init == "svd":
+            u, s, vh = top_svd(linear.weight, r)
+            return LamdaLayer(
+                linear,
+                u,
+                torch.diag(s / scale),
+                vh,
+                scale,
+                train=("B", "M"),
+                subtract_init=True,
+                dropout=params.dropout,
+            )
+        gen = seeded_generator(ctx.seed, name)
+        pma = kaiming_uniform(r, linear.in_features, gen)
+        core = kaiming_uniform(r, r, gen)
+        pmb = torch.zeros(linear.out_features, r)
+        return LamdaLayer(linear, pmb, core, pma, scale, train=("B", "M"), dropout=params.dropout)
 
     def apply(self, model: nn.Module, params: LamdaParams, ctx: MethodContext, init_kwargs: dict) -> nn.Module:
         if init_kwargs:

@@ -5,9 +5,11 @@ delta_weight(), save/load trainable tensors with safetensors").
   adapter tensors are float32 when the base is float16/bfloat16 (as peft's autocast_adapter_dtype).
   Subclasses implement ``delta_weight()`` (the dense d_out x d_in update that the adapter adds to
   the pretrained W0, used for merging, budgets and spectral metrics) and usually a cheaper
-  ``adapter_forward``. Inits that promise an unchanged model at step 0 (LoRA-SB, NLoRA, SoMA, SVFit,
+  ``adapter_forward``. Inits that promise an unchanged model at step 0 (SoMA/MiLoRA, LaMDA, SVFit,
   ...) keep a frozen copy of the factors' initial values and subtract their product, so that the base
-  weight is never modified and ``delta_weight()`` is exactly W - W0.
+  weight is never modified and ``delta_weight()`` is exactly W - W0. Under autocast such a difference
+  must not be formed from two half-precision products (their rounding, of the size of the initial
+  product, would swamp it): slora.TriLayer expands it factor by factor (tests/test_bf16_safety.py).
 * ``OwnAdapter`` is the ``Adapter`` base for them: ``apply`` wraps every target with ``make_layer``;
   ``expected_trainable`` sums ``layer_trainable(d_out, d_in, params)`` plus the task head.
 * ``wrap_targets`` replaces the targeted linears in place, freezing every base parameter and keeping
@@ -74,8 +76,12 @@ class AdapterLayer(nn.Module):
         raise NotImplementedError
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The update path's output; the default goes through the dense Delta W."""
-        return nn.functional.linear(x, self.delta_weight().to(x.dtype))
+        """The update path's output; the default goes through the dense Delta W, formed with autocast off
+        (a Delta W computed as a difference of weights would otherwise cancel in half precision), so
+        that only the final product with x is rounded to the autocast dtype."""
+        with torch.autocast(x.device.type, enabled=False):
+            delta = self.delta_weight()
+        return nn.functional.linear(x, delta.to(x.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)

@@ -1,13 +1,19 @@
 """LoLDU (Shi et al., 2024, "LoLDU: Low-Rank Adaptation via Lower-Diag-Upper Decomposition for
-Parameter-Efficient Fine-Tuning", arXiv:2410.13618), our own layer (svfit.DiagLayer).
+Parameter-Efficient Fine-Tuning", arXiv:2410.13618), our own layer (svfit.DiagLayer). Authors' code:
+SKDDJ/LoLDU (minloldu/loldu.py, ``LoLDUParametrization``).
 
 Init: pivoted LU of W0 (torch.linalg.lu): W0 = P L U; D = diag(U), U' = D^-1 U (unit diagonal), so
-W0 = (P L) D U'. Keep the r leading factors L_r = (P L)[:, :r] (d_out x r) and U_r = U'[:r, :] (r x d_in)
-frozen; train the diagonal d (r, init D_r) and a scalar z (init 1):
-Delta W = z L_r diag(d) U_r - z0 L_r diag(d0) U_r. METHODS.md marks how the initial value is handled
-as uncertain: here it is subtracted, so the model is unchanged at step 0 (W0 is never modified).
-Zero pivots (D_i = 0) keep U's row unscaled. Trainable parameters per target: r + 1, plus the task head.
-Hyper-parameters: rank r.
+W0 = (P L) D U'. Keep the r leading factors L_r = (P L)[:, :r] (d_out x r) and U_r = U'[:r, :]
+(r x d_in) frozen and train the diagonal z (r, init D_r) under a fixed scale sigma = alpha / r:
+W = W_res + sigma L_r diag(z) U_r with W_res = W0 - sigma L_r diag(D_r) U_r, i.e.
+Delta W = sigma L_r diag(z - D_r) U_r (W0 itself is never modified; the same function). This is the
+authors' code: its ``from_linear`` scale lora_alpha / rank with lora_alpha = 1, its trainable set
+``vector_z`` only (the scaling factor is a tensor of the layer but stays out of ``get_loldu_params``),
+and its default configuration rank 768, every pivot of a base model's 768-wide weights.
+Zero pivots (D_i = 0) keep U's row unscaled. Trainable parameters per target: r (+ 1 with
+``train_scalar``), plus the task head.
+Hyper-parameters: rank r (0, the preset: every pivot, min(d_out, d_in) per target), alpha (sigma =
+alpha / r), train_scalar (also train sigma, from alpha / r).
 """
 
 from __future__ import annotations
@@ -19,8 +25,9 @@ from torch import nn
 
 from lorabench.config import check_positive
 from lorabench.methods.adapters.layer import OwnAdapter, check_rank
-from lorabench.methods.adapters.svfit import DiagLayer
+from lorabench.methods.adapters.svfit import DiagLayer, full_or
 from lorabench.methods.base import MethodContext
+from lorabench.methods.fidelity import Fidelity
 from lorabench.registry import ADAPTERS
 
 
@@ -34,10 +41,13 @@ def ldu_factors(w: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, to
 
 @dataclass
 class LolduParams:
-    rank: int = 8
+    rank: int = 0  # 0 = every pivot (min(d_out, d_in) per target); the authors' default config: 768
+    alpha: float = 1.0  # sigma = alpha / r (the authors' from_linear: lora_alpha = 1)
+    train_scalar: bool = False  # the authors train vector_z only
 
     def __post_init__(self) -> None:
-        check_positive("method.rank", self.rank)
+        check_positive("method.rank", self.rank, allow_zero=True)
+        check_positive("method.alpha", self.alpha)
 
 
 @ADAPTERS.register("loldu")
@@ -46,11 +56,25 @@ class LolduAdapter(OwnAdapter):
     size_knob = "rank"  # what a size budget sets (lorabench/budget.py)
     rank_at_most_every_target = True  # check_rank: r <= min(d_out, d_in) of each target
     paper = "Shi et al., 2024, arXiv:2410.13618"
+    fidelity = Fidelity(
+        reference="SKDDJ/LoLDU@4fe87a05a668 (minloldu/loldu.py LoLDUParametrization, loldu_utils.py)",
+        status="parity",
+        tolerance="max |Δ| / max(1, |ref|) <= 1e-6 of outputs, gradients, z over 12 steps (fp32, CPU)",
+        fixture="tests/fixtures/parity/loldu.json",
+        deviations=(
+            "W0 stays as it is and the update sigma L_r diag(z - D_r) U_r is added; the reference overwrites the"
+            " weight with W0 - sigma L_r diag(D_r) U_r and adds sigma L_r diag(z) U_r (the same function)",
+            "a zero pivot keeps its row of U unscaled (the reference divides by it)",
+        ),
+        unchecked=("the reference's LoRA-style init option and its non-'lu' vector_z inits (not its defaults)",),
+        revision=2,
+    )
 
     def make_layer(self, name: str, linear: nn.Linear, params: LolduParams, ctx: MethodContext) -> DiagLayer:
-        check_rank(params.rank, linear.out_features, linear.in_features, name)
-        left, d, right = ldu_factors(linear.weight, params.rank)
-        return DiagLayer(linear, left, d, right, scalar=1.0)
+        r = full_or(params.rank, linear.out_features, linear.in_features)
+        check_rank(r, linear.out_features, linear.in_features, name)
+        left, d, right = ldu_factors(linear.weight, r)
+        return DiagLayer(linear, left, d, right, scalar=params.alpha / r, train_scalar=params.train_scalar)
 
     def layer_trainable(self, d_out: int, d_in: int, params: LolduParams) -> int:
-        return params.rank + 1
+        return full_or(params.rank, d_out, d_in) + (1 if params.train_scalar else 0)

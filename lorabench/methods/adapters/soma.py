@@ -5,12 +5,16 @@
 * MiLoRA (Wang et al., 2024, "MiLoRA: Harnessing Minor Singular Components for Parameter-Efficient
   LLM Fine-Tuning", arXiv:2406.09044) share this init.
 
-Init: SVD W0 = U S V^T; the r *smallest* triplets give B0 = U_min sqrt(S_min / s) (d_out x r) and
-A0 = sqrt(S_min / s) V_min^T (r x d_in), s = alpha / r, so s B0 A0 = U_min S_min V_min^T. B and A
-train; the residual W0 - s B0 A0 stays frozen, implemented as Delta W = s (B A - B0 A0) with frozen
-copies of the initial factors (the model is unchanged at step 0, W0 itself is never modified).
+Init: full SVD of W0 in float32, W0 = U S V^T; the r *smallest* triplets give
+B0 = U_min sqrt(S_min / s) (d_out x r) and A0 = sqrt(S_min / s) V_min^T (r x d_in), s = alpha / r, so
+s B0 A0 = U_min S_min V_min^T. B and A train; the residual W0 - s B0 A0 stays frozen. The authors
+(ysj9909/SoMA ``rein/peft/sora.py``, ``sora_init("sora")``) fold the residual into the weight; here
+W0 is never modified and Delta W = s (B A - B0 A0) with frozen copies of the initial factors (equal
+up to float32 rounding; under autocast slora.TriLayer forms the difference factor by factor, so
+bf16 rounding applies to the trained difference only). The model is unchanged at step 0.
 Trainable parameters per target: r (d_in + d_out), plus the task head.
-Hyper-parameters: rank r, alpha.
+Hyper-parameters: rank r, alpha (SoMA's released configs: lora_alpha = r, s = 1, the preset's
+``alpha: ${.rank}``; their rank 16 is for DINOv2-L, the preset keeps r = 8, SoraConfig's default).
 
 SoMA's recipe adds two parts (both off in ``method=soma``, on in ``method=soma_recipe``):
 
@@ -43,6 +47,7 @@ from lorabench.errors import ConfigError
 from lorabench.methods.adapters.layer import OwnAdapter, check_rank, target_shapes, top_svd, wrap_targets
 from lorabench.methods.adapters.slora import TriLayer
 from lorabench.methods.base import MethodContext, head_parameter_count
+from lorabench.methods.fidelity import Fidelity
 from lorabench.methods.procedures.lisa import transformer_layers
 from lorabench.registry import ADAPTERS
 
@@ -76,6 +81,7 @@ class MinorComponentsAdapter(OwnAdapter):
 
 @dataclass
 class SomaParams(MinorParams):
+    alpha: float = 8.0  # SoMA's configs: lora_alpha = r (s = 1)
     freeze_first_blocks: int = 0  # K: transformer blocks 0..K-1 get no adapter (authors: 8 of 24)
     freeze_first_fraction: float = 0.0  # or K = round(fraction x L) (soma_recipe: 1/3, the authors' 8/24)
 
@@ -139,6 +145,26 @@ class SomaAdapter(MinorComponentsAdapter):
 
     Params = SomaParams
     paper = "Yun et al., 2025, arXiv:2412.04077"
+    fidelity = Fidelity(
+        reference="ysj9909/SoMA@7ea8c0e7c2ac rein/peft/sora.py (Linear, sora_init('sora'))",
+        status="parity",
+        tolerance="max |Δθ| <= 1e-6 over 12 AdamW steps (fp32, CPU), step-0 gradients 1e-6, outputs 4e-6",
+        fixture="tests/fixtures/parity/soma.json",
+        deviations=(
+            "W0 is not modified: the residual W0 - s B0 A0 is kept as W0 x - s B0 A0 x through frozen copies of"
+            " the initial factors (the authors fold it into the weight); equal up to float32 rounding, and"
+            " delta_weight() stays W - W0 for merging and the spectral metrics",
+            "biases of adapted targets stay frozen (the authors' bias='all' trains them)",
+            "blocks: freeze_first_blocks / freeze_first_fraction map start_lora_idx onto the LM's layer list",
+        ),
+        unchecked=(
+            "start_lora_idx and bias='all' inside the authors' SoraModel (needs their mmseg DINOv2 backbone);"
+            " block freezing is checked by tests/test_soma_recipe.py against the rule only",
+            "rank_ramp and the 'sora_niter_N' init (svd_lowrank, which takes the top r components); the released"
+            " configs use 'sora' without rank_ramp",
+        ),
+        revision=2,
+    )
 
     def apply(self, model: nn.Module, params: SomaParams, ctx: MethodContext, init_kwargs: dict) -> nn.Module:
         if init_kwargs or (not params.freeze_first_blocks and not params.freeze_first_fraction):
@@ -155,3 +181,12 @@ class SomaAdapter(MinorComponentsAdapter):
 @ADAPTERS.register("milora")
 class MiloraAdapter(MinorComponentsAdapter):
     paper = "Wang et al., 2024, arXiv:2406.09044"
+    fidelity = Fidelity(
+        reference="MiLoRA's released code (not compared)",
+        status="unchecked",
+        unchecked=(
+            "MiLoRA's released code was not run (METHODS.md lists no verified repository); its init and layer are"
+            " SoMA's, which tests/test_parity_soma.py checks against ysj9909/SoMA",
+        ),
+        revision=2,
+    )

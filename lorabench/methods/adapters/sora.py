@@ -1,19 +1,17 @@
 """SoRA, Sparse Low-rank Adaptation (Ding et al., 2023, "Sparse Low-rank Adaptation of Pre-trained
-Language Models", arXiv:2311.11696), our own layer.
+Language Models", arXiv:2311.11696), our own layer; checked against the authors' ``LowRankLinear``
+(TsinghuaC3I/SoRA ``src/lora.py``) by tests/test_parity_sora_salt_nola.py.
 
 Update rule: Delta W = s B diag(g) A with B (d_out x r_max, zero init), A (r_max x d_in, Kaiming
-uniform) and a gate g (r_max, init N(0, 1) as the authors' ``LowRankLinear``), s = alpha / r_max. A,
-B and g train with the run's optimizer (AdamW; g is 1-D so it gets no weight decay); after every
-optimizer step the ``sora`` procedure applies the proximal (soft-threshold) step of the L1 penalty
-to g: g <- sign(g) max(|g| - eta lambda, 0). The authors' ``SparseAdamW`` thresholds by a fixed
-lambda per step (eta = 1, ``lambda_times_lr: false``, the default here); the paper's proximal-SGD
-form uses eta = the gate's learning rate (``lambda_times_lr: true``). ``prune()`` drops the ranks
-whose gate is 0 and folds g into B, which leaves the layer's output unchanged. Trainable parameters
-per target: r_max (d_in + d_out + 1), plus the task head.
-Hyper-parameters (authors' GLUE script, DeBERTaV3-base): r_max = 8, lr 8e-4, weight decay 0.1,
-max_grad_norm 0.1, ``--sparse_lambda_2 3e-4`` (read here as the SparseAdamW threshold lambda; the
-script's ``--sparse_lambda 10`` is not used: its role is uncertain), optional lambda schedule
-(linear from lambda to max_lambda in lambda_num stages over the run); lora_alpha 16 (authors' default).
+uniform with a = sqrt(5), i.e. U(-1/sqrt(d_in), 1/sqrt(d_in))) and a gate g (r_max, init N(0, 1)),
+s = alpha / r_max; forward ((x A^T) * g) B^T * s. A, B and g train with the run's optimizer (AdamW;
+g is 1-D so it gets no weight decay, as the authors' separate gate optimizer). The ``sora`` procedure
+adds the L1 term on g to the loss and thresholds g after every optimizer step (its docstring has the
+rule). ``prune()`` drops the ranks whose gate is 0 and folds g into B, which leaves the layer's
+output unchanged. Trainable parameters per target: r_max (d_in + d_out + 1), plus the task head.
+Hyper-parameters (authors' GLUE script ``scripts/run_glue_sora_no_schedule.sh``, DeBERTaV3-base):
+r_max = 8, lora_alpha 16 (``config/lora_config.json``), lr 8e-4, weight decay 0.1, max_grad_norm 0.1,
+warm-up ratio 0.06, ``--sparse_lambda 10`` (the L1 weight) and ``--sparse_lambda_2 3e-4`` (the threshold).
 """
 
 from __future__ import annotations
@@ -27,6 +25,7 @@ from lorabench.config import check_positive
 from lorabench.methods.adapters.dylora import kaiming_uniform
 from lorabench.methods.adapters.layer import AdapterLayer, OwnAdapter, seeded_generator
 from lorabench.methods.base import MethodContext
+from lorabench.methods.fidelity import Fidelity
 from lorabench.registry import ADAPTERS
 
 
@@ -50,7 +49,7 @@ class SoraLayer(AdapterLayer):
         h = x.to(self.lora_A.dtype) @ self.lora_A.T
         if self.gate is not None:
             h = h * self.gate
-        return (self.scale * h @ self.lora_B.T).to(x.dtype)
+        return ((h @ self.lora_B.T) * self.scale).to(x.dtype)  # the authors' order of operations
 
     @torch.no_grad()
     def prune(self) -> int:
@@ -87,6 +86,20 @@ class SoraAdapter(OwnAdapter):
     Params = SoraParams
     size_knob = "rank"  # what a size budget sets (lorabench/budget.py)
     paper = "Ding et al., 2023, arXiv:2311.11696"
+    fidelity = Fidelity(
+        reference="TsinghuaC3I/SoRA@c275ac237b68 src/lora.py (LowRankLinear)",
+        status="parity",
+        tolerance="probe outputs and gradients equal before the steps (0 seen), <= 1e-6 + 1e-5 max|ref| after;"
+        " max |Δθ| <= 1e-6 over 12 steps (fp32, CPU), with the sora procedure",
+        fixture="tests/fixtures/parity/sora.json",
+        unchecked=(
+            "which non-adapter tensors the authors train (OpenDelta's unfrozen_modules: deltas, layer_norm,"
+            " final_layer_norm, not run); lorabench trains the adapter and the task head",
+            "the init draws (Kaiming-uniform A, N(0, 1) gate) come from our generator: same distributions;"
+            " the parity case sets the same seeded initial values on both sides",
+        ),
+        revision=2,  # forward multiplies by s last, as the authors' layer (rounding-level change)
+    )
 
     def make_layer(self, name: str, linear: nn.Linear, params: SoraParams, ctx: MethodContext) -> SoraLayer:
         return SoraLayer(linear, params.rank, params.alpha, seeded_generator(ctx.seed, name))

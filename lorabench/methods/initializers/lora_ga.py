@@ -10,8 +10,12 @@ Hyper-parameters (peft ``LoraGAConfig`` defaults, the paper's): direction "ArB2r
 stable_gamma 16. Authors' Llama-2-7B recipe: r 32, alpha 8 (the paper's tables: r 8, alpha 16),
 64 gradient-estimation batches (here ``train.init_batches``).
 The estimated gradients are cached (``cache_gradients``, in ``<LORABENCH_CACHE>/lora_ga/``) under a
-key of the model, the data and the calibration batches, which do not depend on the run seed: the
-runs of a seed sweep estimate the gradient once.
+key of the model, the data, the calibration batches and the target modules. The estimate depends on
+the run seed when the model has weights drawn from it (a classification head, which pretrained
+checkpoints lack; a model built from a config without pretrained weights) or when dropout is active
+(peft estimates in train mode, with the seed's dropout masks): the key then holds the seed, so each
+seed estimates its own. Otherwise (a pretrained causal LM without dropout) the runs of a seed sweep
+estimate the gradient once. The record's ``lora_ga_gradient_cache`` names the reasons (``per_seed``).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from torch import nn
 
 from lorabench.errors import ConfigError
 from lorabench.methods.base import Initializer, MethodContext
+from lorabench.methods.fidelity import Fidelity
 from lorabench.models import cache_dir
 from lorabench.registry import INITIALIZERS
 
@@ -33,12 +38,18 @@ DIRECTIONS = ("ArBr", "A2rBr", "ArB2r", "random")
 SCALES = ("stable", "weight_svd", "gd_scale", "unit")
 
 
+def _peft_version() -> str:
+    from importlib.metadata import version
+
+    return version("peft").split("+")[0]
+
+
 @dataclass
 class LoraGaParams:
     direction: str = "ArB2r"
     scale: str = "stable"
     stable_gamma: int = 16
-    cache_gradients: bool = True  # reuse the gradient estimate across seeds (same model, data, batches)
+    cache_gradients: bool = True  # reuse the gradient estimate (same model, data, batches; same seed where it matters)
 
     def __post_init__(self) -> None:
         if self.direction not in DIRECTIONS:
@@ -49,12 +60,39 @@ class LoraGaParams:
             raise ConfigError(f"method.stable_gamma={self.stable_gamma!r} is invalid; it must be > 0")
 
 
-def gradient_cache(ctx: MethodContext) -> Path | None:
+def _dropout_active(model: nn.Module) -> bool:
+    """Whether anything in the model drops out in train mode (modules, or rates that attention kernels
+    read from the config)."""
+    if any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
+        return True
+    config = getattr(model, "config", None)
+    rates = config.to_dict() if hasattr(config, "to_dict") else {}
+    return any(
+        ("dropout" in key or "pdrop" in key) and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+        for key, v in rates.items()
+    )
+
+
+def seed_dependence(model: nn.Module, ctx: MethodContext) -> list[str]:
+    """Why the gradient estimate depends on the run seed (empty: it does not)."""
+    reasons = []
+    if not getattr(getattr(model, "config", None), "_name_or_path", ""):
+        reasons.append("weights drawn from the seed (no pretrained checkpoint)")
+    if ctx.head == "classification":
+        reasons.append("classification head drawn from the seed")
+    if _dropout_active(model):
+        reasons.append("dropout masks drawn from the seed (peft estimates in train mode)")
+    return reasons
+
+
+def gradient_cache(ctx: MethodContext, model: nn.Module) -> Path | None:
+    """The cache file of this run's estimate: per seed when ``seed_dependence`` finds a reason."""
     if not ctx.calibration_key:
         return None
     folder = cache_dir() / "lora_ga"
     folder.mkdir(parents=True, exist_ok=True)
-    return folder / f"{ctx.calibration_key}-{'-'.join(sorted(ctx.target_modules))}.pt"
+    seed = f"-seed{ctx.seed}" if seed_dependence(model, ctx) else ""
+    return folder / f"{ctx.calibration_key}-{'-'.join(sorted(ctx.target_modules))}{seed}.pt"
 
 
 @INITIALIZERS.register("lora_ga")
@@ -62,6 +100,15 @@ class LoraGaInit(Initializer):
     Params = LoraGaParams
     paper = "Wang et al., 2024, arXiv:2407.05000"
     backed_by = "peft"
+    fidelity = Fidelity(
+        reference=f"peft=={_peft_version()} (preprocess_loraga, init_lora_weights='lora_ga')",
+        status="library",
+        deviations=(
+            "the gradient estimate is cached across runs; the cache key holds the seed whenever the estimate"
+            " depends on it (seeded weights or head, active dropout), so a cached estimate is the one peft computes",
+        ),
+        revision=2,
+    )
     requires_adapter = ("lora",)
     rank_at_most_every_target = True  # A0, B0 take 2r singular vectors of each target's gradient:
     singular_vectors_per_rank = 2  # 2r <= min(d_out, d_in) (budget cap, check before calibration)
@@ -88,10 +135,14 @@ class LoraGaInit(Initializer):
             warnings.filterwarnings(
                 "ignore", message="Full backward hook is firing"
             )  # first layer's input needs no grad
-            cache = gradient_cache(ctx) if params.cache_gradients else None
+            cache = gradient_cache(ctx, model) if params.cache_gradients else None
             hit = cache is not None and cache.exists()
             preprocess_loraga(model, config, train_step=train_step, cache_file=str(cache) if cache else None)
         if not seen and not hit:
             raise ValueError("LoRA-GA needs calibration batches (train.init_batches > 0)")
         ctx.extras["lora_ga_batches"] = len(seen)
-        ctx.extras["lora_ga_gradient_cache"] = {"path": str(cache) if cache else None, "hit": hit}
+        ctx.extras["lora_ga_gradient_cache"] = {
+            "path": str(cache) if cache else None,
+            "hit": hit,
+            "per_seed": seed_dependence(model, ctx),
+        }

@@ -1,31 +1,44 @@
-"""LaMDA's progressive freezing of PMB (Azizi et al., 2024, arXiv:2406.12832), run from the loop.
+"""LaMDA's gradual freezing of PMB (Azizi et al., 2024, arXiv:2406.12832), run from the loop.
 
-Each layer's PMB columns freeze one after another, evenly spread between step ``pmb_freeze_start`` x
-max_steps and ``pmb_freeze_end`` x max_steps (fractions of ``train.max_steps``); in a layer of rank
-r_l, column i is frozen from step ceil(start + (i + 1) (end - start) / r_l) on, so every layer's PMB is
-fully frozen at ``pmb_freeze_end`` whatever its rank (LaMDA++'s per-layer ranks, adapters/lamda.py).
-A frozen column gets zero gradient (``after_backward``) and is restored to its value at freezing time
-after every optimizer step (``on_step_end``), so Adam's momentum and weight decay cannot move it.
-The paper's exact schedule is not recorded in METHODS.md; this linear column-by-column schedule is
-our reading of "gradually freezes PMB during the early fine-tuning stages". (The authors' released
-trainer, ``custom_trainer.py`` ``gradual_freeze_B`` in github.com/ArminAzizi98/LaMDA, zeroes the
-gradient of the first t = floor(iteration / (0.3 max_steps grad_accum)) columns and turns off
-``requires_grad`` once t >= r; not reproduced here.) ``state()`` reports how many PMB columns are
-frozen (and the rank) of the largest-rank layer, which with uniform ranks is every layer; with mixed
-ranks it adds the count per layer. ``state_dict()`` (checkpoints) holds the count (one int with
-uniform ranks, one per layer otherwise).
+The rule of the authors' trainer (ArminAzizi98/LaMDA@8ad34b46e154 ``custom_trainer.py``,
+``gradual_freeze_B``, called after every backward with their cumulative micro-batch counter): after
+the backward of optimizer step g (g = 1, 2, ..., T = ``train.max_steps``)
+
+    t = floor(g / (eta T)),   eta = ``pmb_freeze_every`` (theirs: 0.3)
+
+and in a layer of rank r:
+
+* t < r: the gradient of PMB's first t columns is set to 0. Nothing else holds them: AdamW's moments
+  and weight decay still move those columns, as in the reference;
+* t >= r: PMB stops training. At the step where t first reaches r its gradient is kept whole (the
+  reference turns ``requires_grad`` off after that backward and steps with the gradient it has); from
+  the next step on PMB has no gradient, so AdamW skips it (no moment, no weight decay). Here the
+  gradient is dropped (set to None) rather than ``requires_grad`` turned off, so PMB stays in the
+  adapter file and in checkpoints.
+
+With eta = 0.3, t reaches 1, 2, 3 at 30%, 60%, 90% of the run: at most 3 columns of a rank-r PMB
+stop receiving gradient, and only layers of rank <= 3 (LaMDA++'s per-layer ranks,
+adapters/lamda.py) freeze entirely. t is computed as the reference does it in floating point
+(g / (eta T)), so e.g. T = 10 reaches t = 1 at g = 4, not 3. The rule depends on the step only:
+``state_dict()`` (checkpoints) holds the last t for the report, and a resumed run needs nothing
+else. ``state()`` reports t (the PMB columns without gradient in the widest layer), its rank, and per
+layer the columns without gradient and whether PMB has stopped training.
+
+Deviation kept: with gradient accumulation the reference recomputes t after every micro-batch from
+its micro-batch counter; here t comes from the optimizer step (the same value at the last
+micro-batch, up to floating-point rounding at a boundary, except that a layer freezing in the middle
+of an accumulated step keeps only the reference's earlier micro-batches' gradient there).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from lorabench.errors import ConfigError
-from lorabench.methods.adapters.lamda import LamdaLayer
+from lorabench.methods.adapters.lamda import REPO, LamdaLayer
 from lorabench.methods.base import MethodContext, Procedure
 from lorabench.methods.fidelity import Fidelity
 from lorabench.registry import PROCEDURES
@@ -33,14 +46,13 @@ from lorabench.registry import PROCEDURES
 
 @dataclass
 class LamdaFreezeParams:
-    pmb_freeze_start: float = 0.0
-    pmb_freeze_end: float = 0.1
+    pmb_freeze_every: float = 0.3  # eta: one more PMB column loses its gradient every eta x max_steps steps
 
     def __post_init__(self) -> None:
-        if not 0 <= self.pmb_freeze_start <= self.pmb_freeze_end <= 1:
+        if not 0 < self.pmb_freeze_every <= 1:
             raise ConfigError(
-                f"method.pmb_freeze_start={self.pmb_freeze_start!r} and method.pmb_freeze_end="
-                f"{self.pmb_freeze_end!r} must satisfy 0 <= start <= end <= 1 (fractions of train.max_steps)"
+                f"method.pmb_freeze_every={self.pmb_freeze_every!r} is invalid; it must be in (0, 1] "
+                "(a fraction of train.max_steps)"
             )
 
 
@@ -49,12 +61,16 @@ class LamdaFreeze(Procedure):
     Params = LamdaFreezeParams
     paper = "Azizi et al., 2024, arXiv:2406.12832"
     fidelity = Fidelity(
-        reference="ArminAzizi98/LaMDA",
-        status="unchecked",
-        unchecked=(
-            "no parity fixture produced by the authors' code yet",
-            "the authors freeze at most 3 PMB columns over a run; ours freezes all of PMB by 10% of training",
+        reference=f"{REPO} custom_trainer.py (gradual_freeze_B, eta=0.3)",
+        status="parity",
+        tolerance="max |Δθ| <= 1e-6 over 12 AdamW steps (fp32, CPU); the freezing schedule exactly",
+        fixture="tests/fixtures/parity/lamda.json",
+        deviations=(
+            "a layer whose PMB stops training keeps requires_grad and has its gradient dropped instead (same"
+            " update: AdamW skips it), so PMB stays in the adapter file",
+            "gradient accumulation: t comes from the optimizer step, the reference's from its micro-batch counter",
         ),
+        revision=2,
     )
     requires_adapter = ("lamda",)
 
@@ -67,55 +83,37 @@ class LamdaFreeze(Procedure):
         self.names = [n for n, _ in named]
         self.layers = [m for _, m in named]
         self.ranks = [m.lora_B.shape[1] for m in self.layers]
-        start, end = params.pmb_freeze_start * ctx.max_steps, params.pmb_freeze_end * ctx.max_steps
-
-        def schedule(r: int) -> list[int]:
-            return [math.ceil(start + (i + 1) * (end - start) / r) for i in range(r)]
-
-        self.schedules = [schedule(r) for r in self.ranks]
+        self.every, self.max_steps = params.pmb_freeze_every, max(ctx.max_steps, 1)
         self.widest = max(range(len(self.ranks)), key=lambda i: self.ranks[i])
-        self.freeze_at = self.schedules[self.widest]  # with uniform ranks, every layer's schedule
-        self.frozen = [0] * len(self.layers)
-        self.values: list[torch.Tensor] = [m.lora_B.detach().clone() for m in self.layers]
+        self.t = 0
 
-    @property
-    def uniform(self) -> bool:
-        return len(set(self.ranks)) == 1
-
-    def _update_frozen(self, step: int) -> None:
-        for k, (layer, saved, sched) in enumerate(zip(self.layers, self.values, self.schedules)):
-            now = sum(1 for t in sched if t <= step)
-            if now > self.frozen[k]:
-                saved[:, self.frozen[k] : now] = layer.lora_B.detach()[:, self.frozen[k] : now]
-                self.frozen[k] = now
+    def frozen_columns(self, step: int) -> int:
+        """t after the backward of 0-based step ``step`` (optimizer step g = step + 1)."""
+        return int((step + 1) / (self.every * self.max_steps))
 
     def after_backward(self, step: int) -> None:
-        self._update_frozen(step)
-        for layer, n in zip(self.layers, self.frozen):
-            if n and layer.lora_B.grad is not None:
-                layer.lora_B.grad[:, :n].zero_()
-
-    @torch.no_grad()
-    def on_step_end(self, step: int) -> None:
-        for layer, saved, n in zip(self.layers, self.values, self.frozen):
-            if n:
-                layer.lora_B[:, :n] = saved[:, :n]
-        self._update_frozen(step)
+        self.t = t = self.frozen_columns(step)
+        before = self.frozen_columns(step - 1) if step > 0 else 0
+        for layer, r in zip(self.layers, self.ranks):
+            grad = layer.lora_B.grad
+            if t >= r:
+                if before >= r:  # stopped training at an earlier step: no gradient, AdamW skips it
+                    layer.lora_B.grad = None
+            elif t and grad is not None:
+                grad[:, :t] = 0
 
     def state(self) -> dict:
-        out = {"lamda_pmb_frozen_columns": self.frozen[self.widest], "lamda_rank": self.ranks[self.widest]}
-        if not self.uniform:
-            out["lamda_pmb_frozen_columns_per_layer"] = dict(zip(self.names, self.frozen))
+        out = {"lamda_pmb_frozen_columns": min(self.t, self.ranks[self.widest]), "lamda_rank": self.ranks[self.widest]}
+        if len(set(self.ranks)) > 1:
+            out["lamda_pmb_frozen_columns_per_layer"] = {n: min(self.t, r) for n, r in zip(self.names, self.ranks)}
+        stopped = [n for n, r in zip(self.names, self.ranks) if self.t >= r]
+        if stopped:
+            out["lamda_pmb_stopped"] = stopped
         return out
 
     def state_dict(self) -> dict:
-        return {"frozen": self.frozen[0] if self.uniform else list(self.frozen)}
+        return {"t": self.t}
 
     def load_state_dict(self, state: dict) -> None:
-        """Frozen columns hold their frozen values in the checkpoint's PMB (loaded before this)."""
-        frozen = state["frozen"]
-        frozen = [int(frozen)] * len(self.layers) if isinstance(frozen, int) else [int(n) for n in frozen]
-        if len(frozen) != len(self.layers):
-            raise ValueError(f"lamda checkpoint state has {len(frozen)} layers, the model {len(self.layers)}")
-        self.frozen = frozen
-        self.values = [m.lora_B.detach().clone() for m in self.layers]
+        """Only the report needs the last t: the rule depends on the step alone."""
+        self.t = int(state.get("t", 0))

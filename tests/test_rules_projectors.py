@@ -1,0 +1,1 @@
+"""Update rules of projectors, one test per rule a surviving mutant showed unchecked (tests/MUTATION.md)."""
