@@ -374,3 +374,10 @@ def test_fidelity_table_compares_the_last_reported_superseded_row(lb, tmp_path):
     badam = next(line for line in lines if line.startswith("| badam "))
     assert badam == "| badam | 72.00 ± 2.00 (3) at 0.0002 | 81.00 ± 1.00 (3) at 0.0005 | +9.00 |"
     assert next(line for line in lines if line.startswith("| fira ")) == "| fira | - | - | - |"
+
+
+def test_only_records_of_the_current_code_count_as_after(lb, tmp_path):
+    old = fake_record(tmp_path, "fira", 1e-4, 0, 0.8)  # written before fidelity entries existed
+    new = {**old, "run_id": "fira-new", "method": {**old["method"], "fidelity": {}}}
+    assert lb.current_code_rows([old]) == {}
+    assert lb.current_code_rows([old, new])["fira"]["n"] == 1
