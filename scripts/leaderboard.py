@@ -736,7 +736,11 @@ def optimizer_budget_table(records: list[dict], main_rows: dict[str, dict], trac
 
 # Methods whose rule or preset changed to match the authors' released code (lorabench methods
 # --fidelity); the report compares their rows with the superseded ones, run by the old rule.
-FIDELITY_RERUNS = ("badam", "dct_adamw", "fira", "frugal", "lisa", "lora_pro", "q_galore")
+FIDELITY_RERUNS = (
+    *("badam", "dct_adamw", "fira", "frugal", "lisa", "lora_pro", "q_galore"),  # optimizers and procedures
+    *("dylora", "hydra_lora", "increlora", "inttune", "lamda", "lamda_plus", "loldu", "lora_ga", "lora_sb"),
+    *("milora", "nlora", "nola", "salt", "slora", "soma", "soma_recipe", "sora", "svfit"),  # adapters, inits
+)
 
 
 def fidelity_table(superseded: list[dict], main_rows: dict[str, dict], track: Track = TRACK_A) -> str:
