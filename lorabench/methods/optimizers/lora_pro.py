@@ -94,9 +94,9 @@ class LoraProAdamW(torch.optim.Optimizer):
         super().__init__(groups, defaults)
         self.mode, self.ridge, self.step_offset = mode, ridge, step_offset
 
-    def _adam(self, p, grad, group, state_key=None):
-        """Adam-normalised direction m̂/(√v̂ + eps) of ``grad``; moments in self.state[state_key or p]."""
-        state = self.state[p if state_key is None else state_key]
+    def _adam(self, p, grad, group):
+        """Adam-normalised direction m̂/(√v̂ + eps) of ``grad``; moments in self.state[p]."""
+        state = self.state[p]
         if not state:
             state["step"] = torch.tensor(0.0)
             state["exp_avg"] = torch.zeros_like(grad)
