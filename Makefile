@@ -1,6 +1,7 @@
 # make quickstart   set up .venv if needed, then run the offline GaLore quickstart
 # make test         set up .venv if needed, then run the test suite (what .ci/run runs)
-# make mutation     set up .venv if needed, then mutation-test optimizers/ and procedures/ (tests/MUTATION.md)
+# make mutation     set up .venv if needed, then mutation-test optimizers/ and procedures/ (tests/MUTATION.md;
+#                   MUTATION_JOBS=1 on a busy machine)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -30,8 +31,9 @@ test-slow: install
 	$(BIN)/python -m pytest -q -m slow
 
 # mutmut (config: [tool.mutmut] in pyproject.toml) caches its results in mutants/; not part of make test
+MUTATION_JOBS ?= 2
 mutation: install
-	$(BIN)/mutmut run --max-children 2
+	$(BIN)/mutmut run --max-children $(MUTATION_JOBS)
 	$(BIN)/mutmut results
 
 lint: install

@@ -6,6 +6,7 @@ its deprecation warning."""
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -177,3 +178,139 @@ def test_galore_torch_builds_without_its_deprecation_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         galore_torch.GaLoreTorch().build(model, galore_torch.GaLoreParams(rank=2), ctx)
+
+
+# ----------------------------------------------------------------------------- GaLoreFamily's defaults
+
+
+def same_steps(opts_params, steps: int, shape, seed: int = 3) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        g = torch.randn(*shape, generator=gen)
+        for opt, w in opts_params:
+            w.grad = g.clone()
+            opt.step()
+
+
+def weight(shape=(12, 10)) -> nn.Parameter:
+    return nn.Parameter(torch.randn(*shape, generator=torch.Generator().manual_seed(0)))
+
+
+def test_defaults_are_galore_torchs_adamw_at_rank_8_gap_200_scale_1():
+    """lr 1e-3, eps 1e-6, no decay, rank 8, a refresh every 200 steps (the 201st step refreshes)."""
+    from galore_torch import GaLoreAdamW
+
+    ours, ref = weight(), weight()
+    opt = GaLoreFamily([{"params": [ours], "projector": "svd"}])
+    group = {"params": [ref], "rank": 8, "update_proj_gap": 200, "scale": 1.0, "proj_type": "std"}
+    ref_opt = GaLoreAdamW([group], no_deprecation_warning=True)
+    same_steps([(opt, ours), (ref_opt, ref)], 202, ours.shape)
+    torch.testing.assert_close(ours.detach(), ref.detach(), atol=1e-6, rtol=0)
+    assert opt.state[ours]["projector"].refreshes == 2
+
+
+@pytest.mark.parametrize(
+    "residual,explicit",
+    [
+        ("fira", {"gamma": 1.01, "fira_residual": "package"}),
+        ("sign_sgd", {"residual_lr_scale": 1.0}),
+    ],
+)
+def test_residual_defaults_are_the_documented_ones(residual, explicit):
+    base = {"projector": "svd", "rank": 2, "update_proj_gap": 3, "scale": 0.25, "residual": residual}
+    implicit_w, explicit_w = weight(), weight()
+    implicit = GaLoreFamily([{"params": [implicit_w], **base}], lr=0.05)
+    given = GaLoreFamily([{"params": [explicit_w], **base, **explicit}], lr=0.05)
+    grow = torch.Generator().manual_seed(4)
+    for step in range(8):  # growing gradients: the limiter acts
+        g = torch.randn(12, 10, generator=grow) * (1.5**step)
+        for opt, w in ((implicit, implicit_w), (given, explicit_w)):
+            w.grad = g.clone()
+            opt.step()
+    assert torch.equal(implicit_w.detach(), explicit_w.detach())
+
+
+def test_default_seed_is_zero_and_each_weight_of_a_group_gets_its_own_stream():
+    a, b = weight(), weight()
+    implicit = GaLoreFamily([{"params": [a, b], "projector": "random", "rank": 2}])
+    c, d = weight(), weight()
+    given = GaLoreFamily([{"params": [c, d], "projector": "random", "rank": 2, "seed": 0}])
+    for w in (a, b, c, d):
+        w.grad = torch.ones_like(w)
+    implicit.step()
+    given.step()
+    basis = {name: opt.state[w]["projector"].basis() for name, opt, w in (("a", implicit, a), ("b", implicit, b))}
+    assert torch.equal(basis["a"], given.state[c]["projector"].basis())
+    assert torch.equal(basis["b"], given.state[d]["projector"].basis())
+    assert not torch.allclose(basis["a"], basis["b"])
+    other = weight()
+    seeded = GaLoreFamily([{"params": [other], "projector": "random", "rank": 2, "seed": 1}])
+    other.grad = torch.ones_like(other)
+    seeded.step()
+    assert not torch.allclose(seeded.state[other]["projector"].basis(), basis["a"])
+
+
+def test_the_groups_side_rule_reaches_the_projector():
+    w = weight((12, 10))  # std: right; "left" must win
+    opt = GaLoreFamily([{"params": [w], "projector": "svd", "rank": 2, "proj_type": "left"}])
+    w.grad = torch.ones_like(w)
+    opt.step()
+    assert opt.state[w]["projector"].side == "left"
+
+
+def test_an_unknown_residual_rule_is_refused_with_the_valid_ones():
+    w = weight()
+    opt = GaLoreFamily([{"params": [w], "projector": "svd", "residual": "adam"}])
+    w.grad = torch.ones_like(w)
+    with pytest.raises(ValueError) as err:
+        opt.step()
+    assert str(err.value) == "residual='adam' is invalid; valid: none, fira, sign_sgd, sgd"
+
+
+def test_a_checkpoint_without_a_newer_group_option_gets_its_default():
+    w = weight()
+    opt = GaLoreFamily([{"params": [w], "projector": "svd", "rank": 2}], lr=0.01)
+    w.grad = torch.ones_like(w)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())  # as from disk: no tensor shared with the running optimizer
+    for group in saved["param_groups"]:
+        del group["proj_lr_scale"], group["eps_after_correction"]
+    fresh_w = nn.Parameter(w.detach().clone())
+    fresh = GaLoreFamily([{"params": [fresh_w], "projector": "svd", "rank": 2}], lr=0.01)
+    fresh.load_state_dict(saved)
+    assert fresh.param_groups[0]["proj_lr_scale"] == 1.0 and fresh.param_groups[0]["eps_after_correction"] is False
+    assert None not in fresh.param_groups[0]
+    fresh_w.grad, w.grad = torch.ones_like(w), torch.ones_like(w)
+    fresh.step()
+    opt.step()
+    assert torch.equal(fresh_w.detach(), w.detach())
+
+
+def test_bf16_weights_project_in_fp32_and_plain_ones_keep_bf16_moments():
+    torch.manual_seed(0)
+    projected = nn.Parameter(torch.randn(12, 10).bfloat16())
+    plain = nn.Parameter(torch.randn(10).bfloat16())
+    opt = GaLoreFamily([{"params": [projected], "projector": "svd", "rank": 2}, {"params": [plain]}], lr=0.01)
+    projected.grad, plain.grad = torch.randn(12, 10).bfloat16(), torch.randn(10).bfloat16()
+    opt.step()
+    assert opt.state[projected]["exp_avg"].dtype == torch.float32 and projected.dtype == torch.bfloat16
+    assert opt.state[plain]["exp_avg"].dtype == torch.bfloat16
+
+
+def test_beta_zero_is_accepted():
+    assert ProjectedAdamParams(beta1=0.0).beta1 == 0.0
+
+
+def test_builders_pass_betas_side_rule_and_seed():
+    from lorabench.methods.optimizers.adamw import AdamW, AdamWParams
+    from lorabench.methods.optimizers.galore_family import GaLore
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 12))
+    ctx = MethodContext(["0"], "classification", lr=0.1, weight_decay=0.0, max_steps=10, seed=3)
+    opt = GaLore().build(model, GaLoreParams(rank=2, proj_type="left", beta1=0.5, beta2=0.6), ctx)
+    projected = [g for g in opt.param_groups if g["projector"] is not None][0]
+    assert projected["proj_type"] == "left" and projected["seed"] == 3
+    assert all(g["betas"] == (0.5, 0.6) for g in opt.param_groups)
+    plain = AdamW().build(model, AdamWParams(beta1=0.5, beta2=0.6, eps=1e-3), ctx)
+    assert all(g["betas"] == (0.5, 0.6) and g["eps"] == 1e-3 for g in plain.param_groups)

@@ -12,7 +12,7 @@ from torch import nn
 from lorabench.errors import ConfigError
 from lorabench.methods.base import MethodContext
 from lorabench.methods.procedures.badam import BAdam, BAdamParams, badam_blocks, first_block
-from lorabench.methods.procedures.lisa import Lisa, LisaParams
+from lorabench.methods.procedures.lisa import Lisa, LisaParams, set_trainable, transformer_layers
 
 WIDTHS = (3, 4, 5)  # layers of different sizes, so the trainable count tells which block trains
 
@@ -177,3 +177,42 @@ def test_lisa_checkpoint_restores_draws_and_the_trainable_set():
     proc.on_step_end(4)
     fresh.on_step_end(4)
     assert fresh.active == proc.active  # the replayed generator continues the same schedule
+
+
+# ----------------------------------------------------------------------------- the layer list
+
+
+class Lists(nn.Module):
+    def __init__(self, *lists):
+        super().__init__()
+        for i, modules in enumerate(lists):
+            self.add_module(f"list{i}", nn.ModuleList(modules))
+
+
+def test_layer_list_is_the_list_with_the_most_parameters_first_on_ties():
+    name, layers = transformer_layers(Lists([nn.Linear(2, 2)], [nn.Linear(3, 3)], [nn.Linear(3, 3)]))
+    assert name == "list1" and len(layers) == 1  # a one-layer list counts; 12 parameters beat 6; ties keep the first
+
+
+def test_a_list_holding_a_single_parameter_is_found():
+    class Scalar(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(()))
+
+    assert transformer_layers(Lists([Scalar()]))[0] == "list0"
+
+
+def test_no_layer_list_is_an_error_naming_the_model():
+    with pytest.raises(ConfigError) as err:
+        transformer_layers(Lists([nn.ReLU()]))
+    assert str(err.value) == "found no nn.ModuleList of transformer layers in Lists"
+
+
+def test_freezing_drops_gradients_and_unfreezing_keeps_them():
+    a, b = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(2))
+    a.grad, b.grad = torch.ones(2), torch.ones(2)
+    set_trainable([a], False)
+    set_trainable([b], True)
+    assert not a.requires_grad and a.grad is None
+    assert b.requires_grad and torch.equal(b.grad, torch.ones(2))
