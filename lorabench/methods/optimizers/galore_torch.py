@@ -70,4 +70,40 @@ class GaLoreTorch(OptimizerBuilder):
     def build(self, model, params: GaLoreParams, ctx: MethodContext) -> torch.optim.Optimizer:
         from galore_torch import GaLoreAdamW
 
-        return GaLoreAdamW(galore_param_groups(model, params, ctx), lr=ctx.lr, no_deprecation_warning=True)
+        return checkpointable(GaLoreAdamW)(galore_param_groups(model, params, ctx), lr=ctx.lr, no_deprecation_warning=True)
+
+
+def checkpointable(galore_adamw: type) -> type:
+    """``GaLoreAdamW`` whose state dict holds each ``GaLoreProjector`` as its basis alone
+    (``{"ortho_matrix": tensor}``), so that checkpoints load with ``torch.load(weights_only=True)``;
+    loading rebuilds the projector from its parameter group's rank, gap, scale and proj_type (the
+    values the package builds it from). The update rule is the package's, untouched."""
+    from galore_torch.galore_projector import GaLoreProjector
+
+    def encode(state: dict) -> dict:
+        projector = state.get("projector")
+        if not isinstance(projector, GaLoreProjector):
+            return state
+        return {**state, "projector": {"ortho_matrix": projector.ortho_matrix}}
+
+    class CheckpointableGaLoreAdamW(galore_adamw):
+        def state_dict(self) -> dict:
+            packed = super().state_dict()  # per-parameter dicts are the live ones: copy, never mutate
+            return {**packed, "state": {key: encode(value) for key, value in packed["state"].items()}}
+
+        def load_state_dict(self, state_dict: dict) -> None:
+            super().load_state_dict(state_dict)
+            for group in self.param_groups:
+                for p in group["params"]:
+                    saved = self.state.get(p, {}).get("projector")
+                    if isinstance(saved, dict):
+                        projector = GaLoreProjector(
+                            group["rank"],
+                            update_proj_gap=group["update_proj_gap"],
+                            scale=group["scale"],
+                            proj_type=group["proj_type"],
+                        )
+                        projector.ortho_matrix = saved["ortho_matrix"]
+                        self.state[p]["projector"] = projector
+
+    return CheckpointableGaLoreAdamW

@@ -1,1 +1,0 @@
-"""Update rules of q_galore, one test per rule a surviving mutant showed unchecked (tests/MUTATION.md)."""
