@@ -32,15 +32,19 @@ def _err(message: str) -> None:
 
 
 # -- config -----------------------------------------------------------------------------------------
-def build_run(cfg_dict: dict):
-    """Plain dict (resolved config) -> validated (RunConfig, MethodSpec). Raises ConfigError."""
+def validate_config(cfg_dict: dict):
+    """Plain dict (resolved config) -> validated ``RunConfig``; raises ConfigError.
+
+    Guarantee: imports neither torch, transformers nor peft (only OmegaConf, the config dataclasses,
+    the dataset registry and lorabench.models' path check), so every error it finds is answered in
+    about Hydra's own time. The one exception is ``hardware.device=cuda``, which imports torch to ask
+    whether CUDA is there."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    import lorabench.data  # noqa: F401  registers datasets
-    import lorabench.methods  # noqa: F401  registers methods
-    from lorabench.config import RunConfig, validate_run
-    from lorabench.methods.spec import resolve_method
+    import lorabench.data  # noqa: F401  registers datasets (torch-free at import)
+    from lorabench.config import RunConfig, check_all_finite, validate_run
+    from lorabench.models import check_local_path
     from lorabench.registry import DATASETS
     from lorabench.trackers import check_tracker
 
@@ -51,28 +55,51 @@ def build_run(cfg_dict: dict):
         if cause is not None:
             raise cause from None
         raise ConfigError(str(exc).splitlines()[0] + f" (at {getattr(exc, 'full_key', '?')})") from None
+    check_all_finite(cfg_dict)  # the method's hyper-parameters too, before any method code loads
     _check_device(cfg)
     check_tracker(cfg.tracker)
     validate_run(cfg)
-    spec = resolve_method(dict(cfg.method))
+    if cfg.model.source == "local":
+        check_local_path(cfg.model)  # a missing folder, named, before transformers reads it as a hub id
     task = DATASETS.get(cfg.dataset.name, where="dataset")
     if task.head == "causal_lm" and cfg.model.architecture != "decoder":
         raise ConfigError(
             f"dataset={cfg.dataset.name!r} needs a decoder model (generation); model={cfg.model.name!r} "
             f"is an {cfg.model.architecture}"
         )
-    _check_device(cfg)
+    return cfg
+
+
+def build_run(cfg_dict: dict):
+    """Plain dict (resolved config) -> validated (RunConfig, MethodSpec). Raises ConfigError.
+
+    :func:`validate_config` runs first (torch-free); only then is the method resolved, which imports
+    ``lorabench.methods`` and with it torch and peft: the method components and their ``Params``
+    dataclasses live in modules that import them at the top."""
+    cfg = validate_config(cfg_dict)
+    import lorabench.methods  # noqa: F401  registers methods (imports torch, peft)
+    from lorabench.methods.spec import resolve_method
+
+    try:
+        spec = resolve_method(dict(cfg.method))
+    except ConfigError as exc:  # a Params type error: say which key (OmegaConf's first line does not)
+        key = getattr(exc.__context__, "full_key", None)
+        if key and f"method.{key}" not in str(exc):
+            raise ConfigError(f"{exc} (at method.{key})") from None
+        raise
     return cfg, spec
 
 
 def _check_device(cfg) -> None:
+    if cfg.hardware.device != "cuda":
+        return
     import torch
 
-    if cfg.hardware.device == "cuda" and not torch.cuda.is_available():
+    if not torch.cuda.is_available():
         raise ConfigError(
             f"hardware={cfg.hardware.name!r} needs CUDA, but torch.cuda.is_available() is False; use hardware=cpu"
         )
-    if cfg.hardware.mixed_precision == "bf16" and cfg.hardware.device == "cuda" and not torch.cuda.is_bf16_supported():
+    if cfg.hardware.mixed_precision == "bf16" and not torch.cuda.is_bf16_supported():
         raise ConfigError("hardware.mixed_precision='bf16' is not supported by this GPU; use 'fp16' or 'no'")
 
 
@@ -120,21 +147,29 @@ def launch_distributed(cfg, command: str) -> int:
 
 
 def run_one(cfg_dict: dict, command: str, multirun: bool) -> int:
-    """Validate and run one configuration; returns an exit code. Failures inside a sweep are
-    collected for the summary instead of stopping the sweep."""
-    from lorabench.train import RunCanceled, train
-
+    """Validate, pre-flight check (lorabench.preflight: shapes on a meta-device model, data files)
+    and run one configuration; returns an exit code. Bad input exits 2 before any weight loads.
+    Failures inside a sweep are collected for the summary instead of stopping the sweep."""
     label = cfg_dict.get("method", {}).get("label", "?")
     try:
         cfg, spec = build_run(cfg_dict)
+        from lorabench.preflight import preflight
+
+        preflight(cfg, spec)
     except USER_ERRORS as exc:
         _err(str(exc))
         SWEEP_SUMMARY.append({"run": label, "status": "invalid", "error": str(exc)})
         return 2
     if cfg.hardware.num_processes > 1 and not _under_launcher():
+        from lorabench.data.base import forget_preloaded
+
+        forget_preloaded()  # each launched process loads (and checks) its own copy
         code = launch_distributed(cfg, command)
         SWEEP_SUMMARY.append({"run": label, "status": "completed" if code == 0 else "failed", "error": None})
         return code
+    from lorabench.data.base import forget_preloaded
+    from lorabench.train import RunCanceled, train
+
     try:
         record = train(cfg, spec, command)
     except (RunCanceled, KeyboardInterrupt) as exc:
@@ -148,10 +183,65 @@ def run_one(cfg_dict: dict, command: str, multirun: bool) -> int:
         _err(f"run failed: {type(exc).__name__}: {exc}")
         SWEEP_SUMMARY.append({"run": label, "status": "failed", "error": f"{type(exc).__name__}: {exc}"})
         return 1
+    finally:
+        forget_preloaded()
     SWEEP_SUMMARY.append(
         {"run": record["run_id"], "status": "skipped" if record.get("skipped") else record["status"], "error": None}
     )
     return 0
+
+
+def hydra_error_line(exc: Exception) -> str:
+    """One line for a Hydra composition error: the problem, the offending override or key, and the
+    valid choices (a group's options, or the keys of the config node an unknown key was set on)."""
+    text = str(exc)
+    if "Available options in" in text:
+        head, _, rest = text.partition("Available options in")
+        options = []
+        for line in rest.splitlines()[1:]:
+            if not line.startswith("\t"):  # "Config search path:" follows the options
+                break
+            options.append(line.strip())
+        problem = head.replace("In 'config': ", "").strip()
+        return f"{problem}; valid choices: {', '.join(options)}"
+    noise = ("See https", "To append to your config")
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith(noise)]
+    cause = exc.__cause__
+    if cause is not None:
+        first = str(cause).splitlines()[0].strip()
+        lines.append(first)
+        key = getattr(cause, "full_key", None)
+        if key and type(cause).__name__ == "ConfigAttributeError":
+            valid = _valid_keys(key.rpartition(".")[0])
+            if valid:
+                lines.append(f"valid keys: {', '.join(valid)}")
+    return "; ".join(line.rstrip(".") for line in lines)
+
+
+def _valid_keys(parent: str) -> list[str]:
+    from lorabench.config_store import compose
+
+    node = compose([])
+    for part in [p for p in parent.split(".") if p]:
+        node = node.get(part) if isinstance(node, dict) else None
+    return sorted(node) if isinstance(node, dict) else []
+
+
+def check_overrides(argv: list[str]) -> None:
+    """Compose a single run's overrides once through Hydra's compose API, so that an unknown group
+    option, key or ill-typed value is one ``ConfigError`` line (exit 2) rather than Hydra's
+    multi-line report. Sweeps (-m) and Hydra flags are left to Hydra itself."""
+    if any(arg.startswith("-") for arg in argv):
+        return
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from lorabench.config_store import compose
+
+    try:
+        compose(argv)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(hydra_error_line(exc)) from None
 
 
 def train_command(argv: list[str]) -> int:
@@ -163,6 +253,7 @@ def train_command(argv: list[str]) -> int:
     from lorabench.config_store import register_schemas
 
     register_schemas()
+    check_overrides(argv)
     SWEEP_SUMMARY.clear()
     command = "lorabench train " + shlex.join(argv)
     codes: list[int] = []

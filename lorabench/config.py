@@ -7,8 +7,9 @@ that span several groups. Nothing downstream sees a Hydra ``DictConfig``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from lorabench.errors import ConfigError
 
@@ -19,9 +20,39 @@ def check_choice(where: str, value: Any, choices: tuple) -> None:
 
 
 def check_positive(where: str, value: float | int, allow_zero: bool = False) -> None:
+    """``value`` is a finite number > 0 (>= 0 with ``allow_zero``); nan and inf are refused."""
+    bound = ">= 0" if allow_zero else "> 0"
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}={value!r} is invalid; it must be a finite number {bound}")
     if value is None or value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{where}={value!r} is invalid; it must be {bound}")
+
+
+def check_range(where: str, value: float, low: float, high: float, closed_low: bool = True) -> None:
+    """``low <= value < high`` (``low < value < high`` without ``closed_low``); nan is refused."""
+    ok = (low <= value if closed_low else low < value) and value < high
+    if not ok:  # nan fails every comparison, so it lands here too
+        bracket = "[" if closed_low else "("
+        raise ConfigError(f"{where}={value!r} is invalid; it must be in {bracket}{low:g}, {high:g})")
+
+
+def nonfinite_numbers(node: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
+    """(dotted key, value) of every nan or +-inf float anywhere in a plain config dict/list."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from nonfinite_numbers(value, f"{prefix}{key}.")
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            yield from nonfinite_numbers(value, f"{prefix}{i}.")
+    elif isinstance(node, float) and not math.isfinite(node):
+        yield prefix.rstrip("."), node
+
+
+def check_all_finite(cfg_dict: dict) -> None:
+    """No config value (schema field or method hyper-parameter) may be nan or inf: a ConfigError
+    names the first such key."""
+    for where, value in nonfinite_numbers(cfg_dict):
+        raise ConfigError(f"{where}={value!r} is invalid; every number in a config must be finite")
 
 
 @dataclass
@@ -46,8 +77,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         check_choice("model.source", self.source, self.SOURCES)
         check_choice("model.architecture", self.architecture, self.ARCHITECTURES)
-        if self.dropout is not None and not 0 <= self.dropout < 1:
-            raise ConfigError(f"model.dropout={self.dropout!r} is invalid; it must be in [0, 1) or null")
+        if self.dropout is not None:
+            check_range("model.dropout", self.dropout, 0, 1)
 
 
 @dataclass
@@ -113,8 +144,7 @@ class TrainConfig:
         check_choice("train.report", self.report, self.REPORTS)
         check_choice("train.nonfinite", self.nonfinite, self.NONFINITE)
         check_positive("train.max_skipped_steps", self.max_skipped_steps, allow_zero=True)
-        if not 0 <= self.warmup_ratio < 1:
-            raise ConfigError(f"train.warmup_ratio={self.warmup_ratio!r} is invalid; it must be in [0, 1)")
+        check_range("train.warmup_ratio", self.warmup_ratio, 0, 1)
         if self.max_grad_norm is not None:
             check_positive("train.max_grad_norm", self.max_grad_norm)
         check_positive("train.eval_every", self.eval_every, allow_zero=True)
@@ -168,8 +198,7 @@ class AnalysisConfig:
 
     def __post_init__(self) -> None:
         check_positive("analysis.intruder_top_k", self.intruder_top_k)
-        if not 0 < self.intruder_epsilon < 1:
-            raise ConfigError(f"analysis.intruder_epsilon={self.intruder_epsilon!r} is invalid; it must be in (0, 1)")
+        check_range("analysis.intruder_epsilon", self.intruder_epsilon, 0, 1, closed_low=False)
 
 
 @dataclass

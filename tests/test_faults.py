@@ -1,5 +1,6 @@
-"""Faults and bad input: non-finite losses, out-of-memory, failing runs inside a sweep, concurrent
-writers to one results folder, and malformed data, each answered by a record and one clear message."""
+"""Faults: non-finite losses, out-of-memory, failing runs inside a sweep and concurrent writers to
+one results folder, each answered by a record and one clear message. Bad input (configs, shapes,
+malformed data files) is the corpus of tests/test_bad_input.py."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 import lorabench.train as train_module
 from lorabench.cli import main
 from lorabench.results.table import build_table
-from tests.conftest import tiny_overrides, write_sst2
+from tests.conftest import tiny_overrides
 
 
 def train(*overrides: str) -> int:
@@ -127,55 +128,6 @@ def test_concurrent_runs_lose_nothing(sst2_dir, tmp_path):
     text, problems = build_table(tmp_path)
     assert not problems and f"(n={n})" in text
     assert not list(tmp_path.rglob("*.tmp"))
-
-
-def bad_sst2(tmp_path: Path, train_text: str) -> Path:
-    folder = write_sst2(tmp_path / "SST-2")
-    (folder / "train.tsv").write_text(train_text, encoding="utf-8")
-    return folder
-
-
-BAD_DATA = [
-    ("sentence\tpolarity\na fine film\t1\n", ["train.tsv", "label", "missing column"]),
-    ("sentence\tlabel\na fine film\t1\nno label here\n", ["train.tsv:3", "expected 2"]),
-    ("sentence\tlabel\na fine film\tmaybe\n", ["train.tsv:2", "maybe"]),
-    ("sentence\tlabel\n", ["empty"]),
-]
-
-
-@pytest.mark.parametrize("content,needles", BAD_DATA, ids=["wrong-columns", "short-row", "bad-label", "empty"])
-def test_bad_data_names_file_and_line(content, needles, tmp_path, capsys):
-    folder = bad_sst2(tmp_path, content)
-    code = train("method=lora", *tiny_overrides("classification", folder, tmp_path / "runs"))
-    err = capsys.readouterr().err
-    assert code != 0 and "Traceback" not in err
-    for needle in needles:
-        assert needle in err, err
-    (rec,) = records(tmp_path / "runs")
-    assert rec["status"] == "failed" and rec["model"]["source"] is None  # stopped before the model loaded
-
-
-def test_max_length_shorter_than_prompt(gsm8k_dir, tmp_path, capsys):
-    code = train("method=lora", *tiny_overrides("causal_lm", gsm8k_dir, tmp_path), "dataset.max_length=4")
-    assert code != 0
-    assert "dataset.max_length=4 is shorter than a prompt" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize(
-    "args,needle",
-    [
-        (["method=lora_pro", "method.adapter=none"], "needs method.adapter in ['lora']"),
-        (["method=qlora"], "needs CUDA"),
-        (["resume=sometimes"], "sometimes"),
-        (["checkpoint.every=-1"], "checkpoint.every=-1"),
-        (["train.nonfinite=ignore"], "ignore"),
-    ],
-)
-def test_incompatible_and_out_of_range(args, needle, sst2_dir, tmp_path, capsys):
-    code = train(*args, *tiny_overrides("classification", sst2_dir, tmp_path))
-    assert code == 2
-    assert needle in capsys.readouterr().err
-    assert not records(tmp_path)
 
 
 def test_trust_remote_code_is_off_by_default():

@@ -110,6 +110,61 @@ def test_corrupt_record_reported_not_fatal(tmp_path, capsys):
     assert str(bad) in out.err
 
 
+def _ill_typed(root: Path, name: str, edit) -> Path:
+    record = make_record(root, name, 9, 0.5)
+    edit(record)
+    path = root / record["run_id"] / "record.json"
+    path.write_text(json.dumps(record))
+    return path
+
+
+BROKEN_RECORDS = {
+    "not-utf8": (lambda root: _raw(root, b'{"schema_version": 1, "run_id": "caf\xe9"}'), "not UTF-8"),
+    "invalid-json": (lambda root: _raw(root, b"{nope"), "unreadable record"),
+    "not-an-object": (lambda root: _raw(root, b"[1, 2]"), "not a JSON object"),
+    "string-metric": (
+        lambda root: _ill_typed(root, "strmetric", lambda r: r["metrics"]["final"].update(accuracy="0.9")),
+        "metrics.final.accuracy",
+    ),
+    "string-cost": (
+        lambda root: _ill_typed(root, "strcost", lambda r: r["cost"].update(trainable_params="many")),
+        "cost.trainable_params",
+    ),
+    "list-metrics": (lambda root: _ill_typed(root, "listmetrics", lambda r: r.update(metrics=[1])), "metrics"),
+    "number-label": (
+        lambda root: _ill_typed(root, "numlabel", lambda r: r["method"].update(label=7)),
+        "method.label",
+    ),
+    "string-peak-memory": (
+        lambda root: _ill_typed(root, "strpeak", lambda r: r["cost"]["peak_memory"].update(cpu_peak_rss_bytes="1 GB")),
+        "cost.peak_memory.cpu_peak_rss_bytes",
+    ),
+}
+
+
+def _raw(root: Path, content: bytes) -> Path:
+    path = root / "broken" / "record.json"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content)
+    return path
+
+
+@pytest.mark.parametrize("kind", BROKEN_RECORDS)
+def test_unreadable_or_ill_typed_record_is_skipped_and_reported(kind, tmp_path, capsys):
+    """``lorabench table`` prints the table of the good records and names the bad one with its
+    problem on stderr, exit 0, for bytes that are not UTF-8, invalid JSON or a value of the wrong type."""
+    make_record(tmp_path, "lora", 0, 0.8)
+    write, problem = BROKEN_RECORDS[kind]
+    bad = write(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(["table", "--results-dir", str(tmp_path)])
+    out = capsys.readouterr()
+    assert exc.value.code == 0, out.err
+    assert "80.00 (n=1)" in out.out and "Traceback" not in out.err
+    (line,) = [line for line in out.err.splitlines() if str(bad) in line]
+    assert line.startswith("lorabench: skipped") and problem in line, line
+
+
 @pytest.mark.parametrize("fmt,marker", [("md", "| method |"), ("csv", "method,model"), ("latex", r"\begin{tabular}")])
 def test_formats(tmp_path, fmt, marker):
     make_record(tmp_path, "lora", 0, 0.8)

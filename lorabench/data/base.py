@@ -5,19 +5,28 @@ loads raw examples from its source, turns training examples into token features,
 evaluation examples (the loop shards them over processes) and scores the gathered predictions with
 its official metric. Its ``version`` must be bumped whenever
 the prompt, preprocessing or metric changes; it travels with every score in the record.
+
+Importing this module (and every family module) does not import torch: the dataset registry and
+the file readers serve config validation and the pre-flight checks, which run before any model
+code loads. Readers raise ``DataError`` naming the file and line of the first bad row.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import io
+import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from lorabench.config import DatasetConfig
 from lorabench.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -66,10 +75,106 @@ def require_file(path: Path, dataset: str) -> Path:
     return path
 
 
-def check_columns(path: Path, found: list[str], required: list[str]) -> None:
+def check_columns(path: Path | str, found: list[str], required: list[str]) -> None:
     missing = [c for c in required if c not in found]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; found {found}")
+
+
+def read_text(path: Path) -> str:
+    """The UTF-8 text of ``path`` (a leading BOM dropped). Bytes that are not UTF-8 raise
+    ``DataError`` naming the file, line and column of the first one."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise DataError(
+            f"{path}:{line}: not valid UTF-8 (byte 0x{data[exc.start]:02x} at column {column}); save the file as UTF-8"
+        ) from None
+
+
+def open_text(path: Path) -> io.StringIO:
+    """:func:`read_text` as a file object for ``csv.reader`` (newlines kept as in the file)."""
+    return io.StringIO(read_text(path), newline="")
+
+
+def check_string_fields(where: str, row: Any, required: list[str]) -> dict:
+    """``row`` is a JSON object whose ``required`` fields are all strings; ``where`` is ``file:line``."""
+    if not isinstance(row, dict):
+        raise DataError(
+            f"{where}: expected a JSON object with {required}, found {type(row).__name__} {json.dumps(row)[:60]}"
+        )
+    check_columns(where, list(row), required)
+    for key in required:
+        if not isinstance(row[key], str):
+            raise DataError(f"{where}: field {key!r} is {json.dumps(row[key])[:60]}; expected a string")
+    return row
+
+
+def read_jsonl(path: Path, required: list[str], check: Callable[[dict], Any] | None = None) -> list[dict]:
+    """Rows of a jsonl file: each non-blank line a JSON object whose ``required`` fields are strings.
+    ``check(row)`` may raise ``ValueError`` for a row the task cannot use. Every problem is a
+    ``DataError`` naming ``file:line``; a file without rows is one too."""
+    rows = []
+    for line_no, line in enumerate(read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
+        check_string_fields(f"{path}:{line_no}", row, required)
+        if check is not None:
+            try:
+                check(row)
+            except ValueError as exc:
+                raise DataError(f"{path}:{line_no}: {exc}") from None
+        rows.append(row)
+    return require_rows(path, rows)
+
+
+def require_rows(path: Path | str, rows: list) -> list:
+    """``rows``, or a ``DataError`` naming the file when it holds no example (an empty evaluation
+    split would otherwise fail only at the first evaluation, after training)."""
+    if not rows:
+        raise DataError(f"{path}: the file is empty (no examples after the header, if any); every split needs data")
+    return rows
+
+
+# -- one load per run: the pre-flight checks load the splits, the training loop reuses them -------
+_PRELOADED: dict[str, Splits] = {}
+
+
+def _load_key(task: Any, cfg: DatasetConfig) -> str:
+    name = getattr(task, "registry_name", getattr(task, "name", type(task).__name__))
+    return json.dumps([name, dataclasses.asdict(cfg)], sort_keys=True, default=str)
+
+
+def preload(task: Any, cfg: DatasetConfig) -> Splits:
+    """``task.load(cfg)``, kept so that the next ``task.load`` with the same config returns it
+    instead of reading the files again (lorabench.preflight loads before the run, train.py during)."""
+    _PRELOADED.clear()
+    splits = task.load(cfg)
+    _PRELOADED[_load_key(task, cfg)] = splits
+    return splits
+
+
+def forget_preloaded() -> None:
+    """Drop splits kept by :func:`preload` (called when the run they were loaded for is over)."""
+    _PRELOADED.clear()
+
+
+def reuses_preload(load: Callable) -> Callable:
+    """Decorator for ``Task.load``: hand out (once) what :func:`preload` loaded for the same config."""
+
+    @functools.wraps(load)
+    def wrapper(self, cfg: DatasetConfig) -> Splits:
+        kept = _PRELOADED.pop(_load_key(self, cfg), None)
+        return kept if kept is not None else load(self, cfg)
+
+    return wrapper
 
 
 def resolve_primary(task: Task, cfg: DatasetConfig) -> str:
@@ -85,6 +190,8 @@ def resolve_primary(task: Task, cfg: DatasetConfig) -> str:
 def collate(features: list[dict], pad_token_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
     """Pad a list of token features into a batch. ``labels`` are padded with -100 when they are
     sequences (language modelling) and stacked when they are class ids or regression targets."""
+    import torch
+
     width = max(len(f["input_ids"]) for f in features)
     batch: dict[str, list] = {"input_ids": [], "attention_mask": []}
     seq_labels = "labels" in features[0] and isinstance(features[0]["labels"], list)
@@ -118,7 +225,6 @@ def truncate_at_stops(text: str, stops: tuple[str, ...] | list[str]) -> str:
     return text
 
 
-@torch.no_grad()
 def generate_texts(
     model, tokenizer, prompts: list[str], cfg: DatasetConfig, device, stop: tuple[str, ...] = (), **generate_kwargs
 ) -> list[str]:
@@ -126,6 +232,13 @@ def generate_texts(
     decoded new tokens of each prompt. Prompts are tokenized as in ``lm_features`` (BOS only when
     the tokenizer adds one). With ``stop`` strings, a sequence stops once its text ends in one
     (transformers' ``stop_strings``) and each text is cut before the first stop string it holds."""
+    import torch
+
+    with torch.no_grad():
+        return _generate_texts(model, tokenizer, prompts, cfg, device, stop, **generate_kwargs)
+
+
+def _generate_texts(model, tokenizer, prompts, cfg, device, stop, **generate_kwargs) -> list[str]:
     bos = (
         [tokenizer.bos_token_id]
         if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False)

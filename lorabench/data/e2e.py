@@ -28,10 +28,17 @@ import hashlib
 from pathlib import Path
 
 from lorabench.config import DatasetConfig
-from lorabench.data.base import Splits, check_columns, generate_texts, resolve_primary, subset
+from lorabench.data.base import (
+    Splits,
+    check_columns,
+    generate_texts,
+    open_text,
+    resolve_primary,
+    reuses_preload,
+    subset,
+)
 from lorabench.data.gsm8k import lm_features, prompt_text
 from lorabench.errors import ConfigError, DataError
-from lorabench.evaluation.data_to_text import e2e_metrics
 from lorabench.hub import hub_reachable
 from lorabench.registry import DATASETS
 
@@ -72,7 +79,7 @@ def repair_text(text: str) -> str:
 def read_e2e_csv(path: Path) -> list[dict]:
     """(mr, ref) rows of one official E2E CSV file, text repaired (:func:`repair_text`); extra
     columns (the cleaned release's) are ignored."""
-    with path.open(encoding="utf-8-sig", newline="") as fh:
+    with open_text(path) as fh:
         reader = csv.reader(fh)
         header = next(reader, [])
         check_columns(path, header, ["mr", "ref"])
@@ -134,6 +141,7 @@ class E2E:
     higher_is_better = dict.fromkeys(metrics, True)
 
     # -- loading ---------------------------------------------------------------------------------
+    @reuses_preload
     def load(self, cfg: DatasetConfig) -> Splits:
         if cfg.source == "generated":
             raise ConfigError("dataset.source='generated' is not an e2e source; use local or hub")
@@ -141,6 +149,12 @@ class E2E:
             splits = self._load_local(cfg)
         else:
             splits = self._load_hub(cfg)
+        if not splits.train or not splits.eval:
+            raise DataError(
+                f"dataset 'e2e' ({splits.source.get('path') or splits.source.get('hub_id')}) has an empty split "
+                f"({splits.train_split}={len(splits.train)}, {splits.eval_split}={len(splits.eval)}); "
+                "every split needs data"
+            )
         # train: (mr, ref) pairs; eval: one example per MR. Subsets count pairs and MRs respectively.
         splits.train = subset(splits.train, cfg.train_size, cfg.subset_seed)
         splits.eval = subset(group_by_mr(splits.eval), cfg.eval_size, cfg.subset_seed)
@@ -230,6 +244,8 @@ class E2E:
     def score(self, predictions: list[str], examples: list[dict]) -> dict:
         """The five E2E scores (float, or None when a metric cannot run here); when any is None,
         ``missing`` maps it to the reason (a plain dict, so the record's JSON keeps it)."""
+        from lorabench.evaluation.data_to_text import e2e_metrics  # only when scoring
+
         scores, missing = e2e_metrics(list(predictions), [e["references"] for e in examples])
         out: dict = {name: (None if scores.get(name) is None else float(scores[name])) for name in self.metrics}
         if missing:

@@ -24,7 +24,8 @@ RTE      train.tsv, dev.tsv                          sentence1, sentence2 (entai
 WNLI     train.tsv, dev.tsv                          sentence1, sentence2 (label 0/1)
 =======  ==========================================  ============================================
 
-A row with too few fields or an unknown label raises ``DataError`` naming the file and line.
+A row with too few fields, an unknown label, a byte that is not UTF-8, or a file without rows
+raises ``DataError`` naming the file and line.
 """
 
 from __future__ import annotations
@@ -34,12 +35,19 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from lorabench.config import DatasetConfig
-from lorabench.data.base import Splits, check_columns, collate, require_file, resolve_primary, subset
+from lorabench.data.base import (
+    Splits,
+    check_columns,
+    collate,
+    open_text,
+    require_file,
+    require_rows,
+    resolve_primary,
+    reuses_preload,
+    subset,
+)
 from lorabench.errors import DataError
-from lorabench.evaluation.classification import compute
 from lorabench.hub import hub_reachable
 from lorabench.registry import DATASETS
 
@@ -83,6 +91,7 @@ class GlueTask:
             )
 
     # -- loading ---------------------------------------------------------------------------------
+    @reuses_preload
     def load(self, cfg: DatasetConfig) -> Splits:
         use_local = cfg.source == "local" or (cfg.source == "auto" and cfg.data_dir)
         if use_local:
@@ -108,7 +117,7 @@ class GlueTask:
         return splits
 
     def _read_tsv(self, path: Path) -> list[dict]:
-        with path.open(encoding="utf-8-sig", newline="") as fh:
+        with open_text(path) as fh:
             reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
             header = list(self.header) if self.header else next(reader, [])
             check_columns(path, header, [*self.text_columns, self.label_column])
@@ -121,7 +130,7 @@ class GlueTask:
                 if len(row) < len(header):
                     raise DataError(f"{path}:{line_no}: expected {len(header)} tab-separated fields, found {len(row)}")
                 rows.append({"texts": [row[i] for i in idx], "label": self._label(row[label_idx], path, line_no)})
-        return rows
+        return require_rows(path, rows)
 
     def _label(self, raw: str, path: Path, line_no: int) -> float | int:
         try:
@@ -167,9 +176,14 @@ class GlueTask:
         enc = tokenizer(*example["texts"], truncation=True, max_length=cfg.max_length)
         return {"input_ids": enc["input_ids"], "labels": example["label"]}
 
-    @torch.no_grad()
     def predict(self, model, tokenizer, examples: list[dict], cfg: DatasetConfig, device) -> list:
         """Class ids (argmax of the logits), or scores for the regression task (STS-B)."""
+        import torch
+
+        with torch.no_grad():
+            return self._predict(model, tokenizer, examples, cfg, device)
+
+    def _predict(self, model, tokenizer, examples: list[dict], cfg: DatasetConfig, device) -> list:
         preds = []
         for start in range(0, len(examples), cfg.eval_batch_size):
             chunk = examples[start : start + cfg.eval_batch_size]
@@ -182,6 +196,8 @@ class GlueTask:
         return preds
 
     def score(self, predictions: list, examples: list[dict]) -> dict:
+        from lorabench.evaluation.classification import compute  # scipy and sklearn: only when scoring
+
         return compute(self.metrics, predictions, [e["label"] for e in examples])
 
     def protocol(self, cfg: DatasetConfig) -> dict:

@@ -14,13 +14,18 @@ so every run sees the same problems); its scores are not GSM8K scores and the re
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import torch
-
 from lorabench.config import DatasetConfig
-from lorabench.data.base import Splits, check_columns, generate_texts, require_file, resolve_primary, subset
+from lorabench.data.base import (  # noqa: F401  (read_jsonl is imported from here by metamathqa)
+    Splits,
+    generate_texts,
+    read_jsonl,
+    require_file,
+    resolve_primary,
+    reuses_preload,
+    subset,
+)
 from lorabench.errors import ConfigError, DataError
 from lorabench.evaluation.math_answers import NEXT_QUESTION, exact_match, reference_answer
 from lorabench.hub import hub_reachable
@@ -80,7 +85,6 @@ class MathWordProblems:
             cfg.max_length,
         )
 
-    @torch.no_grad()
     def predict(self, model, tokenizer, examples: list[dict], cfg: DatasetConfig, device) -> list[str]:
         prompts = [prompt_text(e["question"], tokenizer, cfg.prompt_template) for e in examples]
         return generate_texts(model, tokenizer, prompts, cfg, device, stop=STOP_STRINGS)
@@ -111,24 +115,19 @@ class MathWordProblems:
         }
 
 
-def read_jsonl(path: Path, required: list[str]) -> list[dict]:
-    rows = []
-    with path.open(encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
-            check_columns(Path(f"{path}:{line_no}"), list(row), required)
-            rows.append(row)
-    return rows
+def check_gsm8k_answer(row: dict) -> None:
+    """An evaluation row's ``answer`` must end in ``#### <number>`` (the reference the score reads)."""
+    reference_answer(row["answer"])
 
 
 class GSM8K(MathWordProblems):
+    """Local files: each line a JSON object with string ``question`` and ``answer``; a test answer
+    without ``#### N``, a non-object line, a null field or an empty file is a ``DataError`` naming
+    the file and line."""
+
     name = "gsm8k"
 
+    @reuses_preload
     def load(self, cfg: DatasetConfig) -> Splits:
         if cfg.source == "generated":
             raise ConfigError("dataset.source='generated' is not a GSM8K source; use dataset=gsm_symbolic")
@@ -137,7 +136,8 @@ class GSM8K(MathWordProblems):
             if not root.is_dir():
                 raise DataError(f"dataset.data_dir={cfg.data_dir!r} does not exist or is not a folder")
             train = read_jsonl(require_file(root / "train.jsonl", self.name), ["question", "answer"])
-            test = read_jsonl(require_file(root / "test.jsonl", self.name), ["question", "answer"])
+            test_file = require_file(root / "test.jsonl", self.name)
+            test = read_jsonl(test_file, ["question", "answer"], check_gsm8k_answer)
             splits = Splits(
                 train, test, {"kind": "local", "path": str(root.resolve()), "format": "GSM8K jsonl"}, "train", "test"
             )
@@ -159,6 +159,8 @@ class GSM8K(MathWordProblems):
                 "train",
                 "test",
             )
+        if not splits.train or not splits.eval:
+            raise DataError(f"dataset 'gsm8k' has an empty split (train={len(splits.train)}, eval={len(splits.eval)})")
         splits.train = subset(splits.train, cfg.train_size, cfg.subset_seed)
         splits.eval = subset(splits.eval, cfg.eval_size, cfg.subset_seed)
         return splits
@@ -174,6 +176,7 @@ class GSMSymbolic(MathWordProblems):
     name = "gsm_symbolic"
     TRAIN_SEED, EVAL_SEED = 1000, 2000
 
+    @reuses_preload
     def load(self, cfg: DatasetConfig) -> Splits:
         import importlib.metadata
 

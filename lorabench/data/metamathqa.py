@@ -29,8 +29,17 @@ import json
 from pathlib import Path
 
 from lorabench.config import DatasetConfig
-from lorabench.data.base import Splits, check_columns, generate_texts, require_file, resolve_primary, subset
-from lorabench.data.gsm8k import MathWordProblems, lm_features, prompt_text, read_jsonl
+from lorabench.data.base import (
+    Splits,
+    check_string_fields,
+    generate_texts,
+    read_text,
+    require_file,
+    resolve_primary,
+    reuses_preload,
+    subset,
+)
+from lorabench.data.gsm8k import MathWordProblems, check_gsm8k_answer, lm_features, prompt_text, read_jsonl
 from lorabench.errors import ConfigError, DataError
 from lorabench.hub import hub_reachable
 from lorabench.registry import DATASETS
@@ -66,16 +75,14 @@ def read_metamathqa(path: Path) -> list[dict]:
     if path.suffix == ".jsonl":
         return read_jsonl(path, REQUIRED)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of objects with {REQUIRED}, found {type(data).__name__}")
     for i, row in enumerate(data):
-        if not isinstance(row, dict):
-            raise DataError(f"{path}: item {i} is a {type(row).__name__}, not an object")
-        check_columns(Path(f"{path}[item {i}]"), list(row), REQUIRED)
-    return data
+        check_string_fields(f"{path}[item {i}]", row, REQUIRED)
+    return data  # emptiness is checked after the type filter, in load()
 
 
 def find_train_file(root: Path) -> Path:
@@ -97,6 +104,7 @@ class MetaMathQA(MathWordProblems):
     version = "1"
     type_filter: str | None = None
 
+    @reuses_preload
     def load(self, cfg: DatasetConfig) -> Splits:
         if cfg.source == "generated":
             raise ConfigError("dataset.source='generated' is not a MetaMathQA source; use local or hub")
@@ -149,7 +157,7 @@ class MetaMathQA(MathWordProblems):
             eval_dir = str(candidate) if candidate.is_dir() else None
         if eval_dir is not None:
             path = require_file(Path(eval_dir) / "test.jsonl", "gsm8k (metamathqa eval)")
-            return read_jsonl(path, ["question", "answer"]), {
+            return read_jsonl(path, ["question", "answer"], check_gsm8k_answer), {
                 "kind": "local",
                 "path": str(path.resolve()),
                 "dataset": "gsm8k",

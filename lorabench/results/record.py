@@ -77,12 +77,17 @@ def read_record(path: Path) -> dict:
 
 
 def iter_records(root: Path) -> Iterator[tuple[Path, dict | None, str | None]]:
-    """Every ``record.json`` under ``root`` as (path, record or None, problem or None)."""
+    """Every ``record.json`` under ``root`` as (path, record or None, problem or None). Never raises
+    for one bad file: unreadable (I/O error, not UTF-8, not JSON) or ill-typed records come back as
+    (path, None, problem), so that readers (``lorabench table``) skip and report them."""
     for path in sorted(Path(root).rglob(RECORD_NAME)):
         try:
             record = read_record(path)
-        except (OSError, json.JSONDecodeError) as exc:
-            yield path, None, f"unreadable record ({exc})"
+        except UnicodeDecodeError as exc:
+            yield path, None, f"unreadable record (not UTF-8: byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
+            continue
+        except (OSError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+            yield path, None, f"unreadable record ({type(exc).__name__}: {exc})"
             continue
         problem = validate_record(record)
         yield path, (record if problem is None else None), problem
@@ -105,7 +110,9 @@ REQUIRED_KEYS = (
 
 
 def validate_record(record: Any) -> str | None:
-    """None if the record is usable, else what is wrong with it."""
+    """None if the record is usable, else what is wrong with it: a missing key, an unknown schema or
+    status, or a value of the wrong type where readers expect one (a string where a metric number
+    should be, a list where an object should be), named by its dotted path."""
     if not isinstance(record, dict):
         return "record is not a JSON object"
     missing = [k for k in REQUIRED_KEYS if k not in record]
@@ -115,4 +122,54 @@ def validate_record(record: Any) -> str | None:
         return f"schema_version {record['schema_version']!r} is not {SCHEMA_VERSION}"
     if record["status"] not in STATUSES:
         return f"status {record['status']!r} is not one of {STATUSES}"
+
+    def is_number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    def wrong(where: str, value: Any, expected: str) -> str:
+        return f"{where} is {json.dumps(value, default=str)[:40]} ({type(value).__name__}); expected {expected}"
+
+    # (dotted path, type check, what it should be, required) for what tables, plots and reports read
+    shapes = (
+        ("run_id", lambda v: isinstance(v, str), "a string", True),
+        ("config", lambda v: isinstance(v, dict), "an object", True),
+        ("method", lambda v: isinstance(v, dict), "an object", True),
+        ("method.label", lambda v: isinstance(v, str), "a string", True),
+        ("model", lambda v: isinstance(v, dict), "an object", True),
+        ("model.name", lambda v: isinstance(v, str), "a string", True),
+        ("dataset", lambda v: isinstance(v, dict), "an object", True),
+        ("dataset.name", lambda v: isinstance(v, str), "a string", True),
+        ("dataset.version", lambda v: isinstance(v, (str, int)), "a string", False),
+        ("dataset.source", lambda v: v is None or isinstance(v, dict), "an object or null", False),
+        ("metrics", lambda v: isinstance(v, dict), "an object", True),
+        ("metrics.primary", lambda v: isinstance(v, str), "a string", record["status"] == "completed"),
+        ("metrics.final", lambda v: v is None or isinstance(v, dict), "an object or null", False),
+        ("metrics.best", lambda v: v is None or isinstance(v, dict), "an object or null", False),
+        ("cost", lambda v: isinstance(v, dict), "an object", True),
+        ("cost.peak_memory", lambda v: v is None or isinstance(v, dict), "an object or null", False),
+        ("history", lambda v: isinstance(v, list), "a list", False),
+        ("analysis", lambda v: v is None or isinstance(v, dict), "an object or null", False),
+    )
+    for dotted, ok, expected, required in shapes:
+        node: Any = record
+        for part in dotted.split("."):
+            node = node.get(part, KeyError) if isinstance(node, dict) else KeyError
+        if node is KeyError:
+            if required:
+                return f"record lacks {dotted}"
+            continue
+        if not ok(node):
+            return wrong(dotted, node, expected)
+    # metric values (and ``step``), costs and peak-memory fields: numbers or null
+    for dotted in ("metrics.final", "metrics.best", "cost", "cost.peak_memory"):
+        node = record
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        for key, value in (node or {}).items():
+            if not (value is None or is_number(value) or (dotted, key) == ("cost", "peak_memory")):
+                return wrong(f"{dotted}.{key}", value, "a number or null")
+    if isinstance(record.get("analysis"), dict) and not (
+        record["analysis"].get("intruders_total") is None or is_number(record["analysis"]["intruders_total"])
+    ):
+        return wrong("analysis.intruders_total", record["analysis"]["intruders_total"], "a number or null")
     return None
