@@ -6,6 +6,8 @@ lorabench methods                        registered method presets and component
 lorabench plot [--x F] [--y F]           Pareto fronts, training and rank curves (PNG, SVG)
 lorabench report [--out FILE]            one static HTML page of tables and plots
 lorabench reproduce <recipe> [scale=smoke]  a paper's grid, ours beside theirs
+lorabench --version                      the installed version
+eval "$(lorabench -sc install=bash)"     shell completion of commands and of train's overrides (Hydra's)
 """
 
 from __future__ import annotations
@@ -146,7 +148,31 @@ def launch_distributed(cfg, command: str) -> int:
     return subprocess.call(launch, env=env)
 
 
-def run_one(cfg_dict: dict, command: str, multirun: bool) -> int:
+def results_dir_of(results_dir: str, hydra_overrides: list[str], multirun: bool) -> str:
+    """Where the run's folder goes: ``results_dir``, unless the command set Hydra's output folder
+    (``hydra.run.dir=DIR`` for one run, ``hydra.sweep.dir=DIR`` for a sweep): then DIR, so that the
+    run folder ``DIR/<run_id>`` is inside the folder the user asked for."""
+    key = "hydra.sweep.dir=" if multirun else "hydra.run.dir="
+    given = [o.split("=", 1)[1] for o in hydra_overrides if o.lstrip("+~").startswith(key)]
+    return given[-1] if given else results_dir
+
+
+def write_hydra_files(cfg_dict: dict, job_overrides: list[str]) -> None:
+    """Keep the composed config and the overrides with the run, as Hydra's ``.hydra/`` folder does
+    (``<run dir>/.hydra/config.yaml``, ``overrides.yaml``): the run folder says how it was made."""
+    from omegaconf import OmegaConf
+
+    from lorabench.results.record import run_id
+
+    folder = Path(cfg_dict["results_dir"]) / run_id(cfg_dict) / ".hydra"
+    if (folder / "config.yaml").exists():  # a resumed or skipped run keeps the files of its first start
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(cfg_dict), folder / "config.yaml")
+    OmegaConf.save(OmegaConf.create(list(job_overrides)), folder / "overrides.yaml")
+
+
+def run_one(cfg_dict: dict, command: str, multirun: bool, job_overrides: list[str] = ()) -> int:
     """Validate, pre-flight check (lorabench.preflight: shapes on a meta-device model, data files)
     and run one configuration; returns an exit code. Bad input exits 2 before any weight loads.
     Failures inside a sweep are collected for the summary instead of stopping the sweep."""
@@ -170,6 +196,7 @@ def run_one(cfg_dict: dict, command: str, multirun: bool) -> int:
     from lorabench.data.base import forget_preloaded
     from lorabench.train import RunCanceled, train
 
+    write_hydra_files(dataclasses.asdict(cfg), job_overrides)
     try:
         record = train(cfg, spec, command)
     except (RunCanceled, KeyboardInterrupt) as exc:
@@ -260,14 +287,20 @@ def train_command(argv: list[str]) -> int:
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
     def _task(cfg) -> None:
-        multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+        hydra_cfg = HydraConfig.get()
+        multirun = hydra_cfg.mode == RunMode.MULTIRUN
         cfg_dict = OmegaConf.to_container(cfg, resolve=True)
-        code = run_one(cfg_dict, command, multirun)
+        cfg_dict["results_dir"] = results_dir_of(cfg_dict["results_dir"], list(hydra_cfg.overrides.hydra), multirun)
+        job_overrides = list(hydra_cfg.overrides.task)
+        if multirun:
+            print(f"[lorabench] sweep job #{hydra_cfg.job.num}: {' '.join(job_overrides) or '(defaults)'}")
+        code = run_one(cfg_dict, command, multirun, job_overrides)
         codes.append(code)
         if code and not multirun:
             raise SystemExit(code)
 
-    sys.argv = ["lorabench train", *argv]
+    completing = any(arg in COMPLETION_FLAGS or arg.startswith(COMPLETION_FLAGS) for arg in argv)
+    sys.argv = ["lorabench" if completing else "lorabench train", *argv]  # completion installs for `lorabench`
     _task()
     if len(SWEEP_SUMMARY) > 1:
         print("\n[lorabench] sweep summary:")
@@ -453,6 +486,37 @@ def methods_command(argv: list[str]) -> int:
     return 0
 
 
+COMPLETION_FLAGS = ("-sc", "--shell-completion")
+
+
+def lorabench_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lorabench")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def completion_command(argv: list[str]) -> int:
+    """Hydra's shell completion for ``lorabench``: ``eval "$(lorabench -sc install=bash)"`` (or
+    ``lorabench train -sc install=bash``) installs it; the shell then runs ``lorabench -sc query=bash``
+    with the line typed so far in ``COMP_LINE``. The first word after ``lorabench`` completes to a
+    command; the words after ``train`` complete as Hydra completes an app's overrides."""
+    line = os.environ.get("COMP_LINE")
+    if line is None or not any(a.startswith("query") for a in argv[1:]):
+        return train_command(argv)  # install / uninstall: Hydra writes the script
+    words = line.split()
+    if len(words) == 1 or (len(words) == 2 and not line.endswith(" ")):
+        typed = words[1] if len(words) == 2 else ""
+        print(" ".join(name for name in COMMANDS if name.startswith(typed)))
+        return 0
+    if words[1] != "train":
+        return 0  # the other commands take argparse options; the shell completes file names
+    os.environ["COMP_LINE"] = line.replace(" train", "", 1)  # Hydra strips the app name, then completes
+    return train_command(argv)
+
+
 COMMANDS = {
     "train": train_command,
     "table": table_command,
@@ -480,6 +544,8 @@ examples:
   lorabench table --format csv --group-by method.rank
   lorabench plot --x peak_mem --x params
   lorabench reproduce galore_glue_roberta scale=smoke data_root=path/to/glue
+
+also: lorabench --version; eval "$(lorabench -sc install=bash)" installs shell completion
 """
 
 
@@ -488,6 +554,11 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         raise SystemExit(0)
+    if argv[0] in ("--version", "-V"):
+        print(f"lorabench {lorabench_version()}")
+        raise SystemExit(0)
+    if argv[0] in COMPLETION_FLAGS or argv[0].startswith(COMPLETION_FLAGS):
+        raise SystemExit(completion_command(argv))
     command = COMMANDS.get(argv[0])
     if command is None:
         _err(f"unknown command {argv[0]!r}; valid choices: {', '.join(COMMANDS)}")

@@ -160,7 +160,7 @@ class HardwareConfig:
     device: str = "cpu"  # cpu | cuda
     num_processes: int = 1
     mixed_precision: str = "no"  # no | bf16 | fp16
-    micro_batch_size: int = 8
+    micro_batch_size: Optional[int] = None  # None: derived from the global batch (``derive_micro_batch``)
     gradient_checkpointing: bool = False
     num_threads: Optional[int] = None
 
@@ -171,7 +171,8 @@ class HardwareConfig:
         check_choice("hardware.device", self.device, self.DEVICES)
         check_choice("hardware.mixed_precision", self.mixed_precision, self.PRECISIONS)
         check_positive("hardware.num_processes", self.num_processes)
-        check_positive("hardware.micro_batch_size", self.micro_batch_size)
+        if self.micro_batch_size is not None:
+            check_positive("hardware.micro_batch_size", self.micro_batch_size)
         if self.num_threads is not None:
             check_positive("hardware.num_threads", self.num_threads)
 
@@ -247,10 +248,33 @@ class RunConfig:
         check_choice("tracker", self.tracker, self.TRACKERS)
         check_choice("resume", self.resume, self.RESUME)
         check_positive("seed", self.seed, allow_zero=True)
+        if self.hardware.micro_batch_size is None:
+            self.hardware.micro_batch_size = derive_micro_batch(
+                self.train.global_batch_size, self.hardware.num_processes, self.hardware.device
+            )
 
     def gradient_accumulation(self) -> int:
         per_step = self.hardware.micro_batch_size * self.hardware.num_processes
         return self.train.global_batch_size // per_step
+
+
+# The largest micro-batch a derived one takes per device kind (what the hardware presets set before
+# the micro-batch was derived: the same runs keep the same micro-batch and run id).
+MAX_DERIVED_MICRO_BATCH = {"cpu": 4, "cuda": 16}
+
+
+def derive_micro_batch(global_batch: int, num_processes: int, device: str) -> int:
+    """The micro-batch when ``hardware.micro_batch_size`` is not set: the largest divisor of the
+    per-process batch (global / processes) up to ``MAX_DERIVED_MICRO_BATCH[device]``; gradient
+    accumulation makes up the rest. Raises ConfigError when the processes do not divide the batch."""
+    if global_batch % num_processes:
+        raise ConfigError(
+            f"train.global_batch_size={global_batch} is not divisible by hardware.num_processes={num_processes}; "
+            f"choose a global batch that is a multiple of {num_processes}"
+        )
+    per_process = global_batch // num_processes
+    cap = MAX_DERIVED_MICRO_BATCH.get(device, 4)
+    return max(d for d in range(1, min(per_process, cap) + 1) if per_process % d == 0)
 
 
 def validate_run(cfg: RunConfig) -> None:
