@@ -196,6 +196,9 @@ def run_one(cfg_dict: dict, command: str, multirun: bool, job_overrides: list[st
     from lorabench.data.base import forget_preloaded
     from lorabench.train import RunCanceled, train
 
+    from lorabench.console import set_progress
+
+    set_progress(cfg.progress)
     write_hydra_files(dataclasses.asdict(cfg), job_overrides)
     try:
         record = train(cfg, spec, command)
@@ -551,6 +554,9 @@ also: lorabench --version; eval "$(lorabench -sc install=bash)" installs shell c
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from lorabench.console import quiet_libraries
+
+    quiet_libraries()
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         raise SystemExit(0)

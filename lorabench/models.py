@@ -191,7 +191,12 @@ def _head_kwargs(head: str, num_labels: int | None) -> dict:
 def _from_pretrained(path: str, cfg: ModelConfig, head: str, num_labels: int | None, revision=None):
     kwargs = dict(revision=revision, trust_remote_code=cfg.trust_remote_code)
     tokenizer = _hf("AutoTokenizer").from_pretrained(path, **kwargs)
-    model = head_class(head).from_pretrained(path, dtype=_torch().float32, **kwargs, **_head_kwargs(head, num_labels))
+    model, info = head_class(head).from_pretrained(
+        path, dtype=_torch().float32, output_loading_info=True, **kwargs, **_head_kwargs(head, num_labels)
+    )
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # instead of transformers' LOAD REPORT (silenced by lorabench.console)
+        print(f"[lorabench] initialised from the seed (not in the checkpoint): {', '.join(missing)}")
     return model, tokenizer
 
 

@@ -246,8 +246,11 @@ def _generate_texts(model, tokenizer, prompts, cfg, device, stop, **generate_kwa
     )
     if stop:
         generate_kwargs = {**generate_kwargs, "stop_strings": list(stop), "tokenizer": tokenizer}
+    from lorabench.console import progress
+
     outputs = []
-    for start in range(0, len(prompts), cfg.eval_batch_size):
+    starts = range(0, len(prompts), cfg.eval_batch_size)
+    for start in progress(starts, "generate", total=len(starts)):
         chunk = prompts[start : start + cfg.eval_batch_size]
         feats = [{"input_ids": bos + tokenizer(p, add_special_tokens=False)["input_ids"]} for p in chunk]
         batch = collate(feats, tokenizer.pad_token_id, padding_side="left")

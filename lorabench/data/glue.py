@@ -184,8 +184,11 @@ class GlueTask:
             return self._predict(model, tokenizer, examples, cfg, device)
 
     def _predict(self, model, tokenizer, examples: list[dict], cfg: DatasetConfig, device) -> list:
+        from lorabench.console import progress
+
         preds = []
-        for start in range(0, len(examples), cfg.eval_batch_size):
+        starts = range(0, len(examples), cfg.eval_batch_size)
+        for start in progress(starts, "evaluate", total=len(starts)):
             chunk = examples[start : start + cfg.eval_batch_size]
             batch = collate([self.features(e, tokenizer, cfg) for e in chunk], tokenizer.pad_token_id)
             logits = model(
