@@ -6,6 +6,7 @@ lorabench methods                        registered method presets and component
 lorabench plot [--x F] [--y F]           Pareto fronts, training and rank curves (PNG, SVG)
 lorabench report [--out FILE]            one static HTML page of tables and plots
 lorabench reproduce <recipe> [scale=smoke]  a paper's grid, ours beside theirs
+lorabench status [--state S]             runs by state: running, stale (owner gone), failed, canceled, completed
 lorabench --version                      the installed version
 eval "$(lorabench -sc install=bash)"     shell completion of commands and of train's overrides (Hydra's)
 """
@@ -23,6 +24,7 @@ import sys
 from pathlib import Path
 
 from lorabench.errors import ConfigError, DataError, ModelSourceError
+from lorabench.results.runs import status_command
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 USER_ERRORS = (ConfigError, DataError, ModelSourceError)
@@ -116,6 +118,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def launched_status(cfg, code: int) -> str:
+    """A launched run's line in the sweep summary: what its record says (a run another process
+    owns is ``skipped``: its record is that process's), or ``failed`` for a non-zero exit."""
+    from lorabench.results.record import RECORD_NAME, read_record, run_id
+
+    if code:
+        return "failed"
+    path = Path(cfg.results_dir) / run_id(dataclasses.asdict(cfg)) / RECORD_NAME
+    try:
+        record = read_record(path)
+    except (OSError, ValueError):
+        return "completed"
+    # the launched processes have exited: a record still running belongs to the process that owns the run
+    return "skipped" if record.get("status") == "running" else record["status"]
+
+
 def launch_distributed(cfg, command: str) -> int:
     """Re-launch this run under ``accelerate launch`` with the resolved config (every rank then
     agrees on the run id), instead of letting each rank compose Hydra configs itself."""
@@ -167,9 +185,11 @@ def write_hydra_files(cfg_dict: dict, job_overrides: list[str]) -> None:
     folder = Path(cfg_dict["results_dir"]) / run_id(cfg_dict) / ".hydra"
     if (folder / "config.yaml").exists():  # a resumed or skipped run keeps the files of its first start
         return
-    folder.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.create(cfg_dict), folder / "config.yaml")
-    OmegaConf.save(OmegaConf.create(list(job_overrides)), folder / "overrides.yaml")
+    from lorabench.results.record import write_text_atomic
+
+    folder.mkdir(parents=True, exist_ok=True)  # two processes may race here: each file is whole or absent
+    write_text_atomic(folder / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(job_overrides))))
+    write_text_atomic(folder / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(cfg_dict)))
 
 
 def run_one(cfg_dict: dict, command: str, multirun: bool, job_overrides: list[str] = ()) -> int:
@@ -191,12 +211,11 @@ def run_one(cfg_dict: dict, command: str, multirun: bool, job_overrides: list[st
 
         forget_preloaded()  # each launched process loads (and checks) its own copy
         code = launch_distributed(cfg, command)
-        SWEEP_SUMMARY.append({"run": label, "status": "completed" if code == 0 else "failed", "error": None})
+        SWEEP_SUMMARY.append({"run": label, "status": launched_status(cfg, code), "error": None})
         return code
+    from lorabench.console import set_progress
     from lorabench.data.base import forget_preloaded
     from lorabench.train import RunCanceled, train
-
-    from lorabench.console import set_progress
 
     set_progress(cfg.progress)
     write_hydra_files(dataclasses.asdict(cfg), job_overrides)
@@ -527,6 +546,7 @@ COMMANDS = {
     "plot": plot_command,
     "report": report_command,
     "reproduce": reproduce_command,
+    "status": status_command,
 }
 USAGE = """usage: lorabench <command> [args]
 
@@ -539,6 +559,8 @@ commands:
   plot       Pareto fronts (metric vs memory/params/...), loss and eval curves, rank curves (PNG, SVG)
   report     one static offline HTML page with the tables and plots of a results folder
   reproduce  run a paper recipe (recipes/<name>/recipe.yaml) and print ours beside theirs
+  status     runs by state: running, stale (the record says running, its owner is gone), failed,
+             canceled, completed; with step, owner and age
 
 examples:
   lorabench train method=galore

@@ -80,5 +80,18 @@ class MlflowTracker:
         self.mlflow.end_run(status="FINISHED" if ok else "FAILED")
 
 
+class TrackerError(ConfigError):
+    """The tracker the config names could not start (no login, unreachable server, ...)."""
+
+
 def start_tracker(name: str, run_id: str, config: dict, run_dir: Path, results_dir: Path):
-    return None if name == "none" else TRACKERS.get(name)(run_id, config, run_dir, results_dir)
+    """The started tracker, or None for ``tracker=none``. Raises TrackerError naming the tracker; the
+    caller starts it inside the block that records failures, so the record says ``failed``."""
+    if name == "none":
+        return None
+    try:
+        return TRACKERS.get(name)(run_id, config, run_dir, results_dir)
+    except Exception as exc:  # noqa: BLE001 - each tracker library has its own errors
+        raise TrackerError(
+            f"tracker={name!r} failed to start: {type(exc).__name__}: {exc} (tracker=none runs without it)"
+        ) from exc

@@ -28,7 +28,7 @@ from transformers import get_scheduler
 
 from lorabench.analysis.intruders import model_intruders, snapshot
 from lorabench.budget import apply_budget, solve_budget
-from lorabench.checkpoint import list_checkpoints, load_checkpoint, restore_rng, save_checkpoint
+from lorabench.checkpoint import load_checkpoint, newest_usable, restore_rng, save_checkpoint
 from lorabench.config import RunConfig
 from lorabench.data.base import collate, count_tokens, resolve_primary
 from lorabench.data.cache import cached_features
@@ -40,15 +40,9 @@ from lorabench.methods.build import apply_method, expected_trainable
 from lorabench.methods.spec import MethodSpec
 from lorabench.models import load_model
 from lorabench.registry import DATASETS
-from lorabench.results.record import (
-    RECORD_NAME,
-    SCHEMA_VERSION,
-    config_hash,
-    now,
-    read_record,
-    run_id,
-    write_json_atomic,
-)
+from lorabench.results.record import RECORD_NAME, SCHEMA_VERSION, config_hash, now, read_record, run_id
+from lorabench.results.runs import Recorder, close_segment, open_segment, this_owner
+from lorabench.run_lock import claim_run, describe_holder
 from lorabench.trackers import start_tracker
 
 HEAD_MODULES = ("classifier", "score", "lm_head", "qa_outputs")
@@ -60,11 +54,14 @@ class RunCanceled(Exception):
 
 class StopFlag:
     """First SIGTERM/SIGINT: outside the training loop, raise at once; inside it, finish the current
-    optimizer step (never a half-applied update), checkpoint, then stop. A second signal exits at once."""
+    optimizer step (never a half-applied update), checkpoint, then stop. A second signal stops at once,
+    without a checkpoint, still through the ``except`` that records ``canceled``. Once ``finishing``
+    (the record's last write), further signals are ignored so that the write completes."""
 
     def __init__(self):
         self.signal_name: str | None = None
         self.in_loop = False
+        self.finishing = False
         self.previous = {}
 
     def __enter__(self) -> "StopFlag":
@@ -76,11 +73,14 @@ class StopFlag:
             signal.signal(sig, handler)
 
     def _handle(self, signum, _frame) -> None:
+        name = signal.Signals(signum).name
+        if self.finishing:
+            return
         if self.signal_name is not None:
-            os._exit(128 + signum)
-        self.signal_name = signal.Signals(signum).name
+            raise RunCanceled(f"received {name} again: stopped at once, without a checkpoint")
+        self.signal_name = name
         if not self.in_loop:
-            raise RunCanceled(f"received {self.signal_name}")
+            raise RunCanceled(f"received {name}")
 
 
 def _fault_injection_step() -> int | None:
@@ -130,17 +130,6 @@ def _evaluate(task, model, tokenizer, examples, cfg: RunConfig, accelerator: Acc
     return task.score(predictions, examples), predictions
 
 
-class Recorder:
-    """Holds the record of one run and writes it atomically (main process only)."""
-
-    def __init__(self, path: Path, record: dict, enabled: bool):
-        self.path, self.record, self.enabled = path, record, enabled
-
-    def write(self) -> None:
-        if self.enabled:
-            write_json_atomic(self.path, self.record)
-
-
 def existing_record(cfg_dict: dict, results_dir: str) -> tuple[str, Path, dict | None]:
     rid = run_id(cfg_dict)
     path = Path(results_dir) / rid / RECORD_NAME
@@ -153,66 +142,129 @@ def existing_record(cfg_dict: dict, results_dir: str) -> tuple[str, Path, dict |
     return rid, path, record
 
 
+def _completed(previous: dict | None, cfg: RunConfig) -> bool:
+    return bool(previous) and previous.get("status") == "completed" and not cfg.force
+
+
+def _skip_completed(rid: str, record_path: Path, previous: dict) -> dict:
+    print(f"[lorabench] skip {rid}: a completed record exists at {record_path} (force=true reruns it)")
+    return {**previous, "skipped": True}
+
+
+def _skip_owned(rid: str, holder: dict, is_main: bool) -> dict:
+    """What a run that another process trains returns (the sweep summary shows it as skipped)."""
+    if is_main:
+        print(f"[lorabench] skip {rid}: another process ({describe_holder(holder)}) is training it")
+    return {"run_id": rid, "status": "locked", "skipped": True, "owner": holder}
+
+
+def _resume_entry(checkpoint, skipped_checkpoints: list[dict]) -> dict:
+    """One ``resumed_from`` entry: the checkpoint used and the newer ones skipped (file and reason)."""
+    return {
+        "step": checkpoint.meta["step"],
+        "checkpoint": str(checkpoint.path),
+        "verified": checkpoint.verified,
+        "at": now(),
+        "skipped": skipped_checkpoints,
+    }
+
+
+def _open_record(
+    cfg: RunConfig,
+    cfg_dict: dict,
+    spec: MethodSpec,
+    command: str,
+    record_path: Path,
+    previous,
+    task,
+    accelerator: Accelerator,
+) -> Recorder:
+    """This segment's record, written as ``running`` (with a previous unfinished record carried over
+    when resuming), its heartbeat started. Only the main process writes."""
+    record = _new_record(cfg, cfg_dict, spec, command, task, accelerator)
+    recorder = Recorder(record_path, record, accelerator.is_main_process)
+    open_segment(recorder.record, previous, resume=cfg.resume == "auto")
+    recorder.write()
+    recorder.start_heartbeat()
+    return recorder
+
+
+def _new_record(cfg: RunConfig, cfg_dict: dict, spec: MethodSpec, command: str, task, accelerator) -> dict:
+    primary = resolve_primary(task, cfg.dataset)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": run_id(cfg_dict),
+        "status": "running",
+        "error": None,
+        "started_at": now(),
+        "finished_at": None,
+        "config": cfg_dict,
+        "config_hash": config_hash(cfg_dict),
+        "command": command,
+        "method": spec.describe(),
+        "model": {"name": cfg.model.name, "source": None},
+        "dataset": {"name": cfg.dataset.name, "version": task.version, "source": None},
+        "metrics": {"primary": primary, "higher_is_better": task.higher_is_better[primary], "report": cfg.train.report},
+        "history": [],
+        "train_log": [],
+        "samples": [],
+        "cost": {},
+        "method_report": {},
+        "hardware": {
+            "device": str(accelerator.device),
+            "device_name": _device_name(accelerator),
+            "num_processes": accelerator.num_processes,
+            "mixed_precision": cfg.hardware.mixed_precision,
+            "micro_batch_size": cfg.hardware.micro_batch_size,
+            "gradient_accumulation": cfg.gradient_accumulation(),
+            "global_batch_size": cfg.train.global_batch_size,
+            "torch_threads": torch.get_num_threads(),
+        },
+        "provenance": provenance(),
+        "owner": this_owner(),
+        "progress": {"step": 0, "max_steps": cfg.train.max_steps},
+    }
+
+
 def train(cfg: RunConfig, spec: MethodSpec, command: str = "") -> dict:
     cfg_dict = dataclasses.asdict(cfg)
     rid, record_path, previous = existing_record(cfg_dict, cfg.results_dir)
-    if previous and previous.get("status") == "completed" and not cfg.force:
-        print(f"[lorabench] skip {rid}: a completed record exists at {record_path} (force=true reruns it)")
-        return {**previous, "skipped": True}
+    if _completed(previous, cfg):
+        return _skip_completed(rid, record_path, previous)
 
     accum = cfg.gradient_accumulation()
     accelerator = Accelerator(cpu=cfg.hardware.device == "cpu", mixed_precision=cfg.hardware.mixed_precision)
     is_main = accelerator.is_main_process
+    claim = claim_run(record_path.parent, accelerator)  # one trainer per run id, held to the end
+    if not claim.owned:
+        return _skip_owned(rid, claim.holder, is_main)
+    _, _, previous = existing_record(cfg_dict, cfg.results_dir)  # as the previous owner left it
+    if _completed(previous, cfg):
+        claim.release()
+        return _skip_completed(rid, record_path, previous)
     if cfg.hardware.num_threads:
         torch.set_num_threads(cfg.hardware.num_threads)
     task = DATASETS.get(cfg.dataset.name, where="dataset")
-    recorder = Recorder(
-        record_path,
-        {
-            "schema_version": SCHEMA_VERSION,
-            "run_id": rid,
-            "status": "running",
-            "error": None,
-            "started_at": now(),
-            "finished_at": None,
-            "config": cfg_dict,
-            "config_hash": config_hash(cfg_dict),
-            "command": command,
-            "method": spec.describe(),
-            "model": {"name": cfg.model.name, "source": None},
-            "dataset": {"name": cfg.dataset.name, "version": task.version, "source": None},
-            "metrics": {"primary": resolve_primary(task, cfg.dataset), "report": cfg.train.report},
-            "history": [],
-            "train_log": [],
-            "samples": [],
-            "cost": {},
-            "method_report": {},
-            "hardware": {
-                "device": str(accelerator.device),
-                "device_name": _device_name(accelerator),
-                "num_processes": accelerator.num_processes,
-                "mixed_precision": cfg.hardware.mixed_precision,
-                "micro_batch_size": cfg.hardware.micro_batch_size,
-                "gradient_accumulation": accum,
-                "global_batch_size": cfg.train.global_batch_size,
-                "torch_threads": torch.get_num_threads(),
-            },
-            "provenance": provenance(),
-        },
-        is_main,
-    )
+    try:
+        recorder = _open_record(cfg, cfg_dict, spec, command, record_path, previous, task, accelerator)
+    except BaseException:  # the record could not be started: let the next process try
+        claim.release()
+        raise
     record = recorder.record
     primary = record["metrics"]["primary"]
-    higher = task.higher_is_better[primary]
-    record["metrics"]["higher_is_better"] = higher
-    recorder.write()
+    higher = record["metrics"]["higher_is_better"]
+    if is_main:
+        print(f"[lorabench] training {rid} ({describe_holder(record['owner'])}); record: {record_path}")
     stop = StopFlag().__enter__()
     t_start = time.perf_counter()
     timers = {"init_time_s": 0.0, "train_time_s": 0.0, "eval_time_s": 0.0}
-    tracker = start_tracker(cfg.tracker, rid, cfg_dict, record_path.parent, Path(cfg.results_dir)) if is_main else None
+    restored_train_s = 0.0  # training time of the steps restored from a checkpoint
+    tracker = None
     memory = PeakMemory().__enter__()
     step, t_train = 0, None  # t_train: start of the current training stretch (None while not training)
     try:
+        if is_main:
+            tracker = start_tracker(cfg.tracker, rid, cfg_dict, record_path.parent, Path(cfg.results_dir))
         set_seed(cfg.seed)
         splits = task.load(cfg.dataset)
         record["dataset"].update(
@@ -356,10 +408,12 @@ def train(cfg: RunConfig, spec: MethodSpec, command: str = "") -> dict:
         # -- resume -------------------------------------------------------------------------------
         run_dir = record_path.parent
         tokens, consumed, skipped = 0, 0, []
-        checkpoints = list_checkpoints(run_dir) if cfg.resume == "auto" else []
-        if checkpoints:
+        checkpoint, passed_over = (None, [])
+        if cfg.resume == "auto":  # the newest checkpoint whose files verify; newer broken ones are named
+            checkpoint, passed_over = newest_usable(run_dir, accelerator.process_index, warn=is_main)
+        if checkpoint:
             meta = load_checkpoint(
-                checkpoints[-1],
+                checkpoint,
                 model=model,
                 optimizer=optimizer,
                 scheduler=scheduler,
@@ -374,15 +428,21 @@ def train(cfg: RunConfig, spec: MethodSpec, command: str = "") -> dict:
                 meta["skipped"],
             )
             record.update(history=meta["history"], train_log=meta["train_log"], samples=meta["samples"])
-            timers["train_time_s"] += meta["train_time_s"]
-            record.setdefault("resumed_from", []).append({"step": step, "checkpoint": str(checkpoints[-1])})
+            restored_train_s = meta["train_time_s"]
+            timers["train_time_s"] += restored_train_s
+            record["resumed_from"].append(_resume_entry(checkpoint, passed_over))
             if is_main:
-                print(f"[lorabench] resuming {rid} from step {step} ({checkpoints[-1]})")
+                print(f"[lorabench] resuming {rid} from step {step} ({checkpoint.path})")
+        else:  # nothing to resume: the run starts over, the carried-over log with it
+            record.update(history=[], train_log=[])
+        record["method_report"]["skipped_nonfinite_steps"] = skipped  # kept also if the run fails later
+        recorder.step = step
+        recorder.write()
         batches = _infinite(loader)
         for _ in range(consumed):  # the same data order as an uninterrupted run
             next(batches)
-        if checkpoints:
-            restore_rng(checkpoints[-1], accelerator)
+        if checkpoint:
+            restore_rng(checkpoint)
 
         def checkpoint_now():
             meta = {
@@ -454,6 +514,7 @@ def train(cfg: RunConfig, spec: MethodSpec, command: str = "") -> dict:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            recorder.step = step
             if procedure:
                 procedure.on_step_end(step)
             tokens += int(accelerator.reduce(torch.tensor(step_tokens, device=accelerator.device), reduction="sum"))
@@ -495,7 +556,6 @@ def train(cfg: RunConfig, spec: MethodSpec, command: str = "") -> dict:
                 "tokens_per_s": tokens / timers["train_time_s"] if step else None,
             }
         )
-        record["method_report"]["skipped_nonfinite_steps"] = skipped
         evaluate_now()
         extra = getattr(procedure, "post_training_evaluations", None)
         curve = extra(lambda: _evaluate(task, model, tokenizer, splits.eval, cfg, accelerator)[0]) if extra else None
@@ -533,13 +593,22 @@ def train(cfg: RunConfig, spec: MethodSpec, command: str = "") -> dict:
             )
         raise
     finally:
+        stop.finishing = True
+        if record["status"] == "running":  # a second signal landed before the except clause set it
+            record["status"] = "canceled" if stop.signal_name else "failed"
         memory.__exit__(None, None, None)
         if t_train is not None:  # interrupted while training
             timers["train_time_s"] += time.perf_counter() - t_train
-        stop.__exit__(None, None, None)
-        record["cost"].update({"wall_time_s": time.perf_counter() - t_start, **timers, "peak_memory": memory.report()})
-        record["finished_at"] = now()
-        recorder.write()
+        try:
+            recorder.stop_heartbeat()
+            record["cost"].update({**timers, "peak_memory": memory.report()})
+            segment_timers = {**timers, "train_time_s": timers["train_time_s"] - restored_train_s}
+            close_segment(record, step, time.perf_counter() - t_start, segment_timers)  # wall: all segments
+            record["finished_at"] = now()
+            recorder.write()
+        finally:
+            stop.__exit__(None, None, None)
+            claim.release()
         if tracker:
             tracker.finish(record["status"] == "completed")
     if is_main:

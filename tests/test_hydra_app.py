@@ -71,7 +71,9 @@ def test_bash_completion_installs_for_lorabench_and_completes_commands_and_overr
 
 def test_hydra_run_dir_holds_the_run_with_its_hydra_files(sst2_dir, tmp_path, capsys):
     out = tmp_path / "mine"
-    args = [a for a in tiny_overrides("classification", sst2_dir, tmp_path / "default") if not a.startswith("results_dir")]
+    args = [
+        a for a in tiny_overrides("classification", sst2_dir, tmp_path / "default") if not a.startswith("results_dir")
+    ]
     assert cli("train", "method=lora", *args, f"hydra.run.dir={out}") == 0
     (record,) = out.glob("*/record.json")
     assert not (tmp_path / "default").exists()
@@ -84,7 +86,9 @@ def test_hydra_run_dir_holds_the_run_with_its_hydra_files(sst2_dir, tmp_path, ca
 
 def test_sweep_echoes_each_job_and_honours_hydra_sweep_dir(sst2_dir, tmp_path, capsys):
     out = tmp_path / "sweep"
-    args = [a for a in tiny_overrides("classification", sst2_dir, tmp_path / "default") if not a.startswith("results_dir")]
+    args = [
+        a for a in tiny_overrides("classification", sst2_dir, tmp_path / "default") if not a.startswith("results_dir")
+    ]
     assert cli("train", "-m", "method=lora", "seed=0,1", *args, f"hydra.sweep.dir={out}") == 0
     printed = capsys.readouterr().out
     assert "sweep job #0: method=lora seed=0" in printed and "sweep job #1: method=lora seed=1" in printed

@@ -175,6 +175,24 @@ def test_lora_ga_init_is_driven_by_the_gradient(sst2_dir: Path, tmp_path: Path):
     assert overlap > 0.99
 
 
+def test_lora_ga_init_is_the_same_whether_the_estimate_is_computed_or_cached(sst2_dir, tmp_path, monkeypatch):
+    """peft's init takes a randomized SVD of each gradient: a run that finds the estimate cached (a
+    resumed run, the next rate of a sweep) must draw it from the same RNG state as the run that
+    computed it, or it starts from other A0, B0 and another frozen W0 - s B0 A0."""
+    monkeypatch.setenv("LORABENCH_CACHE", str(tmp_path / "cache"))
+    weights, reports = [], []
+    for attempt in ("computed", "cached"):
+        _, spec, loaded, _, ctx = build("lora_ga", sst2_dir, tmp_path / attempt)
+        ctx.calibration_key = "same-model-and-data"
+        model = apply_method(loaded.model, spec, ctx).model
+        weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        reports.append((ctx.extras["lora_ga_gradient_cache"]["hit"], ctx.extras["lora_ga_batches"]))
+    assert reports == [(False, 2), (True, 2)]  # the harness hands the initializer 2 batches
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        assert torch.equal(weights[0][name], weights[1][name]), name
+
+
 def test_lora_ga_gradient_cache_key_holds_the_seed_only_when_the_estimate_depends_on_it(tmp_path, monkeypatch):
     """A pretrained causal LM without dropout shares one estimate across seeds; a seeded head, weights
     drawn from the seed, or active dropout (peft estimates in train mode) make the key per seed."""
@@ -194,8 +212,8 @@ def test_lora_ga_gradient_cache_key_holds_the_seed_only_when_the_estimate_depend
 
     model = LlamaForCausalLM(LlamaConfig(**config, attention_dropout=0.0))
     model.config._name_or_path = "org/pretrained"
-    assert paths(model) == {"k-q_proj.pt"}
-    assert paths(model, head="classification") == {"k-q_proj-seed0.pt", "k-q_proj-seed1.pt"}
+    assert paths(model) == {"k-q_proj.safetensors"}
+    assert paths(model, head="classification") == {"k-q_proj-seed0.safetensors", "k-q_proj-seed1.safetensors"}
     dropping = LlamaForCausalLM(LlamaConfig(**config, attention_dropout=0.1))
     dropping.config._name_or_path = "org/pretrained"
     assert len(paths(dropping)) == 2

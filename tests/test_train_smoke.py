@@ -152,7 +152,7 @@ def test_lora_ga_gradient_estimate_is_cached_per_seed_when_the_seed_draws_the_he
         assert train("method=lora_ga", f"seed={seed}", *tiny_overrides("classification", sst2_dir, tmp_path)) == 0
     by_seed = {r["config"]["seed"]: r["method_report"]["lora_ga_gradient_cache"] for r in records(tmp_path)}
     assert by_seed[0]["hit"] is False and by_seed[1]["hit"] is False
-    assert by_seed[0]["path"] != by_seed[1]["path"] and by_seed[1]["path"].endswith("-seed1.pt")
+    assert by_seed[0]["path"] != by_seed[1]["path"] and by_seed[1]["path"].endswith("-seed1.safetensors")
     assert "classification head drawn from the seed" in by_seed[1]["per_seed"]
 
 

@@ -12,6 +12,17 @@ Schema (version 1), snake_case keys:
   total_params, optimizer_state_bytes, adapter_file_bytes}, method_report {...},
   hardware {device, num_processes, mixed_precision, micro_batch_size, gradient_accumulation,
   global_batch_size, torch_threads}, provenance {versions, git_commit, git_dirty, python, platform}.
+Added within version 1 (readers treat them as optional; records without them stay valid):
+  owner {pid, host, boot_id, pid_started, started_at, heartbeat_at} (the process that writes the
+  record; heartbeat_at is refreshed at every write and every ~30 s), progress {step, max_steps},
+  segments [{owner {pid, host}, started_at, finished_at, status, step, wall_time_s, init_time_s,
+  train_time_s, eval_time_s, error}] (one per start of the run id; a segment that died without
+  writing its end is closed as ``stale`` with ``wall_time_estimated``), resumed_from [{step,
+  checkpoint, verified, at, skipped [{checkpoint, problem}]}] (one per resume, carried over).
+  With several segments cost.wall_time_s, init_time_s and eval_time_s are sums over the segments;
+  cost.train_time_s is the training time of the steps the final model holds (restored from the
+  checkpoint plus this segment). ``running`` with no live owner is reported as ``stale`` by
+  :func:`lorabench.results.runs.run_state`; no record is ever written with that status.
 """
 
 from __future__ import annotations
@@ -57,12 +68,21 @@ def run_id(config: dict) -> str:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Temp file in the same folder, fsync, rename: readers never see a partial file."""
+    write_text_atomic(path, json_text(data))
+
+
+def json_text(data: Any) -> str:
+    """The text a record file holds (what :func:`write_json_atomic` writes)."""
+    return json.dumps(data, indent=2, sort_keys=False, default=str) + "\n"
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Temp file in the same folder, fsync, rename: readers never see a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, sort_keys=False, default=str)
-            fh.write("\n")
+            fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorabench.results.record import iter_records
+from lorabench.results.runs import run_state
 
 FORMATS = ("md", "csv", "latex", "html")
 # (header, getter, format, higher_is_better or None for "do not mark")
@@ -119,7 +120,7 @@ def collect(root: Path, methods=None, models=None, datasets=None):
         if datasets and record["dataset"]["name"] not in datasets:
             continue
         if record["status"] != "completed":
-            excluded[record["status"]] += 1
+            excluded[run_state(record, path)[0]] += 1  # "stale": running, but its owner is gone
             continue
         records.append(record)
     return records, problems, excluded

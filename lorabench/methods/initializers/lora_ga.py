@@ -9,8 +9,10 @@ step 0. The first LoRA step then approximates the first full fine-tuning step.
 Hyper-parameters (peft ``LoraGAConfig`` defaults, the paper's): direction "ArB2r", scale "stable",
 stable_gamma 16. Authors' Llama-2-7B recipe: r 32, alpha 8 (the paper's tables: r 8, alpha 16),
 64 gradient-estimation batches (here ``train.init_batches``).
-The estimated gradients are cached (``cache_gradients``, in ``<LORABENCH_CACHE>/lora_ga/``) under a
-key of the model, the data, the calibration batches and the target modules. The estimate depends on
+The estimated gradients are cached (``cache_gradients``, in ``<LORABENCH_CACHE>/lora_ga/<key>.safetensors``,
+written to a temporary name and renamed; never a pickle: peft's own cache file is a ``torch.save`` that
+it loads without ``weights_only``, so lorabench keeps the cache itself) under a key of the model, the
+data, the calibration batches and the target modules. The estimate depends on
 the run seed when the model has weights drawn from it (a classification head, which pretrained
 checkpoints lack; a model built from a config without pretrained weights) or when dropout is active
 (peft estimates in train mode, with the seed's dropout masks): the key then holds the seed, so each
@@ -20,12 +22,18 @@ estimate the gradient once. The record's ``lora_ga_gradient_cache`` names the re
 
 from __future__ import annotations
 
+import os
+import tempfile
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from peft import LoraConfig, LoraGAConfig
-from peft.tuners.lora.loraga import preprocess_loraga
+from peft.tuners.lora.loraga import get_model_device, get_target_modules, preprocess_loraga
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorabench.errors import ConfigError
@@ -92,7 +100,58 @@ def gradient_cache(ctx: MethodContext, model: nn.Module) -> Path | None:
     folder = cache_dir() / "lora_ga"
     folder.mkdir(parents=True, exist_ok=True)
     seed = f"-seed{ctx.seed}" if seed_dependence(model, ctx) else ""
-    return folder / f"{ctx.calibration_key}-{'-'.join(sorted(ctx.target_modules))}{seed}.pt"
+    return folder / f"{ctx.calibration_key}-{'-'.join(sorted(ctx.target_modules))}{seed}.safetensors"
+
+
+GRAD = "_peft_loraga_grad"  # the attribute peft's preprocess_loraga leaves on every target module
+
+
+def load_gradients(cache: Path, model: nn.Module, config: LoraConfig) -> int | None:
+    """Attach the cached gradient of every target module (what ``preprocess_loraga`` would set) and
+    return the number of batches the estimate averaged; None (and nothing attached) when the file
+    is missing, unreadable, or lacks a target."""
+    if not cache.is_file():
+        return None
+    try:
+        tensors = load_file(str(cache), device=str(get_model_device(model)))
+        with safe_open(str(cache), framework="pt") as fh:
+            batches = int((fh.metadata() or {}).get("batches", 0))
+    except (SafetensorError, OSError, ValueError):
+        return None
+    targets = list(get_target_modules(model, config))
+    if any(f"{name}.{GRAD}" not in tensors for name, _ in targets):
+        return None
+    for name, module in targets:
+        setattr(module, GRAD, tensors[f"{name}.{GRAD}"])
+    return batches
+
+
+@contextmanager
+def _rng_untouched(model: nn.Module):
+    """Run the gradient estimate on a fork of the RNG (its dropout masks are drawn as before) and
+    restore the state afterwards: peft's LoRA-GA init takes a randomized SVD (``torch.svd_lowrank``)
+    of each gradient, so without this a run that finds the estimate cached (a resumed run, another
+    learning rate of a sweep) would draw other singular vectors and another frozen W0 - s B0 A0."""
+    device = get_model_device(model)
+    devices = [device] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+def save_gradients(cache: Path, model: nn.Module, config: LoraConfig, batches: int) -> None:
+    """Write the estimated gradients as safetensors, with the number of batches they average in the
+    metadata (temporary file + rename: readers see whole files)."""
+    tensors = {
+        f"{name}.{GRAD}": getattr(m, GRAD).detach().cpu().contiguous() for name, m in get_target_modules(model, config)
+    }
+    fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=f".{cache.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"batches": str(batches)})
+        os.replace(tmp, cache)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 @INITIALIZERS.register("lora_ga")
@@ -106,8 +165,10 @@ class LoraGaInit(Initializer):
         deviations=(
             "the gradient estimate is cached across runs; the cache key holds the seed whenever the estimate"
             " depends on it (seeded weights or head, active dropout), so a cached estimate is the one peft computes",
+            "the estimate runs on a fork of the RNG, so peft's randomized SVD in the init draws from the same"
+            " state whether the estimate was computed or cached (revision 3; before, a cached run had another init)",
         ),
-        revision=2,
+        revision=3,
     )
     requires_adapter = ("lora",)
     rank_at_most_every_target = True  # A0, B0 take 2r singular vectors of each target's gradient:
@@ -136,11 +197,16 @@ class LoraGaInit(Initializer):
                 "ignore", message="Full backward hook is firing"
             )  # first layer's input needs no grad
             cache = gradient_cache(ctx, model) if params.cache_gradients else None
-            hit = cache is not None and cache.exists()
-            preprocess_loraga(model, config, train_step=train_step, cache_file=str(cache) if cache else None)
+            cached_batches = load_gradients(cache, model, config) if cache is not None else None
+            hit = cached_batches is not None
+            if not hit:
+                with _rng_untouched(model):  # a cache hit and a miss leave the same RNG state for the init
+                    preprocess_loraga(model, config, train_step=train_step, cache_file=None)
+                if cache is not None and seen:
+                    save_gradients(cache, model, config, len(seen))
         if not seen and not hit:
             raise ValueError("LoRA-GA needs calibration batches (train.init_batches > 0)")
-        ctx.extras["lora_ga_batches"] = len(seen)
+        ctx.extras["lora_ga_batches"] = cached_batches if hit else len(seen)  # batches the estimate averaged
         ctx.extras["lora_ga_gradient_cache"] = {
             "path": str(cache) if cache else None,
             "hit": hit,
