@@ -281,8 +281,7 @@ class NolaAdapter(OwnAdapter):
         unchecked=(
             "on CUDA the authors draw the bases with the CUDA generator (other numbers, same distribution);"
             " ours are CPU draws wherever the model runs",
-            "A0's Kaiming draw comes from our generator: same distribution, the parity test copies the"
-            " reference's A0",
+            "A0's Kaiming draw comes from our generator: same distribution, the parity test copies the reference's A0",
             "the quantised-coefficient option (coef_bits) has no counterpart in the released code",
         ),
         revision=2,

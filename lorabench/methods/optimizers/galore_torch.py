@@ -70,7 +70,9 @@ class GaLoreTorch(OptimizerBuilder):
     def build(self, model, params: GaLoreParams, ctx: MethodContext) -> torch.optim.Optimizer:
         from galore_torch import GaLoreAdamW
 
-        return checkpointable(GaLoreAdamW)(galore_param_groups(model, params, ctx), lr=ctx.lr, no_deprecation_warning=True)
+        return checkpointable(GaLoreAdamW)(
+            galore_param_groups(model, params, ctx), lr=ctx.lr, no_deprecation_warning=True
+        )
 
 
 def checkpointable(galore_adamw: type) -> type:
