@@ -285,6 +285,7 @@ CASES = [
     ),
 ]
 CONFIG_CASES = [c for c in CASES if c.stage == "config" and c.torch_free]
+METHOD_CASES = [c for c in CASES if c.stage == "method"]
 NEEDS_NO_GPU = {"qlora-needs-cuda", "cuda-missing"}  # they refuse only where CUDA is missing
 
 
@@ -391,6 +392,20 @@ def test_config_errors_import_no_torch(tmp_path: Path):
     for case, result in zip(CONFIG_CASES, results):
         check_answer(case, result["code"], "", result["err"], tmp_path / case.id / "runs")
         assert not result["heavy"], f"{case.id}: imported {result['heavy']} before answering"
+
+
+def test_method_errors_import_neither_transformers_nor_peft(tmp_path: Path):
+    """Method hyper-parameters are checked by the method registry, which needs torch (its modules
+    define torch components) but loads transformers and peft only when a method is built."""
+    argvs = [materialize(c, tmp_path / c.id) for c in METHOD_CASES]
+    proc = subprocess.run(
+        [sys.executable, "-c", DRIVER, json.dumps(argvs)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    for case, result in zip(METHOD_CASES, results):
+        check_answer(case, result["code"], "", result["err"], tmp_path / case.id / "runs")
+        assert set(result["heavy"]) <= {"torch"}, f"{case.id}: imported {result['heavy']} before answering"
 
 
 # -- property-based fuzzing of the numeric fields ------------------------------------------------------

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from peft import AdaLoraConfig, get_peft_model
 from torch import nn
 
 from lorabench.config import check_positive
@@ -60,6 +59,8 @@ class AdaLoraAdapter(Adapter):
     backed_by = "peft"
 
     def apply(self, model: nn.Module, params: AdaLoraParams, ctx: MethodContext, init_kwargs: dict) -> nn.Module:
+        from peft import AdaLoraConfig, get_peft_model
+
         if params.tinit >= ctx.max_steps - params.tfinal:
             raise ConfigError(
                 f"AdaLoRA: method.tinit={params.tinit} + method.tfinal={params.tfinal} leave no budgeting "

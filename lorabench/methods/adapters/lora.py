@@ -19,14 +19,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from peft import LoraConfig, TaskType, get_peft_model
 from torch import nn
 
 from lorabench.config import check_positive
 from lorabench.methods.base import Adapter, MethodContext, head_parameter_count, target_linear_weights
 from lorabench.registry import ADAPTERS
 
-TASK_TYPES = {"classification": TaskType.SEQ_CLS, "causal_lm": TaskType.CAUSAL_LM}
+TASK_TYPES = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}  # peft TaskType values
 
 
 @dataclass
@@ -55,6 +54,8 @@ class LoraAdapter(Adapter):
     backed_by = "peft"
 
     def apply(self, model: nn.Module, params: LoraParams, ctx: MethodContext, init_kwargs: dict) -> nn.Module:
+        from peft import LoraConfig, get_peft_model
+
         config = LoraConfig(
             task_type=TASK_TYPES[ctx.head],
             r=params.rank,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from peft import MissConfig, get_peft_model
 from torch import nn
 
 from lorabench.config import check_positive
@@ -67,6 +66,8 @@ class MissAdapter(Adapter):
         return self.rank_problem(model, params, ctx) is None
 
     def apply(self, model: nn.Module, params: MissParams, ctx: MethodContext, init_kwargs: dict) -> nn.Module:
+        from peft import MissConfig, get_peft_model
+
         problem = self.rank_problem(model, params, ctx)
         if problem:
             raise ConfigError(problem)

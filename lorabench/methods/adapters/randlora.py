@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from peft import RandLoraConfig, get_peft_model
 from torch import nn
 
 from lorabench.config import check_positive
@@ -50,6 +49,8 @@ class RandLoraAdapter(Adapter):
     backed_by = "peft"
 
     def apply(self, model: nn.Module, params: RandLoraParams, ctx: MethodContext, init_kwargs: dict) -> nn.Module:
+        from peft import RandLoraConfig, get_peft_model
+
         config = RandLoraConfig(
             task_type=TASK_TYPES[ctx.head],
             r=params.rank,

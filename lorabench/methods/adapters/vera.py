@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from peft import VeraConfig, get_peft_model
 from torch import nn
 
 from lorabench.config import check_positive
@@ -44,6 +43,8 @@ class VeraAdapter(Adapter):
     backed_by = "peft"
 
     def apply(self, model: nn.Module, params: VeraParams, ctx: MethodContext, init_kwargs: dict) -> nn.Module:
+        from peft import VeraConfig, get_peft_model
+
         config = VeraConfig(
             task_type=TASK_TYPES[ctx.head],
             r=params.rank,

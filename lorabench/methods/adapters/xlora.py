@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from peft import XLoraConfig, get_peft_model
 from torch import nn
 
 from lorabench.errors import ConfigError
@@ -66,6 +65,8 @@ class XLoraAdapter(Adapter):
     backed_by = "peft"
 
     def apply(self, model: nn.Module, params: XLoraParams, ctx: MethodContext, init_kwargs: dict) -> nn.Module:
+        from peft import XLoraConfig, get_peft_model
+
         if ctx.head != "causal_lm":
             raise ConfigError(
                 "X-LoRA (method.adapter=xlora) supports causal language models only (peft); "

@@ -16,17 +16,18 @@ adapter (the same preset key sets both): peft's preprocessing needs it before th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from peft import LoraConfig
-from peft.tuners.lora.config import CordaConfig
-from peft.tuners.lora.corda import preprocess_corda
 from torch import nn
 
 from lorabench.config import check_positive
 from lorabench.errors import ConfigError
 from lorabench.methods.base import Initializer, MethodContext
 from lorabench.registry import INITIALIZERS
+
+if TYPE_CHECKING:  # annotations only: peft loads when the method is built
+    from peft.tuners.lora.config import CordaConfig
 
 
 @dataclass
@@ -49,12 +50,17 @@ class CordaInit(Initializer):
     rank_at_most_every_target = True  # its factors come from W (or W C): r <= min(d_out, d_in) (budget cap)
 
     def _config(self, params: CordaParams) -> CordaConfig:
+        from peft.tuners.lora.config import CordaConfig
+
         return CordaConfig(corda_method=params.corda_method)
 
     def adapter_kwargs(self, params: CordaParams) -> dict:
         return {"init_lora_weights": "corda", "corda_config": self._config(params)}
 
     def before_adapter(self, model: nn.Module, params: CordaParams, ctx: MethodContext) -> None:
+        from peft import LoraConfig
+        from peft.tuners.lora.corda import preprocess_corda
+
         config = LoraConfig(
             r=params.rank,
             target_modules=ctx.target_modules,

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from peft import EvaConfig, initialize_lora_eva_weights
-from peft.tuners.lora.eva import prepare_model_inputs_fn_language_modeling
 from torch import nn
 
 from lorabench.errors import ConfigError
@@ -46,6 +44,8 @@ class EvaParams:
 
 def _model_inputs(batch: dict, peft_config) -> object:
     """peft's token mask, minus sequence-level labels (classification labels are not per token)."""
+    from peft.tuners.lora.eva import prepare_model_inputs_fn_language_modeling
+
     labels = batch.get("labels")
     if labels is not None and labels.shape != batch["input_ids"].shape:
         batch = {k: v for k, v in batch.items() if k != "labels"}
@@ -60,6 +60,8 @@ class EvaInit(Initializer):
     requires_adapter = ("lora",)
 
     def adapter_kwargs(self, params: EvaParams) -> dict:
+        from peft import EvaConfig
+
         config = EvaConfig(
             rho=params.rho,
             tau=params.tau,
@@ -70,6 +72,8 @@ class EvaInit(Initializer):
         return {"init_lora_weights": "eva", "eva_config": config}
 
     def after_adapter(self, model: nn.Module, params: EvaParams, ctx: MethodContext) -> None:
+        from peft import initialize_lora_eva_weights
+
         batches = list(ctx.calibration_batches())
         if not batches:
             raise ValueError("EVA needs calibration batches (train.init_batches > 0)")

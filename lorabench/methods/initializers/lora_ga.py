@@ -28,10 +28,9 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from peft import LoraConfig, LoraGAConfig
-from peft.tuners.lora.loraga import get_model_device, get_target_modules, preprocess_loraga
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -41,6 +40,9 @@ from lorabench.methods.base import Initializer, MethodContext
 from lorabench.methods.fidelity import Fidelity
 from lorabench.models import cache_dir
 from lorabench.registry import INITIALIZERS
+
+if TYPE_CHECKING:  # annotations only: peft loads when the method is built
+    from peft import LoraConfig, LoraGAConfig
 
 DIRECTIONS = ("ArBr", "A2rBr", "ArB2r", "random")
 SCALES = ("stable", "weight_svd", "gd_scale", "unit")
@@ -110,6 +112,8 @@ def load_gradients(cache: Path, model: nn.Module, config: LoraConfig) -> int | N
     """Attach the cached gradient of every target module (what ``preprocess_loraga`` would set) and
     return the number of batches the estimate averaged; None (and nothing attached) when the file
     is missing, unreadable, or lacks a target."""
+    from peft.tuners.lora.loraga import get_model_device, get_target_modules
+
     if not cache.is_file():
         return None
     try:
@@ -132,6 +136,8 @@ def _rng_untouched(model: nn.Module):
     restore the state afterwards: peft's LoRA-GA init takes a randomized SVD (``torch.svd_lowrank``)
     of each gradient, so without this a run that finds the estimate cached (a resumed run, another
     learning rate of a sweep) would draw other singular vectors and another frozen W0 - s B0 A0."""
+    from peft.tuners.lora.loraga import get_model_device
+
     device = get_model_device(model)
     devices = [device] if torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -141,6 +147,8 @@ def _rng_untouched(model: nn.Module):
 def save_gradients(cache: Path, model: nn.Module, config: LoraConfig, batches: int) -> None:
     """Write the estimated gradients as safetensors, with the number of batches they average in the
     metadata (temporary file + rename: readers see whole files)."""
+    from peft.tuners.lora.loraga import get_target_modules
+
     tensors = {
         f"{name}.{GRAD}": getattr(m, GRAD).detach().cpu().contiguous() for name, m in get_target_modules(model, config)
     }
@@ -175,6 +183,8 @@ class LoraGaInit(Initializer):
     singular_vectors_per_rank = 2  # 2r <= min(d_out, d_in) (budget cap, check before calibration)
 
     def _config(self, params: LoraGaParams) -> LoraGAConfig:
+        from peft import LoraGAConfig
+
         return LoraGAConfig(direction=params.direction, scale=params.scale, stable_gamma=params.stable_gamma)
 
     def adapter_kwargs(self, params: LoraGaParams) -> dict:
@@ -182,6 +192,9 @@ class LoraGaInit(Initializer):
 
     def before_adapter(self, model: nn.Module, params: LoraGaParams, ctx: MethodContext) -> None:
         # preprocess_loraga reads only target_modules and lora_ga_config from the LoraConfig.
+        from peft import LoraConfig
+        from peft.tuners.lora.loraga import preprocess_loraga
+
         config = LoraConfig(
             target_modules=ctx.target_modules, init_lora_weights="lora_ga", lora_ga_config=self._config(params)
         )

@@ -15,9 +15,9 @@ Hyper-parameters: none of its own; lr and weight decay come from train.
 
 from __future__ import annotations
 
-import peft
+from importlib.metadata import version
+
 import torch
-from peft.optimizers import create_lorafa_optimizer
 
 from lorabench.errors import ConfigError
 from lorabench.methods.base import MethodContext, OptimizerBuilder
@@ -30,7 +30,7 @@ class LoraFA(OptimizerBuilder):
     paper = "Zhang et al., 2023, arXiv:2308.03303"
     backed_by = "peft"
     fidelity = Fidelity(
-        reference=f"peft=={peft.__version__} peft.optimizers.create_lorafa_optimizer / LoraFAOptimizer"
+        reference=f"peft=={version('peft')} peft.optimizers.create_lorafa_optimizer / LoraFAOptimizer"
         " (huggingface/peft#2468)",
         status="library",
         unchecked=(
@@ -41,6 +41,8 @@ class LoraFA(OptimizerBuilder):
     requires_adapter = ("lora",)
 
     def build(self, model, params, ctx: MethodContext) -> torch.optim.Optimizer:
+        from peft.optimizers import create_lorafa_optimizer
+
         if any(".lora_A." in n and p.requires_grad for n, p in model.named_parameters()):
             raise ConfigError("optimizer lorafa freezes LoRA's A; set method.freeze_a=true so the adapter agrees")
         if any(".lora_magnitude_vector." in n for n, _ in model.named_parameters()):

@@ -12,10 +12,9 @@ beta1 0.9, beta2 0.999, eps 1e-8.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib.metadata import version
 
-import peft
 import torch
-from peft.optimizers import create_loraplus_optimizer
 
 from lorabench.config import check_positive
 from lorabench.methods.base import MethodContext, OptimizerBuilder
@@ -40,7 +39,7 @@ class LoraPlus(OptimizerBuilder):
     paper = "Hayou et al., 2024, arXiv:2402.12354"
     backed_by = "peft"
     fidelity = Fidelity(
-        reference=f"peft=={peft.__version__} peft.optimizers.create_loraplus_optimizer (a port of"
+        reference=f"peft=={version('peft')} peft.optimizers.create_loraplus_optimizer (a port of"
         " nikhil-ghosh-berkeley/loraplus@a0c44bfec0ef lora_plus.py: the same four groups)",
         status="library",
         deviations=(
@@ -51,6 +50,8 @@ class LoraPlus(OptimizerBuilder):
     requires_adapter = ("lora",)
 
     def build(self, model, params: LoraPlusParams, ctx: MethodContext) -> torch.optim.Optimizer:
+        from peft.optimizers import create_loraplus_optimizer
+
         return create_loraplus_optimizer(
             model,
             torch.optim.AdamW,
