@@ -1,7 +1,7 @@
 """The ``lorabench`` command: the only module that sees a Hydra ``DictConfig``.
 
 lorabench train [hydra overrides...]     one run, or a sweep with -m
-lorabench table [--format md|csv|latex]  comparison table of the records
+lorabench table [--format md|csv|json|latex|html]  comparison table of the records
 lorabench methods                        registered method presets and components
 lorabench plot [--x F] [--y F]           Pareto fronts, training and rank curves (PNG, SVG)
 lorabench report [--out FILE]            one static HTML page of tables and plots

@@ -3,6 +3,8 @@ versions never mix, broken records are reported and skipped, all formats render.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
 
@@ -77,9 +79,9 @@ def test_sources_and_versions_never_average(tmp_path):
     make_record(tmp_path, "lora", 0, 0.80, source="local")
     make_record(tmp_path, "lora", 1, 0.60, source="hub")
     make_record(tmp_path, "lora", 2, 0.70, version="2")
-    header = build_table(tmp_path, "csv")[0].splitlines()[0]
+    header = build_table(tmp_path, "md")[0].splitlines()[0]
     assert header.count("sst2") == 3
-    text = build_table(tmp_path, "csv")[0]
+    text = build_table(tmp_path, "md")[0]
     assert "80.00 (n=1)" in text and "60.00 (n=1)" in text and "70.00 (n=1)" in text
 
 
@@ -87,7 +89,7 @@ def test_variants_of_one_label_are_separate_rows(tmp_path):
     make_record(tmp_path, "lora", 0, 0.8, rank=4)
     make_record(tmp_path, "lora", 0, 0.9, rank=16)
     rows = [line for line in build_table(tmp_path)[0].splitlines() if line.startswith("| lora")]
-    assert len(rows) == 2 and all("[" in r for r in rows)
+    assert sorted(r.split(" | ")[0] for r in rows) == ["| lora rank=16", "| lora rank=4"]  # the values that differ
 
 
 def test_failed_runs_excluded_and_counted(tmp_path):
@@ -183,3 +185,36 @@ def test_record_written_atomically_is_valid_json(tmp_path):
     path = next(tmp_path.rglob("record.json"))
     assert json.loads(path.read_text()) == rec
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_csv_and_json_hold_numbers(tmp_path):
+    make_record(tmp_path, "lora", 0, 0.80)
+    make_record(tmp_path, "lora", 1, 0.90)
+    make_record(tmp_path, "dora", 0, 0.70)
+    rows = list(csv.DictReader(io.StringIO(build_table(tmp_path, "csv")[0])))
+    lora = next(r for r in rows if r["method"] == "lora")
+    column = "sst2 v1 accuracy"
+    assert float(lora[f"{column} mean"]) == pytest.approx(85.0)
+    assert float(lora[f"{column} std"]) == pytest.approx(7.0710678, rel=1e-6)
+    assert lora[f"{column} n"] == "2"
+    dora = next(r for r in rows if r["method"] == "dora")
+    assert dora[f"{column} std"] == "" and dora[f"{column} n"] == "1"  # no std for one seed
+    assert all(not any(ch in cell for ch in "*±,") for r in rows for cell in r.values())
+    assert float(lora["trainable params"]) > 0
+    data = json.loads(build_table(tmp_path, "json")[0])
+    assert next(r for r in data if r["method"] == "lora")[column] == {
+        "mean": pytest.approx(85.0),
+        "std": pytest.approx(7.0710678, rel=1e-6),
+        "n": 2,
+    }
+
+
+def test_variant_labels_name_what_differs_and_stay_stable(tmp_path):
+    make_record(tmp_path, "lora", 0, 0.8, rank=4)
+    make_record(tmp_path, "lora", 0, 0.9, rank=16)
+    before = {r["method"] for r in json.loads(build_table(tmp_path, "json")[0])}
+    make_record(tmp_path, "dora", 0, 0.7, rank=32)  # another method's runs do not relabel lora's
+    after = {r["method"] for r in json.loads(build_table(tmp_path, "json")[0])}
+    assert before == {"lora rank=4", "lora rank=16"} and after == before | {"dora"}
+    grouped = json.loads(build_table(tmp_path, "json", group_by=["method.rank"])[0])
+    assert sorted((r["method"], r["method.rank"]) for r in grouped) == [("dora", "32"), ("lora", "16"), ("lora", "4")]

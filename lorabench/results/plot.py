@@ -28,7 +28,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from lorabench.results.table import SCALE, _peak_mb, _variant, lookup, reported_value, source_key  # noqa: E402
+from lorabench.results.table import (  # noqa: E402
+    SCALE,
+    _peak_mb,
+    _variant,
+    lookup,
+    reported_value,
+    source_key,
+    variant_labels,
+)
 
 # alias -> (axis title, getter, higher_is_better or None for "take it from the record")
 FIELDS = {
@@ -129,10 +137,11 @@ def pareto_points(records: list[dict], x: str, y: str, group_by: tuple[str, ...]
     variants = defaultdict(set)
     for r in records:
         variants[(r["method"]["label"], r["model"]["name"])].add(_variant(r, group_by))
+    labels = variant_labels(records, group_by)
     groups: dict[str, list[dict]] = defaultdict(list)
     for r in records:
-        label, model = r["method"]["label"], r["model"]["name"]
-        name = label if len(variants[(label, model)]) == 1 else f"{label} [{_variant(r, group_by)}]"
+        model = r["model"]["name"]
+        name = labels[_variant(r, group_by)]
         keys = "".join(f" {k.split('.')[-1]}={lookup(r, k)}" for k in group_by)
         models = {m for (_, m) in variants}
         groups[name + keys + (f" ({model})" if len(models) > 1 else "")].append(r)

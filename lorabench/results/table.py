@@ -1,13 +1,15 @@
 """``lorabench table``: records -> one comparison table.
 
 Rows are method variants (method label x model, plus any ``--group-by`` config keys; a label run
-with different settings gets a short config hash). Each dataset column holds the reported primary
+with different settings is labelled by the values that differ, e.g. ``lora rank=16``). Each
+dataset column holds the reported primary
 metric (last or best evaluation, as the run's ``train.report`` says) as mean ± std over seeds with
 n. Records are only averaged when they share the dataset name, version and source: a dataset read
 from two sources gives two columns. Cost columns are the mean over the row's completed records.
 
-The best value of every metric and cost column is marked (bold in md/html/latex, a trailing ``*``
-in csv) when at least two rows have a value; ties are all marked. ``paper`` entries (from a
+The best value of every metric and cost column is marked (bold in md/html/latex) when at least two
+rows have a value; ties are all marked. ``csv`` and ``json`` hold numbers only: mean, std and n per
+metric column, plain numbers for the cost columns. ``paper`` entries (from a
 recipe, see ``lorabench.reproduce``) add a "paper" and a "Δ" column next to each dataset column
 they match; only entries whose status is verified are passed in by the caller.
 """
@@ -28,7 +30,7 @@ from pathlib import Path
 from lorabench.results.record import iter_records
 from lorabench.results.runs import run_state
 
-FORMATS = ("md", "csv", "latex", "html")
+FORMATS = ("md", "csv", "json", "latex", "html")
 # (header, getter, format, higher_is_better or None for "do not mark")
 COST_COLUMNS = (
     ("trainable params", lambda r: r["cost"].get("trainable_params"), "{:,.0f}", False),
@@ -81,21 +83,74 @@ def _drop(config: dict, dotted: str) -> None:
         node.pop(last, None)
 
 
-def _variant(record: dict, group_by: tuple[str, ...] = ()) -> str:
-    cfg = {
-        k: copy.deepcopy(v)
-        for k, v in record["config"].items()
-        if k not in ("seed", "dataset", "results_dir", "force", "progress", "tracker", "hardware")
-    }
+VARIANT_IGNORED = ("seed", "dataset", "results_dir", "force", "progress", "tracker", "hardware")
+MAX_LABEL_KEYS = 4  # more differing keys than this: the label ends in a short config hash
+
+
+def _variant_config(record: dict, group_by: tuple[str, ...] = ()) -> dict:
+    cfg = {k: copy.deepcopy(v) for k, v in record["config"].items() if k not in VARIANT_IGNORED}
     for key in group_by:
         _drop(cfg, key)
-    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:6]
+    return cfg
+
+
+def _variant(record: dict, group_by: tuple[str, ...] = ()) -> str:
+    blob = json.dumps(_variant_config(record, group_by), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:6]
+
+
+def _flatten(config: dict, prefix: str = "") -> dict[str, object]:
+    flat = {}
+    for key, value in config.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, dotted + "."))
+        else:
+            flat[dotted] = json.dumps(value, default=str) if isinstance(value, (list, tuple)) else value
+    return flat
+
+
+def _short(key: str) -> str:
+    return key.removeprefix("method.")  # method keys are what a variant usually changes: rank=16
+
+
+def variant_labels(records: list[dict], group_by: tuple[str, ...] = ()) -> dict[str, str]:
+    """Row label of each record's variant, keyed by ``_variant``: the method label alone when the
+    label has one variant, else the label plus the config values that tell its variants apart
+    (``lora rank=16``, ``galore train.lr=0.001 update_proj_gap=50``); the differing keys are found
+    among the variants of the same label and model only, so a label does not change when other
+    methods' runs are added, nor with ``--group-by`` (group-by keys are columns)."""
+    by_label: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for r in records:
+        by_label[(r["method"]["label"], r["model"]["name"])][_variant(r, group_by)] = _flatten(
+            _variant_config(r, group_by)
+        )
+    labels = {}
+    for (label, _), variants in by_label.items():
+        if len(variants) == 1:
+            labels.update({v: label for v in variants})
+            continue
+        keys = sorted({k for flat in variants.values() for k in flat})
+        differing = [k for k in keys if len({json.dumps(f.get(k), default=str) for f in variants.values()}) > 1]
+        for variant, flat in variants.items():
+            parts = [f"{_short(k)}={_fmt_key(flat.get(k))}" for k in differing[:MAX_LABEL_KEYS]]
+            extra = f" [{variant}]" if len(differing) > MAX_LABEL_KEYS else ""
+            labels[variant] = " ".join([label, *parts]) + extra
+    return labels
 
 
 def reported_value(record: dict) -> float | None:
     metrics = record["metrics"]
     chosen = metrics.get("best") if metrics.get("report") == "best" else metrics.get("final")
     return None if not chosen else chosen.get(metrics["primary"])
+
+
+def stats(values: list[float], scale: float = SCALE) -> dict:
+    """mean, std (None for one value) and n of a metric cell, x ``scale``."""
+    if not values:
+        return {"mean": None, "std": None, "n": 0}
+    std = statistics.stdev(values) * scale if len(values) > 1 else None
+    return {"mean": statistics.fmean(values) * scale, "std": std, "n": len(values)}
 
 
 def fmt_stats(values: list[float], scale: float = SCALE) -> str:
@@ -132,6 +187,9 @@ class Table:
     rows: list[list[str]]
     best: set[tuple[int, int]] = field(default_factory=set)  # (row, column) cells to mark
     notes: list[str] = field(default_factory=list)
+    # the numbers behind each row's cells, by column title: {"mean", "std", "n"} for a metric column
+    # (x 100, std None for n = 1), a number (or None) for the others; csv and json print these
+    values: list[dict] = field(default_factory=list)
 
 
 def _fmt_key(value) -> str:
@@ -159,9 +217,7 @@ def _mark_best(rows_values: list[float | None], higher: bool) -> set[int]:
 
 def build_rows(records: list[dict], group_by: tuple[str, ...] = (), paper: list[dict] | None = None) -> Table:
     group_by = tuple(group_by or ())
-    labels_variants = defaultdict(set)
-    for r in records:
-        labels_variants[(r["method"]["label"], r["model"]["name"])].add(_variant(r, group_by))
+    labels = variant_labels(records, group_by)
     columns: dict[tuple, None] = {}
     col_higher: dict[tuple, bool] = {}
     cells: dict[tuple, dict[tuple, list[float]]] = defaultdict(lambda: defaultdict(list))
@@ -172,9 +228,8 @@ def build_rows(records: list[dict], group_by: tuple[str, ...] = (), paper: list[
         return (r["method"]["label"], r["model"]["name"], *(_fmt_key(lookup(r, k)) for k in group_by))
 
     for r in sorted(records, key=sort_key):
-        label, model = r["method"]["label"], r["model"]["name"]
-        shown = label if len(labels_variants[(label, model)]) == 1 else f"{label} [{_variant(r, group_by)}]"
-        row = (shown, model, *(_fmt_key(lookup(r, k)) for k in group_by))
+        model = r["model"]["name"]
+        row = (labels[_variant(r, group_by)], model, *(_fmt_key(lookup(r, k)) for k in group_by))
         col = (r["dataset"]["name"], r["dataset"]["version"], source_key(r), r["metrics"]["primary"])
         columns[col] = None
         col_higher.setdefault(col, bool(r["metrics"].get("higher_is_better", True)))
@@ -190,6 +245,7 @@ def build_rows(records: list[dict], group_by: tuple[str, ...] = (), paper: list[
     keys = list(row_records)
     header = ["method", "model", *group_by]
     body: list[list[str]] = [list(k) for k in keys]
+    numbers: list[dict] = [dict(zip(header, k)) for k in keys]
     best: set[tuple[int, int]] = set()
     notes: list[str] = []
 
@@ -201,6 +257,7 @@ def build_rows(records: list[dict], group_by: tuple[str, ...] = (), paper: list[
         best |= {(i, len(header) - 1) for i in _mark_best(means, col_higher[col])}
         for i, k in enumerate(keys):
             body[i].append(fmt_stats(cells[k].get(col, [])))
+            numbers[i][header[-1]] = stats(cells[k].get(col, []))
         if paper:
             theirs = []
             for k in keys:
@@ -218,6 +275,8 @@ def build_rows(records: list[dict], group_by: tuple[str, ...] = (), paper: list[
                 verified = all(str(h.get("status", "")).startswith("verified") for h in theirs if h)
                 header += [f"{name} paper" if verified else f"{name} paper/2nd-hand†", f"{name} Δ"]
                 for i, (hit, mean) in enumerate(zip(theirs, means)):
+                    numbers[i][header[-2]] = None if hit is None else hit["value"]
+                    numbers[i][header[-1]] = None if hit is None or mean is None else mean - hit["value"]
                     if hit is None:
                         body[i] += ["–", "–"]
                         continue
@@ -235,9 +294,11 @@ def build_rows(records: list[dict], group_by: tuple[str, ...] = (), paper: list[
             values = [v for v in (getter(r) for r in row_records[k]) if v is not None]
             means.append(statistics.fmean(values) if values else None)
             body[i].append(pattern.format(means[-1]) if values else "–")
+        for i, mean in enumerate(means):
+            numbers[i][title] = mean
         if higher is not None:
             best |= {(i, len(header) - 1) for i in _mark_best(means, higher)}
-    return Table(header, body, best, notes)
+    return Table(header, body, best, notes, numbers)
 
 
 def table_rows(records: list[dict], group_by: tuple[str, ...] = ()) -> tuple[list[str], list[list[str]]]:
@@ -255,12 +316,26 @@ def _marked(table: Table, fmt: str) -> list[list[str]]:
                 cells.append(cell)
             elif fmt == "md":
                 cells.append(f"**{cell}**")
-            elif fmt == "csv":
-                cells.append(f"{cell}*")
             else:
                 cells.append(cell)  # latex and html mark while escaping
         out.append(cells)
     return out
+
+
+def _numeric_csv(table: Table) -> str:
+    """Numbers only (no marks, no thousands separators): a metric column becomes ``<title> mean``,
+    ``<title> std`` and ``<title> n``; an empty cell is empty."""
+    columns: list[tuple[str, str | None]] = []  # (title, stats field or None)
+    for title in table.header:
+        is_stats = any(isinstance(row.get(title), dict) for row in table.values)
+        columns += [(title, part) for part in ("mean", "std", "n")] if is_stats else [(title, None)]
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow([title if part is None else f"{title} {part}" for title, part in columns])
+    for row in table.values:
+        cells = [row.get(title) if part is None else (row.get(title) or {}).get(part) for title, part in columns]
+        writer.writerow(["" if c is None else c for c in cells])
+    return buf.getvalue().rstrip("\n")
 
 
 def _latex_escape(s: str) -> str:
@@ -276,14 +351,12 @@ def _latex_escape(s: str) -> str:
 
 
 def render_table(table: Table, fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(table.values, indent=2)
+    if fmt == "csv":
+        return _numeric_csv(table)
     rows = _marked(table, fmt)
     header = table.header
-    if fmt == "csv":
-        buf = io.StringIO()
-        writer = csv.writer(buf)
-        writer.writerow(header)
-        writer.writerows(rows)
-        return buf.getvalue().rstrip("\n")
     if fmt == "latex":
         lines = [
             r"\begin{tabular}{" + "l" * 2 + "r" * (len(header) - 2) + "}",
@@ -322,8 +395,9 @@ def render_table(table: Table, fmt: str) -> str:
 
 
 def render(header: list[str], rows: list[list[str]], fmt: str) -> str:
-    """Render plain rows (no best marks)."""
-    return render_table(Table(header, rows), fmt)
+    """Render plain rows (no best marks; csv and json print the strings as given)."""
+    values = [dict(zip(header, row)) for row in rows]
+    return render_table(Table(header, rows, values=values), fmt)
 
 
 def footnote(table: Table, excluded: dict) -> str:
