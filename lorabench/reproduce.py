@@ -19,7 +19,7 @@ A recipe is ``recipes/<name>/recipe.yaml`` (see any of them for the schema):
   reproduced.
 
 Every grid point goes through ``lorabench.cli.run_one``, the function ``lorabench train -m`` calls
-per job, into ``<results_dir>/<recipe>/``; finished runs are skipped as in any sweep. Only numbers
+per job, into ``<results_dir>/<recipe>/`` (default ``results/recipes/<recipe>/``); finished runs are skipped as in any sweep. Only numbers
 whose status starts with ``verified`` are shown as the paper's; ``--include-unverified`` adds the
 others marked ``†`` (second-hand). Smoke-scale results are never printed next to paper numbers.
 """
@@ -39,6 +39,9 @@ RECIPES_DIR = ROOT / "recipes"
 CONF_DIR = ROOT / "conf"
 REQUIRED = ("name", "title", "paper", "protocol", "scales", "paper_numbers", "tolerance")
 OPTIONS = ("scale", "data_root", "results_dir")
+# recipe runs have their own results folder, so the plain ``lorabench table`` (results/runs) leaves
+# them out; ``lorabench table --results-dir results/recipes/<name>`` shows one recipe's runs
+RECIPE_RESULTS = "results/recipes"
 
 
 def list_recipes() -> list[str]:
@@ -88,7 +91,7 @@ def paper_entries(recipe: dict, include_unverified: bool = False) -> list[dict]:
 
 
 def grid_points(
-    recipe: dict, scale: str = "full", data_root: str | None = None, extra=(), results_dir: str = "results/runs"
+    recipe: dict, scale: str = "full", data_root: str | None = None, extra=(), results_dir: str = RECIPE_RESULTS
 ) -> list[tuple[str, list[str]]]:
     """[(point name, overrides)] for every variant x dataset x seed of ``scale``."""
     if scale not in recipe["scales"]:
@@ -171,12 +174,22 @@ def _within(recipe: dict, table_paper: list[dict], results: Path) -> list[str]:
     return lines
 
 
+def protocol_for(recipe: dict, scale: str) -> dict:
+    """The recipe's protocol as this scale runs it: the seeds are the scale grid's (a smoke grid may
+    run fewer or other seeds than the paper's protocol states, which is kept as ``paper_seeds``)."""
+    protocol = {k: v for k, v in recipe["protocol"].items() if k != "notes"}
+    seeds = recipe["scales"][scale]["grid"]["seeds"]
+    if seeds != protocol.get("seeds"):
+        protocol = {**protocol, "seeds": seeds, "paper_seeds": protocol.get("seeds")}
+    return protocol
+
+
 def run_recipe(
     name: str,
     scale: str = "full",
     data_root: str | None = None,
     extra: list[str] | tuple[str, ...] = (),
-    results_dir: str = "results/runs",
+    results_dir: str = RECIPE_RESULTS,
     dry_run: bool = False,
     include_unverified: bool = False,
     fmt: str = "md",
@@ -187,7 +200,7 @@ def run_recipe(
     recipe = load_recipe(name)
     points = grid_points(recipe, scale, data_root, extra, results_dir)
     print(f"[lorabench] reproduce {recipe['name']} (scale={scale}): {recipe['title']}")
-    print(f"[lorabench] protocol: {recipe['protocol']}; {len(points)} runs")
+    print(f"[lorabench] protocol: {protocol_for(recipe, scale)}; {len(points)} runs")
     codes = []
     cli.SWEEP_SUMMARY.clear()
     for i, (point, overrides) in enumerate(points):
@@ -232,6 +245,8 @@ def run_recipe(
 
 
 def reproduce_command(argv: list[str]) -> int:
+    from lorabench.results.table import FORMATS
+
     parser = argparse.ArgumentParser(
         prog="lorabench reproduce",
         description="Run a paper recipe's grid and print ours beside theirs.",
@@ -245,13 +260,13 @@ def reproduce_command(argv: list[str]) -> int:
     parser.add_argument(
         "--include-unverified", action="store_true", help="also show second-hand (unverified) paper numbers, marked †"
     )
-    parser.add_argument("--format", default="md", choices=("md", "csv", "latex", "html"))
+    parser.add_argument("--format", default="md", choices=FORMATS)
     args = parser.parse_intermixed_args(argv)
     if args.list or not args.recipe:
         for name in list_recipes():
             print(f"{name:<28} {load_recipe(name)['title']}")
         return 0
-    options = {"scale": "full", "data_root": None, "results_dir": "results/runs"}
+    options = {"scale": "full", "data_root": None, "results_dir": RECIPE_RESULTS}
     extra = []
     for item in args.args:
         key, sep, value = item.partition("=")
