@@ -21,7 +21,8 @@ A recipe is ``recipes/<name>/recipe.yaml`` (see any of them for the schema):
 Every grid point goes through ``lorabench.cli.run_one``, the function ``lorabench train -m`` calls
 per job, into ``<results_dir>/<recipe>/`` (default ``results/recipes/<recipe>/``); finished runs
 are skipped as in any sweep. Only numbers whose status starts with ``verified`` are shown as the
-paper's; ``--include-unverified`` adds the others marked ``†`` (second-hand). Smoke-scale results are never printed next to paper numbers.
+paper's; ``--include-unverified`` adds the others marked ``†`` (second-hand). Smoke-scale results
+are never printed next to paper numbers.
 """
 
 from __future__ import annotations
