@@ -183,6 +183,7 @@ class CheckpointConfig:
 
     every: int = 0  # steps between checkpoints; 0 = off (a canceled run still checkpoints if > 0)
     keep: int = 2  # newest checkpoints kept
+    save_model: bool = True  # full-weight methods save the trained model (model/, save_pretrained) at the end
 
     def __post_init__(self) -> None:
         check_positive("checkpoint.every", self.every, allow_zero=True)

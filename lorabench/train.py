@@ -33,12 +33,11 @@ from lorabench.config import RunConfig
 from lorabench.data.base import collate, count_tokens, resolve_primary
 from lorabench.data.cache import cached_features
 from lorabench.measure import PeakMemory, optimizer_state_bytes, parameter_counts, provenance
-from lorabench.methods.adapters.layer import save_trainable
-from lorabench.methods.adapters.xlora import PEFT_ADAPTER_DIR
 from lorabench.methods.base import MethodContext
 from lorabench.methods.build import apply_method, expected_trainable
 from lorabench.methods.spec import MethodSpec
 from lorabench.models import load_model
+from lorabench.outputs import save_outputs
 from lorabench.registry import DATASETS
 from lorabench.results.record import RECORD_NAME, SCHEMA_VERSION, config_hash, now, read_record, run_id
 from lorabench.results.runs import Recorder, close_segment, open_segment, this_owner
@@ -568,9 +567,17 @@ def train(cfg: RunConfig, spec: MethodSpec, command: str = "") -> dict:
             )
             record["analysis"] = report.as_dict()
             pretrained = None
-        record["cost"]["adapter_file_bytes"] = _save_trainable(
-            model, accelerator, record_path.parent, "adapter" in spec.components
-        )
+        if is_main:
+            outputs = save_outputs(
+                accelerator.unwrap_model(model),
+                tokenizer,
+                record_path.parent,
+                has_adapter="adapter" in spec.components,
+                hub_id=cfg.model.hub_id,
+                save_model=cfg.checkpoint.save_model,
+            )
+            record["outputs"] = outputs
+            record["cost"]["adapter_file_bytes"] = outputs.get("adapter", {}).get("bytes")
         if procedure:
             record["method_report"].update(procedure.state())
         record["status"] = "completed"
@@ -633,22 +640,6 @@ def _device_name(accelerator: Accelerator) -> str:
     import platform
 
     return platform.processor() or platform.machine()
-
-
-def _save_trainable(model, accelerator: Accelerator, run_dir: Path, has_adapter: bool) -> int | None:
-    """Adapter methods save what a reload needs (trainable tensors and non-regenerable adapter
-    buffers, safetensors); full-weight methods save nothing here and record None."""
-    if not has_adapter or not accelerator.is_main_process:
-        return None
-    path = run_dir / "adapter.safetensors"
-    tmp = path.with_suffix(".tmp")
-    unwrapped = accelerator.unwrap_model(model)
-    save_trainable(unwrapped, tmp)
-    os.replace(tmp, path)
-    peft_config = getattr(unwrapped, "peft_config", {}).get("default")
-    if getattr(peft_config, "peft_type", None) == "LORA":  # peft's own format too, e.g. as an X-LoRA expert
-        unwrapped.save_pretrained(run_dir / PEFT_ADAPTER_DIR)
-    return path.stat().st_size
 
 
 def _print_start(cfg, spec, accum, processes, trainable, total, features, lr, targets) -> None:

@@ -84,6 +84,7 @@ PROTOCOL = [
     "hardware=cpu",
     "hardware.micro_batch_size=16",
     "progress=false",
+    "checkpoint.save_model=false",  # the numbers only: no model/ folder per full-weight run (not in run ids)
 ]
 GALORE_FINETUNING = ["method.scale=4", "method.update_proj_gap=500"]
 # BAdam's preset switches block every 50 steps (the authors' K for runs of thousands of steps); its blocks
@@ -179,6 +180,7 @@ PROTOCOL_B = [
     "hardware.micro_batch_size=4",
     "hardware.mixed_precision=bf16",
     "progress=false",
+    "checkpoint.save_model=false",
 ]
 # Track B starts each method's sweep from the rate Track A picked for it in Track A's first sweep (before
 # its single-point grids got the neighbour check), which carries what Track A learned about the method's

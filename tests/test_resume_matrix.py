@@ -54,7 +54,7 @@ def interrupted_copy(run_dir: Path, root: Path, step: int) -> Path:
     for ckpt in list_checkpoints(copy):
         if int(ckpt.name.split("_")[1]) > step:
             shutil.rmtree(ckpt)
-    for done in ("adapter.safetensors", "peft_adapter"):
+    for done in ("adapter.safetensors", "peft_adapter", "model"):
         shutil.rmtree(copy / done, ignore_errors=True) if (copy / done).is_dir() else (copy / done).unlink(True)
     record = json.loads((copy / "record.json").read_text())
     record.update(status="canceled", error={"type": "RunCanceled", "message": "test", "step": step})
