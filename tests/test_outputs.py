@@ -6,7 +6,6 @@ the trained tensors; ``checkpoint.save_model=false`` skips the model folder."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
