@@ -188,7 +188,7 @@ def wait_for_step(root: Path, step: int, proc: subprocess.Popen, timeout: float 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-        for path in root.rglob("record.json"):
+        for path in root.glob("*/record.json"):  # not rglob: checkpoint staging folders come and go
             try:
                 record = json.loads(path.read_text())
             except ValueError:
