@@ -38,6 +38,30 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+# the record's copy in a tracker's run (not record.json: ``lorabench table`` reads every record.json
+# under a results folder, and the trackers' folders live there too)
+TRACKED_RECORD = "lorabench_record.json"
+
+
+def cost_summary(record: dict) -> dict:
+    """The figures this tool compares methods by, for a tracker's run summary: final metrics, peak
+    memory, throughput, trainable parameters, optimizer state and wall time (None values left out)."""
+    cost = record.get("cost") or {}
+    peak = cost.get("peak_memory") or {}
+    peak_bytes = peak.get("cuda_allocated_bytes") or peak.get("cpu_peak_rss_bytes")
+    state = cost.get("optimizer_state_bytes")
+    figures = {
+        "cost/peak_memory_mb": None if peak_bytes is None else peak_bytes / 2**20,
+        "cost/tokens_per_s": cost.get("tokens_per_s"),
+        "cost/trainable_params": cost.get("trainable_params"),
+        "cost/total_params": cost.get("total_params"),
+        "cost/optimizer_state_mb": None if state is None else state / 2**20,
+        "cost/wall_time_s": cost.get("wall_time_s"),
+        **{f"final/{k}": v for k, v in ((record.get("metrics") or {}).get("final") or {}).items()},
+    }
+    return {k: v for k, v in figures.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 @TRACKERS.register("wandb")
 class WandbTracker:
     def __init__(self, run_id: str, config: dict, run_dir: Path, results_dir: Path):
@@ -56,8 +80,11 @@ class WandbTracker:
     def log(self, metrics: dict, step: int) -> None:
         self.run.log(metrics, step=step)
 
-    def finish(self, ok: bool) -> None:
-        self.run.finish(exit_code=0 if ok else 1)
+    def finish(self, ok: bool, record: dict, record_path: Path) -> None:
+        """The cost figures into the run summary, the record as a run file, then close the run."""
+        self.run.summary.update(cost_summary(record))
+        (Path(self.run.dir) / TRACKED_RECORD).write_text(record_path.read_text(encoding="utf-8"), encoding="utf-8")
+        self.run.finish(exit_code=0 if ok else 1)  # files in run.dir are the run's files
 
 
 @TRACKERS.register("mlflow")
@@ -76,7 +103,10 @@ class MlflowTracker:
     def log(self, metrics: dict, step: int) -> None:
         self.mlflow.log_metrics({k.replace("/", "_"): v for k, v in metrics.items()}, step=step)
 
-    def finish(self, ok: bool) -> None:
+    def finish(self, ok: bool, record: dict, record_path: Path) -> None:
+        """The cost figures as metrics, the record as an artifact, then close the run."""
+        self.mlflow.log_metrics({k.replace("/", "_"): v for k, v in cost_summary(record).items()})
+        self.mlflow.log_text(record_path.read_text(encoding="utf-8"), TRACKED_RECORD)
         self.mlflow.end_run(status="FINISHED" if ok else "FAILED")
 
 

@@ -617,7 +617,7 @@ def train(cfg: RunConfig, spec: MethodSpec, command: str = "") -> dict:
             stop.__exit__(None, None, None)
             claim.release()
         if tracker:
-            tracker.finish(record["status"] == "completed")
+            tracker.finish(record["status"] == "completed", record, record_path)
     if is_main:
         final = record["metrics"]["final"][primary]
         print(

@@ -142,6 +142,34 @@ def test_wandb_tracker_offline(sst2_dir, tmp_path, monkeypatch):
     (record,) = records(tmp_path)
     assert record["status"] == "completed"
     assert list(tmp_path.rglob("wandb/offline-run-*")), "no offline W&B run was written"
+    # offline runs keep their summary inside the binary .wandb file: the summary's content is checked
+    # through cost_summary (below) and, on a real store, by the MLflow test
+    assert list(tmp_path.rglob("wandb/offline-run-*/files/lorabench_record.json")), "the record is not a run file"
+
+
+def test_cost_summary_holds_the_figures_methods_are_compared_by():
+    from lorabench.trackers import cost_summary
+
+    record = {
+        "cost": {
+            "peak_memory": {"cpu_peak_rss_bytes": 3 * 2**20, "cuda_allocated_bytes": None},
+            "tokens_per_s": 12.5,
+            "trainable_params": 74_498,
+            "total_params": 1_000_000,
+            "optimizer_state_bytes": 2**20,
+            "wall_time_s": 9.0,
+        },
+        "metrics": {"final": {"accuracy": 0.8, "f1": None}},
+    }
+    assert cost_summary(record) == {
+        "cost/peak_memory_mb": 3.0,
+        "cost/tokens_per_s": 12.5,
+        "cost/trainable_params": 74_498,
+        "cost/total_params": 1_000_000,
+        "cost/optimizer_state_mb": 1.0,
+        "cost/wall_time_s": 9.0,
+        "final/accuracy": 0.8,
+    }
 
 
 def test_lora_ga_gradient_estimate_is_cached_per_seed_when_the_seed_draws_the_head(sst2_dir, tmp_path, monkeypatch):
@@ -164,3 +192,6 @@ def test_mlflow_tracker_file_store(sst2_dir, tmp_path, monkeypatch):
     assert record["status"] == "completed"
     metric_files = list((tmp_path / "mlruns").rglob("metrics/eval_accuracy"))
     assert metric_files, "no MLflow metric was written"
+    (params,) = (tmp_path / "mlruns").rglob("metrics/cost_trainable_params")
+    assert float(params.read_text().split()[1]) == record["cost"]["trainable_params"]
+    assert list((tmp_path / "mlruns").rglob("artifacts/lorabench_record.json")), "the record is not an artifact"
