@@ -380,32 +380,29 @@ print(json.dumps(out))
 """ % (HEAVY,)
 
 
-def test_config_errors_import_no_torch(tmp_path: Path):
-    """Every config case, run in one fresh interpreter: each answers exit 2 with its line, and after
-    each one neither torch, transformers nor peft has been imported (so none of them pays for it)."""
-    argvs = [materialize(c, tmp_path / c.id) for c in CONFIG_CASES]
+@pytest.mark.parametrize(
+    "cases,allowed",
+    [
+        # config validation imports neither torch, transformers nor peft
+        (CONFIG_CASES, set()),
+        # method hyper-parameters are checked by the method registry, which needs torch (its modules
+        # define torch components) but loads transformers and peft only when a method is built
+        (METHOD_CASES, {"torch"}),
+    ],
+    ids=["config", "method"],
+)
+def test_errors_are_answered_before_the_heavy_imports(cases, allowed, tmp_path: Path):
+    """Every case of a stage, run in one fresh interpreter: each answers exit 2 with its line, and
+    after each one nothing heavier than ``allowed`` has been imported (so none of them pays for it)."""
+    argvs = [materialize(c, tmp_path / c.id) for c in cases]
     proc = subprocess.run(
         [sys.executable, "-c", DRIVER, json.dumps(argvs)], capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    for case, result in zip(CONFIG_CASES, results):
+    for case, result in zip(cases, results):
         check_answer(case, result["code"], "", result["err"], tmp_path / case.id / "runs")
-        assert not result["heavy"], f"{case.id}: imported {result['heavy']} before answering"
-
-
-def test_method_errors_import_neither_transformers_nor_peft(tmp_path: Path):
-    """Method hyper-parameters are checked by the method registry, which needs torch (its modules
-    define torch components) but loads transformers and peft only when a method is built."""
-    argvs = [materialize(c, tmp_path / c.id) for c in METHOD_CASES]
-    proc = subprocess.run(
-        [sys.executable, "-c", DRIVER, json.dumps(argvs)], capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
-    for case, result in zip(METHOD_CASES, results):
-        check_answer(case, result["code"], "", result["err"], tmp_path / case.id / "runs")
-        assert set(result["heavy"]) <= {"torch"}, f"{case.id}: imported {result['heavy']} before answering"
+        assert set(result["heavy"]) <= allowed, f"{case.id}: imported {result['heavy']} before answering"
 
 
 # -- property-based fuzzing of the numeric fields ------------------------------------------------------
