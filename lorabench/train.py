@@ -30,6 +30,7 @@ from lorabench.analysis.intruders import model_intruders, snapshot
 from lorabench.budget import apply_budget, solve_budget
 from lorabench.checkpoint import load_checkpoint, newest_usable, restore_rng, save_checkpoint
 from lorabench.config import RunConfig
+from lorabench.console import progress
 from lorabench.data.base import collate, count_tokens, resolve_primary
 from lorabench.data.cache import cached_features
 from lorabench.measure import PeakMemory, optimizer_state_bytes, parameter_counts, provenance
@@ -316,7 +317,8 @@ def train(cfg: RunConfig, spec: MethodSpec, command: str = "") -> dict:
         )
 
         def calibration_batches():  # the same batches for every seed, so inits can be cached and compared
-            return itertools.islice(iter(calibration_loader), cfg.train.init_batches)
+            batches = itertools.islice(iter(calibration_loader), cfg.train.init_batches)
+            return progress(batches, "calibrate", total=min(cfg.train.init_batches, len(calibration_loader)))
 
         calibration_key = config_hash(
             {

@@ -1,6 +1,6 @@
 """A run's output is the run's: no library noise (bitsandbytes' optional-kernel note, transformers'
 LOAD REPORT, loading bars, library deprecation warnings), our own line for tensors a checkpoint
-lacks, and progress bars for evaluation only when progress=true."""
+lacks, and progress bars for evaluation and calibration-based inits only when progress=true."""
 
 from __future__ import annotations
 
@@ -30,8 +30,9 @@ def test_a_pretrained_run_prints_no_library_noise(sst2_dir, tmp_path):
     assert "evaluate" not in out.stderr  # progress=false: no bar
 
 
-def test_evaluation_shows_progress_when_asked(sst2_dir, tmp_path):
+def test_evaluation_and_calibration_show_progress_when_asked(sst2_dir, tmp_path):
     args = [a for a in tiny_overrides("classification", sst2_dir, tmp_path) if a != "progress=false"]
-    out = lorabench("train", "method=lora", *args, "progress=true", "dataset.eval_batch_size=4")
+    out = lorabench("train", "method=eva", *args, "progress=true", "dataset.eval_batch_size=4")
     assert out.returncode == 0, out.stderr
     assert "evaluate:" in out.stderr and "/4 [" in out.stderr  # 16 dev sentences in batches of 4
+    assert "calibrate:" in out.stderr  # EVA's init reads training batches
