@@ -296,3 +296,14 @@ def solve_budget(
         "unit": unit,
         "capped": capped,
     }
+
+
+def solve_run_budget(base_model: nn.Module, spec: MethodSpec, ctx: MethodContext, budget) -> dict:
+    """``solve_budget`` for a run's ``budget`` config group (trainable_params or optimizer_state_mb)."""
+    return solve_budget(
+        base_model,
+        spec,
+        ctx,
+        trainable_params=budget.trainable_params,
+        optimizer_state_mb=budget.optimizer_state_mb,
+    )

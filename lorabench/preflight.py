@@ -140,16 +140,9 @@ def check_budget(cfg: RunConfig, spec: MethodSpec, model, ctx) -> MethodSpec:
     """With a size budget: the spec with the knob solved on the meta model (as train.py solves it)."""
     if not cfg.budget.active():
         return spec
-    from lorabench.budget import apply_budget, solve_budget
+    from lorabench.budget import apply_budget, solve_run_budget
 
-    solved = solve_budget(
-        model,
-        spec,
-        ctx,
-        trainable_params=cfg.budget.trainable_params,
-        optimizer_state_mb=cfg.budget.optimizer_state_mb,
-    )
-    return apply_budget(spec, solved)
+    return apply_budget(spec, solve_run_budget(model, spec, ctx, cfg.budget))
 
 
 def smallest_target(model, targets: list[str]) -> tuple[str, tuple[int, ...]] | None:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from lorabench.analysis.intruders import model_intruders, snapshot
-from lorabench.budget import apply_budget, solve_budget
+from lorabench.budget import apply_budget, solve_run_budget
 from lorabench.checkpoint import load_checkpoint, newest_usable, restore_rng, save_checkpoint
 from lorabench.config import RunConfig
 from lorabench.console import progress
@@ -340,13 +340,7 @@ def train(cfg: RunConfig, spec: MethodSpec, command: str = "") -> dict:
             calibration_key,
         )
         if cfg.budget.active():
-            solved = solve_budget(
-                model,
-                spec,
-                ctx,
-                trainable_params=cfg.budget.trainable_params,
-                optimizer_state_mb=cfg.budget.optimizer_state_mb,
-            )
+            solved = solve_run_budget(model, spec, ctx, cfg.budget)
             spec = apply_budget(spec, solved)
             record["method"] = spec.describe()
             record["method_report"]["budget"] = solved
