@@ -12,19 +12,7 @@ from torch import nn
 from lorabench.errors import ConfigError
 from lorabench.methods.base import MethodContext
 from lorabench.methods.optimizers.lora_pro import LoraPro, LoraProAdamW, LoraProParams, lora_pairs
-
-LR, WD = 0.05, 0.03
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.q = nn.Linear(6, 5)
-        self.v = nn.Linear(5, 4)
-        self.head = nn.Linear(4, 2)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.v(torch.tanh(self.q(x)))))
+from tests.test_rules_lora_optimizers import LR, WD, Net  # the same bare three-linear model
 
 
 def lora_model(**config) -> nn.Module:
