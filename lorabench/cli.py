@@ -7,6 +7,8 @@ lorabench plot [--x F] [--y F]           Pareto fronts, training and rank curves
 lorabench report [--out FILE]            one static HTML page of tables and plots
 lorabench reproduce <recipe> [scale=smoke]  a paper's grid, ours beside theirs
 lorabench status [--state S]             runs by state: running, stale (owner gone), failed, canceled, completed
+lorabench export RUN [--merge] [--out DIR]  a completed run as a folder plain transformers loads (verified)
+lorabench tune [overrides...] [--start LR]  one configuration's learning rate: ladder search or pruned Optuna
 lorabench --version                      the installed version
 eval "$(lorabench -sc install=bash)"     shell completion of commands and of train's overrides (Hydra's)
 """
@@ -40,14 +42,16 @@ def validate_config(cfg_dict: dict):
     """Plain dict (resolved config) -> validated ``RunConfig``; raises ConfigError.
 
     Guarantee: imports neither torch, transformers nor peft (only OmegaConf, the config dataclasses,
-    the dataset registry and lorabench.models' path check), so every error it finds is answered in
-    about Hydra's own time. The one exception is ``hardware.device=cuda``, which imports torch to ask
-    whether CUDA is there."""
+    the dataset registry, lorabench.models' path check and the method components' ``Params``, which
+    live in lorabench/method_params/), so every error it finds, the method's hyper-parameters and
+    components included, is answered in about Hydra's own time. The one exception is
+    ``hardware.device=cuda``, which imports torch to ask whether CUDA is there."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     import lorabench.data  # noqa: F401  registers datasets (torch-free at import)
     from lorabench.config import RunConfig, check_all_finite, validate_run
+    from lorabench.method_params.check import check_method
     from lorabench.models import check_local_path
     from lorabench.registry import DATASETS
     from lorabench.trackers import check_tracker
@@ -71,27 +75,28 @@ def validate_config(cfg_dict: dict):
             f"dataset={cfg.dataset.name!r} needs a decoder model (generation); model={cfg.model.name!r} "
             f"is an {cfg.model.architecture}"
         )
+    try:
+        check_method(dict(cfg.method))
+    except ConfigError as exc:  # a Params type error: say which key (OmegaConf's first line does not)
+        key = getattr(exc.__context__, "full_key", None)
+        if key and f"method.{key}" not in str(exc):
+            raise ConfigError(f"{exc} (at method.{key})") from None
+        raise
     return cfg
 
 
 def build_run(cfg_dict: dict):
     """Plain dict (resolved config) -> validated (RunConfig, MethodSpec). Raises ConfigError.
 
-    :func:`validate_config` runs first (torch-free); only then is the method resolved, which imports
-    ``lorabench.methods`` and with it torch and peft: the method components and their ``Params``
-    dataclasses live in modules that import them at the top."""
+    :func:`validate_config` runs first (torch-free; it checks the method's hyper-parameters too); only
+    then is the method resolved, which imports ``lorabench.methods`` and with it torch and peft (the
+    component modules import them at the top), and runs the checks that need torch (QLoRA's and
+    LoftQ's need for CUDA)."""
     cfg = validate_config(cfg_dict)
     import lorabench.methods  # noqa: F401  registers methods (imports torch, peft)
     from lorabench.methods.spec import resolve_method
 
-    try:
-        spec = resolve_method(dict(cfg.method))
-    except ConfigError as exc:  # a Params type error: say which key (OmegaConf's first line does not)
-        key = getattr(exc.__context__, "full_key", None)
-        if key and f"method.{key}" not in str(exc):
-            raise ConfigError(f"{exc} (at method.{key})") from None
-        raise
-    return cfg, spec
+    return cfg, resolve_method(dict(cfg.method))
 
 
 def _check_device(cfg) -> None:
@@ -188,8 +193,11 @@ def write_hydra_files(cfg_dict: dict, job_overrides: list[str]) -> None:
     from lorabench.results.record import write_text_atomic
 
     folder.mkdir(parents=True, exist_ok=True)  # two processes may race here: each file is whole or absent
-    write_text_atomic(folder / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(job_overrides))))
-    write_text_atomic(folder / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(cfg_dict)))
+    from lorabench.fingerprint import portable_config, portable_override
+
+    overrides = [portable_override(o) for o in job_overrides]
+    write_text_atomic(folder / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(overrides)))
+    write_text_atomic(folder / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(portable_config(cfg_dict))))
 
 
 def run_one(cfg_dict: dict, command: str, multirun: bool, job_overrides: list[str] = ()) -> int:
@@ -276,21 +284,65 @@ def _valid_keys(parent: str) -> list[str]:
     return sorted(node) if isinstance(node, dict) else []
 
 
-def check_overrides(argv: list[str]) -> None:
-    """Compose a single run's overrides once through Hydra's compose API, so that an unknown group
-    option, key or ill-typed value is one ``ConfigError`` line (exit 2) rather than Hydra's
-    multi-line report. Sweeps (-m) and Hydra flags are left to Hydra itself."""
-    if any(arg.startswith("-") for arg in argv):
-        return
+MULTIRUN_FLAGS = ("-m", "--multirun")
+MAX_CHECKED_JOBS = 256  # a sweep's jobs composed and validated up front (a larger grid: the first 256)
+
+
+def sweep_jobs(overrides: list[str]) -> list[list[str]] | None:
+    """A basic-sweeper multirun's job overrides (the cartesian product Hydra will launch), or None
+    when another sweeper (e.g. ``hydra/sweeper=optuna``) chooses the jobs itself."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    if any(
+        o.key_or_group in ("hydra/sweeper", "hydra.sweeper") or o.key_or_group.startswith("hydra.sweeper.")
+        for o in parsed
+    ):
+        return None
+    batches = BasicSweeper.split_arguments(parsed, None)
+    return [job for batch in batches for job in batch]
+
+
+def _compose_checked(overrides: list[str], where: str = "") -> dict:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     from lorabench.config_store import compose
 
     try:
-        compose(argv)
+        return compose(overrides)
     except (HydraException, OmegaConfBaseException) as exc:
-        raise ConfigError(hydra_error_line(exc)) from None
+        raise ConfigError(where + hydra_error_line(exc)) from None
+
+
+def check_overrides(argv: list[str]) -> None:
+    """Compose the overrides through Hydra's compose API before Hydra runs, so that an unknown group
+    option, key or ill-typed value is one ``ConfigError`` line (exit 2) rather than Hydra's
+    multi-line report. A sweep (``-m``) is expanded into its jobs; each is composed and validated
+    (torch-free) before the first one trains, and an error names the job's overrides. Other Hydra
+    flags (``--cfg``, ``-c``, completion, ...) are left to Hydra itself."""
+    flags = [arg for arg in argv if arg.startswith("-")]
+    if any(flag not in MULTIRUN_FLAGS for flag in flags):
+        return
+    overrides = [arg for arg in argv if not arg.startswith("-")]
+    if not flags:
+        _compose_checked(overrides)
+        return
+    try:
+        jobs = sweep_jobs(overrides)
+    except Exception as exc:  # Hydra's override grammar: one line, not its parser trace
+        raise ConfigError(f"cannot parse the sweep overrides: {str(exc).splitlines()[0]}") from None
+    if jobs is None:
+        return
+    for num, job in enumerate(jobs[:MAX_CHECKED_JOBS]):
+        task = [o for o in job if not o.startswith(("hydra.", "hydra/"))]  # what the job echo shows
+        where = f"sweep job #{num} ({' '.join(task) or 'defaults'}): "
+        cfg_dict = _compose_checked(job, where)
+        try:
+            validate_config(cfg_dict)
+        except ConfigError as exc:
+            raise ConfigError(where + str(exc)) from None
 
 
 def train_command(argv: list[str]) -> int:
@@ -308,7 +360,7 @@ def train_command(argv: list[str]) -> int:
     codes: list[int] = []
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
-    def _task(cfg) -> None:
+    def _task(cfg) -> float | None:
         hydra_cfg = HydraConfig.get()
         multirun = hydra_cfg.mode == RunMode.MULTIRUN
         cfg_dict = OmegaConf.to_container(cfg, resolve=True)
@@ -320,6 +372,9 @@ def train_command(argv: list[str]) -> int:
         codes.append(code)
         if code and not multirun:
             raise SystemExit(code)
+        from lorabench.tuning.runs import run_objective
+
+        return run_objective(cfg_dict)  # a sweeper's objective (hydra/sweeper=lr_optuna): the primary metric
 
     completing = any(arg in COMPLETION_FLAGS or arg.startswith(COMPLETION_FLAGS) for arg in argv)
     sys.argv = ["lorabench" if completing else "lorabench train", *argv]  # completion installs for `lorabench`
@@ -486,6 +541,13 @@ def reproduce_command(argv: list[str]) -> int:
         return 2
 
 
+def export_command(argv: list[str]) -> int:
+    """``lorabench export RUN [--merge] [--out DIR]``: lorabench.export (a verified, loadable folder)."""
+    from lorabench.export import main as run
+
+    return run(argv)
+
+
 def methods_command(argv: list[str]) -> int:
     from lorabench.methods.catalog import fidelity_rows, method_rows
 
@@ -506,6 +568,12 @@ def methods_command(argv: list[str]) -> int:
     for row in [header, *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
     return 0
+
+
+def tune_command(argv: list[str]) -> int:
+    from lorabench.tuning.command import tune_command as run
+
+    return run(argv)
 
 
 COMPLETION_FLAGS = ("-sc", "--shell-completion")
@@ -547,6 +615,8 @@ COMMANDS = {
     "report": report_command,
     "reproduce": reproduce_command,
     "status": status_command,
+    "export": export_command,
+    "tune": tune_command,
 }
 USAGE = """usage: lorabench <command> [args]
 
@@ -561,6 +631,11 @@ commands:
   reproduce  run a paper recipe (recipes/<name>/recipe.yaml) and print ours beside theirs
   status     runs by state: running, stale (the record says running, its owner is gone), failed,
              canceled, completed; with step, owner and age
+  export     a completed run as a folder plain transformers loads (--merge folds the adapter in;
+             without it: the peft or lorabench adapter), verified on a probe batch (export.json)
+  tune       tune one configuration's learning rate (Hydra overrides as for train): the ladder search
+             with edge extension (the leaderboard's rule), or --search optuna (pruned); summary in
+             results_dir/tuning/. Unpruned Optuna via Hydra: train -m hydra/sweeper=lr_optuna
 
 examples:
   lorabench train method=galore

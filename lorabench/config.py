@@ -228,7 +228,7 @@ class RunConfig:
     """One run = model x method x dataset x train x hardware, plus a seed."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    method: dict[str, Any] = field(default_factory=dict)  # validated by lorabench.methods.spec
+    method: dict[str, Any] = field(default_factory=dict)  # validated by lorabench.method_params.check (torch-free)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)

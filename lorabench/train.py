@@ -33,6 +33,7 @@ from lorabench.config import RunConfig
 from lorabench.console import progress
 from lorabench.data.base import collate, count_tokens, resolve_primary
 from lorabench.data.cache import cached_features
+from lorabench.fingerprint import local_inputs, portable_command, portable_config, portable_source
 from lorabench.measure import PeakMemory, optimizer_state_bytes, parameter_counts, provenance
 from lorabench.methods.base import MethodContext
 from lorabench.methods.build import apply_method, expected_trainable
@@ -198,9 +199,10 @@ def _new_record(cfg: RunConfig, cfg_dict: dict, spec: MethodSpec, command: str, 
         "error": None,
         "started_at": now(),
         "finished_at": None,
-        "config": cfg_dict,
+        "config": portable_config(cfg_dict),  # local paths relative to the working directory
         "config_hash": config_hash(cfg_dict),
-        "command": command,
+        "inputs": local_inputs(cfg_dict),  # each local data/model folder: portable path, sha256, files
+        "command": portable_command(command),
         "method": spec.describe(),
         "model": {"name": cfg.model.name, "source": None},
         "dataset": {"name": cfg.dataset.name, "version": task.version, "source": None},
@@ -269,7 +271,7 @@ def train(cfg: RunConfig, spec: MethodSpec, command: str = "") -> dict:
         splits = task.load(cfg.dataset)
         record["dataset"].update(
             {
-                "source": splits.source,
+                "source": portable_source(splits.source),
                 "train_split": splits.train_split,
                 "eval_split": splits.eval_split,
                 "train_size": len(splits.train),
@@ -281,7 +283,7 @@ def train(cfg: RunConfig, spec: MethodSpec, command: str = "") -> dict:
         )
         loaded = load_model(cfg.model, task.head, task.num_labels)
         model, tokenizer = loaded.model, loaded.tokenizer
-        record["model"]["source"] = loaded.source
+        record["model"]["source"] = portable_source(loaded.source)
         if loaded.source.get("kind") != "hub":
             print(
                 f"[lorabench] model {cfg.model.name}: loaded from {loaded.source.get('kind')} source "

@@ -33,7 +33,8 @@ Stages, all resumable (a run whose completed record exists is skipped):
    A method without extra points starts from its family default and the next ladder rate above it
    (the neighbour check: one epoch is a short schedule, so the larger rate is the likelier win); if the
    default wins, edge extension then tries the rate below it. Records go to ``<out>/sweep``;
-   ``<out>/sweep.md`` lists every point and the pick.
+   ``<out>/sweep.md`` lists every point and the pick. The rules are ``lorabench.tuning.ladder``'s;
+   ``lorabench tune`` runs the same search for one configuration.
 2. ``main``: seeds 0, 1, 2 at the picked learning rate (highest dev accuracy at seed 0; ties go to
    the smaller rate). The seed-0 run is the sweep run itself (same run id), copied, not rerun.
 3. ``budget``: seed 0 at the picked rate with ``budget.trainable_params=BUDGET`` (the trainable count
@@ -61,14 +62,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import multiprocessing
-import os
 import shutil
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from lorabench.tuning.ladder import LR_LADDER, MAX_EDGE_STEPS, describe_pick, extend_grid, pick_lr, start_grid
+from lorabench.tuning.runs import read_if_completed, run_ids_by_rate, run_tasks
+from lorabench.tuning.search import run_rounds
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOCOL = [
@@ -142,10 +145,9 @@ EXTRA_LR = {
     "fira": [3e-5],  # seed 1 at 1e-4 stayed at chance
     "badam": [2e-4],  # 57.7 at 5e-5: each of its 7 blocks trains only about 36 of the 250 steps
 }
-# Grid extension: while a method's pick sits at an edge of a grid of two or more points, the sweep
-# adds the next rate of LR_LADDER beyond that edge, at most MAX_EDGE_STEPS times per method.
-LR_LADDER = (1e-5, 2e-5, 3e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1, 2e-1, 5e-1)
-MAX_EDGE_STEPS = 2
+# Grid extension (lorabench.tuning.ladder, which holds LR_LADDER and MAX_EDGE_STEPS): while a method's
+# pick sits at an edge of a grid of two or more points, the sweep adds the next rate of LR_LADDER beyond
+# that edge, at most MAX_EDGE_STEPS (2) times per method.
 RANKS = (1, 2, 4, 8)  # LoRA trained at each rank, beside DyLoRA's rank curve (r_max = 8)
 BUDGET = 74_498  # LoRA r=8 on query/value of minilm_l6 (73,728) + the classifier head (770)
 # Common optimizer-state budget (MiB) for the GaLore-family optimizers that train every weight: the
@@ -215,18 +217,12 @@ def track_a_grid(method: str) -> list[float]:
     """Track A's starting grid: the family default plus the method's ``EXTRA_LR`` points; a method with
     no extra points also gets the next ``LR_LADDER`` rate above its default (the neighbour check), so
     that every grid has two points and edge extension can move the pick either way."""
-    default = FAMILY_LR.get(method, DEFAULT_LR)
-    grid = sorted({default, *EXTRA_LR.get(method, [])})
-    if len(grid) == 1:
-        grid.append(LR_LADDER[LR_LADDER.index(default) + 1])
-    return grid
+    return start_grid(FAMILY_LR.get(method, DEFAULT_LR), EXTRA_LR.get(method, ()), LR_LADDER, steps_up=1)
 
 
 def track_b_grid(method: str) -> list[float]:
     """Track B's starting grid: the method's ``TRACK_B_START`` rate and the rate two ``LR_LADDER`` steps above."""
-    pick = TRACK_B_START.get(method, DEFAULT_LR)
-    above = LR_LADDER[min(LR_LADDER.index(pick) + 2, len(LR_LADDER) - 1)]
-    return sorted({pick, above})
+    return start_grid(TRACK_B_START.get(method, DEFAULT_LR), (), LR_LADDER, steps_up=2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,21 +289,7 @@ def sweep_grid(method: str, points: dict[float, float], track: Track | None = No
     """The starting grid grown by edge extension given the results so far (``points``: lr -> dev
     accuracy at seed 0): while every grid point has a result and the pick is the smallest or largest
     of two or more points, add the next ``LR_LADDER`` rate beyond it (``MAX_EDGE_STEPS`` at most)."""
-    grid = lr_grid(method, track)
-    for _ in range(MAX_EDGE_STEPS):
-        if len(grid) < 2 or any(lr not in points for lr in grid):
-            break
-        pick = pick_lr({lr: points[lr] for lr in grid})
-        if pick == grid[-1]:
-            beyond = [lr for lr in LR_LADDER if lr > pick]
-        elif pick == grid[0]:
-            beyond = [lr for lr in reversed(LR_LADDER) if lr < pick]
-        else:
-            break
-        if not beyond:
-            break
-        grid = sorted([*grid, beyond[0]])
-    return grid
+    return extend_grid(lr_grid(method, track), points, LR_LADDER, MAX_EDGE_STEPS)
 
 
 def overrides(
@@ -332,50 +314,11 @@ def overrides(
     ]
 
 
-def _option(task: list[str], key: str) -> str:
-    """The value of ``key=value`` in an override list."""
-    return next(item.split("=", 1)[1] for item in task if item.startswith(f"{key}="))
-
-
-def _init_worker(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-
-
-def _run(task: list[str]) -> tuple[str, int]:
-    """One run in its own worker process; returns (description with any error, exit code)."""
-    from lorabench.cli import SWEEP_SUMMARY, run_one
-    from lorabench.config_store import compose
-
-    command = "python scripts/leaderboard.py " + " ".join(task)
-    try:
-        code = run_one(compose(task), command, multirun=True)
-    except SystemExit as exc:  # a canceled run
-        code = int(exc.code or 1)
-    what = " ".join(t for t in task if t.startswith(("method=", "train.lr=", "seed=", "budget.")))
-    error = SWEEP_SUMMARY[-1]["error"] if code and SWEEP_SUMMARY else None
-    return (f"{what}: {error}" if error else what), code
-
-
 def run_all(tasks: list[list[str]], jobs: int) -> list[str]:
-    """Run the tasks whose completed record does not exist yet (checked here, so that a resumed stage
-    spawns no worker just to skip a run); returns the failures."""
-    pending = [t for t in tasks if read_if_completed(Path(_option(t, "results_dir")), t) is None]
-    if len(pending) < len(tasks):
-        print(f"[leaderboard] {len(tasks) - len(pending)} run(s) already completed: skipped", flush=True)
-    tasks = pending
-    if not tasks:
-        return []
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    failures = []
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(jobs, initializer=_init_worker, initargs=(threads,), maxtasksperchild=1) as pool:
-        for done, (what, code) in enumerate(pool.imap_unordered(_run, tasks), 1):
-            print(f"[leaderboard] {done}/{len(tasks)} {what}: {'ok' if code == 0 else f'exit {code}'}", flush=True)
-            if code:
-                failures.append(f"{what} (exit {code})")
-    return failures
+    """Run the tasks whose completed record does not exist yet (checked first, so that a resumed stage
+    spawns no worker just to skip a run) in ``jobs`` worker processes, one fresh process per run
+    (``lorabench.tuning.runs.run_tasks``); returns the failures."""
+    return run_tasks(tasks, max(1, jobs), command="python scripts/leaderboard.py", log="[leaderboard]", quote=False)
 
 
 def sweep_results(
@@ -383,13 +326,13 @@ def sweep_results(
 ) -> dict[str, dict[float, float]]:
     """method -> {lr: the track's metric} from the completed sweep records of each method's grid, as grown
     by ``sweep_grid`` (records of other settings in the folder are ignored: only run ids count)."""
-    from lorabench.config_store import compose
-    from lorabench.results.record import iter_records, run_id
+    from lorabench.results.record import iter_records
 
-    rates = {m: sorted({*lr_grid(m, track), *LR_LADDER}) for m in methods}
-    wanted = {
-        run_id(compose(overrides(m, lr, 0, sweep_dir, data_dir, track, hardware))) for m in methods for lr in rates[m]
-    }
+    wanted = set()
+    for m in methods:
+        rates = sorted({*lr_grid(m, track), *LR_LADDER})
+        task_for = lambda lr, m=m: overrides(m, lr, 0, sweep_dir, data_dir, track, hardware)  # noqa: E731
+        wanted.update(run_ids_by_rate(task_for, rates).values())
     found: dict[str, dict[float, float]] = {}
     for _, record, _ in iter_records(sweep_dir):
         if record is None or record["status"] != "completed" or record["run_id"] not in wanted:
@@ -401,11 +344,6 @@ def sweep_results(
             ]
     grids = {method: sweep_grid(method, points, track) for method, points in found.items()}
     return {method: {lr: acc for lr, acc in points.items() if lr in grids[method]} for method, points in found.items()}
-
-
-def pick_lr(points: dict[float, float]) -> float:
-    best = max(points.values())
-    return min(lr for lr, acc in points.items() if acc == best)
 
 
 def write_sweep_table(
@@ -423,11 +361,7 @@ def write_sweep_table(
         points = found.get(method, {})
         grid = sweep_grid(method, points, track)
         cells = ", ".join(f"{lr:g}: {100 * points[lr]:.2f}" if lr in points else f"{lr:g}: -" for lr in grid)
-        pick = f"{pick_lr(points):g}" if points else "-"
-        if any(lr not in points for lr in grid):
-            pick += " (sweep not finished)" if points else ""
-        elif len(grid) > 1 and pick_lr(points) in (grid[0], grid[-1]):
-            pick += f" (grid edge after {len(grid) - len(lr_grid(method, track))} extension(s))"
+        pick = describe_pick(lr_grid(method, track), grid, points)
         lines.append(f"| {method} | {cells} | {pick} |")
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -490,16 +424,11 @@ def main() -> int:
         parser.error(f"track {track.key} with --hardware {args.hardware}: {exc}")
 
     if args.stage in ("sweep", "all"):
-        attempted: set[tuple[str, float]] = set()
-        while True:  # rounds: run the grids, then the edge extensions those results call for
-            found = results(methods)
-            grids = {m: sweep_grid(m, found.get(m, {}), track) for m in methods}
-            todo = [(m, lr) for m in methods for lr in grids[m] if lr not in found.get(m, {})]
-            todo = [point for point in todo if point not in attempted]
-            if not todo:
-                break
-            attempted.update(todo)
-            failures += run_all([task(m, lr, 0, sweep_dir) for m, lr in todo], args.jobs)
+        failures += run_rounds(  # rounds: run the grids, then the edge extensions those results call for
+            lambda found: {m: sweep_grid(m, found.get(m, {}), track) for m in methods},
+            lambda: results(methods),
+            lambda todo: run_all([task(m, lr, 0, sweep_dir) for m, lr in todo], args.jobs),
+        )
         write_sweep_table(out / "sweep.md", track_methods, results(track_methods), track)  # every method, always
     if args.stage in ("main", "all"):
         found = results(methods)
@@ -609,16 +538,6 @@ def _move_runs(folder: Path, replaced, superseded: Path) -> list[str]:
     if moved:
         print(f"[leaderboard] moved {len(moved)} superseded run(s) to {superseded / folder.name}")
     return moved
-
-
-def read_if_completed(folder: Path, task: list[str]) -> dict | None:
-    """The completed record of ``task`` under ``folder`` (found by run id), else None."""
-    from lorabench.config_store import compose
-    from lorabench.results.record import RECORD_NAME, read_record, run_id
-
-    path = folder / run_id(compose(task)) / RECORD_NAME
-    record = read_record(path) if path.is_file() else None
-    return record if record and record.get("status") == "completed" else None
 
 
 def completed(folder: Path) -> list[dict]:

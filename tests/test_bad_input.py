@@ -4,7 +4,9 @@ offending value (or file:line) and the valid choices, no traceback, no weights l
 
 * ``config`` cases fail in ``cli.validate_config`` or before it (Hydra composition); one subprocess
   runs them all and checks that torch, transformers and peft were never imported.
-* ``method`` cases fail while the method resolves (its components import torch and peft).
+* ``method`` cases are bad method hyper-parameters or components: ``cli.validate_config`` refuses
+  them too (``lorabench.method_params.check``), and the same subprocess check holds; only the
+  checks that need torch (QLoRA's need for CUDA) wait for the method to resolve.
 * ``preflight`` cases fail in ``lorabench.preflight`` on a meta-device model: no record is written.
 * ``data`` cases fail when ``train()`` reads the data, before the model loads: the record says
   ``failed`` with ``model.source`` null.
@@ -41,7 +43,7 @@ class Case:
     kind: str = "classification"  # which tiny_overrides base: classification | causal_lm | e2e | none
     files: dict[str, bytes] = field(default_factory=dict)  # data file -> content (in the fixture folder)
     command: str = "train"
-    torch_free: bool = True  # a config case answered without importing torch (all but the CUDA check)
+    torch_free: bool = True  # answered without importing torch (all but the CUDA checks)
 
 
 def _tsv(*rows: str) -> bytes:
@@ -124,15 +126,28 @@ CASES = [
     Case("method-lr-inf", ["method.lr=inf"], ["method.lr=inf", "finite"]),
     Case("method-dropout-nan", ["method.dropout=nan"], ["method.dropout=nan", "finite"]),
     Case("unknown-command", ["frobnicate"], ["frobnicate", "train", "table"], kind="none", command=""),
-    # -- method: resolved by the method registry (imports torch and peft) -----------------------------
+    # -- method: checked against the components' Params (lorabench/method_params/, torch-free) ----------
     Case("rank-zero", ["method.rank=0"], ["method.rank=0", "> 0"], stage="method"),
     Case("rank-negative", ["method.rank=-3"], ["method.rank=-3", "> 0"], stage="method"),
-    Case("rank-float", ["method.rank=1.5"], ["1.5", "method.rank"], stage="method"),
+    Case("rank-float", ["method.rank=1.5"], ["1.5", "(at method.rank)"], stage="method"),
+    Case("galore-rank-negative", ["method=galore", "method.rank=-1"], ["method.rank=-1", "> 0"], stage="method"),
     Case("galore-proj-type", ["method=galore", "method.proj_type=diag"], ["diag", "std"], stage="method"),
+    Case("lora-dropout-one", ["method.dropout=1.0"], ["method.dropout=1.0", "[0, 1)"], stage="method"),
     Case("adapter-option", ["method.adapter=nosuch"], ["nosuch", "lora"], stage="method"),
+    Case("optimizer-option", ["method.optimizer=nosuch"], ["nosuch", "adamw", "galore", "lorafa"], stage="method"),
+    Case("procedure-option", ["method.procedure=nosuch"], ["nosuch", "adalora", "lisa"], stage="method"),
+    Case("method-key-added", ["+method.foo=1"], ["method.foo", "valid keys", "rank"], stage="method"),
     Case("targets-word", ["method.target_modules=everything"], ["everything", "all-linear"], stage="method"),
     Case("optimizer-needs-lora", ["method=lora_pro", "method.adapter=none"], ["lora_pro", "['lora']"], stage="method"),
-    Case("qlora-needs-cuda", ["method=qlora"], ["needs CUDA"], stage="method"),
+    Case(
+        "optimizer-not-for-vera",
+        ["method.adapter=vera", "method.optimizer=lora_pro"],
+        ["lora_pro", "['lora']", "'vera'"],
+        stage="method",
+    ),
+    Case("procedure-needs-no-adapter", ["method.procedure=lisa"], ["lisa", "['none']", "'lora'"], stage="method"),
+    # the one method check that needs torch (to ask for CUDA): it waits for resolve_method
+    Case("qlora-needs-cuda", ["method=qlora"], ["needs CUDA"], stage="method", torch_free=False),
     # -- preflight: shapes on a meta-device model, data sizes, prompts -------------------------------
     Case("rank-beyond-shape", ["method.rank=100000"], ["method.rank=100000", "1..32", "query"], stage="preflight"),
     Case(
@@ -285,7 +300,8 @@ CASES = [
     ),
 ]
 CONFIG_CASES = [c for c in CASES if c.stage == "config" and c.torch_free]
-METHOD_CASES = [c for c in CASES if c.stage == "method"]
+METHOD_CASES = [c for c in CASES if c.stage == "method" and c.torch_free]
+METHOD_BACKEND_CASES = [c for c in CASES if c.stage == "method" and not c.torch_free]
 NEEDS_NO_GPU = {"qlora-needs-cuda", "cuda-missing"}  # they refuse only where CUDA is missing
 
 
@@ -385,15 +401,22 @@ print(json.dumps(out))
     [
         # config validation imports neither torch, transformers nor peft
         (CONFIG_CASES, set()),
-        # method hyper-parameters are checked by the method registry, which needs torch (its modules
-        # define torch components) but loads transformers and peft only when a method is built
-        (METHOD_CASES, {"torch"}),
+        # nor does the check of the method's components and hyper-parameters (cli.validate_config ->
+        # lorabench.method_params.check.check_method)
+        (METHOD_CASES, set()),
+        # QLoRA's CUDA check asks torch once the method resolves; transformers and peft load only
+        # when a method is built
+        (METHOD_BACKEND_CASES, {"torch"}),
     ],
-    ids=["config", "method"],
+    ids=["config", "method", "method-backend"],
 )
 def test_errors_are_answered_before_the_heavy_imports(cases, allowed, tmp_path: Path):
     """Every case of a stage, run in one fresh interpreter: each answers exit 2 with its line, and
     after each one nothing heavier than ``allowed`` has been imported (so none of them pays for it)."""
+    if any(c.id in NEEDS_NO_GPU for c in cases):
+        torch = pytest.importorskip("torch")
+        if torch.cuda.is_available():
+            pytest.skip("the CUDA check only refuses where there is no GPU")
     argvs = [materialize(c, tmp_path / c.id) for c in cases]
     proc = subprocess.run(
         [sys.executable, "-c", DRIVER, json.dumps(argvs)], capture_output=True, text=True, timeout=300

@@ -145,7 +145,12 @@ def test_every_readme_train_example_is_valid_as_written(example, sst2_dir):
     build_run(compose(single))
 
 
-CPU_EXAMPLES = [c for c in TRAIN_EXAMPLES if not any(a in NEEDS_GPU for a in c) and "hardware=cpu_ddp2" not in c]
+# the Optuna sweeper example runs its trials in tests/test_tuning.py (two trials, not the example's 30)
+CPU_EXAMPLES = [
+    c
+    for c in TRAIN_EXAMPLES
+    if not any(a in NEEDS_GPU for a in c) and "hardware=cpu_ddp2" not in c and "hydra/sweeper=lr_optuna" not in c
+]
 
 
 @pytest.mark.parametrize("example", CPU_EXAMPLES, ids=[" ".join(c) for c in CPU_EXAMPLES])
@@ -159,3 +164,32 @@ def test_readme_cpu_train_examples_run_at_tiny_scale(example, sst2_dir, gsm8k_di
     keep = [a for a in args if not a.startswith(scale) or a == "train.max_steps=0"]
     flags = [a for a in keep if a.startswith("-")]  # Hydra reads flags before the overrides
     assert cli("train", *flags, *tiny, *[a for a in keep if not a.startswith("-")]) == 0
+
+
+@pytest.mark.parametrize(
+    "sweep,job,needle",
+    [
+        (["method=lora,nosuch"], "sweep job #1 (method=nosuch)", "valid choices: adalora"),
+        (["seed=0,1", "train.lr=0.1,nan"], "sweep job #1 (seed=0 train.lr=nan)", "must be a finite number > 0"),
+        (["seed=0,1", "train.foo=1"], "sweep job #0 (seed=0 train.foo=1)", "valid keys: eval_every"),
+    ],
+)
+def test_a_bad_job_in_a_sweep_is_one_line_naming_the_job_before_any_job_trains(sweep, job, needle, tmp_path):
+    """Every job of a basic-sweeper multirun is composed and validated before the first trains."""
+    result = run_cli("train", "-m", *sweep, f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and job in lines[0] and needle in lines[0], result.stderr
+    assert not (tmp_path / "sweep").exists()  # nothing launched
+
+
+def test_sweep_jobs_is_hydras_cartesian_product_and_defers_to_other_sweepers():
+    from lorabench.cli import sweep_jobs
+
+    assert sweep_jobs(["method=lora,dora", "seed=0,1", "model=tiny_bert"]) == [
+        ["method=lora", "seed=0", "model=tiny_bert"],
+        ["method=lora", "seed=1", "model=tiny_bert"],
+        ["method=dora", "seed=0", "model=tiny_bert"],
+        ["method=dora", "seed=1", "model=tiny_bert"],
+    ]
+    assert sweep_jobs(["hydra/sweeper=optuna", "train.lr=interval(1e-5,1e-2)"]) is None

@@ -315,7 +315,9 @@ def test_completed_runs_are_skipped_without_spawning_a_worker(lb, tmp_path, monk
     def no_pool(*args, **kwargs):
         raise AssertionError("a worker pool was started for a completed run")
 
-    monkeypatch.setattr(lb.multiprocessing, "get_context", no_pool)
+    from lorabench.tuning import runs
+
+    monkeypatch.setattr(runs.multiprocessing, "get_context", no_pool)  # run_all runs through lorabench.tuning
     assert lb.run_all([task], jobs=2) == []
     record["status"] = "failed"  # a failed run is run again
     write_json_atomic(tmp_path / record["run_id"] / RECORD_NAME, record)

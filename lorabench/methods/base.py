@@ -3,7 +3,8 @@
 A published method is a combination of components (DESIGN.md): an adapter (what trains), an
 initializer (how the adapter starts), an optimizer (how gradients become updates) and a procedure
 (what trains when). Each component is a class registered under a name, with a ``Params`` dataclass
-that declares its hyper-parameters and their defaults (the papers' where there are any), and class
+that declares its hyper-parameters and their defaults (the papers' where there are any; the
+dataclasses live in lorabench/method_params/, torch-free, registered there by name too), and class
 attributes ``paper`` (citation) and ``backed_by`` (``peft``, ``transformers``, ``galore-torch``,
 ``torch`` or ``lorabench``).
 """
@@ -15,6 +16,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
+
+from lorabench.method_params.registry import NoParams
 
 
 @dataclass
@@ -32,11 +35,6 @@ class MethodContext:
     calibration_batches: Callable[[], Iterator[dict[str, torch.Tensor]]] = lambda: iter(())
     calibration_key: str = ""  # identifies model, data and calibration batches (not the seed), for caches
     extras: dict[str, Any] = field(default_factory=dict)  # things a component reports to the record
-
-
-@dataclass
-class NoParams:
-    """For components without hyper-parameters."""
 
 
 class Adapter:
@@ -60,6 +58,11 @@ class Initializer:
 
     def adapter_kwargs(self, params: Any) -> dict:
         return {}
+
+    def check_backend(self, params: Any) -> None:
+        """A check of ``params`` that needs torch (the ``Params`` checks cannot: they run before torch
+        loads), e.g. that CUDA is there; ``resolve_method`` calls it. Raises ``ConfigError``."""
+        return None
 
     def before_adapter(self, model: nn.Module, params: Any, ctx: MethodContext) -> None:
         return None

@@ -18,7 +18,11 @@ Added within version 1 (readers treat them as optional; records without them sta
   segments [{owner {pid, host}, started_at, finished_at, status, step, wall_time_s, init_time_s,
   train_time_s, eval_time_s, error}] (one per start of the run id; a segment that died without
   writing its end is closed as ``stale`` with ``wall_time_estimated``), resumed_from [{step,
-  checkpoint, verified, at, skipped [{checkpoint, problem}]}] (one per resume, carried over).
+  checkpoint, verified, at, skipped [{checkpoint, problem}]}] (one per resume, carried over),
+  inputs {"dataset.data_dir" | "dataset.eval_data_dir" | "model.name_or_path": {path, sha256,
+  files}} (local folders by content; lorabench/fingerprint.py). Paths in ``config``, ``inputs``
+  and the sources are portable: relative to the working directory where they lie under it (or its
+  parent), ``<site-packages>/...`` for offline weight packages, else as given.
   With several segments cost.wall_time_s, init_time_s and eval_time_s are sums over the segments;
   cost.train_time_s is the training time of the steps the final model holds (restored from the
   checkpoint plus this segment). ``running`` with no live owner is reported as ``stale`` by
@@ -46,16 +50,26 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def config_hash(config: dict) -> str:
+def config_hash(config: dict, *, revisions: dict[str, int] | None = None, by_content: bool = True) -> str:
     """sha256 of the science-relevant config; for a run config (one with ``method``) also of the
-    revisions of its components that were revised (lorabench/methods/fidelity.py)."""
+    revisions of its components that were revised (lorabench/methods/fidelity.py). Local data and
+    model folders count by their content, not their path (lorabench/fingerprint.py), so the same
+    run on another machine, or with the data elsewhere, has the same id.
+
+    ``revisions`` (axis -> revision, only those above 1) replaces the current code's, and
+    ``by_content=False`` hashes location paths as strings: both only to recompute the ids of records
+    made by earlier code (scripts/portable_records.py)."""
+    from lorabench.fingerprint import science_locations
+
     science = {k: v for k, v in config.items() if k not in NON_SCIENCE_KEYS}
-    if isinstance(config.get("method"), dict):
+    if by_content:
+        science = science_locations(science)
+    if revisions is None and isinstance(config.get("method"), dict):
         from lorabench.methods.fidelity import component_revisions
 
         revisions = component_revisions(config["method"])
-        if revisions:
-            science["component_revisions"] = revisions
+    if revisions:
+        science["component_revisions"] = revisions
     blob = json.dumps(science, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()
 

@@ -16,40 +16,13 @@ tinit 0, tfinal 0, deltaT 1, ipt_beta1 = ipt_beta2 = 0.85, orth_reg_weight 0.5.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import nn
 
-from lorabench.config import check_positive
 from lorabench.errors import ConfigError
+from lorabench.method_params.adapters import AdaLoraParams
 from lorabench.methods.adapters.lora import TASK_TYPES
 from lorabench.methods.base import Adapter, MethodContext, head_parameter_count, target_linear_weights
 from lorabench.registry import ADAPTERS
-
-
-@dataclass
-class AdaLoraParams:
-    init_r: int = 12
-    target_r: int = 8
-    alpha: float = 8.0
-    dropout: float = 0.0
-    tinit: int = 0
-    tfinal: int = 0
-    delta_t: int = 1
-    ipt_beta1: float = 0.85  # EMA of the sensitivity (peft: beta1; renamed to not clash with AdamW's)
-    ipt_beta2: float = 0.85  # EMA of the uncertainty (peft: beta2)
-    orth_reg_weight: float = 0.5
-
-    def __post_init__(self) -> None:
-        for key in ("init_r", "target_r", "alpha", "delta_t"):
-            check_positive(f"method.{key}", getattr(self, key))
-        for key in ("tinit", "tfinal", "orth_reg_weight"):
-            check_positive(f"method.{key}", getattr(self, key), allow_zero=True)
-        if self.target_r > self.init_r:
-            raise ConfigError(f"method.target_r={self.target_r} must be <= method.init_r={self.init_r}")
-        for key in ("ipt_beta1", "ipt_beta2", "dropout"):
-            if not 0 <= getattr(self, key) < 1:
-                raise ConfigError(f"method.{key}={getattr(self, key)!r} is invalid; it must be in [0, 1)")
 
 
 @ADAPTERS.register("adalora")

@@ -18,13 +18,11 @@ with scale alpha / r_max).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from lorabench.config import check_positive
-from lorabench.errors import ConfigError
+from lorabench.method_params.adapters import DyLoraParams
 from lorabench.methods.adapters.layer import AdapterLayer, OwnAdapter, seeded_generator
 from lorabench.methods.base import MethodContext
 from lorabench.methods.fidelity import Fidelity
@@ -60,24 +58,6 @@ class DyLoraLayer(AdapterLayer):
         b = self.active_rank()
         h = x.to(self.lora_A.dtype) @ self.lora_A[:b, :].T
         return ((self.alpha / b) * h @ self.lora_B[:, :b].T).to(x.dtype)
-
-
-@dataclass
-class DyLoraParams:
-    rank: int = 8  # r_max
-    r_min: int = 1
-    alpha: float = 16.0
-    eval_rank: int = 0  # 0 = r_max
-
-    def __post_init__(self) -> None:
-        check_positive("method.rank", self.rank)
-        check_positive("method.alpha", self.alpha)
-        if not 1 <= self.r_min <= self.rank:
-            raise ConfigError(f"method.r_min={self.r_min!r} is invalid; it must be in [1, method.rank={self.rank}]")
-        if not 0 <= self.eval_rank <= self.rank:
-            raise ConfigError(
-                f"method.eval_rank={self.eval_rank!r} is invalid; it must be in [0, method.rank={self.rank}] (0 = rank)"
-            )
 
 
 @ADAPTERS.register("dylora")

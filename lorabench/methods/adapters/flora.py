@@ -12,26 +12,15 @@ Hyper-parameters: rank r, scale s (a plain multiplier, as the authors' ``scale``
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from lorabench.config import check_positive
+from lorabench.method_params.adapters import FloraParams
 from lorabench.methods.adapters.layer import OwnAdapter, seeded_generator
 from lorabench.methods.adapters.slora import TriLayer
 from lorabench.methods.base import MethodContext
 from lorabench.registry import ADAPTERS
-
-
-@dataclass
-class FloraParams:
-    rank: int = 8
-    scale: float = 1.0
-
-    def __post_init__(self) -> None:
-        check_positive("method.rank", self.rank)
-        check_positive("method.scale", self.scale)
 
 
 @ADAPTERS.register("flora")

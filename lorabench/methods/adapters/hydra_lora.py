@@ -23,20 +23,16 @@ every adapter here), not only on the FFN output layer as in the authors' RoBERTa
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from lorabench.config import check_positive
-from lorabench.errors import ConfigError
+from lorabench.method_params.adapters import HydraParams
 from lorabench.methods.adapters.dylora import kaiming_uniform
 from lorabench.methods.adapters.layer import AdapterLayer, OwnAdapter, seeded_generator
 from lorabench.methods.base import MethodContext
 from lorabench.methods.fidelity import Fidelity
 from lorabench.registry import ADAPTERS
-
-INITS = ("kaiming", "normal", "xavier")
 
 
 def draw_down(rows: int, cols: int, init: str, generator: torch.Generator) -> torch.Tensor:
@@ -141,26 +137,6 @@ class HydraLayer(AdapterLayer):
         elif delta_b is not None:
             self.base.bias.sub_(delta_b.to(self.base.bias.dtype))
         self._merged, self.merged = None, False
-
-
-@dataclass
-class HydraParams:
-    rank: int = 4  # parallel branch (authors' GLUE scripts: --hydra_par_r 4)
-    seq_rank: int = 0  # sequential branch; 0 = 2 x rank (their --hydra_seq_r 8)
-    scale: float = 1.0  # s on both branches (the language release has none)
-    bias: bool = False  # branch biases (their CLIP / VTAB releases: true)
-    down_init: str = "kaiming"  # down-projections: kaiming (language release) | normal (CLIP) | xavier (VTAB)
-
-    def __post_init__(self) -> None:
-        check_positive("method.rank", self.rank)
-        check_positive("method.seq_rank", self.seq_rank, allow_zero=True)
-        check_positive("method.scale", self.scale)
-        if self.down_init not in INITS:
-            raise ConfigError(f"method.down_init={self.down_init!r} is invalid; valid choices: {', '.join(INITS)}")
-
-    @property
-    def sequential_rank(self) -> int:
-        return self.seq_rank or 2 * self.rank
 
 
 @ADAPTERS.register("hydra_lora")

@@ -22,9 +22,9 @@ sum |Delta W * dL/dDelta W| / sqrt(d_out d_in); otherwise it runs the factorised
 Components are preallocated up to r_max, so the parameter count is fixed: r_max (d_in + d_out + 1)
 per target, plus the task head. ``rank: 0`` (default) sizes r_max so that no module can run out of
 room under the authors' schedule: init_r + a (R + 1), with a components per module per round, R the
-number of rounds that spend the budget (``allocation_rounds``) and a more for the reserves. The masks
-are saved buffers (the allocation cannot be regenerated). lambda is stored as r_max x 1 (the authors'
-shape), so AdamW decays it like the authors' trainer does.
+number of rounds that spend the budget (``allocation_rounds``, lorabench/method_params/adapters.py)
+and a more for the reserves. The masks are saved buffers (the allocation cannot be regenerated).
+lambda is stored as r_max x 1 (the authors' shape), so AdamW decays it like the authors' trainer does.
 Hyper-parameters (the authors' SST-2 rank-8 script, NLU/scripts/rank=8/run_sst2.sh): init_r = 1,
 alpha = 16, dropout 0.3; target_r, add_per_round and incre_rank_num are the procedure's (the adapter
 reads them to size r_max).
@@ -37,49 +37,18 @@ room for a round is left out of the selection (the authors' modules have no cap)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lorabench.config import check_positive
-from lorabench.errors import ConfigError
+from lorabench.method_params.adapters import IncreLoraParams, components_per_round  # noqa: F401  (re-exported)
 from lorabench.methods.adapters.layer import AdapterLayer, OwnAdapter, seeded_generator, target_shapes
 from lorabench.methods.base import MethodContext, head_parameter_count
 from lorabench.methods.fidelity import Fidelity
 from lorabench.registry import ADAPTERS
 
 REPO = "FeiyuZhang98/IncreLoRA@51a2d734af78"
-# the authors' components per module per round for a target average rank (RankAllocator's rank_dic)
-PER_ROUND = {2: 1, 4: 2, 6: 3, 8: 4}
-
-
-def components_per_round(target_r: int, incre_rank_num: int) -> int:
-    """``incre_rank_num`` if set, else the authors' table for ``target_r``."""
-    if incre_rank_num:
-        return incre_rank_num
-    if target_r not in PER_ROUND:
-        raise ConfigError(
-            f"method.incre_rank_num=0 takes the authors' table, which covers method.target_r in "
-            f"{sorted(PER_ROUND)} only (got {target_r}); set method.incre_rank_num"
-        )
-    return PER_ROUND[target_r]
-
-
-def allocation_rounds(n: int, init_r: int, target_r: int, top_h: int, per_round: int) -> int:
-    """Rounds until the total active rank reaches target_r * n, each giving ``per_round`` components to
-    min(top_h, budget left) modules (ties can only add modules, so never more rounds than this)."""
-    total, budget, rounds = init_r * n, target_r * n, 0
-    while total < budget:
-        total += min(top_h, budget - total, n) * per_round
-        rounds += 1
-    return rounds
-
-
-def auto_r_max(n: int, init_r: int, target_r: int, top_h: int, per_round: int) -> int:
-    """init_r + per_round (rounds + 1): room for a module chosen at every round, and its reserves."""
-    return init_r + per_round * (allocation_rounds(n, init_r, target_r, top_h, per_round) + 1)
 
 
 class IncreLoraLayer(AdapterLayer):
@@ -172,38 +141,6 @@ class IncreLoraLayer(AdapterLayer):
     def release(self) -> None:
         """Budget spent: the reserves' lambda is set to 0 (they stay created: frozen, gate 0)."""
         self.lora_E[self.reserve_mask.bool()] = 0
-
-
-@dataclass
-class IncreLoraParams:
-    rank: int = 0  # r_max per layer (preallocated); 0: sized from the schedule (auto_r_max)
-    init_r: int = 1  # active components per layer at the start (the authors' lora_r)
-    alpha: float = 16.0
-    dropout: float = 0.3  # the authors' SST-2 rank-8 script
-    # the procedure's schedule, read here to size r_max (the same keys as the procedure's)
-    target_r: int = 8
-    add_per_round: int = 6
-    incre_rank_num: int = 0
-
-    def __post_init__(self) -> None:
-        check_positive("method.rank", self.rank, allow_zero=True)
-        check_positive("method.init_r", self.init_r)
-        check_positive("method.alpha", self.alpha)
-        check_positive("method.incre_rank_num", self.incre_rank_num, allow_zero=True)
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"method.dropout={self.dropout!r} is invalid; it must be in [0, 1)")
-        per_round = components_per_round(self.target_r, self.incre_rank_num)
-        if self.rank and self.rank < self.init_r + per_round:
-            raise ConfigError(
-                f"method.rank={self.rank} is too small: it must hold init_r={self.init_r} components and "
-                f"{per_round} reserves (method.rank=0 sizes it from the schedule)"
-            )
-
-    def r_max(self, n_targets: int) -> int:
-        if self.rank:
-            return self.rank
-        per_round = components_per_round(self.target_r, self.incre_rank_num)
-        return auto_r_max(n_targets, self.init_r, self.target_r, self.add_per_round, per_round)
 
 
 @ADAPTERS.register("increlora")

@@ -53,14 +53,13 @@ mismatch).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lorabench.config import check_positive
 from lorabench.errors import ConfigError
+from lorabench.method_params.adapters import LamdaParams
 from lorabench.methods.adapters.dylora import kaiming_uniform
 from lorabench.methods.adapters.layer import (
     OwnAdapter,
@@ -76,8 +75,6 @@ from lorabench.methods.base import MethodContext, head_parameter_count
 from lorabench.methods.fidelity import Fidelity
 from lorabench.registry import ADAPTERS
 
-RANK_ALLOCATIONS = ("uniform", "spectrum")
-FACTOR_INITS = ("lora", "svd")
 REPO = "ArminAzizi98/LaMDA@8ad34b46e154"
 
 
@@ -94,26 +91,6 @@ class LamdaLayer(TriLayer):
         if self.dropout and self.training:
             h = F.dropout(h, self.dropout, training=True)
         return super().adapter_forward(h).to(x.dtype)
-
-
-@dataclass
-class LamdaParams:
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.1  # the authors' LoraConfig(lora_dropout=0.1)
-    factor_init: str = "lora"  # "svd": LaMDA++'s SVD init (module docstring)
-    rank_allocation: str = "uniform"  # "spectrum": LaMDA++'s per-layer ranks (module docstring)
-
-    def __post_init__(self) -> None:
-        check_positive("method.rank", self.rank)
-        check_positive("method.alpha", self.alpha)
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"method.dropout={self.dropout!r} is invalid; it must be in [0, 1)")
-        for key, choices in (("factor_init", FACTOR_INITS), ("rank_allocation", RANK_ALLOCATIONS)):
-            if getattr(self, key) not in choices:
-                raise ConfigError(
-                    f"method.{key}={getattr(self, key)!r} is invalid; valid choices: {', '.join(choices)}"
-                )
 
 
 def residual_energy(sv: torch.Tensor, rank: int) -> float:

@@ -18,12 +18,10 @@ alpha / r), train_scalar (also train sigma, from alpha / r).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from lorabench.config import check_positive
+from lorabench.method_params.adapters import LolduParams
 from lorabench.methods.adapters.layer import OwnAdapter, check_rank
 from lorabench.methods.adapters.svfit import DiagLayer, full_or
 from lorabench.methods.base import MethodContext
@@ -37,17 +35,6 @@ def ldu_factors(w: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, to
     d = torch.diagonal(upper)[:r].clone()
     safe = torch.where(d == 0, torch.ones_like(d), d)
     return (p @ lower)[:, :r].contiguous(), d, upper[:r, :] / safe[:, None]
-
-
-@dataclass
-class LolduParams:
-    rank: int = 0  # 0 = every pivot (min(d_out, d_in) per target); the authors' default config: 768
-    alpha: float = 1.0  # sigma = alpha / r (the authors' from_linear: lora_alpha = 1)
-    train_scalar: bool = False  # the authors train vector_z only
-
-    def __post_init__(self) -> None:
-        check_positive("method.rank", self.rank, allow_zero=True)
-        check_positive("method.alpha", self.alpha)
 
 
 @ADAPTERS.register("loldu")

@@ -17,33 +17,13 @@ and LoRA optimizer combines with them):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import nn
 
-from lorabench.config import check_positive
+from lorabench.method_params.adapters import LoraParams
 from lorabench.methods.base import Adapter, MethodContext, head_parameter_count, target_linear_weights
 from lorabench.registry import ADAPTERS
 
 TASK_TYPES = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}  # peft TaskType values
-
-
-@dataclass
-class LoraParams:
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    use_dora: bool = False  # DoRA: magnitude/direction decomposition
-    use_rslora: bool = False  # rsLoRA: scale alpha / sqrt(r)
-    freeze_a: bool = False  # FFA-LoRA: A frozen at its random init, only B trains
-
-    def __post_init__(self) -> None:
-        check_positive("method.rank", self.rank)
-        check_positive("method.alpha", self.alpha)
-        if not 0 <= self.dropout < 1:
-            from lorabench.errors import ConfigError
-
-            raise ConfigError(f"method.dropout={self.dropout!r} is invalid; it must be in [0, 1)")
 
 
 @ADAPTERS.register("lora")

@@ -29,20 +29,15 @@ and round U, S, V to bfloat16; ``svd: lowrank`` reproduces that path (on CPU) ex
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from lorabench.config import check_positive
-from lorabench.errors import ConfigError
+from lorabench.method_params.adapters import LoraSbParams
 from lorabench.methods.adapters.layer import OwnAdapter, check_rank, is_conv1d, target_shapes, top_svd
 from lorabench.methods.adapters.lora_xs import XsLayer
 from lorabench.methods.base import MethodContext
 from lorabench.methods.fidelity import Fidelity
 from lorabench.registry import ADAPTERS
-
-SVDS = ("exact", "lowrank")
 
 
 def estimate_gradients(model: nn.Module, targets: list[str], ctx: MethodContext) -> tuple[dict[str, torch.Tensor], int]:
@@ -90,26 +85,6 @@ def lowrank_svd(update: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tenso
     bf16 = (t.to(torch.bfloat16).float() for t in (u, s, v))
     u, s, v = bf16
     return v, s, u.T
-
-
-@dataclass
-class LoraSbParams:
-    rank: int = 24  # the authors' GLUE scripts (96 for arithmetic / commonsense)
-    scale: float = 1.0  # s; the authors' scripts set lora_alpha = r
-    grad_estimate: str = "sign"  # "sign": -lr_1 sign(G) (Adam's first step); "gradient": -lr_1 G
-    warmup_ratio: float = 0.06  # lr_1 = lr / (warmup_ratio * max_steps); keep equal to train.warmup_ratio; 0 = lr
-    apply_first_update: bool = True  # start from W0 + s B R A (the authors' code); false subtracts R0
-    svd: str = "exact"  # exact: torch.linalg.svd; lowrank: the authors' svd_lowrank + bfloat16 factors
-
-    def __post_init__(self) -> None:
-        check_positive("method.rank", self.rank)
-        check_positive("method.scale", self.scale)
-        if self.grad_estimate not in ("sign", "gradient"):
-            raise ConfigError(f"method.grad_estimate={self.grad_estimate!r} is invalid; use 'sign' or 'gradient'")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ConfigError(f"method.warmup_ratio={self.warmup_ratio!r} is invalid; it must be in [0, 1)")
-        if self.svd not in SVDS:
-            raise ConfigError(f"method.svd={self.svd!r} is invalid; valid choices: {', '.join(SVDS)}")
 
 
 def first_step_lr(params: LoraSbParams, ctx: MethodContext) -> float:

@@ -18,12 +18,10 @@ keeps R's initial value R0 as a saved buffer: Delta W = s B (R - R0) A.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from lorabench.config import check_positive
+from lorabench.method_params.adapters import LoraXsParams
 from lorabench.methods.adapters.layer import AdapterLayer, OwnAdapter, check_rank, seeded_generator, top_svd
 from lorabench.methods.base import MethodContext
 from lorabench.registry import ADAPTERS
@@ -62,17 +60,6 @@ class XsLayer(AdapterLayer):
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.to(self.lora_A.dtype) @ self.lora_A.T
         return (self.scale * (h @ self.core().T) @ self.lora_B.T).to(x.dtype)
-
-
-@dataclass
-class LoraXsParams:
-    rank: int = 8
-    alpha: float = 16.0
-    r_init_std: float = 0.0
-
-    def __post_init__(self) -> None:
-        check_positive("method.rank", self.rank)
-        check_positive("method.alpha", self.alpha)
 
 
 @ADAPTERS.register("lora_xs")

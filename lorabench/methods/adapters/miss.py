@@ -15,33 +15,13 @@ Hyper-parameters (peft ``MissConfig`` defaults and the paper's): r = 64, mini_r 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import nn
 
-from lorabench.config import check_positive
 from lorabench.errors import ConfigError
+from lorabench.method_params.adapters import MODES, MissParams
 from lorabench.methods.adapters.lora import TASK_TYPES
 from lorabench.methods.base import Adapter, MethodContext, head_parameter_count, target_linear_weights
 from lorabench.registry import ADAPTERS
-
-MODES = {"miss": True, "bat": "bat", "mini": "mini"}  # our name -> peft's init_weights
-
-
-@dataclass
-class MissParams:
-    rank: int = 64
-    mode: str = "miss"
-    mini_r: int = 1
-    dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        check_positive("method.rank", self.rank)
-        check_positive("method.mini_r", self.mini_r)
-        if self.mode not in MODES:
-            raise ConfigError(f"method.mode={self.mode!r} is invalid; valid choices: {', '.join(MODES)}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"method.dropout={self.dropout!r} is invalid; it must be in [0, 1)")
 
 
 @ADAPTERS.register("miss")

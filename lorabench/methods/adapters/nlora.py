@@ -18,12 +18,10 @@ stored (d_in x d_out) weight, which only fits square weights.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from lorabench.config import check_positive
+from lorabench.method_params.adapters import NloraParams
 from lorabench.methods.adapters.layer import OwnAdapter, check_rank
 from lorabench.methods.adapters.slora import NLORA_REPO, TriLayer
 from lorabench.methods.base import MethodContext
@@ -38,16 +36,6 @@ def nystrom_slices(w: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor,
     """(B0, M0, A0) = (W[:, :r], W[:r, :r], W[:r, :]) in float32: the authors' Nystrom init."""
     w = w.detach().float()
     return w[:, :r].clone(), w[:r, :r].clone(), w[:r, :].clone()
-
-
-@dataclass
-class NloraParams:
-    rank: int = 8
-    alpha: float = 8.0  # the authors' lora_alpha = lora_rank (s = 1)
-
-    def __post_init__(self) -> None:
-        check_positive("method.rank", self.rank)
-        check_positive("method.alpha", self.alpha)
 
 
 @ADAPTERS.register("nlora")

@@ -49,14 +49,12 @@ method_report has ``nola_coef_storage_bytes`` (coefficients only, quantised or n
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
 
-from lorabench.config import check_positive
-from lorabench.errors import ConfigError
+from lorabench.method_params.adapters import COEF_BITS, NolaParams  # noqa: F401  (COEF_BITS re-exported)
 from lorabench.methods.adapters.dylora import kaiming_uniform
 from lorabench.methods.adapters.layer import AdapterLayer, OwnAdapter, adapter_layers, seeded_generator
 from lorabench.methods.base import MethodContext
@@ -82,9 +80,6 @@ def nola_bases(
     """The frozen bases of one layer, (k, r, d_in) and (l, d_out, r), from ``basis_seed`` and the layer name."""
     seed_a, seed_b = basis_seeds(seed, name)
     return random_basis(seed_a, k, r, d_in), random_basis(seed_b, l, d_out, r)
-
-
-COEF_BITS = (2, 3, 4, 5, 6, 7, 8)
 
 
 def quantize_coefs(c: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -234,30 +229,6 @@ class NolaLayer(AdapterLayer):
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
         b, a = self.factors()
         return (((x.to(a.dtype) @ a.T) @ b.T) * self.scale).to(x.dtype)
-
-
-@dataclass
-class NolaParams:
-    rank: int = 8
-    num_basis_a: int = 512  # k
-    num_basis_b: int = 512  # l
-    alpha: float = 8.0
-    basis_seed: int = 0
-    # quantised coefficients (module docstring); off by default. Not in conf/method/nola.yaml as keys, so
-    # that existing run ids stay the same: set them with +method.coef_bits=4 (+method.quant_aware=false).
-    coef_bits: Optional[int] = None  # null (off) or 2..8
-    quant_aware: bool = True  # QAT with a straight-through estimator; false: post-training quantisation
-
-    def __post_init__(self) -> None:
-        for key in ("rank", "num_basis_a", "num_basis_b", "alpha"):
-            check_positive(f"method.{key}", getattr(self, key))
-        if self.coef_bits is not None and (
-            isinstance(self.coef_bits, bool) or not isinstance(self.coef_bits, int) or self.coef_bits not in COEF_BITS
-        ):
-            raise ConfigError(
-                f"method.coef_bits={self.coef_bits!r} is invalid; valid choices: null (off), "
-                f"{', '.join(map(str, COEF_BITS))}"
-            )
 
 
 @ADAPTERS.register("nola")

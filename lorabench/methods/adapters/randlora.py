@@ -13,33 +13,13 @@ Hyper-parameters (peft ``RandLoraConfig`` defaults): basis rank r = 32, randlora
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 from torch import nn
 
-from lorabench.config import check_positive
-from lorabench.errors import ConfigError
+from lorabench.method_params.adapters import RandLoraParams
 from lorabench.methods.adapters.lora import TASK_TYPES
 from lorabench.methods.base import Adapter, MethodContext, head_parameter_count, target_linear_weights
 from lorabench.registry import ADAPTERS
-
-
-@dataclass
-class RandLoraParams:
-    rank: int = 32
-    alpha: float = 640.0
-    dropout: float = 0.0
-    sparse: bool = False
-    very_sparse: bool = False
-    projection_seed: int = 0
-
-    def __post_init__(self) -> None:
-        check_positive("method.rank", self.rank)
-        check_positive("method.alpha", self.alpha)
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"method.dropout={self.dropout!r} is invalid; it must be in [0, 1)")
-        if self.sparse and self.very_sparse:
-            raise ConfigError("method.sparse and method.very_sparse are exclusive; set at most one to true")
 
 
 @ADAPTERS.register("randlora")

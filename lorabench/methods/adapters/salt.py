@@ -29,14 +29,11 @@ by 0 (``reg_multiplier: 0``); it is not implemented. Their setting is medical im
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import nn
 
-from lorabench.config import check_positive
-from lorabench.errors import ConfigError
+from lorabench.method_params.adapters import SaltParams
 from lorabench.methods.adapters.layer import AdapterLayer, OwnAdapter, check_rank, seeded_generator, top_svd
 from lorabench.methods.base import MethodContext
 from lorabench.methods.fidelity import Fidelity
@@ -76,25 +73,6 @@ class SaltLayer(AdapterLayer):
 
     def delta_weight(self) -> torch.Tensor:
         return self.adapted_weight() - self.base.weight.to(self.sv_U.dtype)
-
-
-@dataclass
-class SaltParams:
-    rank: int = 8  # r: top singular values with scale and shift (absolute)
-    lora_rank: int = 8  # q: rank of the update of the remaining singular-value block
-    # the authors' SAM 2 rule r = max(1, int(rank_ratio * min(d_out, d_in))) per layer, in place of rank
-    rank_ratio: Optional[float] = None
-
-    def __post_init__(self) -> None:
-        for key in ("rank", "lora_rank"):
-            check_positive(f"method.{key}", getattr(self, key))
-        if self.rank_ratio is not None and not 0 < self.rank_ratio <= 1:
-            raise ConfigError(f"method.rank_ratio={self.rank_ratio!r} is invalid; use null or a value in (0, 1]")
-
-    def rank_for(self, d_out: int, d_in: int) -> int:
-        if self.rank_ratio is None:
-            return self.rank
-        return max(1, int(min(d_out, d_in) * self.rank_ratio))
 
 
 @ADAPTERS.register("salt")

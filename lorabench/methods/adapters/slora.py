@@ -16,12 +16,10 @@ kept as a frozen part) is shared with NLoRA, IntTune, FLoRA, SoMA/MiLoRA and LaM
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from lorabench.config import check_positive
+from lorabench.method_params.adapters import SloraParams
 from lorabench.methods.adapters.dylora import kaiming_uniform
 from lorabench.methods.adapters.layer import AdapterLayer, OwnAdapter, seeded_generator
 from lorabench.methods.base import MethodContext
@@ -124,16 +122,6 @@ class TriLayer(AdapterLayer):
             if self.subtract_init:
                 out = out - self._apply_factors(h, self.init_B, self.init_M, self.init_A)
         return (self.scale * out).to(x.dtype)
-
-
-@dataclass
-class SloraParams:
-    rank: int = 8
-    alpha: float = 8.0  # the authors' lora_alpha = lora_rank (s = 1)
-
-    def __post_init__(self) -> None:
-        check_positive("method.rank", self.rank)
-        check_positive("method.alpha", self.alpha)
 
 
 @ADAPTERS.register("slora")

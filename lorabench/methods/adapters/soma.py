@@ -37,29 +37,17 @@ SoMA's recipe adds two parts (both off in ``method=soma``, on in ``method=soma_r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from lorabench.config import check_positive
 from lorabench.errors import ConfigError
+from lorabench.method_params.adapters import MinorParams, SomaParams
 from lorabench.methods.adapters.layer import OwnAdapter, check_rank, target_shapes, top_svd, wrap_targets
 from lorabench.methods.adapters.slora import TriLayer
 from lorabench.methods.base import MethodContext, head_parameter_count
 from lorabench.methods.fidelity import Fidelity
 from lorabench.methods.procedures.lisa import transformer_layers
 from lorabench.registry import ADAPTERS
-
-
-@dataclass
-class MinorParams:
-    rank: int = 8
-    alpha: float = 16.0
-
-    def __post_init__(self) -> None:
-        check_positive("method.rank", self.rank)
-        check_positive("method.alpha", self.alpha)
 
 
 class MinorComponentsAdapter(OwnAdapter):
@@ -77,32 +65,6 @@ class MinorComponentsAdapter(OwnAdapter):
 
     def layer_trainable(self, d_out: int, d_in: int, params: MinorParams) -> int:
         return params.rank * (d_in + d_out)
-
-
-@dataclass
-class SomaParams(MinorParams):
-    alpha: float = 8.0  # SoMA's configs: lora_alpha = r (s = 1)
-    freeze_first_blocks: int = 0  # K: transformer blocks 0..K-1 get no adapter (authors: 8 of 24)
-    freeze_first_fraction: float = 0.0  # or K = round(fraction x L) (soma_recipe: 1/3, the authors' 8/24)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_positive("method.freeze_first_blocks", self.freeze_first_blocks, allow_zero=True)
-        if not 0 <= self.freeze_first_fraction < 1:
-            raise ConfigError(
-                f"method.freeze_first_fraction={self.freeze_first_fraction!r} is invalid; it must be in [0, 1)"
-            )
-        if self.freeze_first_blocks and self.freeze_first_fraction:
-            raise ConfigError(
-                f"method.freeze_first_blocks={self.freeze_first_blocks} and method.freeze_first_fraction="
-                f"{self.freeze_first_fraction} are both set; set only one of them"
-            )
-
-    def frozen_count(self, num_blocks: int) -> int:
-        """K for a model with ``num_blocks`` transformer blocks."""
-        if self.freeze_first_fraction:
-            return round(self.freeze_first_fraction * num_blocks)
-        return self.freeze_first_blocks
 
 
 def block_of(name: str, list_name: str) -> int | None:

@@ -16,12 +16,10 @@ warm-up ratio 0.06, ``--sparse_lambda 10`` (the L1 weight) and ``--sparse_lambda
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from lorabench.config import check_positive
+from lorabench.method_params.adapters import SoraParams
 from lorabench.methods.adapters.dylora import kaiming_uniform
 from lorabench.methods.adapters.layer import AdapterLayer, OwnAdapter, seeded_generator
 from lorabench.methods.base import MethodContext
@@ -69,16 +67,6 @@ class SoraLayer(AdapterLayer):
 def prune_model(model: nn.Module) -> dict[str, int]:
     """``prune()`` every SoRA layer; returns the surviving rank per layer. Build the optimizer anew afterwards."""
     return {name: m.prune() for name, m in model.named_modules() if isinstance(m, SoraLayer)}
-
-
-@dataclass
-class SoraParams:
-    rank: int = 8  # r_max
-    alpha: float = 16.0
-
-    def __post_init__(self) -> None:
-        check_positive("method.rank", self.rank)
-        check_positive("method.alpha", self.alpha)
 
 
 @ADAPTERS.register("sora")

@@ -17,12 +17,10 @@ fixed) is shared with LoLDU.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from lorabench.config import check_positive
+from lorabench.method_params.adapters import SvfitParams
 from lorabench.methods.adapters.layer import AdapterLayer, OwnAdapter, check_rank, top_svd
 from lorabench.methods.base import MethodContext
 from lorabench.methods.fidelity import Fidelity
@@ -74,14 +72,6 @@ class DiagLayer(AdapterLayer):
 def full_or(rank: int, d_out: int, d_in: int) -> int:
     """``rank``, or min(d_out, d_in) for 0 (every singular value / every LDU pivot)."""
     return rank or min(d_out, d_in)
-
-
-@dataclass
-class SvfitParams:
-    rank: int = 0  # 0 = every singular value (min(d_out, d_in) per target)
-
-    def __post_init__(self) -> None:
-        check_positive("method.rank", self.rank, allow_zero=True)
 
 
 @ADAPTERS.register("svfit")

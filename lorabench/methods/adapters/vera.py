@@ -11,28 +11,12 @@ LoRA (about 10x on GLUE).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import nn
 
-from lorabench.config import check_positive
-from lorabench.errors import ConfigError
+from lorabench.method_params.adapters import VeraParams
 from lorabench.methods.adapters.lora import TASK_TYPES
 from lorabench.methods.base import Adapter, MethodContext, head_parameter_count, target_linear_weights
 from lorabench.registry import ADAPTERS
-
-
-@dataclass
-class VeraParams:
-    rank: int = 256
-    d_initial: float = 0.1
-    dropout: float = 0.0
-    projection_seed: int = 0
-
-    def __post_init__(self) -> None:
-        check_positive("method.rank", self.rank)
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"method.dropout={self.dropout!r} is invalid; it must be in [0, 1)")
 
 
 @ADAPTERS.register("vera")

@@ -15,47 +15,12 @@ only; it disables the KV cache. The two-stage recipe (train K experts, then the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Optional
-
 from torch import nn
 
 from lorabench.errors import ConfigError
+from lorabench.method_params.adapters import PEFT_ADAPTER_DIR, XLoraParams  # noqa: F401  (PEFT_ADAPTER_DIR re-exported)
 from lorabench.methods.base import Adapter, MethodContext
 from lorabench.registry import ADAPTERS
-
-PEFT_ADAPTER_DIR = "peft_adapter"  # where the training loop saves peft adapters in a run folder
-
-
-def expert_path(path: str) -> str:
-    """A peft adapter folder: ``path`` itself or ``path/peft_adapter`` (a lorabench run folder)."""
-    for candidate in (Path(path) / PEFT_ADAPTER_DIR, Path(path)):
-        if (candidate / "adapter_config.json").is_file():
-            return str(candidate)
-    raise ConfigError(
-        f"method.experts: {path!r} is neither a lorabench LoRA run folder (with {PEFT_ADAPTER_DIR}/) "
-        "nor a peft adapter folder (with adapter_config.json)"
-    )
-
-
-@dataclass
-class XLoraParams:
-    experts: list[str] = field(default_factory=list)
-    xlora_depth: int = 1
-    xlora_size: int = 2048
-    xlora_dropout: float = 0.2
-    softmax_temperature: float = 1.0
-    top_k_lora: Optional[int] = None
-    layerwise_scalings: bool = False
-
-    def __post_init__(self) -> None:
-        if len(self.experts) < 2:
-            raise ConfigError(
-                f"method.experts={self.experts!r}: X-LoRA needs at least 2 trained LoRA experts "
-                "(run folders of LoRA runs on the same base model); see scripts/xlora.py"
-            )
-        self.experts = [expert_path(p) for p in self.experts]
 
 
 @ADAPTERS.register("xlora")

@@ -15,30 +15,17 @@ adapter (the same preset key sets both): peft's preprocessing needs it before th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from lorabench.config import check_positive
-from lorabench.errors import ConfigError
+from lorabench.method_params.initializers import CordaParams
 from lorabench.methods.base import Initializer, MethodContext
 from lorabench.registry import INITIALIZERS
 
 if TYPE_CHECKING:  # annotations only: peft loads when the method is built
     from peft.tuners.lora.config import CordaConfig
-
-
-@dataclass
-class CordaParams:
-    corda_method: str = "ipm"
-    rank: int = 8  # the same key as the LoRA adapter's rank; a preset sets both at once
-
-    def __post_init__(self) -> None:
-        check_positive("method.rank", self.rank)
-        if self.corda_method not in ("ipm", "kpm"):
-            raise ConfigError(f"method.corda_method={self.corda_method!r} is invalid; valid choices: ipm, kpm")
 
 
 @INITIALIZERS.register("corda")

@@ -18,28 +18,12 @@ targets have one shape (the total rank L * r is kept, its split is not).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import nn
 
 from lorabench.errors import ConfigError
+from lorabench.method_params.initializers import EvaParams
 from lorabench.methods.base import Initializer, MethodContext, target_linear_weights
 from lorabench.registry import INITIALIZERS
-
-
-@dataclass
-class EvaParams:
-    rho: float = 2.0
-    tau: float = 0.99
-    use_label_mask: bool = True
-    whiten: bool = False
-    adjust_scaling_factors: bool = True
-
-    def __post_init__(self) -> None:
-        if self.rho < 1.0:
-            raise ConfigError(f"method.rho={self.rho!r} is invalid; it must be >= 1.0")
-        if not 0 < self.tau <= 1:
-            raise ConfigError(f"method.tau={self.tau!r} is invalid; it must be in (0, 1]")
 
 
 def _model_inputs(batch: dict, peft_config) -> object:

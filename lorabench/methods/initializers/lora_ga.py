@@ -26,7 +26,6 @@ import os
 import tempfile
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,7 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lorabench.errors import ConfigError
+from lorabench.method_params.initializers import LoraGaParams
 from lorabench.methods.base import Initializer, MethodContext
 from lorabench.methods.fidelity import Fidelity
 from lorabench.models import cache_dir
@@ -44,30 +43,11 @@ from lorabench.registry import INITIALIZERS
 if TYPE_CHECKING:  # annotations only: peft loads when the method is built
     from peft import LoraConfig, LoraGAConfig
 
-DIRECTIONS = ("ArBr", "A2rBr", "ArB2r", "random")
-SCALES = ("stable", "weight_svd", "gd_scale", "unit")
-
 
 def _peft_version() -> str:
     from importlib.metadata import version
 
     return version("peft").split("+")[0]
-
-
-@dataclass
-class LoraGaParams:
-    direction: str = "ArB2r"
-    scale: str = "stable"
-    stable_gamma: int = 16
-    cache_gradients: bool = True  # reuse the gradient estimate (same model, data, batches; same seed where it matters)
-
-    def __post_init__(self) -> None:
-        if self.direction not in DIRECTIONS:
-            raise ConfigError(f"method.direction={self.direction!r} is invalid; valid choices: {', '.join(DIRECTIONS)}")
-        if self.scale not in SCALES:
-            raise ConfigError(f"method.scale={self.scale!r} is invalid; valid choices: {', '.join(SCALES)}")
-        if self.stable_gamma <= 0:
-            raise ConfigError(f"method.stable_gamma={self.stable_gamma!r} is invalid; it must be > 0")
 
 
 def _dropout_active(model: nn.Module) -> bool:

@@ -11,19 +11,9 @@ dropout 0.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from lorabench.config import check_positive
+from lorabench.method_params.initializers import PissaParams
 from lorabench.methods.base import Initializer
 from lorabench.registry import INITIALIZERS
-
-
-@dataclass
-class PissaParams:
-    niter: int = 0
-
-    def __post_init__(self) -> None:
-        check_positive("method.niter", self.niter, allow_zero=True)
 
 
 @INITIALIZERS.register("pissa")

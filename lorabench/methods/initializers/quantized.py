@@ -1,7 +1,7 @@
 """Quantized-base initializers: QLoRA and LoftQ. Both need CUDA and bitsandbytes; on a machine
-without CUDA their parameters fail validation (a ``ConfigError`` when the method config is
-resolved, before any model is loaded). Their ``requires_cuda`` field is what the method matrix
-test reads to skip them on CPU.
+without CUDA their ``check_backend`` fails (a ``ConfigError`` when the method config is resolved,
+before any model is loaded; their Params, in lorabench/method_params/initializers.py, cannot ask
+torch). Their ``requires_cuda`` field is what the method matrix test reads to skip them on CPU.
 
 * ``nf4`` - QLoRA (Dettmers et al., 2023, "QLoRA: Efficient Finetuning of Quantized LLMs",
   arXiv:2305.14314): every linear layer of the base model except the task head is replaced by a
@@ -18,16 +18,15 @@ test reads to skip them on CPU.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from lorabench.errors import ConfigError
+from lorabench.method_params.initializers import COMPUTE_DTYPES, LoftqParams, Nf4Params
 from lorabench.methods.base import HEAD_MODULES, Initializer, MethodContext
 from lorabench.registry import INITIALIZERS
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = {name: getattr(torch, name) for name in COMPUTE_DTYPES}  # Nf4Params checks the name
 
 
 def check_cuda_backend(method: str) -> None:
@@ -42,29 +41,15 @@ def check_cuda_backend(method: str) -> None:
         raise ConfigError(f"{method} needs the bitsandbytes package: pip install bitsandbytes") from None
 
 
-@dataclass
-class Nf4Params:
-    quant_type: str = "nf4"
-    double_quant: bool = True
-    compute_dtype: str = "bfloat16"
-    requires_cuda: bool = True  # read by the method matrix test; cannot be switched off
-
-    def __post_init__(self) -> None:
-        if self.quant_type not in ("nf4", "fp4"):
-            raise ConfigError(f"method.quant_type={self.quant_type!r} is invalid; valid choices: nf4, fp4")
-        if self.compute_dtype not in DTYPES:
-            raise ConfigError(
-                f"method.compute_dtype={self.compute_dtype!r} is invalid; valid choices: {', '.join(DTYPES)}"
-            )
-        check_cuda_backend("QLoRA (method.init=nf4)")
-
-
 @INITIALIZERS.register("nf4")
 class Nf4Init(Initializer):
     Params = Nf4Params
     paper = "Dettmers et al., 2023, arXiv:2305.14314"
     backed_by = "bitsandbytes"
     requires_adapter = ("lora",)
+
+    def check_backend(self, params: Nf4Params) -> None:
+        check_cuda_backend("QLoRA (method.init=nf4)")
 
     def before_adapter(self, model: nn.Module, params: Nf4Params, ctx: MethodContext) -> None:
         import bitsandbytes as bnb
@@ -95,26 +80,15 @@ class Nf4Init(Initializer):
         model.to("cuda")
 
 
-@dataclass
-class LoftqParams:
-    loftq_bits: int = 4
-    loftq_iter: int = 1
-    requires_cuda: bool = True  # read by the method matrix test; cannot be switched off
-
-    def __post_init__(self) -> None:
-        if self.loftq_bits not in (4, 8):
-            raise ConfigError(f"method.loftq_bits={self.loftq_bits!r} is invalid; valid choices: 4, 8")
-        if self.loftq_iter < 1:
-            raise ConfigError(f"method.loftq_iter={self.loftq_iter!r} is invalid; it must be >= 1")
-        check_cuda_backend("LoftQ (method.init=loftq)")
-
-
 @INITIALIZERS.register("loftq")
 class LoftqInit(Initializer):
     Params = LoftqParams
     paper = "Li et al., 2023, arXiv:2310.08659"
     backed_by = "peft"
     requires_adapter = ("lora",)
+
+    def check_backend(self, params: LoftqParams) -> None:
+        check_cuda_backend("LoftQ (method.init=loftq)")
 
     def adapter_kwargs(self, params: LoftqParams) -> dict:
         from peft import LoftQConfig

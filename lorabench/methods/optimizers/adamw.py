@@ -4,20 +4,12 @@ W -= lr * (m_hat / (sqrt(v_hat) + eps) + wd * W). No weight decay on 1-D tensors
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from lorabench.method_params.optimizers import AdamWParams
 from lorabench.methods.base import MethodContext, OptimizerBuilder, decay_groups
 from lorabench.methods.fidelity import Fidelity
 from lorabench.registry import OPTIMIZERS
-
-
-@dataclass
-class AdamWParams:
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
 
 
 @OPTIMIZERS.register("adamw")

@@ -22,17 +22,14 @@ tensors (the task head) get plain AdamW.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
-from lorabench.config import check_choice, check_positive
 from lorabench.errors import ConfigError
+from lorabench.method_params.optimizers import ALLoRAParams
 from lorabench.methods.base import MethodContext, OptimizerBuilder, decay_groups
 from lorabench.methods.fidelity import Fidelity
 from lorabench.registry import OPTIMIZERS
-
-NORMS = ("row", "tensor")
 
 
 @torch.no_grad()
@@ -55,19 +52,6 @@ class ALLoRAAdamW(torch.optim.AdamW):
                 if p.grad is not None:
                     p.grad.mul_(allora_coefficient(p, group["eta"], group["norm"]).to(p.grad.dtype))
         return super().step(closure)
-
-
-@dataclass
-class ALLoRAParams:
-    allora_eta: float = 1.0  # the coefficient's bound: 1 / sqrt(‖θ_row‖² + 1/η²) <= η
-    allora_norm: str = "row"  # row: one coefficient per row of A and B; tensor: one per tensor
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-
-    def __post_init__(self) -> None:
-        check_positive("method.allora_eta", self.allora_eta)
-        check_choice("method.allora_norm", self.allora_norm, NORMS)
 
 
 @OPTIMIZERS.register("allora")

@@ -32,12 +32,10 @@ every step); projected gradients, moments and Q are fp32 (the reference uses the
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
-from lorabench.config import check_positive
-from lorabench.errors import ConfigError
+from lorabench.method_params.optimizers import DCTAdamWParams
 from lorabench.methods.base import MethodContext, OptimizerBuilder, decay_groups, target_linear_weights
 from lorabench.methods.fidelity import Fidelity
 from lorabench.methods.optimizers.galore_family import GaLoreFamily
@@ -125,26 +123,6 @@ class DCTAdamWOptimizer(GaLoreFamily):
         for state in self.state.values():
             if isinstance(state.get("projector"), DCTProjector):
                 state["projector"].cache = self.dct_cache
-
-
-@dataclass
-class DCTAdamWParams:
-    rank: int = 8
-    update_proj_gap: int = 1
-    max_shape: int = 32_000  # weights with a dimension >= this get full-size AdamW moments
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-
-    def __post_init__(self) -> None:
-        check_positive("method.rank", self.rank)
-        check_positive("method.update_proj_gap", self.update_proj_gap)
-        check_positive("method.max_shape", self.max_shape)
-        for name in ("beta1", "beta2"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ConfigError(f"method.{name}={value!r} is invalid; it must be in [0, 1)")
-        check_positive("method.eps", self.eps)
 
 
 @OPTIMIZERS.register("dct_adamw")

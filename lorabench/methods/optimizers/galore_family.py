@@ -29,12 +29,15 @@ picks int(density·n) columns) and its rank is at least 1.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
-from lorabench.config import check_choice, check_positive
-from lorabench.errors import ConfigError
+from lorabench.method_params.optimizers import (  # noqa: F401  (ProjectedAdamParams re-exported)
+    FiraParams,
+    FrugalParams,
+    GaLoreParams,
+    ProjectedAdamParams,
+)
 from lorabench.methods.base import MethodContext, OptimizerBuilder, decay_groups, target_linear_weights
 from lorabench.methods.fidelity import Fidelity
 from lorabench.methods.optimizers.projectors import SIDE_RULES, Projector, make_projector
@@ -217,28 +220,6 @@ class GaLoreFamily(torch.optim.Optimizer):
 # ----------------------------------------------------------------------------- builders
 
 
-@dataclass
-class ProjectedAdamParams:
-    rank: int = 8
-    update_proj_gap: int = 200
-    scale: float = 0.25
-    proj_type: str = "std"
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-6
-
-    def __post_init__(self) -> None:
-        check_positive("method.rank", self.rank)
-        check_positive("method.update_proj_gap", self.update_proj_gap)
-        check_positive("method.scale", self.scale)
-        check_choice("method.proj_type", self.proj_type, tuple(SIDE_RULES))
-        for name in ("beta1", "beta2"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ConfigError(f"method.{name}={value!r} is invalid; it must be in [0, 1)")
-        check_positive("method.eps", self.eps)
-
-
 def build_family(model, ctx: MethodContext, params, cls: type | None = None, **options) -> GaLoreFamily:
     """Targeted 2-D weights in one projected group (as galore_torch.py selects them); every other
     trainable parameter in plain AdamW groups (no decay on 1-D tensors)."""
@@ -256,15 +237,6 @@ def build_family(model, ctx: MethodContext, params, cls: type | None = None, **o
             }
         )
     return (cls or GaLoreFamily)(groups, lr=ctx.lr, betas=(params.beta1, params.beta2), eps=params.eps)
-
-
-@dataclass
-class GaLoreParams(ProjectedAdamParams):
-    projector: str = "svd"  # svd (the paper), randomized_svd, random
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_choice("method.projector", self.projector, ("svd", "randomized_svd", "random"))
 
 
 @OPTIMIZERS.register("galore")
@@ -287,18 +259,6 @@ class GaLore(OptimizerBuilder):
 
     def build(self, model, params: GaLoreParams, ctx: MethodContext):
         return build_family(model, ctx, params, projector=params.projector, rank=params.rank, scale=params.scale)
-
-
-@dataclass
-class FiraParams(ProjectedAdamParams):
-    gamma: float = 1.01  # norm-growth limiter
-    fira_residual: str = "package"  # package: S = G - scale·P R (the authors' code); exact: G - P R (paper)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.gamma >= 1.0:
-            raise ConfigError(f"method.gamma={self.gamma!r} is invalid; the norm-growth limit must be >= 1")
-        check_choice("method.fira_residual", self.fira_residual, ("package", "exact"))
 
 
 @OPTIMIZERS.register("fira")
@@ -332,32 +292,6 @@ class Fira(OptimizerBuilder):
             gamma=params.gamma,
             fira_residual=params.fira_residual,
         )
-
-
-@dataclass
-class FrugalParams:
-    density: float = 0.25
-    update_gap: int = 200
-    projector: str = "svd"
-    inactive_update_rule: str = "sign_sgd"
-    inactive_lr_scale: float = 0.1
-    proj_params_lr_scale: float = 1.0
-    reset_statistics: bool = True
-    proj_type: str = "std"
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.density <= 1.0:
-            raise ConfigError(f"method.density={self.density!r} is invalid; it must be in (0, 1]")
-        check_positive("method.update_gap", self.update_gap)
-        check_choice("method.projector", self.projector, ("svd", "random", "randk", "blocks"))
-        check_choice("method.inactive_update_rule", self.inactive_update_rule, ("sign_sgd", "sgd", "none"))
-        check_positive("method.inactive_lr_scale", self.inactive_lr_scale, allow_zero=True)
-        check_positive("method.proj_params_lr_scale", self.proj_params_lr_scale)
-        check_choice("method.proj_type", self.proj_type, tuple(SIDE_RULES))
-        check_positive("method.eps", self.eps)
 
 
 class FrugalFamily(GaLoreFamily):

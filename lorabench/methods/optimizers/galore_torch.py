@@ -10,30 +10,12 @@ scale 4 on GLUE (pre-training: 0.25), proj_type std.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from lorabench.config import check_choice, check_positive
+from lorabench.method_params.optimizers import GaLoreTorchParams as GaLoreParams
 from lorabench.methods.base import MethodContext, OptimizerBuilder, decay_groups, target_linear_weights
 from lorabench.methods.fidelity import Fidelity
 from lorabench.registry import OPTIMIZERS
-
-PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
-
-
-@dataclass
-class GaLoreParams:
-    rank: int = 8
-    update_proj_gap: int = 200
-    scale: float = 0.25
-    proj_type: str = "std"
-
-    def __post_init__(self) -> None:
-        check_positive("method.rank", self.rank)
-        check_positive("method.update_proj_gap", self.update_proj_gap)
-        check_positive("method.scale", self.scale)
-        check_choice("method.proj_type", self.proj_type, PROJ_TYPES)
 
 
 def galore_param_groups(model, params: GaLoreParams, ctx: MethodContext) -> list[dict]:

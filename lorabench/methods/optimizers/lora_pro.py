@@ -34,17 +34,14 @@ gradients' norm).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from lorabench.config import check_choice
 from lorabench.errors import ConfigError
+from lorabench.method_params.optimizers import MODES, LoraProParams
 from lorabench.methods.base import MethodContext, OptimizerBuilder
 from lorabench.methods.fidelity import Fidelity
 from lorabench.registry import OPTIMIZERS
 
-MODES = ("full", "efficient")
 REFERENCE = "mrflogs/LoRA-Pro@fe2602725b21 DeepSpeed-0.15.1/deepspeed/runtime/zero/stage_1_and_2.py"
 
 
@@ -151,20 +148,6 @@ def lora_pairs(model) -> list[tuple[torch.nn.Parameter, torch.nn.Parameter, floa
         if a.requires_grad and b.requires_grad:
             pairs.append((a, b, float(module.scaling["default"])))
     return pairs
-
-
-@dataclass
-class LoraProParams:
-    lora_pro_mode: str = "full"  # full: Adam on the equivalent gradient (released code); efficient: AdamW on A, B
-    lora_pro_ridge: float = 1e-8  # added to BᵀB and AAᵀ before inverting (the authors' delta)
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-
-    def __post_init__(self) -> None:
-        check_choice("method.lora_pro_mode", self.lora_pro_mode, MODES)
-        if not self.lora_pro_ridge > 0:
-            raise ConfigError(f"method.lora_pro_ridge={self.lora_pro_ridge!r} is invalid; it must be > 0")
 
 
 @OPTIMIZERS.register("lora_pro")

@@ -11,26 +11,14 @@ beta1 0.9, beta2 0.999, eps 1e-8.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from importlib.metadata import version
 
 import torch
 
-from lorabench.config import check_positive
+from lorabench.method_params.optimizers import LoraPlusParams
 from lorabench.methods.base import MethodContext, OptimizerBuilder
 from lorabench.methods.fidelity import Fidelity
 from lorabench.registry import OPTIMIZERS
-
-
-@dataclass
-class LoraPlusParams:
-    loraplus_lr_ratio: float = 16.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-
-    def __post_init__(self) -> None:
-        check_positive("method.loraplus_lr_ratio", self.loraplus_lr_ratio)
 
 
 @OPTIMIZERS.register("loraplus")

@@ -24,12 +24,7 @@ from __future__ import annotations
 
 import torch
 
-SIDE_RULES = {
-    "std": lambda m, n: "left" if m < n else "right",
-    "reverse_std": lambda m, n: "right" if m < n else "left",
-    "left": lambda m, n: "left",
-    "right": lambda m, n: "right",
-}
+from lorabench.method_params.optimizers import SIDE_RULES  # torch-free: GaLore's Params check proj_type
 
 
 class Projector:

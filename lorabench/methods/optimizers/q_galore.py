@@ -44,13 +44,11 @@ weights would confound the comparison and need a quantized Linear; only the opti
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from lorabench.config import check_choice, check_positive
-from lorabench.errors import ConfigError
+from lorabench.method_params.optimizers import QGaLoreParams
 from lorabench.methods.base import MethodContext, OptimizerBuilder, decay_groups, target_linear_weights
 from lorabench.methods.fidelity import Fidelity
 from lorabench.methods.optimizers.galore_family import GaLoreFamily
@@ -300,45 +298,6 @@ class QGaLoreAdamW(GaLoreFamily):
 
 
 # ----------------------------------------------------------------------------- the builder
-
-
-@dataclass
-class QGaLoreParams:
-    rank: int = 8
-    update_proj_gap: int = 200
-    scale: float = 0.25
-    proj_type: str = "std"  # the only side rule the authors implement
-    proj_bits: int = 4  # 4 or 8 (asymmetric, per group); 32 = fp32 basis
-    proj_group_size: int = 256  # entries per quantization group; -1 = one group per row of the stored basis
-    cos_threshold: float = 0.4  # mean signed cosine of successive leading singular vectors that grows the gap
-    queue_size: int = 5  # cosines averaged (the queue is never cleared)
-    gamma_proj: int = 2  # the layer's gap is multiplied by this at each SVD while the mean is >= threshold
-    min_8bit_size: int = 4096  # tensors with fewer entries keep fp32 moments (bitsandbytes' default)
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-
-    def __post_init__(self) -> None:
-        check_positive("method.rank", self.rank)
-        check_positive("method.update_proj_gap", self.update_proj_gap)
-        check_positive("method.scale", self.scale)
-        check_choice("method.proj_type", self.proj_type, ("std",))
-        check_choice("method.proj_bits", self.proj_bits, (4, 8, 32))
-        if self.proj_group_size == 0 or self.proj_group_size < -1:
-            raise ConfigError(
-                f"method.proj_group_size={self.proj_group_size!r} is invalid; it must be >= 1 (-1: a group per row)"
-            )
-        if not -1.0 <= self.cos_threshold <= 1.0:
-            raise ConfigError(f"method.cos_threshold={self.cos_threshold!r} is invalid; it must be in [-1, 1]")
-        check_positive("method.queue_size", self.queue_size)
-        if self.gamma_proj < 1:
-            raise ConfigError(f"method.gamma_proj={self.gamma_proj!r} is invalid; the gap factor must be >= 1")
-        check_positive("method.min_8bit_size", self.min_8bit_size, allow_zero=True)
-        for name in ("beta1", "beta2"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ConfigError(f"method.{name}={value!r} is invalid; it must be in [0, 1)")
-        check_positive("method.eps", self.eps)
 
 
 @OPTIMIZERS.register("q_galore")

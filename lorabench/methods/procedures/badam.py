@@ -41,19 +41,14 @@ the HF Trainer builds it). Multi-process runs: changing ``requires_grad`` under 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from lorabench.config import check_choice, check_positive
+from lorabench.method_params.procedures import BAdamParams
 from lorabench.methods.base import MethodContext, Procedure
 from lorabench.methods.fidelity import Fidelity
 from lorabench.methods.procedures.lisa import set_trainable, transformer_layers
 from lorabench.registry import PROCEDURES
-
-SWITCH_MODES = ("ascending", "descending", "random")
-NON_LAYER = ("auto", "active", "frozen", "blocks")
 
 
 def non_layer_mode(non_layer: str, head: str) -> str:
@@ -87,18 +82,6 @@ def first_block(num_blocks: int, mode: str, generator: torch.Generator) -> tuple
         return num_blocks - 1, [], 0
     order = torch.randperm(num_blocks, generator=generator).tolist()
     return order.pop(), order, 1
-
-
-@dataclass
-class BAdamParams:
-    switch_every: int = 50  # K: Adam steps per block visit (the first visit gets K - 1)
-    switch_mode: str = "ascending"  # ascending | descending | random
-    badam_non_layer: str = "auto"  # auto | active | frozen | blocks: what the non-layer parameters do
-
-    def __post_init__(self) -> None:
-        check_positive("method.switch_every", self.switch_every)
-        check_choice("method.switch_mode", self.switch_mode, SWITCH_MODES)
-        check_choice("method.badam_non_layer", self.badam_non_layer, NON_LAYER)
 
 
 @PROCEDURES.register("badam")

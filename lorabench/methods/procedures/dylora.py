@@ -16,21 +16,14 @@ trained model at every rank 1..r_max after training and stores the rank -> metri
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
+from lorabench.method_params.procedures import DyLoraSamplingParams
 from lorabench.methods.adapters.dylora import DyLoraLayer
 from lorabench.methods.base import MethodContext, Procedure
 from lorabench.methods.fidelity import Fidelity
 from lorabench.registry import PROCEDURES
-
-
-@dataclass
-class DyLoraSamplingParams:
-    frozen: bool = True  # the authors' GLUE scripts (set_rank(..., frozen=True) before every step)
-    eval_all_ranks: bool = False  # after training, evaluate at every rank 1..r_max (the rank -> metric curve)
 
 
 @PROCEDURES.register("dylora")

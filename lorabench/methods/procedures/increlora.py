@@ -51,13 +51,12 @@ EMAs and the counters, so a resumed run allocates and steps exactly as an uninte
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from lorabench.config import check_positive
 from lorabench.errors import ConfigError
+from lorabench.method_params.procedures import IncreLoraAllocParams
 from lorabench.methods.adapters.increlora import REPO, IncreLoraLayer, components_per_round
 from lorabench.methods.base import MethodContext, Procedure
 from lorabench.methods.fidelity import Fidelity
@@ -77,41 +76,6 @@ def restart_lr_factor(step: int, start: int, warmup: int, total: int) -> float:
         return j / max(1, warmup)
     horizon = total - start - 1
     return max(0.0, (horizon - j) / max(1, horizon - warmup))
-
-
-@dataclass
-class IncreLoraAllocParams:
-    target_r: int = 8  # average active rank per module at the end (budget target_r x modules)
-    add_per_round: int = 6  # the authors' top_h: modules selected per round
-    incre_rank_num: int = 0  # components per selected module; 0: the authors' table for target_r
-    tinit: int = -1  # no round at steps <= tinit; -1: tinit = delta_t (every script of the authors)
-    delta_t: int = 0  # steps between rounds; 0: max(1, round(interval_ratio x max_steps))
-    interval_ratio: float = 0.02  # the SST-2 script's 1000 of ~50,500 steps
-    ipt_beta1: float = 0.85
-    ipt_beta2: float = 0.85
-    orth_reg_weight: float = 0.1
-    advance_learn: bool = True  # authors' default (run_glue.py advance_learn=True)
-    reserve_gate: float = 1e-5  # frozen lambda of a reserved component (add_reserve_param)
-    warmup_new: bool = True  # authors' multi_lr=True: new components restart the linear warm-up
-    new_warmup_ratio: float = 0.06  # W = ceil(ratio * max_steps); the authors reuse the run's warm-up
-
-    def __post_init__(self) -> None:
-        for key in ("target_r", "add_per_round"):
-            check_positive(f"method.{key}", getattr(self, key))
-        check_positive("method.incre_rank_num", self.incre_rank_num, allow_zero=True)
-        check_positive("method.delta_t", self.delta_t, allow_zero=True)
-        check_positive("method.orth_reg_weight", self.orth_reg_weight, allow_zero=True)
-        check_positive("method.reserve_gate", self.reserve_gate)
-        if self.tinit < -1:
-            raise ConfigError(f"method.tinit={self.tinit!r} is invalid; it must be >= 0, or -1 (= delta_t)")
-        if not 0 < self.interval_ratio <= 1:
-            raise ConfigError(f"method.interval_ratio={self.interval_ratio!r} is invalid; it must be in (0, 1]")
-        for key in ("ipt_beta1", "ipt_beta2"):
-            if not 0 < getattr(self, key) < 1:
-                raise ConfigError(f"method.{key}={getattr(self, key)!r} is invalid; it must be in (0, 1)")
-        if not 0 <= self.new_warmup_ratio < 1:
-            raise ConfigError(f"method.new_warmup_ratio={self.new_warmup_ratio!r} is invalid; it must be in [0, 1)")
-        components_per_round(self.target_r, self.incre_rank_num)  # raises if the table has no entry
 
 
 def _check_adam(optimizer: torch.optim.Optimizer) -> None:

@@ -32,28 +32,14 @@ of an accumulated step keeps only the reference's earlier micro-batches' gradien
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from lorabench.errors import ConfigError
+from lorabench.method_params.procedures import LamdaFreezeParams
 from lorabench.methods.adapters.lamda import REPO, LamdaLayer
 from lorabench.methods.base import MethodContext, Procedure
 from lorabench.methods.fidelity import Fidelity
 from lorabench.registry import PROCEDURES
-
-
-@dataclass
-class LamdaFreezeParams:
-    pmb_freeze_every: float = 0.3  # eta: one more PMB column loses its gradient every eta x max_steps steps
-
-    def __post_init__(self) -> None:
-        if not 0 < self.pmb_freeze_every <= 1:
-            raise ConfigError(
-                f"method.pmb_freeze_every={self.pmb_freeze_every!r} is invalid; it must be in (0, 1] "
-                "(a fraction of train.max_steps)"
-            )
 
 
 @PROCEDURES.register("lamda")

@@ -21,14 +21,12 @@ Multi-process runs: changing ``requires_grad`` under DDP needs ``find_unused_par
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from torch import nn
 
-from lorabench.config import check_positive
 from lorabench.errors import ConfigError
+from lorabench.method_params.procedures import LisaParams
 from lorabench.methods.base import MethodContext, Procedure
 from lorabench.methods.fidelity import Fidelity
 from lorabench.registry import PROCEDURES
@@ -61,16 +59,6 @@ def set_trainable(params: list[nn.Parameter], on: bool) -> None:
         p.requires_grad_(on)
         if not on:
             p.grad = None
-
-
-@dataclass
-class LisaParams:
-    lisa_activated_layers: int = 2  # γ: layers unfrozen per period
-    lisa_interval_steps: int = 20  # K: steps per period
-
-    def __post_init__(self) -> None:
-        check_positive("method.lisa_activated_layers", self.lisa_activated_layers)
-        check_positive("method.lisa_interval_steps", self.lisa_interval_steps)
 
 
 @PROCEDURES.register("lisa")

@@ -26,32 +26,16 @@ and the transformer blocks with no trainable parameter (the SoMA adapter's froze
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from lorabench.config import check_positive
 from lorabench.errors import ConfigError
+from lorabench.method_params.procedures import SomaWdParams
 from lorabench.methods.base import MethodContext, Procedure
 from lorabench.methods.fidelity import Fidelity
 from lorabench.methods.procedures.lisa import transformer_layers
 from lorabench.registry import PROCEDURES
-
-
-@dataclass
-class SomaWdParams:
-    soma_wd_start: float = 0.05  # authors' AdamW weight_decay
-    soma_wd_end: float = 1.0e-5  # authors' eta_min of the cosine weight-decay schedule
-
-    def __post_init__(self) -> None:
-        check_positive("method.soma_wd_start", self.soma_wd_start, allow_zero=True)
-        check_positive("method.soma_wd_end", self.soma_wd_end, allow_zero=True)
-        if self.soma_wd_end > self.soma_wd_start:
-            raise ConfigError(
-                f"method.soma_wd_end={self.soma_wd_end!r} exceeds method.soma_wd_start={self.soma_wd_start!r}; "
-                "the schedule anneals the weight decay down"
-            )
 
 
 def cosine_weight_decay(t: int, total: int, start: float, end: float) -> float:

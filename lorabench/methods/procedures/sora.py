@@ -33,39 +33,18 @@ Two parts, both on the gates g of every SoRA layer:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from lorabench.config import check_positive
-from lorabench.errors import ConfigError
+from lorabench.method_params.procedures import SoraProximalParams
 from lorabench.methods.adapters.sora import SoraLayer
 from lorabench.methods.base import MethodContext, Procedure
 from lorabench.methods.fidelity import Fidelity
 from lorabench.registry import PROCEDURES
 
 REFERENCE = "TsinghuaC3I/SoRA@c275ac237b68"
-
-
-@dataclass
-class SoraProximalParams:
-    sparse_lambda: float = 3.0e-4  # threshold per step (authors' --sparse_lambda_2)
-    l1_lambda: float = 10.0  # weight of the L1 term in the loss (authors' --sparse_lambda)
-    gate_eps: float = 1.0e-6  # Adam eps of the gates (the authors' SparseAdamW keeps transformers AdamW's 1e-6)
-    lambda_times_lr: bool = False
-    lambda_schedule: str = "none"  # "none" or "linear"
-    max_lambda: float = 1.0e-3
-    lambda_num: int = 5
-
-    def __post_init__(self) -> None:
-        check_positive("method.sparse_lambda", self.sparse_lambda, allow_zero=True)
-        check_positive("method.l1_lambda", self.l1_lambda, allow_zero=True)
-        check_positive("method.gate_eps", self.gate_eps, allow_zero=True)
-        check_positive("method.lambda_num", self.lambda_num)
-        if self.lambda_schedule not in ("none", "linear"):
-            raise ConfigError(f"method.lambda_schedule={self.lambda_schedule!r} is invalid; use 'none' or 'linear'")
 
 
 def sparse_threshold_(g: torch.Tensor, tau: float) -> None:

@@ -1,0 +1,104 @@
+"""Check a ``method`` config (a preset YAML plus overrides) against the declared ``Params``, torch-free.
+
+A preset is flat: the keys below name the components and the label, every other key is a
+hyper-parameter that one of the chosen components declares in its ``Params`` dataclass. An unknown
+component or key, a wrong type, an invalid value or an incompatible combination raises
+``ConfigError``. ``lorabench.cli.validate_config`` runs this before torch loads;
+``lorabench.methods.spec.resolve_method`` runs it, then builds the components.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lorabench.errors import ConfigError
+from lorabench.method_params.registry import AXIS_NAMES, PARAMS, entry
+
+# label: what tables show; family: how `lorabench methods` groups it; lr overrides train.lr;
+# target_modules: "default" takes the model's list, "all-linear" every linear layer but the head.
+COMMON_KEYS = ("label", "family", "paper", "adapter", "init", "optimizer", "procedure", "lr", "target_modules")
+
+
+@dataclass
+class CheckedMethod:
+    """A method config that passed every check: what ``resolve_method`` builds components from."""
+
+    label: str
+    family: str
+    paper: str
+    lr: float | None
+    target_modules: list[str] | str
+    names: dict[str, str]  # axis -> registry name ("none" where unused)
+    params: dict[str, Any]  # axis -> Params dataclass instance (absent where unused)
+
+
+def _build_params(cls: type, values: dict, where: str) -> Any:
+    try:
+        node = OmegaConf.merge(OmegaConf.structured(cls), values)
+        return OmegaConf.to_object(node)
+    except OmegaConfBaseException as exc:
+        msg = str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: {msg}") from None
+
+
+def check_method(raw: dict) -> CheckedMethod:
+    """``raw`` -> the names and typed params; raises ``ConfigError`` naming the bad value."""
+    if "label" not in raw or not raw["label"]:
+        raise ConfigError("method.label is missing; every method preset names the label that tables show")
+    label = raw["label"]
+    names = {axis: str(raw.get(axis) or "none") for axis in AXIS_NAMES}
+    if names["optimizer"] == "none":
+        raise ConfigError(
+            f"method {label!r}: method.optimizer is required; valid choices: {', '.join(PARAMS['optimizer'].names())}"
+        )
+    entries = {axis: entry(axis, name) for axis, name in names.items() if name != "none"}
+    _check_compatibility(label, names, entries)
+
+    owned: dict[str, list[str]] = {}
+    for axis, declared in entries.items():
+        for f in fields(declared.params):
+            owned.setdefault(f.name, []).append(axis)
+    unknown = sorted(set(raw) - set(COMMON_KEYS) - set(owned))
+    if unknown:
+        valid = sorted(set(COMMON_KEYS) | set(owned))
+        raise ConfigError(
+            f"unknown key(s) {', '.join('method.' + k for k in unknown)} for method {label!r}; "
+            f"valid keys: {', '.join(valid)}"
+        )
+    params = {}
+    for axis, declared in entries.items():
+        values = {k: v for k, v in raw.items() if axis in owned.get(k, [])}
+        params[axis] = _build_params(declared.params, values, f"method {label!r} ({axis} {names[axis]!r})")
+
+    lr = raw.get("lr")
+    if lr is not None and (not isinstance(lr, (int, float)) or lr <= 0):
+        raise ConfigError(f"method.lr={lr!r} is invalid; it must be a number > 0 (or null to use train.lr)")
+    targets = raw.get("target_modules", "default")
+    if isinstance(targets, str) and targets not in ("default", "all-linear"):
+        raise ConfigError(
+            f"method.target_modules={targets!r} is invalid; use 'default', 'all-linear' or a list of names"
+        )
+    return CheckedMethod(
+        label,
+        str(raw.get("family", "other")),
+        str(raw.get("paper", "")),
+        lr,
+        list(targets) if not isinstance(targets, str) else targets,
+        names,
+        params,
+    )
+
+
+def _check_compatibility(label: str, names: dict[str, str], entries: dict[str, Any]) -> None:
+    """Components may declare ``requires_adapter``: a tuple of adapter names they work with."""
+    for axis, declared in entries.items():
+        needed = declared.requires_adapter
+        if needed and names["adapter"] not in needed:
+            raise ConfigError(
+                f"method {label!r}: {axis} {names[axis]!r} needs method.adapter in {list(needed)}, "
+                f"got {names['adapter']!r}"
+            )

@@ -1,0 +1,54 @@
+"""Which component names exist on each method axis, their ``Params`` and what adapter they need.
+
+A second registry beside ``lorabench.registry.ADAPTERS`` etc., torch-free: it holds no component,
+only the declaration a config is checked against. Every component registers here too, the ones
+without hyper-parameters with :class:`NoParams`, so an unknown name is refused with the valid
+choices before torch loads. ``tests/test_method_params.py`` keeps the two registries equal: the same
+names, ``component.Params is entry.params`` and the same ``requires_adapter``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from lorabench.registry import Registry
+
+AXIS_NAMES = ("adapter", "init", "optimizer", "procedure")  # the method config keys, in check order
+
+
+@dataclass(frozen=True)
+class ParamsEntry:
+    params: type  # the Params dataclass
+    # adapter names the component works with ("none": only without an adapter); empty: any adapter
+    requires_adapter: tuple[str, ...] = ()
+
+
+@dataclass
+class NoParams:
+    """For components without hyper-parameters."""
+
+
+PARAMS: dict[str, Registry] = {
+    "adapter": Registry("adapter"),
+    "init": Registry("initializer"),
+    "optimizer": Registry("optimizer"),
+    "procedure": Registry("procedure"),
+}
+
+
+def params_for(axis: str, name: str, requires_adapter: tuple[str, ...] = ()) -> Callable[[type], type]:
+    """Class decorator: ``cls`` declares the hyper-parameters of component ``name`` on ``axis``
+    (stack it for a class two components share); returns ``cls`` unchanged."""
+
+    def decorator(cls: type) -> type:
+        PARAMS[axis].register(name)(ParamsEntry(cls, tuple(requires_adapter)))
+        return cls
+
+    return decorator
+
+
+def entry(axis: str, name: str) -> ParamsEntry:
+    """The registered entry; an unknown name raises ``ConfigError`` naming ``method.<axis>`` and the
+    valid choices."""
+    return PARAMS[axis].get(name, where=f"method.{axis}")
