@@ -13,8 +13,8 @@ A recipe is ``recipes/<name>/recipe.yaml`` (see any of them for the schema):
   plain Hydra overrides of ``lorabench train``; ``{data_root}`` in an override is replaced by the
   ``data_root=DIR`` argument;
 * ``paper_numbers``: the paper's values (in the table's units: metric x 100) with ``table``,
-  ``source`` and ``status`` copied from the maintainers' PAPER_NUMBERS.md (checked notes, not shipped;
-  issue 21), a ``model`` they belong to and ``match`` keys (dotted config paths) that select the variant;
+  ``source`` (the primary source, or the second-hand copy an unverified number came from) and
+  ``status``, a ``model`` they belong to and ``match`` keys (dotted config paths) that select the variant;
 * ``tolerance``: how far (in points) ours may be from a verified number and still count as
   reproduced.
 
