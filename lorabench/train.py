@@ -35,6 +35,7 @@ from lorabench.data.base import collate, count_tokens, resolve_primary
 from lorabench.data.cache import cached_features
 from lorabench.fingerprint import local_inputs, portable_command, portable_config, portable_source
 from lorabench.measure import PeakMemory, optimizer_state_bytes, parameter_counts, provenance
+from lorabench.methods.adapters.layer import is_conv1d
 from lorabench.methods.base import MethodContext
 from lorabench.methods.build import apply_method, expected_trainable
 from lorabench.methods.spec import MethodSpec
@@ -93,8 +94,9 @@ def _fault_injection_step() -> int | None:
 
 def resolve_targets(spec: MethodSpec, default: list[str], model: torch.nn.Module) -> list[str]:
     """Module-name suffixes the method targets: the model's defaults, every linear layer except the
-    task head ("all-linear"), or an explicit list (checked against the model)."""
-    linear_names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    task head ("all-linear"), or an explicit list (checked against the model). Linear layers are
+    ``nn.Linear`` and GPT-2's ``Conv1D`` (c_attn, c_proj, c_fc)."""
+    linear_names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) or is_conv1d(m)]
     if spec.target_modules == "default":
         targets = list(default)
     elif spec.target_modules == "all-linear":

@@ -258,8 +258,7 @@ def test_a_merge_that_needs_a_tensor_the_architecture_lacks_is_refused(runs, tmp
 
 def test_gpt2_conv1d_targets_merge_back_into_their_conv1d(tmp_path):
     """GPT-2's ``Conv1D`` (weight stored d_in x d_out): the adapter wraps a transposed view of it, and
-    the merged model holds the original ``Conv1D`` again, which plain transformers loads. (No run here:
-    the training loop's target check sees only nn.Linear layers.)"""
+    the merged model holds the original ``Conv1D`` again, which plain transformers loads."""
     from types import SimpleNamespace
 
     from torch import nn

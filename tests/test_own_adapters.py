@@ -490,3 +490,19 @@ def test_gpt2_conv1d_targets(method):
         m.merge()
     torch.testing.assert_close(logits(model, batch), out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(original.detach(), before + delta.T)  # written into the Conv1D storage
+
+
+def test_the_training_loops_target_check_accepts_gpt2_conv1d_layers():
+    """``resolve_targets`` counts GPT-2's ``Conv1D`` (c_attn, c_proj, c_fc) as linear layers, so the
+    E2E recipe's ``model=gpt2_medium`` targets resolve; a name that is no layer is still refused."""
+    from types import SimpleNamespace
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lorabench.train import resolve_targets
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2))
+    assert resolve_targets(SimpleNamespace(target_modules="default"), ["c_attn"], model) == ["c_attn"]
+    assert resolve_targets(SimpleNamespace(target_modules="all-linear"), [], model) == ["c_attn", "c_fc", "c_proj"]
+    with pytest.raises(ValueError, match=r"\['q_proj'\] match no linear layer.*c_attn, c_fc, c_proj"):
+        resolve_targets(SimpleNamespace(target_modules=["q_proj"]), [], model)
