@@ -17,7 +17,7 @@ def compose(overrides: list[str]) -> dict:
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
-    from lorabench.cli import CONF_DIR
+    from lorabench.launch import CONF_DIR
 
     register_schemas()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):

@@ -44,8 +44,6 @@ base weights).
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import itertools
 import json
 import shutil
 import sys
@@ -146,77 +144,40 @@ class Rebuilt:
 
 
 def rebuild(config: dict, *, keep_base: bool = False) -> Rebuilt:
-    """The run's model (trained tensors not yet loaded), built in the training loop's order so that
-    everything drawn from the seed comes out the same: ``set_seed``, the data, the model, the
-    features and calibration batches, the targets, the budget, ``apply_method``. On the CPU, in
-    float32. ``keep_base`` keeps a copy of the plain model's tensors (for checking peft folders).
-
-    Kept in step with ``lorabench.train.train`` by hand (it builds inline); tests/test_export.py
-    checks the rebuilt model against what the run recorded."""
+    """The run's model (trained tensors not yet loaded), built as the training loop builds it, by the
+    same function (``lorabench.train.build_run_parts``: ``set_seed``, the data, the model, the
+    features and calibration batches, the targets, the budget), so that everything drawn from the
+    seed comes out the same; then ``apply_method``. On the CPU, in float32. ``keep_base`` keeps a copy
+    of the plain model's tensors (for checking peft folders). tests/test_export.py checks the rebuilt
+    model against what the run recorded."""
     import torch
-    from accelerate.utils import set_seed
-    from torch.utils.data import DataLoader
 
-    from lorabench.budget import apply_budget, solve_run_budget
-    from lorabench.cli import build_run
-    from lorabench.data.base import collate
-    from lorabench.data.cache import cached_features
     from lorabench.methods.adapters.layer import as_linear
-    from lorabench.methods.base import MethodContext
     from lorabench.methods.build import apply_method
-    from lorabench.models import load_model
     from lorabench.registry import DATASETS
-    from lorabench.results.record import config_hash
-    from lorabench.train import resolve_targets
+    from lorabench.train import build_run_parts
+    from lorabench.validate import build_run
 
     cfg, spec = build_run(on_this_machine(config))
-    cfg_dict = dataclasses.asdict(cfg)
     if cfg.hardware.num_threads:
         torch.set_num_threads(cfg.hardware.num_threads)
     task = DATASETS.get(cfg.dataset.name, where="dataset")
-    set_seed(cfg.seed)
     try:
-        splits = task.load(cfg.dataset)
+        parts = build_run_parts(cfg, spec, task)
     except DataError as exc:
         raise DataError(
             f"{exc} (export rebuilds the run as training built it: its data feeds data-driven inits, and "
             "random-weight models are drawn after it loads; make the run's dataset reachable again)"
         ) from None
-    loaded = load_model(cfg.model, task.head, task.num_labels)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    features = cached_features(task, splits.train, tokenizer, cfg.dataset)
-    pad_id = tokenizer.pad_token_id
-    targets = resolve_targets(spec, cfg.model.target_modules, model)
-    calibration_loader = DataLoader(
-        features, batch_size=cfg.hardware.micro_batch_size, shuffle=False, collate_fn=lambda b: collate(b, pad_id)
-    )
-    calibration_key = config_hash(
-        {
-            "model": cfg_dict["model"],
-            "dataset": cfg_dict["dataset"],
-            "targets": targets,
-            "batches": cfg.train.init_batches,
-            "micro": cfg.hardware.micro_batch_size,
-        }
-    )[:16]
-    ctx = MethodContext(
-        targets,
-        task.head,
-        spec.lr or cfg.train.lr,
-        cfg.train.weight_decay,
-        cfg.train.max_steps,
-        cfg.seed,
-        lambda: itertools.islice(iter(calibration_loader), cfg.train.init_batches),
-        calibration_key,
-    )
-    if cfg.budget.active():
-        spec = apply_budget(spec, solve_run_budget(model, spec, ctx, cfg.budget))
+    model, tokenizer = parts.model, parts.tokenizer
     base_logits = probe_logits(model, probe_batch(tokenizer))
     originals = {n: m for n, m in model.named_modules() if as_linear(m) is not None}
     base_keys = set(model.state_dict())
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()} if keep_base else None
-    model = apply_method(model, spec, ctx).model
-    return Rebuilt(cfg, spec, task, model, tokenizer, base_logits, targets, originals, base_keys, base_state)
+    model = apply_method(model, parts.spec, parts.ctx).model
+    return Rebuilt(
+        cfg, parts.spec, task, model, tokenizer, base_logits, parts.targets, originals, base_keys, base_state
+    )
 
 
 def on_this_machine(config: dict) -> dict:

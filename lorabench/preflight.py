@@ -1,7 +1,7 @@
 """Pre-flight checks of one run: everything that can be refused from the model's config, the data
 files and the tokenizer, before any weight is loaded or any step is trained.
 
-``lorabench.cli.run_one`` calls :func:`preflight` after the config validated and before
+``lorabench.launch.run_one`` calls :func:`preflight` after the config validated and before
 ``train()``. It builds the model on the meta device from its config alone (``config.json``, a GGUF
 file's metadata or a tiny config builder: :func:`lorabench.models.model_blueprint`), so every shape
 is the real one and no memory is spent on weights, then checks, each failure a ``ConfigError``

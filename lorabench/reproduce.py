@@ -18,7 +18,7 @@ A recipe is ``recipes/<name>/recipe.yaml`` (see any of them for the schema):
 * ``tolerance``: how far (in points) ours may be from a verified number and still count as
   reproduced.
 
-Every grid point goes through ``lorabench.cli.run_one``, the function ``lorabench train -m`` calls
+Every grid point goes through ``lorabench.launch.run_one``, the function ``lorabench train -m`` calls
 per job, into ``<results_dir>/<recipe>/`` (default ``results/recipes/<recipe>/``); finished runs
 are skipped as in any sweep. Only numbers whose status starts with ``verified`` are shown as the
 paper's; ``--include-unverified`` adds the others marked ``†`` (second-hand). Smoke-scale results
@@ -195,7 +195,7 @@ def run_recipe(
     include_unverified: bool = False,
     fmt: str = "md",
 ) -> int:
-    from lorabench import cli
+    from lorabench import launch
     from lorabench.results.table import build_table
 
     recipe = load_recipe(name)
@@ -203,7 +203,7 @@ def run_recipe(
     print(f"[lorabench] reproduce {recipe['name']} (scale={scale}): {recipe['title']}")
     print(f"[lorabench] protocol: {protocol_for(recipe, scale)}; {len(points)} runs")
     codes = []
-    cli.SWEEP_SUMMARY.clear()
+    launch.SWEEP_SUMMARY.clear()
     for i, (point, overrides) in enumerate(points):
         command = "lorabench train " + shlex.join(overrides)
         if dry_run:
@@ -213,10 +213,10 @@ def run_recipe(
         try:
             cfg_dict = compose(overrides)
         except Exception as exc:  # noqa: BLE001 - hydra's own errors name the bad override
-            cli._err(f"{point}: {str(exc).splitlines()[0]}")
+            launch.err(f"{point}: {str(exc).splitlines()[0]}")
             codes.append(2)
             continue
-        codes.append(cli.run_one(cfg_dict, command, multirun=True))
+        codes.append(launch.run_one(cfg_dict, command, multirun=True))
     if dry_run:
         return 0
     out = Path(results_dir) / recipe["name"]
@@ -239,7 +239,7 @@ def run_recipe(
             )
     else:
         print(f"\nscale={scale}: paper numbers are not shown; these runs are not comparable with the paper's.")
-    failed = [r for r in cli.SWEEP_SUMMARY if r["status"] not in ("completed", "skipped")]
+    failed = [r for r in launch.SWEEP_SUMMARY if r["status"] not in ("completed", "skipped")]
     for row in failed:
         print(f"  {row['status']:>9}  {row['run']}  ({row['error']})")
     return max(codes, default=0)

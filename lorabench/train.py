@@ -1,23 +1,31 @@
 """THE training loop: build -> init -> optimizer -> accelerator.prepare -> train/eval -> record.
 
-One flat function, :func:`train`, on Hugging Face Accelerate. Methods act only at the named points:
-``Initializer.before_adapter`` / ``after_adapter`` (with a few real training batches), the
-optimizer they build, and ``Procedure.after_backward`` (after the last backward of a step, before
-clipping and ``optimizer.step()``) and ``Procedure.on_step_end``. Every run leaves a record, also
-when it fails or is interrupted.
+On Hugging Face Accelerate, in pieces that :func:`train` calls top to bottom and a protocol can call
+too: :func:`build_run_parts` (data, model, targets, the method's context, the budget; shared with
+lorabench.export's rebuild), :func:`prepare_run` (the method applied, the schedule,
+``accelerator.prepare``), :func:`resume` (a checkpoint into a :class:`TrainState`),
+:func:`train_steps`, :func:`evaluate`, :func:`save_state` and :func:`finish_record`. What training
+has reached is the :class:`TrainState` (saved whole in every checkpoint); what the pieces share is the
+:class:`Run`. Methods act only at the named points: ``Initializer.before_adapter`` / ``after_adapter``
+(with a few real training batches), the optimizer they build, and ``Procedure.after_backward`` (after
+the last backward of a step, before clipping and ``optimizer.step()``) and ``Procedure.on_step_end``.
+Every run leaves a record, also when it fails or is interrupted.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import math
 import os
 import signal
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -230,13 +238,507 @@ def _new_record(cfg: RunConfig, cfg_dict: dict, spec: MethodSpec, command: str, 
     }
 
 
+# -- the pieces of a run ----------------------------------------------------------------------------
+@dataclasses.dataclass
+class Timers:
+    """Seconds spent applying the method, training and evaluating. ``train_time_s`` is the training
+    time of the steps the model holds (``restored_train_s`` of it restored from a checkpoint), not
+    counting a stretch in progress, which started at ``stretch_start`` (None while not training)."""
+
+    init_time_s: float = 0.0
+    train_time_s: float = 0.0
+    eval_time_s: float = 0.0
+    restored_train_s: float = 0.0
+    stretch_start: float | None = None
+
+    def start(self) -> None:
+        self.stretch_start = time.perf_counter()
+
+    def stop(self) -> None:
+        self.train_time_s += time.perf_counter() - self.stretch_start
+        self.stretch_start = None
+
+    def train_time_now(self) -> float:
+        running = time.perf_counter() - self.stretch_start if self.stretch_start else 0.0
+        return self.train_time_s + running
+
+    def as_dict(self) -> dict:
+        return {"init_time_s": self.init_time_s, "train_time_s": self.train_time_s, "eval_time_s": self.eval_time_s}
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Where training stands, all of what a checkpoint keeps besides tensors and RNG states:
+    optimizer steps taken, micro-batches drawn (the data position: a resumed run skips as many),
+    tokens seen, the best evaluation, the skipped non-finite steps, the evaluation history, the
+    train log and the sample predictions. ``history``, ``train_log`` and ``samples`` are the very
+    lists of the run's record (``train`` binds them), so the record and a checkpoint always agree."""
+
+    step: int = 0
+    consumed: int = 0
+    tokens: int = 0
+    best: dict | None = None
+    skipped: list = dataclasses.field(default_factory=list)
+    history: list = dataclasses.field(default_factory=list)
+    train_log: list = dataclasses.field(default_factory=list)
+    samples: list = dataclasses.field(default_factory=list)
+    timers: Timers = dataclasses.field(default_factory=Timers)
+
+    def state_dict(self) -> dict:
+        """The checkpoint's ``meta.json`` (lorabench.checkpoint.save_checkpoint adds ``step``)."""
+        return {
+            "consumed": self.consumed,
+            "tokens": self.tokens,
+            "best": self.best,
+            "skipped": self.skipped,
+            "history": self.history,
+            "train_log": self.train_log,
+            "samples": self.samples,
+            "train_time_s": self.timers.train_time_now(),
+        }
+
+    def load_state_dict(self, meta: dict) -> None:
+        """Restore from a checkpoint's ``meta.json``; its training time counts as restored."""
+        self.step, self.consumed, self.tokens = meta["step"], meta["consumed"], meta["tokens"]
+        self.best, self.skipped = meta["best"], meta["skipped"]
+        self.history, self.train_log, self.samples = meta["history"], meta["train_log"], meta["samples"]
+        self.timers.restored_train_s = meta["train_time_s"]
+        self.timers.train_time_s += meta["train_time_s"]
+
+
+@dataclasses.dataclass
+class RunParts:
+    """A run built up to its method: data, model, training batches and the method's context, with
+    the spec after the budget solved its size knob. :func:`build_run_parts` makes it for the training
+    loop and for lorabench.export's rebuild, so both draw everything from the seed in one order."""
+
+    cfg: RunConfig
+    spec: MethodSpec  # budget applied
+    task: Any
+    splits: Any
+    model: torch.nn.Module
+    tokenizer: Any
+    features: Any
+    loader: DataLoader  # shuffled training micro-batches (seeded)
+    targets: list[str]
+    lr: float
+    ctx: MethodContext
+    budget: dict | None  # the solved budget, when cfg.budget is active
+
+
+class CalibrationBatches:
+    """The first ``count`` batches of the unshuffled training features: the same for every seed, so
+    initializations can be cached and compared (``MethodContext.calibration_batches``)."""
+
+    def __init__(self, loader: DataLoader, count: int, show_progress: bool):
+        self.loader, self.count, self.show_progress = loader, count, show_progress
+
+    def __call__(self):
+        batches = itertools.islice(iter(self.loader), self.count)
+        if not self.show_progress:
+            return batches
+        return progress(batches, "calibrate", total=min(self.count, len(self.loader)))
+
+
+def build_run_parts(
+    cfg: RunConfig, spec: MethodSpec, task, accelerator: Accelerator | None = None, record: dict | None = None
+) -> RunParts:
+    """``set_seed``, the data, the model, the features and loaders, the targets, the method's context,
+    the budget: the order everything drawn from the seed depends on.
+
+    With an ``accelerator`` (training): rank 0 tokenizes first, gradient checkpointing is turned on as
+    configured, the model-source, generated-data and budget lines are printed and calibration shows a
+    progress bar. Without one (lorabench.export's one-process CPU rebuild) none of these. ``record``,
+    when given, gets the dataset, model source and budget as soon as each is known (a failure later
+    still records them)."""
+    set_seed(cfg.seed)
+    splits = task.load(cfg.dataset)
+    if record is not None:
+        record["dataset"].update(
+            {
+                "source": portable_source(splits.source),
+                "train_split": splits.train_split,
+                "eval_split": splits.eval_split,
+                "train_size": len(splits.train),
+                "eval_size": len(splits.eval),
+                "protocol": task.protocol(cfg.dataset),
+                "eval_schedule": {"every": cfg.train.eval_every, "at_end": True},
+                "notes": splits.notes,
+            }
+        )
+    loaded = load_model(cfg.model, task.head, task.num_labels)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    if record is not None:
+        record["model"]["source"] = portable_source(loaded.source)
+    if accelerator is not None:
+        if loaded.source.get("kind") != "hub":
+            print(
+                f"[lorabench] model {cfg.model.name}: loaded from {loaded.source.get('kind')} source "
+                f"({loaded.source.get('package') or loaded.source.get('path') or loaded.source.get('config')})"
+            )
+        if splits.source.get("kind") == "generated":
+            print(f"[lorabench] WARNING dataset {cfg.dataset.name}: {splits.source['note']}")
+    # rank 0 tokenizes and caches, the others read the cache
+    with accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext():
+        features = cached_features(task, splits.train, tokenizer, cfg.dataset)
+    collate_fn = functools.partial(collate, pad_token_id=tokenizer.pad_token_id)
+    loader = DataLoader(
+        features,
+        batch_size=cfg.hardware.micro_batch_size,
+        shuffle=True,
+        drop_last=True,
+        collate_fn=collate_fn,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    if len(loader) == 0:
+        raise ValueError(
+            f"the training split has {len(features)} examples, fewer than one micro-batch "
+            f"(hardware.micro_batch_size={cfg.hardware.micro_batch_size})"
+        )
+    if accelerator is not None and cfg.hardware.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+
+    targets = resolve_targets(spec, cfg.model.target_modules, model)
+    lr = spec.lr or cfg.train.lr
+    calibration_loader = DataLoader(
+        features, batch_size=cfg.hardware.micro_batch_size, shuffle=False, collate_fn=collate_fn
+    )
+    cfg_dict = dataclasses.asdict(cfg)
+    calibration_key = config_hash(
+        {
+            "model": cfg_dict["model"],
+            "dataset": cfg_dict["dataset"],
+            "targets": targets,
+            "batches": cfg.train.init_batches,
+            "micro": cfg.hardware.micro_batch_size,
+        }
+    )[:16]
+    ctx = MethodContext(
+        targets,
+        task.head,
+        lr,
+        cfg.train.weight_decay,
+        cfg.train.max_steps,
+        cfg.seed,
+        CalibrationBatches(calibration_loader, cfg.train.init_batches, show_progress=accelerator is not None),
+        calibration_key,
+    )
+    solved = None
+    if cfg.budget.active():
+        solved = solve_run_budget(model, spec, ctx, cfg.budget)
+        spec = apply_budget(spec, solved)
+        if record is not None:
+            record["method"] = spec.describe()
+            record["method_report"]["budget"] = solved
+            for name in solved["knob"].split("="):  # tables group by the solved value, not the preset's
+                record["config"]["method"][name] = solved["value"]
+        if accelerator is not None and accelerator.is_main_process:
+            print(
+                f"[lorabench] budget {solved['budget']:,} {solved['unit']}: {solved['knob']}={solved['value']} "
+                f"(predicted {solved['predicted']:,}{', capped' if solved['capped'] else ''})"
+            )
+    return RunParts(cfg, spec, task, splits, model, tokenizer, features, loader, targets, lr, ctx, solved)
+
+
+@dataclasses.dataclass
+class Run:
+    """What the loop's pieces share: the built parts with the method applied and everything passed
+    through ``accelerator.prepare``, the run's record (through its recorder), tracker and signal flag.
+    ``batches`` (the endless training micro-batches, at the state's data position) and the progress
+    ``bar`` are set once the run has resumed."""
+
+    parts: RunParts
+    model: torch.nn.Module  # prepared
+    optimizer: Any
+    scheduler: Any
+    procedure: Any
+    loader: DataLoader  # prepared
+    accelerator: Accelerator
+    recorder: Recorder
+    tracker: Any
+    stop: StopFlag
+    pretrained: dict | None  # target weights before training (cfg.analysis.intruders)
+    batches: Iterator | None = None
+    bar: Any = None
+
+    @property
+    def cfg(self) -> RunConfig:
+        return self.parts.cfg
+
+    @property
+    def record(self) -> dict:
+        return self.recorder.record
+
+    @property
+    def run_dir(self) -> Path:
+        return self.recorder.path.parent
+
+
+def prepare_run(
+    parts: RunParts, accelerator: Accelerator, recorder: Recorder, tracker, stop: StopFlag, timers: Timers
+) -> Run:
+    """Apply the method (its time is ``init_time_s``), build the LR schedule, ``accelerator.prepare``
+    everything, record the parameter counts and print the run's opening lines."""
+    cfg, spec, record = parts.cfg, parts.spec, recorder.record
+    expected = expected_trainable(parts.model, spec, parts.ctx)
+    pretrained = snapshot(parts.model, parts.targets) if cfg.analysis.intruders else None
+    t0 = time.perf_counter()
+    built = apply_method(parts.model, spec, parts.ctx)
+    model, optimizer, procedure = built.model, built.optimizer, built.procedure
+    timers.init_time_s = time.perf_counter() - t0
+    warmup = math.ceil(cfg.train.warmup_ratio * cfg.train.max_steps)
+    scheduler = get_scheduler(
+        cfg.train.schedule, optimizer, num_warmup_steps=warmup, num_training_steps=max(cfg.train.max_steps, 1)
+    )
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, parts.loader, scheduler)
+    trainable, total = parameter_counts(model)
+    record["cost"].update({"trainable_params": trainable, "total_params": total, "expected_trainable_params": expected})
+    record["method_report"].update({"target_modules": parts.targets, "lr": parts.lr, **parts.ctx.extras})
+    if accelerator.is_main_process:
+        accum, processes = cfg.gradient_accumulation(), accelerator.num_processes
+        _print_start(cfg, spec, accum, processes, trainable, total, parts.features, parts.lr, parts.targets)
+    return Run(parts, model, optimizer, scheduler, procedure, loader, accelerator, recorder, tracker, stop, pretrained)
+
+
+def resume(run: Run, state: TrainState) -> None:
+    """With ``resume=auto``, restore the newest usable checkpoint into the run and ``state``; bind the
+    state's lists into the record; position the training batches where the state says (and, after a
+    checkpoint, the RNG states as they were), so the run continues as an uninterrupted one would."""
+    cfg, accelerator, record = run.cfg, run.accelerator, run.record
+    is_main = accelerator.is_main_process
+    checkpoint, passed_over = (None, [])
+    if cfg.resume == "auto":  # the newest checkpoint whose files verify; newer broken ones are named
+        checkpoint, passed_over = newest_usable(run.run_dir, accelerator.process_index, warn=is_main)
+    if checkpoint:
+        meta = load_checkpoint(
+            checkpoint,
+            model=run.model,
+            optimizer=run.optimizer,
+            scheduler=run.scheduler,
+            procedure=run.procedure,
+            accelerator=accelerator,
+        )
+        state.load_state_dict(meta)
+        record["resumed_from"].append(_resume_entry(checkpoint, passed_over))
+        if is_main:
+            print(f"[lorabench] resuming {record['run_id']} from step {state.step} ({checkpoint.path})")
+    # without a checkpoint the run starts over, the log carried over from a previous record with it
+    record.update(history=state.history, train_log=state.train_log, samples=state.samples)
+    record["method_report"]["skipped_nonfinite_steps"] = state.skipped  # kept also if the run fails later
+    run.recorder.step = state.step
+    run.recorder.write()
+    run.batches = _infinite(run.loader)
+    for _ in range(state.consumed):  # the same data order as an uninterrupted run
+        next(run.batches)
+    if checkpoint:
+        restore_rng(checkpoint)
+
+
+def train_steps(run: Run, state: TrainState, n: int = 1) -> None:
+    """Up to ``n`` optimizer steps, fewer at ``train.max_steps`` or once a stop signal arrived. A step
+    whose loss or gradient is not finite is skipped (``train.nonfinite=skip``, at most
+    ``train.max_skipped_steps``) and does not count: the next batches are tried."""
+    target = min(state.step + n, run.cfg.train.max_steps)
+    while state.step < target:
+        loss_value = _optimizer_step(run, state)
+        if loss_value is None:
+            continue
+        _log_step(run, state, loss_value)
+        if run.stop.signal_name:
+            return
+
+
+def _optimizer_step(run: Run, state: TrainState) -> float | None:
+    """One optimizer step over ``gradient_accumulation`` micro-batches; its loss, or None when it was
+    skipped as non-finite (raises FloatingPointError when it may not be skipped)."""
+    cfg, model, accelerator, procedure = run.cfg, run.model, run.accelerator, run.procedure
+    accum = cfg.gradient_accumulation()
+    loss_sum, step_tokens = 0.0, 0
+    for micro in range(accum):
+        batch = next(run.batches)
+        state.consumed += 1
+        step_tokens += count_tokens(batch)
+        sync = accelerator.no_sync(model) if micro < accum - 1 else contextlib.nullcontext()
+        with sync:
+            loss = model(**batch).loss / accum
+            extra = procedure.extra_loss(model) if procedure else None  # gradient only, not the logged loss
+            accelerator.backward(loss if extra is None else loss + extra / accum)
+        loss_sum += loss.detach().float()
+    if procedure:
+        procedure.after_backward(state.step)
+    grad_norm = None
+    if cfg.train.max_grad_norm:
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+    loss_value = accelerator.reduce(loss_sum, reduction="mean").item()
+    if not math.isfinite(loss_value) or (grad_norm is not None and not math.isfinite(float(grad_norm))):
+        where = _first_nonfinite_grad(model)
+        event = {"step": state.step + 1, "loss": loss_value, "first_nonfinite_grad": where}
+        if cfg.train.nonfinite == "stop" or len(state.skipped) >= cfg.train.max_skipped_steps:
+            raise FloatingPointError(
+                f"non-finite loss {loss_value} or gradient at step {state.step + 1} "
+                f"(first non-finite gradient: {where}); train.nonfinite="
+                f"{cfg.train.nonfinite}, {len(state.skipped)} steps skipped before"
+            )
+        state.skipped.append(event)
+        run.optimizer.zero_grad(set_to_none=True)
+        print(f"[lorabench] skipped step {state.step + 1}: non-finite loss/gradient ({where})")
+        return None
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    run.recorder.step = state.step
+    if procedure:
+        procedure.on_step_end(state.step)
+    state.tokens += int(accelerator.reduce(torch.tensor(step_tokens, device=accelerator.device), reduction="sum"))
+    return loss_value
+
+
+def _log_step(run: Run, state: TrainState, loss_value: float) -> None:
+    """The train log (every ``train.log_every`` steps, the first and the last), tracker and progress bar."""
+    cfg, step = run.cfg, state.step
+    train_time = state.timers.train_time_now()
+    lr = run.scheduler.get_last_lr()[0]
+    if step % cfg.train.log_every == 0 or step == 1 or step == cfg.train.max_steps:
+        state.train_log.append({"step": step, "loss": loss_value, "lr": lr})
+        run.recorder.write()
+        if run.tracker:
+            run.tracker.log({"train/loss": loss_value, "train/lr": lr}, step=step)
+    run.bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{state.tokens / max(train_time, 1e-9):.0f}")
+    run.bar.update(1)
+
+
+def evaluate(run: Run, state: TrainState) -> dict:
+    """Score the eval split now (every process predicts its shard); the metrics go to the history, the
+    record's final and best metrics, the first sample predictions, the tracker; the record is written."""
+    parts, record = run.parts, run.record
+    primary, higher = record["metrics"]["primary"], record["metrics"]["higher_is_better"]
+    t_eval = time.perf_counter()
+    scores, predictions = _evaluate(parts.task, run.model, parts.tokenizer, parts.splits.eval, run.cfg, run.accelerator)
+    state.timers.eval_time_s += time.perf_counter() - t_eval
+    if scores.get("missing"):  # metrics this environment cannot compute, with the reason
+        record["metrics"]["missing"] = scores["missing"]
+    metrics = {k: v for k, v in scores.items() if k != "missing"}
+    state.history.append({"step": state.step, "metrics": metrics})
+    best = state.best
+    if best is None or (metrics[primary] > best[primary] if higher else metrics[primary] < best[primary]):
+        state.best = {"step": state.step, **metrics}
+    record["metrics"].update({"final": metrics, "best": state.best})
+    if not state.samples and isinstance(predictions[0], str):
+        state.samples.extend(
+            {"input": e.get("question", e.get("mr", e.get("texts"))), "prediction": p}
+            for e, p in zip(parts.splits.eval[:3], predictions[:3])
+        )
+    if run.accelerator.is_main_process:
+        print(
+            f"[lorabench] eval @ step {state.step}: "
+            + ", ".join(f"{k}={v:.4f}" if v is not None else f"{k}=missing" for k, v in metrics.items())
+        )
+        if run.tracker:
+            run.tracker.log({f"eval/{k}": v for k, v in metrics.items() if v is not None}, step=state.step)
+    run.recorder.write()
+    return metrics
+
+
+def _scores(run: Run) -> dict:
+    """The eval split's scores alone (a procedure's post-training evaluations)."""
+    parts = run.parts
+    return _evaluate(parts.task, run.model, parts.tokenizer, parts.splits.eval, run.cfg, run.accelerator)[0]
+
+
+def save_state(run: Run, state: TrainState) -> None:
+    """A checkpoint of the run at ``state.step`` (lorabench.checkpoint)."""
+    save_checkpoint(
+        run.run_dir,
+        state.step,
+        model=run.model,
+        optimizer=run.optimizer,
+        scheduler=run.scheduler,
+        procedure=run.procedure,
+        meta=state.state_dict(),
+        accelerator=run.accelerator,
+        keep=run.cfg.checkpoint.keep,
+    )
+
+
+def record_training_cost(run: Run, state: TrainState) -> None:
+    """Optimizer state size, tokens trained on and throughput (after the training clock stopped)."""
+    train_time_s = state.timers.train_time_s
+    run.record["cost"].update(
+        {
+            "optimizer_state_bytes": optimizer_state_bytes(run.optimizer),
+            "train_tokens": state.tokens,
+            "tokens_per_s": state.tokens / train_time_s if state.step else None,
+        }
+    )
+
+
+def finish_record(run: Run) -> None:
+    """After the final evaluation: the procedure's post-training evaluations (e.g. DyLoRA's rank
+    curve), the intruder-dimension analysis, the saved outputs, the procedure's report; ``completed``."""
+    parts, record, accelerator = run.parts, run.record, run.accelerator
+    is_main, primary = accelerator.is_main_process, record["metrics"]["primary"]
+    extra = getattr(run.procedure, "post_training_evaluations", None)
+    curve = extra(functools.partial(_scores, run)) if extra else None
+    if curve:  # e.g. DyLoRA: the trained model evaluated at every rank
+        record["method_report"]["rank_curve"] = {rank: m[primary] for rank, m in curve.items()}
+        record["method_report"]["rank_curve_metrics"] = curve
+    if run.pretrained is not None and is_main:
+        analysis = run.cfg.analysis
+        report = model_intruders(
+            run.pretrained, accelerator.unwrap_model(run.model), analysis.intruder_top_k, analysis.intruder_epsilon
+        )
+        record["analysis"] = report.as_dict()
+        run.pretrained = None
+    if is_main:
+        outputs = save_outputs(
+            accelerator.unwrap_model(run.model),
+            parts.tokenizer,
+            run.run_dir,
+            has_adapter="adapter" in parts.spec.components,
+            hub_id=run.cfg.model.hub_id,
+            save_model=run.cfg.checkpoint.save_model,
+        )
+        record["outputs"] = outputs
+        record["cost"]["adapter_file_bytes"] = outputs.get("adapter", {}).get("bytes")
+    if run.procedure:
+        record["method_report"].update(run.procedure.state())
+    record["status"] = "completed"
+
+
+def _error(exc: BaseException, step: int, canceled: bool) -> dict:
+    """The record's ``error`` for a run that stopped at ``step``."""
+    if canceled:
+        return {"type": type(exc).__name__, "message": str(exc) or "interrupted", "step": step}
+    error = {"type": type(exc).__name__, "message": str(exc), "step": step, "traceback": traceback.format_exc(limit=8)}
+    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
+        error["hint"] = (
+            "out of memory: lower hardware.micro_batch_size (the global batch is kept "
+            "by gradient accumulation) or set hardware.gradient_checkpointing=true"
+        )
+    return error
+
+
+def _close_record(recorder: Recorder, state: TrainState, wall_time_s: float, memory: PeakMemory) -> None:
+    """The segment's end: costs (timers, peak memory), the segment closed, the record's last write."""
+    record, timers = recorder.record, state.timers
+    recorder.stop_heartbeat()
+    record["cost"].update({**timers.as_dict(), "peak_memory": memory.report()})
+    segment_timers = {**timers.as_dict(), "train_time_s": timers.train_time_s - timers.restored_train_s}
+    close_segment(record, state.step, wall_time_s, segment_timers)  # wall: all segments
+    record["finished_at"] = now()
+    recorder.write()
+
+
+# -- the run ----------------------------------------------------------------------------------------
 def train(cfg: RunConfig, spec: MethodSpec, command: str = "") -> dict:
+    """One run, start to record: skip it if completed (or trained by another process), build it,
+    resume it, train and evaluate on schedule, finish its record. Every run leaves a record."""
     cfg_dict = dataclasses.asdict(cfg)
     rid, record_path, previous = existing_record(cfg_dict, cfg.results_dir)
     if _completed(previous, cfg):
         return _skip_completed(rid, record_path, previous)
 
-    accum = cfg.gradient_accumulation()
     accelerator = Accelerator(cpu=cfg.hardware.device == "cpu", mixed_precision=cfg.hardware.mixed_precision)
     is_main = accelerator.is_main_process
     claim = claim_run(record_path.parent, accelerator)  # one trainer per run id, held to the end
@@ -255,370 +757,78 @@ def train(cfg: RunConfig, spec: MethodSpec, command: str = "") -> dict:
         claim.release()
         raise
     record = recorder.record
-    primary = record["metrics"]["primary"]
-    higher = record["metrics"]["higher_is_better"]
     if is_main:
         print(f"[lorabench] training {rid} ({describe_holder(record['owner'])}); record: {record_path}")
     stop = StopFlag().__enter__()
     t_start = time.perf_counter()
-    timers = {"init_time_s": 0.0, "train_time_s": 0.0, "eval_time_s": 0.0}
-    restored_train_s = 0.0  # training time of the steps restored from a checkpoint
+    state = TrainState()
     tracker = None
     memory = PeakMemory().__enter__()
-    step, t_train = 0, None  # t_train: start of the current training stretch (None while not training)
     try:
         if is_main:
             tracker = start_tracker(cfg.tracker, rid, cfg_dict, record_path.parent, Path(cfg.results_dir))
-        set_seed(cfg.seed)
-        splits = task.load(cfg.dataset)
-        record["dataset"].update(
-            {
-                "source": portable_source(splits.source),
-                "train_split": splits.train_split,
-                "eval_split": splits.eval_split,
-                "train_size": len(splits.train),
-                "eval_size": len(splits.eval),
-                "protocol": task.protocol(cfg.dataset),
-                "eval_schedule": {"every": cfg.train.eval_every, "at_end": True},
-                "notes": splits.notes,
-            }
-        )
-        loaded = load_model(cfg.model, task.head, task.num_labels)
-        model, tokenizer = loaded.model, loaded.tokenizer
-        record["model"]["source"] = portable_source(loaded.source)
-        if loaded.source.get("kind") != "hub":
-            print(
-                f"[lorabench] model {cfg.model.name}: loaded from {loaded.source.get('kind')} source "
-                f"({loaded.source.get('package') or loaded.source.get('path') or loaded.source.get('config')})"
-            )
-        if splits.source.get("kind") == "generated":
-            print(f"[lorabench] WARNING dataset {cfg.dataset.name}: {splits.source['note']}")
-        with accelerator.main_process_first():  # rank 0 tokenizes and caches, the others read the cache
-            features = cached_features(task, splits.train, tokenizer, cfg.dataset)
-        pad_id = tokenizer.pad_token_id
-        loader = DataLoader(
-            features,
-            batch_size=cfg.hardware.micro_batch_size,
-            shuffle=True,
-            drop_last=True,
-            collate_fn=lambda b: collate(b, pad_id),
-            generator=torch.Generator().manual_seed(cfg.seed),
-        )
-        if len(loader) == 0:
-            raise ValueError(
-                f"the training split has {len(features)} examples, fewer than one micro-batch "
-                f"(hardware.micro_batch_size={cfg.hardware.micro_batch_size})"
-            )
-        if cfg.hardware.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+        parts = build_run_parts(cfg, spec, task, accelerator, record)
+        run = prepare_run(parts, accelerator, recorder, tracker, stop, state.timers)
+        resume(run, state)
 
-        # -- method: initializer, adapter, optimizer, procedure --------------------------------------
-        targets = resolve_targets(spec, cfg.model.target_modules, model)
-        lr = spec.lr or cfg.train.lr
-
-        calibration_loader = DataLoader(
-            features, batch_size=cfg.hardware.micro_batch_size, shuffle=False, collate_fn=lambda b: collate(b, pad_id)
-        )
-
-        def calibration_batches():  # the same batches for every seed, so inits can be cached and compared
-            batches = itertools.islice(iter(calibration_loader), cfg.train.init_batches)
-            return progress(batches, "calibrate", total=min(cfg.train.init_batches, len(calibration_loader)))
-
-        calibration_key = config_hash(
-            {
-                "model": cfg_dict["model"],
-                "dataset": cfg_dict["dataset"],
-                "targets": targets,
-                "batches": cfg.train.init_batches,
-                "micro": cfg.hardware.micro_batch_size,
-            }
-        )[:16]
-        ctx = MethodContext(
-            targets,
-            task.head,
-            lr,
-            cfg.train.weight_decay,
-            cfg.train.max_steps,
-            cfg.seed,
-            calibration_batches,
-            calibration_key,
-        )
-        if cfg.budget.active():
-            solved = solve_run_budget(model, spec, ctx, cfg.budget)
-            spec = apply_budget(spec, solved)
-            record["method"] = spec.describe()
-            record["method_report"]["budget"] = solved
-            for name in solved["knob"].split("="):  # tables group by the solved value, not the preset's
-                record["config"]["method"][name] = solved["value"]
-            if is_main:
-                print(
-                    f"[lorabench] budget {solved['budget']:,} {solved['unit']}: {solved['knob']}={solved['value']} "
-                    f"(predicted {solved['predicted']:,}{', capped' if solved['capped'] else ''})"
-                )
-        expected = expected_trainable(model, spec, ctx)
-        pretrained = snapshot(model, targets) if cfg.analysis.intruders else None
-        t0 = time.perf_counter()
-        built = apply_method(model, spec, ctx)
-        model, optimizer, procedure = built.model, built.optimizer, built.procedure
-        timers["init_time_s"] = time.perf_counter() - t0
-        warmup = math.ceil(cfg.train.warmup_ratio * cfg.train.max_steps)
-        scheduler = get_scheduler(
-            cfg.train.schedule, optimizer, num_warmup_steps=warmup, num_training_steps=max(cfg.train.max_steps, 1)
-        )
-        model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-        trainable, total = parameter_counts(model)
-        record["cost"].update(
-            {"trainable_params": trainable, "total_params": total, "expected_trainable_params": expected}
-        )
-        record["method_report"].update({"target_modules": targets, "lr": lr, **ctx.extras})
-        if is_main:
-            _print_start(cfg, spec, accum, accelerator.num_processes, trainable, total, features, lr, targets)
-
-        # -- train / eval ---------------------------------------------------------------------------
-        best = None
-
-        def evaluate_now():
-            nonlocal best
-            t_eval = time.perf_counter()
-            scores, predictions = _evaluate(task, model, tokenizer, splits.eval, cfg, accelerator)
-            timers["eval_time_s"] += time.perf_counter() - t_eval
-            if scores.get("missing"):  # metrics this environment cannot compute, with the reason
-                record["metrics"]["missing"] = scores["missing"]
-            metrics = {k: v for k, v in scores.items() if k != "missing"}
-            record["history"].append({"step": step, "metrics": metrics})
-            better = best is None or (metrics[primary] > best[primary] if higher else metrics[primary] < best[primary])
-            if better:
-                best = {"step": step, **metrics}
-            record["metrics"].update({"final": metrics, "best": best})
-            if not record["samples"] and isinstance(predictions[0], str):
-                record["samples"] = [
-                    {"input": e.get("question", e.get("mr", e.get("texts"))), "prediction": p}
-                    for e, p in zip(splits.eval[:3], predictions[:3])
-                ]
-            if is_main:
-                print(
-                    f"[lorabench] eval @ step {step}: "
-                    + ", ".join(f"{k}={v:.4f}" if v is not None else f"{k}=missing" for k, v in metrics.items())
-                )
-                if tracker:
-                    tracker.log({f"eval/{k}": v for k, v in metrics.items() if v is not None}, step=step)
-            recorder.write()
-
-        # -- resume -------------------------------------------------------------------------------
-        run_dir = record_path.parent
-        tokens, consumed, skipped = 0, 0, []
-        checkpoint, passed_over = (None, [])
-        if cfg.resume == "auto":  # the newest checkpoint whose files verify; newer broken ones are named
-            checkpoint, passed_over = newest_usable(run_dir, accelerator.process_index, warn=is_main)
-        if checkpoint:
-            meta = load_checkpoint(
-                checkpoint,
-                model=model,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                procedure=procedure,
-                accelerator=accelerator,
-            )
-            step, consumed, tokens, best, skipped = (
-                meta["step"],
-                meta["consumed"],
-                meta["tokens"],
-                meta["best"],
-                meta["skipped"],
-            )
-            record.update(history=meta["history"], train_log=meta["train_log"], samples=meta["samples"])
-            restored_train_s = meta["train_time_s"]
-            timers["train_time_s"] += restored_train_s
-            record["resumed_from"].append(_resume_entry(checkpoint, passed_over))
-            if is_main:
-                print(f"[lorabench] resuming {rid} from step {step} ({checkpoint.path})")
-        else:  # nothing to resume: the run starts over, the carried-over log with it
-            record.update(history=[], train_log=[])
-        record["method_report"]["skipped_nonfinite_steps"] = skipped  # kept also if the run fails later
-        recorder.step = step
-        recorder.write()
-        batches = _infinite(loader)
-        for _ in range(consumed):  # the same data order as an uninterrupted run
-            next(batches)
-        if checkpoint:
-            restore_rng(checkpoint)
-
-        def checkpoint_now():
-            meta = {
-                "consumed": consumed,
-                "tokens": tokens,
-                "best": best,
-                "skipped": skipped,
-                "history": record["history"],
-                "train_log": record["train_log"],
-                "samples": record["samples"],
-                "train_time_s": timers["train_time_s"] + (time.perf_counter() - t_train if t_train else 0.0),
-            }
-            save_checkpoint(
-                run_dir,
-                step,
-                model=model,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                procedure=procedure,
-                meta=meta,
-                accelerator=accelerator,
-                keep=cfg.checkpoint.keep,
-            )
-
-        # -- train ----------------------------------------------------------------------------------
-        model.train()
+        run.model.train()
         fault_step = _fault_injection_step()
-        t_train = time.perf_counter()
+        state.timers.start()
         stop.in_loop = True
-        bar = tqdm(
+        run.bar = tqdm(
             total=cfg.train.max_steps,
-            initial=step,
+            initial=state.step,
             disable=not (is_main and cfg.progress),
-            desc=spec.label,
+            desc=parts.spec.label,
             unit="step",
         )
-        while step < cfg.train.max_steps:
-            loss_sum, step_tokens = 0.0, 0
-            for micro in range(accum):
-                batch = next(batches)
-                consumed += 1
-                step_tokens += count_tokens(batch)
-                sync = accelerator.no_sync(model) if micro < accum - 1 else contextlib.nullcontext()
-                with sync:
-                    loss = model(**batch).loss / accum
-                    extra = procedure.extra_loss(model) if procedure else None  # gradient only, not the logged loss
-                    accelerator.backward(loss if extra is None else loss + extra / accum)
-                loss_sum += loss.detach().float()
-            if procedure:
-                procedure.after_backward(step)
-            grad_norm = None
-            if cfg.train.max_grad_norm:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
-            loss_value = accelerator.reduce(loss_sum, reduction="mean").item()
-            if not math.isfinite(loss_value) or (grad_norm is not None and not math.isfinite(float(grad_norm))):
-                where = _first_nonfinite_grad(model)
-                event = {"step": step + 1, "loss": loss_value, "first_nonfinite_grad": where}
-                if cfg.train.nonfinite == "stop" or len(skipped) >= cfg.train.max_skipped_steps:
-                    raise FloatingPointError(
-                        f"non-finite loss {loss_value} or gradient at step {step + 1} "
-                        f"(first non-finite gradient: {where}); train.nonfinite="
-                        f"{cfg.train.nonfinite}, {len(skipped)} steps skipped before"
-                    )
-                skipped.append(event)
-                optimizer.zero_grad(set_to_none=True)
-                print(f"[lorabench] skipped step {step + 1}: non-finite loss/gradient ({where})")
-                continue
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            recorder.step = step
-            if procedure:
-                procedure.on_step_end(step)
-            tokens += int(accelerator.reduce(torch.tensor(step_tokens, device=accelerator.device), reduction="sum"))
-            elapsed = time.perf_counter() - t_train
-            if step % cfg.train.log_every == 0 or step == 1 or step == cfg.train.max_steps:
-                record["train_log"].append({"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0]})
-                recorder.write()
-                if tracker:
-                    tracker.log({"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0]}, step=step)
-            bar.set_postfix(
-                loss=f"{loss_value:.4f}",
-                lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                tok_s=f"{tokens / max(elapsed + timers['train_time_s'], 1e-9):.0f}",
-            )
-            bar.update(1)
+        while state.step < cfg.train.max_steps:
+            train_steps(run, state, 1)
+            step = state.step
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
-                timers["train_time_s"] += time.perf_counter() - t_train
-                t_train = None
+                state.timers.stop()
                 stop.in_loop = False
-                evaluate_now()
+                evaluate(run, state)
                 stop.in_loop = True
-                t_train = time.perf_counter()
+                state.timers.start()
             if step == fault_step:
                 os.kill(os.getpid(), signal.SIGTERM)
             if stop.signal_name:
                 if cfg.checkpoint.every:
-                    checkpoint_now()
+                    save_state(run, state)
                 raise RunCanceled(f"received {stop.signal_name} after step {step}")
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-                checkpoint_now()
+                save_state(run, state)
         stop.in_loop = False
-        bar.close()
-        timers["train_time_s"] += time.perf_counter() - t_train
-        t_train = None
-        record["cost"].update(
-            {
-                "optimizer_state_bytes": optimizer_state_bytes(optimizer),
-                "train_tokens": tokens,
-                "tokens_per_s": tokens / timers["train_time_s"] if step else None,
-            }
-        )
-        evaluate_now()
-        extra = getattr(procedure, "post_training_evaluations", None)
-        curve = extra(lambda: _evaluate(task, model, tokenizer, splits.eval, cfg, accelerator)[0]) if extra else None
-        if curve:  # e.g. DyLoRA: the trained model evaluated at every rank
-            record["method_report"]["rank_curve"] = {rank: m[primary] for rank, m in curve.items()}
-            record["method_report"]["rank_curve_metrics"] = curve
-        if pretrained is not None and is_main:
-            report = model_intruders(
-                pretrained, accelerator.unwrap_model(model), cfg.analysis.intruder_top_k, cfg.analysis.intruder_epsilon
-            )
-            record["analysis"] = report.as_dict()
-            pretrained = None
-        if is_main:
-            outputs = save_outputs(
-                accelerator.unwrap_model(model),
-                tokenizer,
-                record_path.parent,
-                has_adapter="adapter" in spec.components,
-                hub_id=cfg.model.hub_id,
-                save_model=cfg.checkpoint.save_model,
-            )
-            record["outputs"] = outputs
-            record["cost"]["adapter_file_bytes"] = outputs.get("adapter", {}).get("bytes")
-        if procedure:
-            record["method_report"].update(procedure.state())
-        record["status"] = "completed"
+        run.bar.close()
+        state.timers.stop()
+        record_training_cost(run, state)
+        evaluate(run, state)
+        finish_record(run)
     except (RunCanceled, KeyboardInterrupt) as exc:
         record["status"] = "canceled"
-        record["error"] = {"type": type(exc).__name__, "message": str(exc) or "interrupted", "step": step}
+        record["error"] = _error(exc, state.step, canceled=True)
         raise
     except BaseException as exc:
         record["status"] = "failed"
-        record["error"] = {
-            "type": type(exc).__name__,
-            "message": str(exc),
-            "step": step,
-            "traceback": traceback.format_exc(limit=8),
-        }
-        if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
-            record["error"]["hint"] = (
-                "out of memory: lower hardware.micro_batch_size (the global batch is kept "
-                "by gradient accumulation) or set hardware.gradient_checkpointing=true"
-            )
+        record["error"] = _error(exc, state.step, canceled=False)
         raise
     finally:
         stop.finishing = True
         if record["status"] == "running":  # a second signal landed before the except clause set it
             record["status"] = "canceled" if stop.signal_name else "failed"
         memory.__exit__(None, None, None)
-        if t_train is not None:  # interrupted while training
-            timers["train_time_s"] += time.perf_counter() - t_train
+        if state.timers.stretch_start is not None:  # interrupted while training
+            state.timers.stop()
         try:
-            recorder.stop_heartbeat()
-            record["cost"].update({**timers, "peak_memory": memory.report()})
-            segment_timers = {**timers, "train_time_s": timers["train_time_s"] - restored_train_s}
-            close_segment(record, step, time.perf_counter() - t_start, segment_timers)  # wall: all segments
-            record["finished_at"] = now()
-            recorder.write()
+            _close_record(recorder, state, time.perf_counter() - t_start, memory)
         finally:
             stop.__exit__(None, None, None)
             claim.release()
         if tracker:
             tracker.finish(record["status"] == "completed", record, record_path)
     if is_main:
+        primary = record["metrics"]["primary"]
         final = record["metrics"]["final"][primary]
         print(
             f"[lorabench] {rid}: {primary}={final:.4f} ({cfg.dataset.name}, {record['dataset']['source']['kind']} "

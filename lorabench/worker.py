@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 
-from lorabench.cli import run_one
+from lorabench.launch import run_one
 
 
 def main() -> None:

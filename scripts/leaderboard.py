@@ -382,10 +382,11 @@ def main() -> int:
     if args.hardware not in hardware_presets:
         parser.error(f"unknown --hardware {args.hardware!r}; valid: {hardware_presets}")
 
-    from lorabench.cli import CONF_DIR, build_run
     from lorabench.config_store import compose
     from lorabench.errors import ConfigError
+    from lorabench.launch import CONF_DIR
     from lorabench.methods.catalog import load_presets
+    from lorabench.validate import build_run
 
     presets = load_presets(CONF_DIR / "method")
     track_methods = sorted(m for m in presets if m not in track.not_in_track)

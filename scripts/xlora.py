@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lorabench import cli
+from lorabench import launch
 from lorabench.config_store import compose
 
 
@@ -28,10 +28,10 @@ def task_overrides(spec: str) -> list[str]:
 
 
 def run(overrides: list[str]) -> dict:
-    code = cli.run_one(compose(overrides), "python scripts/xlora.py " + " ".join(overrides), multirun=True)
+    code = launch.run_one(compose(overrides), "python scripts/xlora.py " + " ".join(overrides), multirun=True)
     if code:
         raise SystemExit(f"run failed (exit {code}): {' '.join(overrides)}")
-    return cli.SWEEP_SUMMARY[-1]
+    return launch.SWEEP_SUMMARY[-1]
 
 
 def main() -> int:

@@ -10,13 +10,13 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from lorabench.cli import build_run
 from lorabench.data.base import collate
 from lorabench.methods.base import MethodContext
 from lorabench.methods.build import apply_method, expected_trainable
 from lorabench.models import load_model
 from lorabench.registry import DATASETS
 from lorabench.train import resolve_targets
+from lorabench.validate import build_run
 from tests.conftest import compose, tiny_overrides
 
 

@@ -2,9 +2,9 @@
 the dataset's official format) -> exit code 2, exactly one ``lorabench: error:`` line naming the
 offending value (or file:line) and the valid choices, no traceback, no weights loaded.
 
-* ``config`` cases fail in ``cli.validate_config`` or before it (Hydra composition); one subprocess
+* ``config`` cases fail in ``validate.validate_config`` or before it (Hydra composition); one subprocess
   runs them all and checks that torch, transformers and peft were never imported.
-* ``method`` cases are bad method hyper-parameters or components: ``cli.validate_config`` refuses
+* ``method`` cases are bad method hyper-parameters or components: ``validate.validate_config`` refuses
   them too (``lorabench.method_params.check``), and the same subprocess check holds; only the
   checks that need torch (QLoRA's need for CUDA) wait for the method to resolve.
 * ``preflight`` cases fail in ``lorabench.preflight`` on a meta-device model: no record is written.
@@ -401,7 +401,7 @@ print(json.dumps(out))
     [
         # config validation imports neither torch, transformers nor peft
         (CONFIG_CASES, set()),
-        # nor does the check of the method's components and hyper-parameters (cli.validate_config ->
+        # nor does the check of the method's components and hyper-parameters (validate.validate_config ->
         # lorabench.method_params.check.check_method)
         (METHOD_CASES, set()),
         # QLoRA's CUDA check asks torch once the method resolves; transformers and peft load only
@@ -487,8 +487,8 @@ def _set(cfg: dict, dotted: str, value) -> dict:
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(dotted=st.sampled_from(FIELDS), value=VALUES)
 def test_numeric_fields_accept_or_name_the_field(base_config, dotted, value):
-    from lorabench.cli import build_run
     from lorabench.errors import ConfigError
+    from lorabench.validate import build_run
 
     try:
         build_run(_set(base_config, dotted, value))

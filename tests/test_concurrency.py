@@ -20,10 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from lorabench.cli import build_run, main
+from lorabench.cli import main
 from lorabench.results.record import run_id
 from lorabench.results.table import build_table
 from lorabench.run_lock import RunLock
+from lorabench.validate import build_run
 from tests.conftest import compose, tiny_overrides
 
 SWEEPS = 3

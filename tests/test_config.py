@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from lorabench.cli import build_run
 from lorabench.errors import ConfigError
+from lorabench.validate import build_run
 from tests.conftest import CONF_DIR, compose
 
 # sweep presets are appended with +sweep=... (tests/test_sweeps.py); every other group is selected

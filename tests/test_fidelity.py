@@ -58,7 +58,8 @@ def test_every_optimizer_and_procedure_declares_its_entry(axis, name, cls):
 
 
 def test_methods_fidelity_lists_every_component(capsys):
-    from lorabench.cli import CONF_DIR, main
+    from lorabench.cli import main
+    from lorabench.launch import CONF_DIR
 
     with pytest.raises(SystemExit) as exc:
         main(["methods", "--fidelity"])

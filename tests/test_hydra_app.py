@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lorabench.cli import build_run, main
+from lorabench.cli import main
 from lorabench.config import derive_micro_batch
 from lorabench.config_store import compose
 from lorabench.errors import ConfigError
+from lorabench.validate import build_run
 from tests.conftest import tiny_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -184,7 +185,7 @@ def test_a_bad_job_in_a_sweep_is_one_line_naming_the_job_before_any_job_trains(s
 
 
 def test_sweep_jobs_is_hydras_cartesian_product_and_defers_to_other_sweepers():
-    from lorabench.cli import sweep_jobs
+    from lorabench.validate import sweep_jobs
 
     assert sweep_jobs(["method=lora,dora", "seed=0,1", "model=tiny_bert"]) == [
         ["method=lora", "seed=0", "model=tiny_bert"],

@@ -192,7 +192,7 @@ def test_rank_runs_at_a_replaced_rate_are_moved(lb, tmp_path):
 
 
 def test_optimizer_state_budget_covers_exactly_the_sizable_full_weight_optimizers(lb):
-    from lorabench.cli import CONF_DIR
+    from lorabench.launch import CONF_DIR
     from lorabench.methods.catalog import load_presets
 
     presets = load_presets(CONF_DIR / "method")
@@ -229,7 +229,7 @@ def test_track_b_report_scores_bleu_into_its_own_readme_block(lb, tmp_path, monk
 
 
 def test_track_b_protocol_composes_and_hardware_changes_the_run_id(lb, tmp_path):
-    from lorabench.cli import build_run
+    from lorabench.validate import build_run
 
     cpu = compose(lb.overrides("lora", 5e-4, 0, tmp_path, "/data/e2e", lb.TRACK_B))
     cfg, spec = build_run(cpu)  # validates the protocol: a generation dataset on a decoder model
@@ -279,7 +279,7 @@ def test_track_b_start_rates_are_rates_track_a_ran_for_the_method(lb):
         if method in lb.FIDELITY_RERUNS:  # its Track A sweep restarted under the authors' rules
             continue
         assert rate in ran[method], (method, rate, sorted(ran[method]))
-    from lorabench.cli import CONF_DIR
+    from lorabench.launch import CONF_DIR
     from lorabench.methods.catalog import load_presets
 
     assert set(load_presets(CONF_DIR / "method")) - set(lb.NOT_IN_TRACK_B) == set(lb.TRACK_B_START)  # all of B

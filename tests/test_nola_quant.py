@@ -14,12 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorabench.cli import build_run
 from lorabench.config_store import compose
 from lorabench.errors import ConfigError
 from lorabench.methods.adapters.layer import adapter_layers, load_trainable, save_trainable
 from lorabench.methods.adapters.nola import COEF_BITS, NolaLayer, quantize_coefs
 from lorabench.methods.build import apply_method
+from lorabench.validate import build_run
 from tests.conftest import tiny_overrides
 from tests.method_harness import build
 

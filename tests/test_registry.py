@@ -41,7 +41,8 @@ def test_core_components_registered():
 
 
 def test_methods_command_lists_every_preset(capsys):
-    from lorabench.cli import CONF_DIR, main
+    from lorabench.cli import main
+    from lorabench.launch import CONF_DIR
 
     with pytest.raises(SystemExit) as exc:
         main(["methods"])

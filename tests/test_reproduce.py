@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from lorabench import cli
+from lorabench import cli, validate
 from lorabench.errors import ConfigError
 from lorabench.reproduce import grid_points, is_verified, list_recipes, load_recipe, paper_entries, run_recipe
 from lorabench.results.table import build_table
@@ -22,7 +22,7 @@ def test_expected_recipes_exist():
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_recipe_loads_and_grid_composes(name, monkeypatch, tmp_path):
-    monkeypatch.setattr(cli, "_check_device", lambda cfg: None)  # full scale asks for a GPU
+    monkeypatch.setattr(validate, "_check_device", lambda cfg: None)  # full scale asks for a GPU
     recipe = load_recipe(name)
     assert {"full", "smoke"} <= set(recipe["scales"])
     assert {"seeds", "report", "split"} <= set(recipe["protocol"]) and recipe["protocol"]["report"] in ("best", "last")
@@ -45,7 +45,7 @@ def test_recipe_loads_and_grid_composes(name, monkeypatch, tmp_path):
                 continue
             wanted.discard(key)
             cfg_dict = compose(overrides)
-            cfg, spec = cli.build_run(cfg_dict)
+            cfg, spec = validate.build_run(cfg_dict)
             assert cfg.results_dir == str(tmp_path / name)
             if scale == "smoke":  # smoke scale is tiny and never the paper's model
                 assert cfg.model.name.startswith("tiny_") and cfg.train.max_steps <= 4

@@ -3,7 +3,7 @@
 A preset is flat: the keys below name the components and the label, every other key is a
 hyper-parameter that one of the chosen components declares in its ``Params`` dataclass. An unknown
 component or key, a wrong type, an invalid value or an incompatible combination raises
-``ConfigError``. ``lorabench.cli.validate_config`` runs this before torch loads;
+``ConfigError``. ``lorabench.validate.validate_config`` runs this before torch loads;
 ``lorabench.methods.spec.resolve_method`` runs it, then builds the components.
 """
 

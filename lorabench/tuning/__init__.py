@@ -8,7 +8,7 @@
   extension, pick).
 - ``search``: the ladder search driver (``tune``, ``run_rounds``) and its summary.
 - ``halving``: the Optuna search, pruned by successive halving over training steps.
-- ``runs``: running points through ``lorabench.cli.run_one`` and reading their records back;
+- ``runs``: running points through ``lorabench.launch.run_one`` and reading their records back;
   ``run_objective`` is what ``lorabench train``'s Hydra task returns to a sweeper.
 - ``command``: ``lorabench tune``.
 """

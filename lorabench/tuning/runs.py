@@ -1,7 +1,7 @@
 """Running a search's points through the normal train path, and reading their records back.
 
 Every point is one ordinary run: its Hydra overrides are composed (``lorabench.config_store.compose``)
-and handed to ``lorabench.cli.run_one``, the function ``lorabench train`` calls per job, so a
+and handed to ``lorabench.launch.run_one``, the function ``lorabench train`` calls per job, so a
 point's record, run id and skip-if-completed behaviour are those of ``lorabench train``. A task (an
 override list) whose completed record exists under its ``results_dir`` is skipped before anything
 starts. ``jobs=0`` runs the tasks in this process, one after another (as ``lorabench train -m``);
@@ -86,9 +86,9 @@ def run_objective(cfg_dict: dict) -> float | None:
     """What ``lorabench train``'s Hydra task returns to a sweeper (``hydra/sweeper=lr_optuna``):
     the final primary metric of the run ``cfg_dict`` describes, read from its record; None when
     the run did not complete (the Optuna sweeper then marks the trial failed)."""
-    from lorabench.cli import validate_config
     from lorabench.errors import ConfigError
     from lorabench.results.record import run_id
+    from lorabench.validate import validate_config
 
     try:
         cfg = validate_config(cfg_dict)
@@ -108,10 +108,10 @@ def describe_task(task: list[str], keys: tuple[str, ...] = DESCRIBE_KEYS) -> str
 def run_task(
     task: list[str], command: str = "lorabench train", quote: bool = True, keys: tuple[str, ...] = DESCRIBE_KEYS
 ) -> tuple[str, int]:
-    """One run through ``lorabench.cli.run_one``; returns (description with any error, exit code).
+    """One run through ``lorabench.launch.run_one``; returns (description with any error, exit code).
     The record's command is ``command`` followed by the overrides (shell-quoted with ``quote``)."""
-    from lorabench.cli import SWEEP_SUMMARY, run_one
     from lorabench.config_store import compose
+    from lorabench.launch import SWEEP_SUMMARY, run_one
 
     line = f"{command} " + (shlex.join(task) if quote else " ".join(task))
     code = run_one(compose(task), line, multirun=True)

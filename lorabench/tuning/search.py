@@ -99,10 +99,10 @@ def prepare(overrides: list[str], metric: str | None = None) -> Target:
     """Compose and validate ``overrides`` once (bad input: ConfigError before any run) and find the
     metric a search optimizes: ``metric`` or the dataset's primary metric, with its direction."""
     import lorabench.data  # noqa: F401  registers datasets (torch-free)
-    from lorabench.cli import check_overrides, validate_config
     from lorabench.config_store import compose
     from lorabench.data.base import resolve_primary
     from lorabench.registry import DATASETS
+    from lorabench.validate import check_overrides, validate_config
 
     overrides = list(overrides)
     bad = [o for o in overrides if o.startswith("-")]
