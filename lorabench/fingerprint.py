@@ -21,12 +21,15 @@ once rather than at every run id.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import re
 import shlex
 import site
 import sysconfig
+import tempfile
 from pathlib import Path
 
 # (config section, key) of every config value that is a location of local files
@@ -136,19 +139,62 @@ def _site_dirs() -> list[Path]:
     return [Path(d).resolve() for d in dirs if d]
 
 
+def machine_prefixes(cwd: Path | None = None, everywhere: bool = False) -> list[tuple[str, str]]:
+    """(absolute folder, what a record writes instead), most specific first: Python's site-packages
+    -> ``<site-packages>/``, lorabench's cache -> ``<lorabench-cache>/``, the working directory ->
+    relative, its parent -> ``../``; with ``everywhere`` (records about to be committed) also the
+    home folder -> ``~/`` and the temporary folder -> ``<tmp>/``. Any other path stays as given."""
+    here = (cwd or Path.cwd()).resolve()
+    cache = Path(os.environ.get("LORABENCH_CACHE", Path.home() / ".cache" / "lorabench")).expanduser().resolve()
+    pairs = [(d, f"{SITE_PACKAGES}/") for d in _site_dirs()]
+    pairs += [(cache, "<lorabench-cache>/"), (here, ""), (here.parent, "../")]
+    if everywhere:
+        pairs += [(Path.home().resolve(), "~/"), (Path(tempfile.gettempdir()).resolve(), "<tmp>/")]
+    unique = {str(folder): repl for folder, repl in reversed(pairs) if str(folder) != "/"}
+    return sorted(unique.items(), key=lambda item: -len(item[0]))
+
+
 def portable_path(value: str | None, cwd: Path | None = None) -> str | None:
-    """A path as a record keeps it (see the module docstring); None and hub ids pass unchanged."""
+    """A path as a record keeps it (see :func:`machine_prefixes`); a relative path, None and hub ids
+    pass unchanged, and so does an absolute path under none of those folders."""
     if not value or not os.path.isabs(os.path.expanduser(value)):
         return value
     path = Path(value).expanduser().resolve()
-    for site_dir in _site_dirs():
-        if path.is_relative_to(site_dir):
-            return f"{SITE_PACKAGES}/{path.relative_to(site_dir).as_posix()}"
-    here = (cwd or Path.cwd()).resolve()
-    if path.is_relative_to(here):
-        return path.relative_to(here).as_posix() or "."
-    if path.is_relative_to(here.parent):
-        return "../" + path.relative_to(here.parent).as_posix()
+    for folder, repl in machine_prefixes(cwd):
+        if path.is_relative_to(folder):
+            rest = path.relative_to(folder).as_posix()
+            return (repl + rest if rest != "." else repl.rstrip("/")) or "."
+    return value
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_prefixes(cwd: str, everywhere: bool, cache_env: str | None) -> tuple:
+    del cache_env  # part of the key only: the cache folder comes from LORABENCH_CACHE
+    return tuple(
+        # the folder itself, or a path under it, not preceded by a path character
+        (re.compile(rf"(?<![\w./-]){re.escape(folder)}(?:(/)|(?![\w.-]))"), repl)
+        for folder, repl in machine_prefixes(Path(cwd), everywhere)
+    )
+
+
+def portable_text(text: str, cwd: Path | None = None, everywhere: bool = False) -> str:
+    """Every absolute path in ``text`` (a command, a traceback, a note) under one of the machine's
+    folders rewritten as :func:`portable_path` would."""
+    patterns = _compiled_prefixes(str(cwd or Path.cwd()), everywhere, os.environ.get("LORABENCH_CACHE"))
+    for pattern, repl in patterns:
+        if "/" in text:
+            text = pattern.sub(lambda m, repl=repl: repl if m.group(1) else (repl.rstrip("/") or "."), text)
+    return text
+
+
+def portable_strings(value, cwd: Path | None = None, everywhere: bool = False):
+    """A record (any JSON value) with :func:`portable_text` applied to every string in it."""
+    if isinstance(value, str):
+        return portable_text(value, cwd, everywhere) if "/" in value else value
+    if isinstance(value, list):
+        return [portable_strings(v, cwd, everywhere) for v in value]
+    if isinstance(value, dict):
+        return {k: portable_strings(v, cwd, everywhere) for k, v in value.items()}
     return value
 
 

@@ -28,17 +28,15 @@ import os
 import re
 import shlex
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lorabench.fingerprint import SITE_PACKAGES, local_inputs  # noqa: E402
+from lorabench.fingerprint import SITE_PACKAGES, local_inputs, portable_text  # noqa: E402
 from lorabench.results.record import RECORD_NAME, config_hash, json_text, read_record  # noqa: E402
 
 PRESET_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)  # sizes a preset may have had
-TMP_RE = re.compile(re.escape(tempfile.gettempdir().rstrip("/") + "/"))
 SITE_PACKAGES_RE = re.compile(r"(?:/[^\s\"'=]*)?/site-packages/")
 
 
@@ -106,14 +104,13 @@ ALIASES: dict[str, str] = {}  # --alias OLD=NEW: other clones of the project (e.
 
 
 def make_portable_text(text: str, machine_root: Path) -> str:
-    """Site-packages -> ``<site-packages>/``; the project root (and its ``--alias`` copies) ->
-    relative; its parent -> ``../``; the temporary folder -> ``<tmp>/``."""
-    text = SITE_PACKAGES_RE.sub(SITE_PACKAGES + "/", text)
+    """The ``--alias`` copies of the project -> relative; then every folder of
+    :func:`lorabench.fingerprint.machine_prefixes` (site-packages, lorabench's cache, the project root
+    and its parent, the home and temporary folders), as seen from the project root."""
+    text = SITE_PACKAGES_RE.sub(SITE_PACKAGES + "/", text)  # any virtualenv's, not only this one's
     for old, new in ALIASES.items():
         text = text.replace(old, new)
-    text = text.replace(f"{machine_root}/", "").replace(str(machine_root), ".")
-    text = text.replace(f"{machine_root.parent}/", "../")
-    return TMP_RE.sub("<tmp>/", text)
+    return portable_text(text, cwd=machine_root, everywhere=True)
 
 
 def _walk(value, fix):

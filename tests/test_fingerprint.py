@@ -147,3 +147,37 @@ def test_the_record_rewrite_gives_the_ids_of_todays_code_and_portable_paths(tmp_
         assert record["model"]["source"]["path"] == f"{SITE_PACKAGES}/pkg/model"
         assert record["inputs"]["dataset.data_dir"]["sha256"] == folder_fingerprint(data)["sha256"]
     assert not any((results / rid).exists() for rid in old)
+
+
+def test_every_string_of_a_written_record_is_portable(tmp_path, monkeypatch):
+    """The record writer rewrites machine folders anywhere in the record (a traceback, a cache path
+    in a method report), not only the config keys it knows."""
+    from lorabench.fingerprint import portable_strings, portable_text
+    from lorabench.results.runs import Recorder
+
+    project, cache = tmp_path / "proj", tmp_path / "cache"
+    project.mkdir()
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("LORABENCH_CACHE", str(cache))
+    record = {
+        "error": {"traceback": f'File "{project}/lorabench/train.py", line 3'},
+        "method_report": {"cache": {"path": f"{cache}/lora_ga/k.safetensors"}},
+        "results_dir": str(project),
+        "neighbour": f"{tmp_path}/shared/data ok",
+        "elsewhere": "/opt/models/x",
+        "lookalike": f"{project}ly/x",
+    }
+    expected = {
+        "error": {"traceback": 'File "lorabench/train.py", line 3'},
+        "method_report": {"cache": {"path": "<lorabench-cache>/lora_ga/k.safetensors"}},
+        "results_dir": ".",
+        "neighbour": "../shared/data ok",
+        "elsewhere": "/opt/models/x",
+        "lookalike": "../projly/x",
+    }
+    assert portable_strings(record) == expected
+    assert portable_text(f"{tmp_path}/x", everywhere=True).startswith(("<tmp>/", "../"))
+    recorder = Recorder(project / "r" / "record.json", dict(record), True)
+    recorder.write()
+    assert {k: v for k, v in json.loads((project / "r" / "record.json").read_text()).items() if k in record} == expected
+    assert recorder.record["results_dir"] == str(project)  # the live record keeps the real paths

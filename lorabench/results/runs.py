@@ -26,6 +26,7 @@ import threading
 import time
 from pathlib import Path
 
+from lorabench.fingerprint import portable_strings
 from lorabench.results.record import iter_records, json_text, now, write_text_atomic
 
 HEARTBEAT_S = 30.0  # a live trainer rewrites its record at least this often
@@ -138,7 +139,7 @@ class Recorder:
             return
         with self._lock:
             self._stamp(self.record)
-            self._snapshot = json_text(self.record)
+            self._snapshot = json_text(portable_strings(self.record))  # no path of this machine
             write_text_atomic(self.path, self._snapshot)
 
     def beat(self) -> None:
