@@ -20,6 +20,7 @@ from lorabench.cli import main
 from lorabench.config import derive_micro_batch
 from lorabench.config_store import compose
 from lorabench.errors import ConfigError
+from lorabench.fingerprint import portable_path
 from lorabench.validate import build_run
 from tests.conftest import tiny_overrides
 
@@ -80,9 +81,10 @@ def test_hydra_run_dir_holds_the_run_with_its_hydra_files(sst2_dir, tmp_path, ca
     assert not (tmp_path / "default").exists()
     hydra_dir = record.parent / ".hydra"
     config = yaml.safe_load((hydra_dir / "config.yaml").read_text())
-    assert config["method"]["label"] == "lora" and config["results_dir"] == str(out)
+    written = portable_path(str(out))  # as records write it: relative where it lies under the checkout or beside it
+    assert config["method"]["label"] == "lora" and config["results_dir"] == written
     assert "method=lora" in yaml.safe_load((hydra_dir / "overrides.yaml").read_text())
-    assert json.loads(record.read_text())["config"]["results_dir"] == str(out)
+    assert json.loads(record.read_text())["config"]["results_dir"] == written
 
 
 def test_sweep_echoes_each_job_and_honours_hydra_sweep_dir(sst2_dir, tmp_path, capsys):
