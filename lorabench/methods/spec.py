@@ -8,12 +8,12 @@ torch (``check_backend``, e.g. QLoRA's need for CUDA), still before any model or
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import OmegaConf
 
-from lorabench.method_params.check import check_method
+from lorabench.method_params.check import CheckedMethod, check_method
 from lorabench.methods.fidelity import fidelity_of
 from lorabench.registry import ADAPTERS, INITIALIZERS, OPTIMIZERS, PROCEDURES, Registry
 
@@ -26,15 +26,10 @@ AXES: dict[str, Registry] = {
 
 
 @dataclass
-class MethodSpec:
-    label: str
-    family: str
-    paper: str
-    lr: float | None
-    target_modules: list[str] | str
-    names: dict[str, str]  # axis -> registry name ("none" where unused)
-    components: dict[str, Any]  # axis -> component instance (absent where unused)
-    params: dict[str, Any]  # axis -> Params dataclass instance
+class MethodSpec(CheckedMethod):
+    """A checked method config (label, names, typed params, ...) with its component instances."""
+
+    components: dict[str, Any] = field(default_factory=dict)  # axis -> component instance (absent where unused)
 
     def describe(self) -> dict:
         """What the record stores about the method."""
@@ -68,13 +63,4 @@ def resolve_method(raw: dict) -> MethodSpec:
         check_backend = getattr(comp, "check_backend", None)
         if check_backend is not None:
             check_backend(checked.params[axis])
-    return MethodSpec(
-        label=checked.label,
-        family=checked.family,
-        paper=checked.paper,
-        lr=checked.lr,
-        target_modules=checked.target_modules,
-        names=checked.names,
-        components=components,
-        params=checked.params,
-    )
+    return MethodSpec(**vars(checked), components=components)
