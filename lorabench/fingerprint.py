@@ -8,10 +8,11 @@ So that a run id and a record mean the same everywhere:
   sha256 over the sorted ``(relative name, sha256 of the file)`` pairs of every regular file under
   the folder (hidden names, starting with ``.``, are left out); a path that does not exist keeps
   its string (``missing:<path>``), so a typo still changes the id rather than colliding;
-* the record keeps each path *as given* when relative, relative to the working directory when it
-  lies under it (or under its parent: ``../shared/data``), and under a Python install as
-  ``<site-packages>/...`` (offline weight packages); any other absolute path is kept as given;
-* so are absolute paths in the overrides of the record's ``command`` and ``.hydra/overrides.yaml``;
+* the record (every string in it: config, command, sources, tracebacks) and the run's ``.hydra/``
+  files keep a relative path as given, and write absolute ones relative to the working directory
+  when they lie under it (or under its parent: ``../shared/data``), ``<site-packages>/...`` under a
+  Python install (offline weight packages), ``<lorabench-cache>/...`` in lorabench's cache; any other
+  absolute path is kept as given (:func:`portable_strings`);
 * the record's ``inputs`` lists each local input with its portable path, sha256 and file count.
 
 File hashes are cached per process by (path, size, mtime), and files of 64 MiB or more (model
@@ -26,7 +27,6 @@ import hashlib
 import json
 import os
 import re
-import shlex
 import site
 import sysconfig
 import tempfile
@@ -198,18 +198,6 @@ def portable_strings(value, cwd: Path | None = None, everywhere: bool = False):
     return value
 
 
-def portable_config(config: dict, cwd: Path | None = None) -> dict:
-    """The config as the record stores it: location values and ``results_dir`` portable."""
-    out = dict(config)
-    for section, key in LOCATION_KEYS:
-        part = out.get(section)
-        if isinstance(part, dict) and _is_local(section, part.get(key)):
-            out[section] = {**part, key: portable_path(part[key], cwd)}
-    if isinstance(out.get("results_dir"), str):
-        out["results_dir"] = portable_path(out["results_dir"], cwd)
-    return out
-
-
 def local_inputs(config: dict, cwd: Path | None = None) -> dict:
     """The record's ``inputs``: ``{"dataset.data_dir": {"path", "sha256", "files"}, ...}`` for every
     location value that is an existing local path."""
@@ -219,25 +207,3 @@ def local_inputs(config: dict, cwd: Path | None = None) -> dict:
         if _is_local(section, value) and Path(value).expanduser().exists():
             inputs[f"{section}.{key}"] = {"path": portable_path(value, cwd), **folder_fingerprint(value)}
     return inputs
-
-
-def portable_source(source: dict) -> dict:
-    """A data or model ``source`` entry of the record with its ``path`` portable."""
-    if isinstance(source, dict) and isinstance(source.get("path"), str):
-        return {**source, "path": portable_path(source["path"])}
-    return source
-
-
-def portable_override(override: str) -> str:
-    """``key=/abs/path`` -> ``key=<portable path>``; any other override unchanged."""
-    key, sep, value = override.partition("=")
-    return f"{key}={portable_path(value)}" if sep and os.path.isabs(value) else override
-
-
-def portable_command(command: str) -> str:
-    """A command line with the absolute paths of its ``key=value`` overrides made portable."""
-    try:
-        tokens = shlex.split(command)
-    except ValueError:
-        return command
-    return shlex.join(portable_override(token) for token in tokens)

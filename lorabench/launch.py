@@ -110,11 +110,11 @@ def write_hydra_files(cfg_dict: dict, job_overrides: list[str]) -> None:
     from lorabench.results.record import write_text_atomic
 
     folder.mkdir(parents=True, exist_ok=True)  # two processes may race here: each file is whole or absent
-    from lorabench.fingerprint import portable_config, portable_override
+    from lorabench.fingerprint import portable_strings
 
-    overrides = [portable_override(o) for o in job_overrides]
+    overrides = portable_strings(list(job_overrides))
     write_text_atomic(folder / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(overrides)))
-    write_text_atomic(folder / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(portable_config(cfg_dict))))
+    write_text_atomic(folder / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(portable_strings(cfg_dict))))
 
 
 def run_one(cfg_dict: dict, command: str, multirun: bool, job_overrides: list[str] = ()) -> int:

@@ -41,7 +41,7 @@ from lorabench.config import RunConfig
 from lorabench.console import progress
 from lorabench.data.base import collate, count_tokens, resolve_primary
 from lorabench.data.cache import cached_features
-from lorabench.fingerprint import local_inputs, portable_command, portable_config, portable_source
+from lorabench.fingerprint import local_inputs
 from lorabench.measure import PeakMemory, optimizer_state_bytes, parameter_counts, provenance
 from lorabench.methods.adapters.layer import is_conv1d
 from lorabench.methods.base import MethodContext
@@ -209,10 +209,10 @@ def _new_record(cfg: RunConfig, cfg_dict: dict, spec: MethodSpec, command: str, 
         "error": None,
         "started_at": now(),
         "finished_at": None,
-        "config": portable_config(cfg_dict),  # local paths relative to the working directory
+        "config": cfg_dict,  # written with its paths portable, as is every string (Recorder.write)
         "config_hash": config_hash(cfg_dict),
         "inputs": local_inputs(cfg_dict),  # each local data/model folder: portable path, sha256, files
-        "command": portable_command(command),
+        "command": command,
         "method": spec.describe(),
         "model": {"name": cfg.model.name, "source": None},
         "dataset": {"name": cfg.dataset.name, "version": task.version, "source": None},
@@ -356,7 +356,7 @@ def build_run_parts(
     if record is not None:
         record["dataset"].update(
             {
-                "source": portable_source(splits.source),
+                "source": splits.source,
                 "train_split": splits.train_split,
                 "eval_split": splits.eval_split,
                 "train_size": len(splits.train),
@@ -369,7 +369,7 @@ def build_run_parts(
     loaded = load_model(cfg.model, task.head, task.num_labels)
     model, tokenizer = loaded.model, loaded.tokenizer
     if record is not None:
-        record["model"]["source"] = portable_source(loaded.source)
+        record["model"]["source"] = loaded.source
     if accelerator is not None:
         if loaded.source.get("kind") != "hub":
             print(

@@ -17,8 +17,8 @@ from lorabench.fingerprint import (
     SITE_PACKAGES,
     folder_fingerprint,
     location_identity,
-    portable_config,
     portable_path,
+    portable_strings,
 )
 from lorabench.results.record import config_hash, run_id, write_json_atomic
 from tests.conftest import tiny_overrides, write_sst2
@@ -71,7 +71,7 @@ def test_portable_paths(tmp_path):
         "model": {"name_or_path": "org/hub"},
         "results_dir": str(project),
     }
-    assert portable_config(cfg, cwd=project) == {
+    assert portable_strings(cfg, cwd=project) == {
         "dataset": {"data_dir": "d"},
         "model": {"name_or_path": "org/hub"},
         "results_dir": ".",
@@ -152,7 +152,7 @@ def test_the_record_rewrite_gives_the_ids_of_todays_code_and_portable_paths(tmp_
 def test_every_string_of_a_written_record_is_portable(tmp_path, monkeypatch):
     """The record writer rewrites machine folders anywhere in the record (a traceback, a cache path
     in a method report), not only the config keys it knows."""
-    from lorabench.fingerprint import portable_strings, portable_text
+    from lorabench.fingerprint import portable_text
     from lorabench.results.runs import Recorder
 
     project, cache = tmp_path / "proj", tmp_path / "cache"
