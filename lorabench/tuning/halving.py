@@ -32,7 +32,7 @@ from pathlib import Path
 
 from lorabench.errors import ConfigError
 from lorabench.tuning.runs import DESCRIBE_KEYS, final_metric, read_if_completed, run_tasks
-from lorabench.tuning.search import TUNING_DIR, Target, prepare, summary_name
+from lorabench.tuning.search import TUNING_DIR, Target, prepare, summary_head, summary_name
 
 PRUNERS = ("halving", "median", "none")
 
@@ -183,12 +183,12 @@ def write_optuna_summary(result: OptunaResult, argv: list[str] | None = None) ->
     name = summary_name(target, "optuna", settings)
     best = result.best
     data = {
-        "kind": "optuna",
-        "command": "lorabench tune " + shlex.join(argv if argv is not None else target.overrides),
-        "overrides": target.overrides,
-        "metric": target.metric,
-        "higher_is_better": target.higher_is_better,
-        "rule": "TPE over log-uniform train.lr; rungs = separate shorter runs; lorabench.tuning.halving",
+        **summary_head(
+            target,
+            "optuna",
+            "TPE over log-uniform train.lr; rungs = separate shorter runs; lorabench.tuning.halving",
+            argv,
+        ),
         **settings,
         "rung_steps": result.steps,
         "trials": result.trials,

@@ -193,6 +193,18 @@ def summary_name(target: Target, kind: str, settings: dict) -> str:
     return f"{target.name}-{kind}-{config_hash({**config, 'tuning': settings})[:10]}"
 
 
+def summary_head(target: Target, kind: str, rule: str, argv: list[str] | None) -> dict:
+    """The keys every tuning summary (ladder or Optuna) starts with."""
+    return {
+        "kind": kind,
+        "command": "lorabench tune " + shlex.join(argv if argv is not None else target.overrides),
+        "overrides": target.overrides,
+        "metric": target.metric,
+        "higher_is_better": target.higher_is_better,
+        "rule": rule,
+    }
+
+
 def write_summary(result: TuneResult, argv: list[str] | None = None) -> tuple[Path, Path]:
     """``<results_dir>/tuning/<name>.md`` and ``.json``: every grid rate with its metric and run id,
     the pick and what it means (finished, at a grid edge), and the command that trains at it."""
@@ -210,12 +222,12 @@ def write_summary(result: TuneResult, argv: list[str] | None = None) -> tuple[Pa
     folder = target.results_dir / TUNING_DIR
     pick = result.pick
     data = {
-        "kind": "ladder",
-        "command": "lorabench tune " + shlex.join(argv if argv is not None else target.overrides),
-        "overrides": target.overrides,
-        "metric": target.metric,
-        "higher_is_better": target.higher_is_better,
-        "rule": "lorabench.tuning.ladder: start grid + neighbour check, edge extension, best (ties: smaller rate)",
+        **summary_head(
+            target,
+            "ladder",
+            "lorabench.tuning.ladder: start grid + neighbour check, edge extension, best (ties: smaller rate)",
+            argv,
+        ),
         **settings,
         "start_grid": result.base,
         "grid": result.grid,
