@@ -197,8 +197,12 @@ class AnalysisConfig:
     intruders: bool = True  # intruder dimensions of the targeted weights (Shuttleworth et al., 2024)
     intruder_top_k: int = 10
     intruder_epsilon: float = 0.5
+    forgetting: bool = False  # held-out perplexity on the base model's text before/after (decoders; lorabench/analysis/forgetting.py)
+    forgetting_texts: int = 32  # how many held-out texts
+    forgetting_data: Optional[str] = None  # a local text/jsonl file of held-out text; None: texts sampled from the base model
 
     def __post_init__(self) -> None:
+        check_positive("analysis.forgetting_texts", self.forgetting_texts)
         check_positive("analysis.intruder_top_k", self.intruder_top_k)
         check_range("analysis.intruder_epsilon", self.intruder_epsilon, 0, 1, closed_low=False)
 
@@ -224,6 +228,89 @@ class BudgetConfig:
 
 
 @dataclass
+class FederatedConfig:
+    """``protocol=federated``: clients, rounds and aggregation of a Flower simulation
+    (lorabench/protocols/federated). The run's dataset is partitioned over the clients."""
+
+    clients: int = 4
+    clients_per_round: Optional[int] = None  # None: every client trains every round
+    rounds: int = 5
+    local_steps: int = 10  # optimizer steps per client per round (train.global_batch_size each)
+    partition: str = "iid"  # iid | dirichlet (label-skewed, Hsu et al. 2019)
+    dirichlet_alpha: float = 0.5  # smaller = more skewed
+    aggregation: str = "fedavg"  # a name in lorabench.protocols.federated.aggregation.AGGREGATIONS
+    dp_target_epsilon: Optional[float] = None  # user-level DP (clipping + Gaussian noise); None = off
+    dp_delta: float = 1.0e-5
+    dp_clip: float = 1.0  # l2 bound of one client's update (all of its trained arrays together)
+    target: Optional[float] = None  # rounds-to-target threshold on the primary metric (as recorded, 0-1)
+    backend: str = "ray"  # Flower's simulation backend
+    client_cpus: int = 1  # CPUs Flower reserves per simulated client
+
+    PARTITIONS = ("iid", "dirichlet")
+    BACKENDS = ("ray",)
+
+    def __post_init__(self) -> None:
+        check_positive("protocol.federated.clients", self.clients)
+        check_positive("protocol.federated.rounds", self.rounds)
+        check_positive("protocol.federated.local_steps", self.local_steps)
+        check_choice("protocol.federated.partition", self.partition, self.PARTITIONS)
+        check_positive("protocol.federated.dirichlet_alpha", self.dirichlet_alpha)
+        check_choice("protocol.federated.backend", self.backend, self.BACKENDS)
+        check_positive("protocol.federated.client_cpus", self.client_cpus)
+        check_positive("protocol.federated.dp_clip", self.dp_clip)
+        check_range("protocol.federated.dp_delta", self.dp_delta, 0, 1, closed_low=False)
+        if self.dp_target_epsilon is not None:
+            check_positive("protocol.federated.dp_target_epsilon", self.dp_target_epsilon)
+        if self.clients_per_round is not None:
+            check_positive("protocol.federated.clients_per_round", self.clients_per_round)
+            if self.clients_per_round > self.clients:
+                raise ConfigError(
+                    f"protocol.federated.clients_per_round={self.clients_per_round} is larger than "
+                    f"protocol.federated.clients={self.clients}"
+                )
+
+
+@dataclass
+class ContinualConfig:
+    """``protocol=continual``: a sequence of tasks trained one after another
+    (lorabench/protocols/continual); every earlier task is evaluated after each stage."""
+
+    tasks: list[str] = field(default_factory=lambda: ["sst2", "rte", "mrpc"])  # dataset presets, in order
+    data_dirs: dict[str, str] = field(default_factory=dict)  # task -> local folder (else the preset's source)
+    steps_per_task: int = 100  # optimizer steps of each stage
+    strategy: str = "sequential"  # a name in lorabench.protocols.continual.STRATEGIES
+    replay_size: int = 64  # examples kept per finished task (strategies that replay)
+    replay_ratio: float = 0.25  # share of each batch drawn from the replay buffer
+    ema_decay: float = 0.99  # I-LoRA: slow <- decay * slow + (1 - decay) * fast
+    consistency_weight: float = 1.0  # I-LoRA: weight of the fast/slow consistency loss
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ConfigError("protocol.continual.tasks is empty; name at least one dataset preset")
+        check_positive("protocol.continual.steps_per_task", self.steps_per_task)
+        check_positive("protocol.continual.replay_size", self.replay_size, allow_zero=True)
+        check_range("protocol.continual.replay_ratio", self.replay_ratio, 0, 1)
+        check_range("protocol.continual.ema_decay", self.ema_decay, 0, 1)
+        check_positive("protocol.continual.consistency_weight", self.consistency_weight, allow_zero=True)
+
+
+@dataclass
+class ProtocolConfig:
+    """How the run's training is organised: one run (``single``), clients and rounds
+    (``federated``) or a task sequence (``continual``). Only the chosen protocol's settings enter
+    the run id, and ``single`` none at all (lorabench.results.record.config_hash)."""
+
+    name: str = "single"
+    federated: FederatedConfig = field(default_factory=FederatedConfig)
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
+
+    NAMES = ("single", "federated", "continual")
+
+    def __post_init__(self) -> None:
+        check_choice("protocol", self.name, self.NAMES)
+
+
+@dataclass
 class RunConfig:
     """One run = model x method x dataset x train x hardware, plus a seed."""
 
@@ -235,6 +322,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     seed: int = 0
     results_dir: str = "results/runs"
     force: bool = False  # rerun even if a record for this run id exists

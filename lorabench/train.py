@@ -25,7 +25,7 @@ import time
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
@@ -50,7 +50,7 @@ from lorabench.methods.spec import MethodSpec
 from lorabench.models import load_model
 from lorabench.outputs import save_outputs
 from lorabench.registry import DATASETS
-from lorabench.results.record import RECORD_NAME, SCHEMA_VERSION, config_hash, now, read_record, run_id
+from lorabench.results.record import RECORD_NAME, SCHEMA_VERSION, config_hash, now, protocol_view, read_record, run_id
 from lorabench.results.runs import Recorder, close_segment, open_segment, this_owner
 from lorabench.run_lock import claim_run, describe_holder
 from lorabench.trackers import start_tracker
@@ -209,7 +209,7 @@ def _new_record(cfg: RunConfig, cfg_dict: dict, spec: MethodSpec, command: str, 
         "error": None,
         "started_at": now(),
         "finished_at": None,
-        "config": cfg_dict,  # written with its paths portable, as is every string (Recorder.write)
+        "config": protocol_view(cfg_dict),  # written with its paths portable, as is every string (Recorder.write)
         "config_hash": config_hash(cfg_dict),
         "inputs": local_inputs(cfg_dict),  # each local data/model folder: portable path, sha256, files
         "command": command,
@@ -340,6 +340,30 @@ class CalibrationBatches:
         return progress(batches, "calibrate", total=min(self.count, len(self.loader)))
 
 
+def training_batches(
+    cfg: RunConfig, task, examples: list[dict], tokenizer, accelerator: Accelerator | None = None, seed: int | None = None
+) -> tuple[Any, DataLoader]:
+    """The tokenized features of ``examples`` (cached; rank 0 tokenizes first, the others read the
+    cache) and their shuffled micro-batches (dropping the last partial one), shuffled by ``seed``
+    (default ``cfg.seed``). Raises ValueError when there is not one whole micro-batch."""
+    with accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext():
+        features = cached_features(task, examples, tokenizer, cfg.dataset)
+    loader = DataLoader(
+        features,
+        batch_size=cfg.hardware.micro_batch_size,
+        shuffle=True,
+        drop_last=True,
+        collate_fn=functools.partial(collate, pad_token_id=tokenizer.pad_token_id),
+        generator=torch.Generator().manual_seed(cfg.seed if seed is None else seed),
+    )
+    if len(loader) == 0:
+        raise ValueError(
+            f"the training split has {len(features)} examples, fewer than one micro-batch "
+            f"(hardware.micro_batch_size={cfg.hardware.micro_batch_size})"
+        )
+    return features, loader
+
+
 def build_run_parts(
     cfg: RunConfig, spec: MethodSpec, task, accelerator: Accelerator | None = None, record: dict | None = None
 ) -> RunParts:
@@ -378,23 +402,8 @@ def build_run_parts(
             )
         if splits.source.get("kind") == "generated":
             print(f"[lorabench] WARNING dataset {cfg.dataset.name}: {splits.source['note']}")
-    # rank 0 tokenizes and caches, the others read the cache
-    with accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext():
-        features = cached_features(task, splits.train, tokenizer, cfg.dataset)
-    collate_fn = functools.partial(collate, pad_token_id=tokenizer.pad_token_id)
-    loader = DataLoader(
-        features,
-        batch_size=cfg.hardware.micro_batch_size,
-        shuffle=True,
-        drop_last=True,
-        collate_fn=collate_fn,
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
-    if len(loader) == 0:
-        raise ValueError(
-            f"the training split has {len(features)} examples, fewer than one micro-batch "
-            f"(hardware.micro_batch_size={cfg.hardware.micro_batch_size})"
-        )
+    features, loader = training_batches(cfg, task, splits.train, tokenizer, accelerator)
+    collate_fn = loader.collate_fn
     if accelerator is not None and cfg.hardware.gradient_checkpointing:
         model.gradient_checkpointing_enable()
 
@@ -731,9 +740,83 @@ def _close_record(recorder: Recorder, state: TrainState, wall_time_s: float, mem
 
 
 # -- the run ----------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Session:
+    """What a run's body gets from :func:`run_with_record`: the config and method, the task, the
+    accelerator, the open record (through its recorder), the tracker, the signal flag and the
+    training state whose timers and step the record's costs and error report."""
+
+    cfg: RunConfig
+    spec: MethodSpec
+    task: Any
+    accelerator: Accelerator
+    recorder: Recorder
+    tracker: Any
+    stop: StopFlag
+    state: TrainState
+
+    @property
+    def record(self) -> dict:
+        return self.recorder.record
+
+
 def train(cfg: RunConfig, spec: MethodSpec, command: str = "") -> dict:
-    """One run, start to record: skip it if completed (or trained by another process), build it,
-    resume it, train and evaluate on schedule, finish its record. Every run leaves a record."""
+    """One run, start to record, as its protocol organises it (``protocol=single``: build it, resume
+    it, train and evaluate on schedule, finish its record; lorabench.protocols for the others).
+    Every run leaves a record."""
+    from lorabench.protocols import body_for
+
+    return run_with_record(cfg, spec, command, body_for(cfg.protocol.name))
+
+
+def train_single(session: Session) -> None:
+    """The single-run protocol: the loop's pieces top to bottom."""
+    cfg, state, stop = session.cfg, session.state, session.stop
+    parts = build_run_parts(cfg, session.spec, session.task, session.accelerator, session.record)
+    run = prepare_run(parts, session.accelerator, session.recorder, session.tracker, stop, state.timers)
+    resume(run, state)
+
+    run.model.train()
+    fault_step = _fault_injection_step()
+    state.timers.start()
+    stop.in_loop = True
+    run.bar = tqdm(
+        total=cfg.train.max_steps,
+        initial=state.step,
+        disable=not (session.accelerator.is_main_process and cfg.progress),
+        desc=parts.spec.label,
+        unit="step",
+    )
+    while state.step < cfg.train.max_steps:
+        train_steps(run, state, 1)
+        step = state.step
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
+            state.timers.stop()
+            stop.in_loop = False
+            evaluate(run, state)
+            stop.in_loop = True
+            state.timers.start()
+        if step == fault_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        if stop.signal_name:
+            if cfg.checkpoint.every:
+                save_state(run, state)
+            raise RunCanceled(f"received {stop.signal_name} after step {step}")
+        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+            save_state(run, state)
+    stop.in_loop = False
+    run.bar.close()
+    state.timers.stop()
+    record_training_cost(run, state)
+    evaluate(run, state)
+    finish_record(run)
+
+
+def run_with_record(cfg: RunConfig, spec: MethodSpec, command: str, body: Callable[[Session], None]) -> dict:
+    """Run ``body`` inside a run's record: skip it if completed (or trained by another process),
+    claim the run id, open (or continue) the record, start the tracker and the signal flag, and
+    whatever ``body`` does or raises, close the record with its status, costs and error. Every
+    protocol (lorabench.protocols) runs its body through here."""
     cfg_dict = dataclasses.asdict(cfg)
     rid, record_path, previous = existing_record(cfg_dict, cfg.results_dir)
     if _completed(previous, cfg):
@@ -767,44 +850,7 @@ def train(cfg: RunConfig, spec: MethodSpec, command: str = "") -> dict:
     try:
         if is_main:
             tracker = start_tracker(cfg.tracker, rid, cfg_dict, record_path.parent, Path(cfg.results_dir))
-        parts = build_run_parts(cfg, spec, task, accelerator, record)
-        run = prepare_run(parts, accelerator, recorder, tracker, stop, state.timers)
-        resume(run, state)
-
-        run.model.train()
-        fault_step = _fault_injection_step()
-        state.timers.start()
-        stop.in_loop = True
-        run.bar = tqdm(
-            total=cfg.train.max_steps,
-            initial=state.step,
-            disable=not (is_main and cfg.progress),
-            desc=parts.spec.label,
-            unit="step",
-        )
-        while state.step < cfg.train.max_steps:
-            train_steps(run, state, 1)
-            step = state.step
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
-                state.timers.stop()
-                stop.in_loop = False
-                evaluate(run, state)
-                stop.in_loop = True
-                state.timers.start()
-            if step == fault_step:
-                os.kill(os.getpid(), signal.SIGTERM)
-            if stop.signal_name:
-                if cfg.checkpoint.every:
-                    save_state(run, state)
-                raise RunCanceled(f"received {stop.signal_name} after step {step}")
-            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-                save_state(run, state)
-        stop.in_loop = False
-        run.bar.close()
-        state.timers.stop()
-        record_training_cost(run, state)
-        evaluate(run, state)
-        finish_record(run)
+        body(Session(cfg, spec, task, accelerator, recorder, tracker, stop, state))
     except (RunCanceled, KeyboardInterrupt) as exc:
         record["status"] = "canceled"
         record["error"] = _error(exc, state.step, canceled=True)

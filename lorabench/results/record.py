@@ -62,6 +62,7 @@ def config_hash(config: dict, *, revisions: dict[str, int] | None = None, by_con
     from lorabench.fingerprint import science_locations
 
     science = {k: v for k, v in config.items() if k not in NON_SCIENCE_KEYS}
+    science = _science_protocol(science, by_content)
     if by_content:
         science = science_locations(science)
     if revisions is None and isinstance(config.get("method"), dict):
@@ -74,10 +75,43 @@ def config_hash(config: dict, *, revisions: dict[str, int] | None = None, by_con
     return hashlib.sha256(blob).hexdigest()
 
 
+def protocol_view(config: dict) -> dict:
+    """``config`` as records and run ids keep it: no ``protocol`` for ``single`` (so a single run's
+    record and id are what they were before protocols existed), else the protocol's name and its
+    own settings only (a federated run does not carry, or move with, the continual defaults)."""
+    out = dict(config)
+    protocol = out.pop("protocol", None) or {"name": "single"}
+    name = protocol.get("name", "single")
+    if name != "single":
+        out["protocol"] = {"name": name, name: dict(protocol.get(name) or {})}
+    return out
+
+
+def _science_protocol(science: dict, by_content: bool) -> dict:
+    """:func:`protocol_view`, with local task folders (continual ``data_dirs``) by content."""
+    science = protocol_view(science)
+    protocol = science.get("protocol")
+    if not protocol:
+        return science
+    name = protocol["name"]
+    settings = dict(protocol[name])
+    if by_content and settings.get("data_dirs"):
+        from lorabench.fingerprint import location_identity
+
+        settings["data_dirs"] = {t: location_identity("dataset", d) for t, d in settings["data_dirs"].items()}
+    return {**science, "protocol": {"name": name, name: settings}}
+
+
 def run_id(config: dict) -> str:
     """Deterministic and readable: method-dataset-model-seed-hash."""
     label = str(config["method"].get("label", "method"))
-    return f"{label}-{config['dataset']['name']}-{config['model']['name']}-s{config['seed']}-{config_hash(config)[:10]}"
+    protocol = (config.get("protocol") or {}).get("name", "single")
+    data = config["dataset"]["name"]
+    if protocol == "continual":
+        data = "+".join(config["protocol"]["continual"]["tasks"])
+    if protocol != "single":
+        label = f"{label}-{protocol}"
+    return f"{label}-{data}-{config['model']['name']}-s{config['seed']}-{config_hash(config)[:10]}"
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
