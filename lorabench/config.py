@@ -238,7 +238,7 @@ class FederatedConfig:
     local_steps: int = 10  # optimizer steps per client per round (train.global_batch_size each)
     partition: str = "iid"  # iid | dirichlet (label-skewed, Hsu et al. 2019)
     dirichlet_alpha: float = 0.5  # smaller = more skewed
-    aggregation: str = "fedavg"  # a name in lorabench.protocols.federated.aggregation.AGGREGATIONS
+    aggregation: str = "fedavg"  # fedavg | fedsvd (lorabench.protocols.federated.aggregation)
     dp_target_epsilon: Optional[float] = None  # user-level DP (clipping + Gaussian noise); None = off
     dp_delta: float = 1.0e-5
     dp_clip: float = 1.0  # l2 bound of one client's update (all of its trained arrays together)
@@ -248,12 +248,15 @@ class FederatedConfig:
 
     PARTITIONS = ("iid", "dirichlet")
     BACKENDS = ("ray",)
+    AGGREGATIONS = ("fedavg", "fedsvd")  # = the registry's names (a test checks)
+    FROZEN_A_AGGREGATIONS = ("fedsvd",)  # the clients train B only: the method must freeze A
 
     def __post_init__(self) -> None:
         check_positive("protocol.federated.clients", self.clients)
         check_positive("protocol.federated.rounds", self.rounds)
         check_positive("protocol.federated.local_steps", self.local_steps)
         check_choice("protocol.federated.partition", self.partition, self.PARTITIONS)
+        check_choice("protocol.federated.aggregation", self.aggregation, self.AGGREGATIONS)
         check_positive("protocol.federated.dirichlet_alpha", self.dirichlet_alpha)
         check_choice("protocol.federated.backend", self.backend, self.BACKENDS)
         check_positive("protocol.federated.client_cpus", self.client_cpus)

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from lorabench.analysis.forgetting import forgetting_after, forgetting_before
 from lorabench.analysis.intruders import model_intruders, snapshot
 from lorabench.budget import apply_budget, solve_run_budget
 from lorabench.checkpoint import load_checkpoint, newest_usable, restore_rng, save_checkpoint
@@ -469,6 +470,7 @@ class Run:
     pretrained: dict | None  # target weights before training (cfg.analysis.intruders)
     batches: Iterator | None = None
     bar: Any = None
+    forgetting: Any = None  # held-out texts and the base model's perplexity (cfg.analysis.forgetting)
 
     @property
     def cfg(self) -> RunConfig:
@@ -491,6 +493,7 @@ def prepare_run(
     cfg, spec, record = parts.cfg, parts.spec, recorder.record
     expected = expected_trainable(parts.model, spec, parts.ctx)
     pretrained = snapshot(parts.model, parts.targets) if cfg.analysis.intruders else None
+    forgetting = forgetting_before(parts, accelerator) if cfg.analysis.forgetting else None
     t0 = time.perf_counter()
     built = apply_method(parts.model, spec, parts.ctx)
     model, optimizer, procedure = built.model, built.optimizer, built.procedure
@@ -506,7 +509,9 @@ def prepare_run(
     if accelerator.is_main_process:
         accum, processes = cfg.gradient_accumulation(), accelerator.num_processes
         _print_start(cfg, spec, accum, processes, trainable, total, parts.features, parts.lr, parts.targets)
-    return Run(parts, model, optimizer, scheduler, procedure, loader, accelerator, recorder, tracker, stop, pretrained)
+    run = Run(parts, model, optimizer, scheduler, procedure, loader, accelerator, recorder, tracker, stop, pretrained)
+    run.forgetting = forgetting
+    return run
 
 
 def resume(run: Run, state: TrainState) -> None:
@@ -549,7 +554,7 @@ def train_steps(run: Run, state: TrainState, n: int = 1) -> None:
     ``train.max_skipped_steps``) and does not count: the next batches are tried."""
     target = min(state.step + n, run.cfg.train.max_steps)
     while state.step < target:
-        loss_value = _optimizer_step(run, state)
+        loss_value = optimizer_step(run, state)
         if loss_value is None:
             continue
         _log_step(run, state, loss_value)
@@ -557,7 +562,7 @@ def train_steps(run: Run, state: TrainState, n: int = 1) -> None:
             return
 
 
-def _optimizer_step(run: Run, state: TrainState) -> float | None:
+def optimizer_step(run: Run, state: TrainState) -> float | None:
     """One optimizer step over ``gradient_accumulation`` micro-batches; its loss, or None when it was
     skipped as non-finite (raises FloatingPointError when it may not be skipped)."""
     cfg, model, accelerator, procedure = run.cfg, run.model, run.accelerator, run.procedure
@@ -596,7 +601,8 @@ def _optimizer_step(run: Run, state: TrainState) -> float | None:
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     state.step += 1
-    run.recorder.step = state.step
+    if run.recorder is not None:  # a federated client trains without a record of its own
+        run.recorder.step = state.step
     if procedure:
         procedure.on_step_end(state.step)
     state.tokens += int(accelerator.reduce(torch.tensor(step_tokens, device=accelerator.device), reduction="sum"))
@@ -699,6 +705,10 @@ def finish_record(run: Run) -> None:
         )
         record["analysis"] = report.as_dict()
         run.pretrained = None
+    if run.forgetting is not None and is_main:
+        unwrapped = accelerator.unwrap_model(run.model)
+        record.setdefault("analysis", {})["forgetting"] = forgetting_after(run.forgetting, unwrapped, accelerator.device)
+        run.forgetting = None
     if is_main:
         outputs = save_outputs(
             accelerator.unwrap_model(run.model),

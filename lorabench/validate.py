@@ -50,12 +50,18 @@ def validate_config(cfg_dict: dict):
             f"is an {cfg.model.architecture}"
         )
     try:
-        check_method(dict(cfg.method))
+        checked = check_method(dict(cfg.method))
     except ConfigError as exc:  # a Params type error: say which key (OmegaConf's first line does not)
         key = getattr(exc.__context__, "full_key", None)
         if key and f"method.{key}" not in str(exc):
             raise ConfigError(f"{exc} (at method.{key})") from None
         raise
+    from lorabench.protocols.checks import check_protocol
+
+    check_protocol(cfg, checked)
+    from lorabench.protocols.continual.check import check_continual_run
+
+    check_continual_run(cfg, checked)  # protocol=continual and analysis.forgetting
     return cfg
 
 
