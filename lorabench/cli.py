@@ -101,6 +101,12 @@ def table_command(argv: list[str]) -> int:
     parser.add_argument(
         "--include-unverified", action="store_true", help="with --vs-paper: also show second-hand numbers, marked †"
     )
+    parser.add_argument(
+        "--protocol",
+        default="single",
+        choices=("single", "federated", "continual"),
+        help="which protocol's runs: each has its own columns (default: single runs)",
+    )
     args = parser.parse_args(argv)
     if not Path(args.results_dir).is_dir():
         _err(f"--results-dir {args.results_dir!r} does not exist")
@@ -114,6 +120,7 @@ def table_command(argv: list[str]) -> int:
         args.dataset,
         group_by=_split_keys(args.group_by),
         paper=paper,
+        protocol=args.protocol,
     )
     for path, problem in problems:
         print(f"lorabench: skipped {path}: {problem}", file=sys.stderr)

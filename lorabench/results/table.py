@@ -83,7 +83,7 @@ def _drop(config: dict, dotted: str) -> None:
         node.pop(last, None)
 
 
-VARIANT_IGNORED = ("seed", "dataset", "results_dir", "force", "progress", "tracker", "hardware")
+VARIANT_IGNORED = ("seed", "dataset", "results_dir", "force", "progress", "tracker", "hardware", "resume", "checkpoint")
 MAX_LABEL_KEYS = 4  # more differing keys than this: the label ends in a short config hash
 
 
@@ -111,7 +111,11 @@ def _flatten(config: dict, prefix: str = "") -> dict[str, object]:
 
 
 def _short(key: str) -> str:
-    return key.removeprefix("method.")  # method keys are what a variant usually changes: rank=16
+    """method keys are what a variant usually changes (rank=16); a protocol's own keys likewise
+    (aggregation=fedsvd, strategy=ilora)."""
+    for prefix in ("method.", "protocol.federated.", "protocol.continual."):
+        key = key.removeprefix(prefix)
+    return key
 
 
 def variant_labels(records: list[dict], group_by: tuple[str, ...] = ()) -> dict[str, str]:
@@ -162,11 +166,18 @@ def fmt_stats(values: list[float], scale: float = SCALE) -> str:
     return f"{mean:.2f} ± {statistics.stdev(values) * scale:.2f} (n={len(values)})"
 
 
-def collect(root: Path, methods=None, models=None, datasets=None):
+def protocol_of(record: dict) -> str:
+    """The record's protocol (``single`` for records without one)."""
+    return ((record.get("config") or {}).get("protocol") or {}).get("name", "single")
+
+
+def collect(root: Path, methods=None, models=None, datasets=None, protocol: str = "single"):
     records, problems, excluded = [], [], defaultdict(int)
     for path, record, problem in iter_records(root):
         if problem:
             problems.append((path, problem))
+            continue
+        if protocol_of(record) != protocol:  # each protocol has its own table
             continue
         if methods and record["method"]["label"] not in methods:
             continue
@@ -413,16 +424,33 @@ def footnote(table: Table, excluded: dict) -> str:
 
 
 def build_table(
-    root: Path, fmt: str = "md", methods=None, models=None, datasets=None, group_by=(), paper: list[dict] | None = None
+    root: Path,
+    fmt: str = "md",
+    methods=None,
+    models=None,
+    datasets=None,
+    group_by=(),
+    paper: list[dict] | None = None,
+    protocol: str = "single",
 ) -> tuple[str, list]:
-    """The rendered table and the list of (path, problem) for unreadable or invalid records."""
-    records, problems, excluded = collect(root, methods, models, datasets)
+    """The rendered table of one protocol's records (lorabench.results.protocol_table for the
+    federated and continual ones) and the list of (path, problem) for unreadable or invalid records."""
+    records, problems, excluded = collect(root, methods, models, datasets, protocol)
     if not records:
-        return f"no completed records under {root}", problems
-    table = build_rows(records, tuple(group_by or ()), paper)
+        suffix = "" if protocol == "single" else f" with protocol={protocol}"
+        return f"no completed records{suffix} under {root}", problems
+    if protocol == "single":
+        table, note = build_rows(records, tuple(group_by or ()), paper), None
+    else:
+        from lorabench.results.protocol_table import build_protocol_rows
+
+        table, note = build_protocol_rows(records, protocol, tuple(group_by or ()))
     text = render_table(table, fmt)
+    foot = note or footnote(table, excluded)
+    if note and excluded:
+        foot += " Not shown: " + ", ".join(f"{n} {status}" for status, n in sorted(excluded.items())) + " runs."
     if fmt == "md":
-        text += "\n\n" + footnote(table, excluded)
+        text += "\n\n" + foot
     elif fmt == "html":
-        text += f'\n<p class="note">{html.escape(footnote(table, excluded))}</p>'
+        text += f'\n<p class="note">{html.escape(foot)}</p>'
     return text, problems

@@ -120,6 +120,12 @@ class ILoRAStrategy(Replay):
     def load_tensors(self, tensors: dict, device) -> None:
         self.impl.load_slow(tensors, device)
 
+    def state_dict(self) -> dict:
+        return {"last_consistency": self.impl.last_consistency}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.impl.last_consistency = state.get("last_consistency")
+
     def report(self) -> dict:
         return {
             **super().report(),

@@ -1,0 +1,121 @@
+"""The small federated and continual leaderboards: a few methods per protocol, seeds 0-2.
+
+    .venv/bin/python scripts/protocol_leaderboard.py --track federated    # results/leaderboard/federated
+    .venv/bin/python scripts/protocol_leaderboard.py --track continual    # results/leaderboard/continual
+    .venv/bin/python scripts/protocol_leaderboard.py --track federated --rows lora --seeds 0 --out /tmp/lb
+
+Both start from Track A's setting (scripts/leaderboard.py: minilm_l6 = all-MiniLM-L6-v2, max length
+128, global batch 16, linear schedule with 6% warm-up, the CPU preset) and each method's Track A
+learning rate (its pick on centralised SST-2, not re-tuned for the protocol).
+
+Federated (``FEDERATED``): GLUE SST-2's fixed 4,000-sentence training subset split over 4 clients by
+a Dirichlet(0.5) label skew, 10 rounds of 6 local steps per client (4 x 60 = 240 client steps, about
+Track A's 250), every client every round, the global model scored on the full dev set (872) after
+each round; rounds to target at 80% accuracy. Rows: LoRA (FedAvg of A and B), FFA-LoRA (A frozen,
+FedAvg of B), FedSVD (FFA-LoRA's clients, SVD re-factorisation at the server), DP-LoRA (LoRA with
+user-level DP: clipping at 1.0 and Gaussian noise, epsilon 8 and 64 at delta 1e-5 over the 10 rounds).
+
+Continual (``CONTINUAL``): SST-2 -> RTE -> MRPC (``../shared/data/glue/<TASK>``), the protocol's
+defaults otherwise (lorabench/protocols/continual); every earlier task evaluated after each stage.
+
+Run it from the repository root (the data folders are relative to it). Runs go through
+``lorabench train`` one after another (a federated run uses both cores through its
+simulated clients); a run whose completed record exists is skipped, so the script resumes. The
+table is written to ``<out>/../<track>_table.md`` by ``lorabench table --protocol <track>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+DATA = "../shared/data/glue"
+COMMON = [
+    "model=minilm_l6",
+    "dataset.max_length=128",
+    "train=default",
+    "train.global_batch_size=16",
+    "train.warmup_ratio=0.06",
+    "hardware=cpu",
+    "hardware.micro_batch_size=16",
+    "progress=false",
+    "checkpoint.save_model=false",
+]
+FEDERATED_PROTOCOL = [
+    "dataset=sst2",
+    "dataset.train_size=4000",
+    f"dataset.data_dir={DATA}/SST-2",
+    "protocol=federated",
+    "protocol.federated.clients=4",
+    "protocol.federated.rounds=10",
+    "protocol.federated.local_steps=6",
+    "protocol.federated.partition=dirichlet",
+    "protocol.federated.dirichlet_alpha=0.5",
+    "protocol.federated.target=0.8",
+]
+FEDERATED = {  # row -> overrides (the Track A learning rates: lora 2e-3, ffa_lora 2e-2)
+    "lora": ["method=lora", "train.lr=0.002"],
+    "ffa_lora": ["method=ffa_lora", "train.lr=0.02"],
+    "fedsvd": ["method=ffa_lora", "train.lr=0.02", "protocol.federated.aggregation=fedsvd"],
+    "dp_lora_eps8": ["method=lora", "train.lr=0.002", "protocol.federated.dp_target_epsilon=8"],
+    "dp_lora_eps64": ["method=lora", "train.lr=0.002", "protocol.federated.dp_target_epsilon=64"],
+}
+CONTINUAL_PROTOCOL = [
+    "dataset=sst2",
+    "dataset.train_size=2000",
+    "protocol=continual",
+    "protocol.continual.tasks=[sst2,rte,mrpc]",
+    f"+protocol.continual.data_dirs={{sst2:{DATA}/SST-2,rte:{DATA}/RTE,mrpc:{DATA}/MRPC}}",
+    "protocol.continual.steps_per_task=100",
+]
+CONTINUAL = {
+    "full": ["method=full", "train.lr=0.0001"],
+    "lora": ["method=lora", "train.lr=0.002"],
+    "lora_replay": ["method=lora", "train.lr=0.002", "protocol.continual.strategy=replay"],
+    "ilora": ["method=lora", "train.lr=0.002", "protocol.continual.strategy=ilora"],
+    "ffa_lora": ["method=ffa_lora", "train.lr=0.02"],
+    "dora": ["method=dora", "train.lr=0.002"],
+}
+TRACKS = {"federated": (FEDERATED_PROTOCOL, FEDERATED), "continual": (CONTINUAL_PROTOCOL, CONTINUAL)}
+
+
+def overrides(track: str, row: str, seed: int, out: Path) -> list[str]:
+    protocol, rows = TRACKS[track]
+    return [*COMMON, *protocol, *rows[row], f"seed={seed}", f"results_dir={out}"]
+
+
+def run(args: list[str]) -> int:
+    cmd = [sys.executable, "-m", "lorabench.cli", "train", *args]
+    print("[protocol-leaderboard]", " ".join(args), flush=True)
+    return subprocess.call(cmd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--track", choices=sorted(TRACKS), required=True)
+    parser.add_argument("--rows", nargs="*", help="rows to run (default: all of the track)")
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    parser.add_argument("--out", help="results folder (default: results/leaderboard/<track>)")
+    args = parser.parse_args(argv)
+    rows = args.rows or list(TRACKS[args.track][1])
+    unknown = [r for r in rows if r not in TRACKS[args.track][1]]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; valid: {', '.join(TRACKS[args.track][1])}")
+    out = Path(args.out or f"results/leaderboard/{args.track}")
+    failed = [(r, s) for r in rows for s in args.seeds if run(overrides(args.track, r, s, out))]
+    table = subprocess.run(
+        [sys.executable, "-m", "lorabench.cli", "table", "--protocol", args.track, "--results-dir", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    (out.parent / f"{args.track}_table.md").write_text(table.stdout)
+    print(table.stdout)
+    for row, seed in failed:
+        print(f"[protocol-leaderboard] FAILED {row} seed {seed}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
