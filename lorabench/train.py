@@ -706,8 +706,8 @@ def finish_record(run: Run) -> None:
         record["analysis"] = report.as_dict()
         run.pretrained = None
     if run.forgetting is not None and is_main:
-        unwrapped = accelerator.unwrap_model(run.model)
-        record.setdefault("analysis", {})["forgetting"] = forgetting_after(run.forgetting, unwrapped, accelerator.device)
+        trained = accelerator.unwrap_model(run.model)
+        record.setdefault("analysis", {})["forgetting"] = forgetting_after(run.forgetting, trained, accelerator.device)
         run.forgetting = None
     if is_main:
         outputs = save_outputs(
@@ -887,7 +887,7 @@ def run_with_record(cfg: RunConfig, spec: MethodSpec, command: str, body: Callab
         primary = record["metrics"]["primary"]
         final = record["metrics"]["final"][primary]
         print(
-            f"[lorabench] {rid}: {primary}={final:.4f} ({cfg.dataset.name}, {record['dataset']['source']['kind']} "
+            f"[lorabench] {rid}: {primary}={final:.4f} ({record['dataset']['name']}, {record['dataset']['source']['kind']} "
             f"source) in {record['cost']['wall_time_s']:.1f}s; record: {record_path}"
         )
     return record

@@ -59,9 +59,6 @@ def validate_config(cfg_dict: dict):
     from lorabench.protocols.checks import check_protocol
 
     check_protocol(cfg, checked)
-    from lorabench.protocols.continual.check import check_continual_run
-
-    check_continual_run(cfg, checked)  # protocol=continual and analysis.forgetting
     return cfg
 
 

@@ -15,8 +15,11 @@ each round; rounds to target at 80% accuracy. Rows: LoRA (FedAvg of A and B), FF
 FedAvg of B), FedSVD (FFA-LoRA's clients, SVD re-factorisation at the server), DP-LoRA (LoRA with
 user-level DP: clipping at 1.0 and Gaussian noise, epsilon 8 and 64 at delta 1e-5 over the 10 rounds).
 
-Continual (``CONTINUAL``): SST-2 -> RTE -> MRPC (``../shared/data/glue/<TASK>``), the protocol's
-defaults otherwise (lorabench/protocols/continual); every earlier task evaluated after each stage.
+Continual (``CONTINUAL``): SST-2 -> RTE -> MRPC (``../shared/data/glue/<TASK>``), a fixed 2,000-example
+training subset of each, 100 steps per task, every task seen so far scored on its full dev set after
+each stage. Rows: full fine-tuning, LoRA and DoRA trained sequentially, LoRA with experience replay
+(64 examples per finished task, a quarter of each batch), and I-LoRA (replay plus a slow EMA adapter
+with decay 0.99 and the fast/slow consistency loss; the slow weights are evaluated).
 
 Run it from the repository root (the data folders are relative to it). Runs go through
 ``lorabench train`` one after another (a federated run uses both cores through its
@@ -71,11 +74,10 @@ CONTINUAL_PROTOCOL = [
     "protocol.continual.steps_per_task=100",
 ]
 CONTINUAL = {
-    "full": ["method=full", "train.lr=0.0001"],
+    "full": ["method=full", "train.lr=0.0002"],
     "lora": ["method=lora", "train.lr=0.002"],
     "lora_replay": ["method=lora", "train.lr=0.002", "protocol.continual.strategy=replay"],
     "ilora": ["method=lora", "train.lr=0.002", "protocol.continual.strategy=ilora"],
-    "ffa_lora": ["method=ffa_lora", "train.lr=0.02"],
     "dora": ["method=dora", "train.lr=0.002"],
 }
 TRACKS = {"federated": (FEDERATED_PROTOCOL, FEDERATED), "continual": (CONTINUAL_PROTOCOL, CONTINUAL)}

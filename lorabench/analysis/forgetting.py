@@ -14,9 +14,9 @@ The texts (``record["analysis"]["forgetting"]["source"]`` says which):
   each truncated to ``dataset.max_length`` tokens (a BOS token first when the tokenizer adds one);
 * otherwise ``analysis.forgetting_texts`` continuations sampled from the base model itself
   (``source.kind = "sampled"``): from its BOS (else EOS) token, ``SAMPLE_TOKENS`` new tokens by plain
-  ancestral sampling (temperature 1, no top-k/top-p), up to and including the first EOS, with the
-  fixed seed ``SAMPLE_SEED``, inside ``torch.random.fork_rng`` so the run's own random stream is
-  untouched: the base model's text distribution, measured offline.
+  ancestral sampling (temperature 1, no top-k/top-p), up to and including the first EOS, in batches
+  of ``SAMPLE_BATCH`` with the fixed seed ``SAMPLE_SEED``, inside ``torch.random.fork_rng`` so the
+  run's own random stream is untouched: the base model's text distribution, measured offline.
 
 Perplexity = exp(sum of next-token negative log-likelihoods / number of predicted tokens) over all
 texts (the first token of each is context only). Record entry: {source, texts, tokens, ppl_before,
@@ -33,6 +33,7 @@ from lorabench.errors import ConfigError, DataError
 
 SAMPLE_SEED = 1234
 SAMPLE_TOKENS = 64
+SAMPLE_BATCH = 8  # sequences sampled together: fixed, so the texts do not depend on the run's batch sizes
 SUFFIXES = (".txt", ".jsonl")
 
 
@@ -57,7 +58,8 @@ def check_forgetting(cfg, heads: list[str]) -> None:
         path = Path(analysis.forgetting_data)
         if path.suffix not in SUFFIXES:
             raise ConfigError(
-                f"analysis.forgetting_data={analysis.forgetting_data!r} is invalid; valid choices: a {' or '.join(SUFFIXES)} file"
+                f"analysis.forgetting_data={analysis.forgetting_data!r} is invalid; "
+                f"valid choices: a {' or '.join(SUFFIXES)} file"
             )
         if not path.is_file():
             raise ConfigError(f"analysis.forgetting_data={analysis.forgetting_data!r} does not exist or is not a file")
@@ -96,16 +98,18 @@ def _file_sequences(path: str, limit: int, tokenizer, max_length: int) -> list[l
         if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False)
         else []
     )
-    sequences = [(bos + tokenizer(t, add_special_tokens=False)["input_ids"])[:max_length] for t in read_texts(path, limit)]
+    sequences = [
+        (bos + tokenizer(t, add_special_tokens=False)["input_ids"])[:max_length] for t in read_texts(path, limit)
+    ]
     sequences = [s for s in sequences if len(s) >= 2]
     if not sequences:
         raise DataError(f"{path}: every text is shorter than two tokens (analysis.forgetting_data)")
     return sequences
 
 
-def sample_sequences(model, tokenizer, count: int, device, batch_size: int) -> list[list[int]]:
-    """``count`` continuations sampled from ``model`` (see the module docstring), as token ids
-    starting with the start token."""
+def sample_sequences(model, tokenizer, count: int, device) -> list[list[int]]:
+    """``count`` continuations sampled from ``model`` in eval mode (see the module docstring), as
+    token ids starting with the start token."""
     import torch
     from transformers import GenerationConfig
 
@@ -122,10 +126,12 @@ def sample_sequences(model, tokenizer, count: int, device, batch_size: int) -> l
     )
     devices = [device] if getattr(device, "type", str(device)) == "cuda" else []
     sequences = []
+    was_training = model.training
+    model.eval()
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         torch.manual_seed(SAMPLE_SEED)
-        for begin in range(0, count, batch_size):
-            n = min(batch_size, count - begin)
+        for begin in range(0, count, SAMPLE_BATCH):
+            n = min(SAMPLE_BATCH, count - begin)
             prompt = torch.full((n, 1), start, dtype=torch.long, device=device)
             out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
             for row in out.tolist():
@@ -133,6 +139,7 @@ def sample_sequences(model, tokenizer, count: int, device, batch_size: int) -> l
                 if tokenizer.eos_token_id in generated:
                     generated = generated[: generated.index(tokenizer.eos_token_id) + 1]
                 sequences.append([start, *generated])
+    model.train(was_training)
     return [s for s in sequences if len(s) >= 2]
 
 
@@ -176,15 +183,20 @@ def forgetting_before(parts, accelerator) -> ForgettingProbe | None:
     try:
         if analysis.forgetting_data:
             source = {"kind": "file", "path": str(Path(analysis.forgetting_data).resolve())}
-            sequences = _file_sequences(analysis.forgetting_data, analysis.forgetting_texts, tokenizer, cfg.dataset.max_length)
+            sequences = _file_sequences(
+                analysis.forgetting_data, analysis.forgetting_texts, tokenizer, cfg.dataset.max_length
+            )
         else:
             source = {"kind": "sampled", "seed": SAMPLE_SEED, "new_tokens": SAMPLE_TOKENS, "temperature": 1.0}
-            sequences = sample_sequences(model, tokenizer, analysis.forgetting_texts, device, batch)
+            sequences = sample_sequences(model, tokenizer, analysis.forgetting_texts, device)
         ppl, tokens = perplexity(model, sequences, device, batch, tokenizer.pad_token_id)
     finally:
         model.train(was_training)
         model.to(home)
-    print(f"[lorabench] forgetting probe: {len(sequences)} {source['kind']} texts, {tokens} tokens, base perplexity {ppl:.3f}")
+    print(
+        f"[lorabench] forgetting probe: {len(sequences)} {source['kind']} texts, {tokens} tokens, "
+        f"base perplexity {ppl:.3f}"
+    )
     return ForgettingProbe(source, sequences, ppl, tokens, batch, tokenizer.pad_token_id)
 
 

@@ -34,11 +34,31 @@ def check_federated(cfg, method) -> None:
         )
 
 
-CHECKS = {"federated": check_federated}
+def check_continual(cfg, method) -> None:
+    """lorabench.protocols.continual.check.check_continual (tasks, heads, strategy)."""
+    from lorabench.protocols.continual.check import check_continual as check
+
+    check(cfg, method)
+
+
+CHECKS = {"federated": check_federated, "continual": check_continual}
+
+
+def trained_heads(cfg) -> list[str]:
+    """The heads the run trains through: every task's for a continual run, else its dataset's."""
+    import lorabench.data  # noqa: F401  registers the datasets (torch-free)
+    from lorabench.registry import DATASETS
+
+    names = cfg.protocol.continual.tasks if cfg.protocol.name == "continual" else [cfg.dataset.name]
+    return [DATASETS.get(name, where="dataset").head for name in names]
 
 
 def check_protocol(cfg, method) -> None:
-    """The chosen protocol's checks (none for ``single``)."""
+    """The chosen protocol's checks (none for ``single``), then ``analysis.forgetting``'s, which
+    depend on the heads the protocol trains through."""
+    from lorabench.analysis.forgetting import check_forgetting
+
     check = CHECKS.get(cfg.protocol.name)
     if check:
         check(cfg, method)
+    check_forgetting(cfg, trained_heads(cfg))

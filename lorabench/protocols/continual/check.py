@@ -1,24 +1,11 @@
-"""Checks of ``protocol=continual`` and of ``analysis.forgetting`` that span config groups,
-torch-free (lorabench.validate.validate_config calls :func:`check_continual_run` before anything
-heavy loads; :func:`check_continual` has the signature of lorabench.protocols.checks.CHECKS)."""
+"""Checks of ``protocol=continual`` that span config groups,
+torch-free: lorabench.protocols.checks calls :func:`check_continual` from validation, before
+anything heavy loads."""
 
 from __future__ import annotations
 
 from lorabench.config import RunConfig
 from lorabench.errors import ConfigError
-
-
-def check_continual_run(cfg: RunConfig, method=None) -> None:
-    """``protocol=continual``'s settings (:func:`check_continual`) and, for every protocol,
-    ``analysis.forgetting`` (lorabench.analysis.forgetting.check_forgetting). Raises ConfigError."""
-    import lorabench.data  # noqa: F401  registers the datasets (torch-free)
-    from lorabench.analysis.forgetting import check_forgetting
-    from lorabench.registry import DATASETS
-
-    heads = [DATASETS.get(cfg.dataset.name, where="dataset").head]
-    if cfg.protocol.name == "continual":
-        heads = check_continual(cfg, method)
-    check_forgetting(cfg, heads)
 
 
 def check_continual(cfg: RunConfig, method=None) -> list[str]:
@@ -37,7 +24,9 @@ def check_continual(cfg: RunConfig, method=None) -> list[str]:
     tasks = [DATASETS.get(name, where=f"{where}.tasks entry") for name in settings.tasks]
     repeated = sorted({t for t in settings.tasks if settings.tasks.count(t) > 1})
     if repeated:
-        raise ConfigError(f"{where}.tasks={settings.tasks} names {', '.join(repeated)} more than once; name each task once")
+        raise ConfigError(
+            f"{where}.tasks={settings.tasks} names {', '.join(repeated)} more than once; name each task once"
+        )
     stray = sorted(set(settings.data_dirs) - set(settings.tasks))
     if stray:
         raise ConfigError(
@@ -62,6 +51,12 @@ def check_continual(cfg: RunConfig, method=None) -> list[str]:
         described = ", ".join(f"{n}: {t.head} ({t.num_labels} labels)" for n, t in zip(settings.tasks, tasks))
         raise ConfigError(
             f"{where}.tasks must share one head and label count (the model is built once); got {described}"
+        )
+    if tasks[0].head == "classification" and cfg.hardware.num_processes > 1:
+        raise ConfigError(
+            f"protocol=continual with classification tasks trains one head per task, and DDP needs every trained "
+            f"tensor to get a gradient at every step (the other tasks' heads get none); use hardware.num_processes=1 "
+            f"(got {cfg.hardware.num_processes}; generation tasks run on several processes)"
         )
     for name, task in zip(settings.tasks, tasks):  # a task's primary metric must be one of its metrics
         resolve_primary(task, task_config(cfg, name))

@@ -86,6 +86,7 @@ class Task:
     primary: str
     splits: Any = None
     features: list | None = None
+    collate_fn: Any = None
 
 
 class StageProcedure:
@@ -140,6 +141,8 @@ def train_continual(session) -> None:
     parts = build_run_parts(run_cfg, session.spec, tasks[0].task, accelerator, record)
     tasks[0].splits = parts.splits
     record["dataset"] = describe_tasks(tasks)
+    for t in tasks:  # every task's features before training: a prompt longer than max_length stops the run here
+        stage_features(run_cfg, t, parts.tokenizer, accelerator)
     head = tasks[0].task.head
     selector = install_task_heads(parts.model, len(tasks)) if head == "classification" else None
     run = prepare_run(parts, accelerator, session.recorder, session.tracker, stop, state.timers)
@@ -165,13 +168,12 @@ def train_continual(session) -> None:
         if state.step != stage_start:
             raise RuntimeError(f"stage {t.index} should start at step {stage_start}, the run is at {state.step}")
         seed = derived_seed(cfg.seed, "stage", t.index)
-        features, collate_fn = stage_features(run_cfg, t, parts.tokenizer, accelerator)
+        features, collate_fn = t.features, t.collate_fn
         fresh_optimizer(run, fresh, settings.steps_per_task)
         set_seed(seed)
         pool = []
         for u in tasks[: t.index] if strategy.replays else []:
-            kept = u.features or stage_features(run_cfg, u, parts.tokenizer, accelerator)[0]
-            pool.extend((u.index, kept[k]) for k in replay[u.name])
+            pool.extend((u.index, u.features[k]) for k in replay[u.name])
         run.batches = StageBatches(
             features,
             t.index,
@@ -189,7 +191,10 @@ def train_continual(session) -> None:
             selector.active, selector.task_ids = t.index, None
         run.procedure.stage_start = stage_start
         if accelerator.is_main_process:
-            run.bar.write(f"[lorabench] stage {t.index + 1}/{len(tasks)}: {t.name} ({len(features)} examples, replay pool {len(pool)})")
+            run.bar.write(
+                f"[lorabench] stage {t.index + 1}/{len(tasks)}: {t.name} "
+                f"({len(features)} examples, replay pool {len(pool)})"
+            )
         state.timers.start()
         stop.in_loop = True
         while state.step < stage_end and not stop.signal_name:
@@ -205,14 +210,21 @@ def train_continual(session) -> None:
             )
         scores = evaluate_seen(run, state, tasks[: t.index + 1], strategy, selector, run_cfg)
         if strategy.replays:
-            replay[t.name] = replay_indices(len(t.splits.train), settings.replay_size, derived_seed(cfg.seed, "replay", t.index))
+            replay[t.name] = replay_indices(
+                len(t.splits.train), settings.replay_size, derived_seed(cfg.seed, "replay", t.index)
+            )
         stages.append({"task": t.name, "step": state.step, "scores": scores})
         row_mean = metrics.average_accuracy(metrics.accuracy_matrix(stages, [u.name for u in tasks], primaries(tasks)))
         flat = {f"{task}/{k}": v for task, values in scores.items() for k, v in values.items()}
-        state.history.append({"step": state.step, "stage": t.index, "task": t.name, "metrics": {"average_accuracy": row_mean, **flat}})
+        state.history.append(
+            {"step": state.step, "stage": t.index, "task": t.name, "metrics": {"average_accuracy": row_mean, **flat}}
+        )
         report(run, tasks, strategy, stages, replay)
         if run.tracker:
-            run.tracker.log({f"eval/{k}": v for k, v in {"average_accuracy": row_mean, **flat}.items() if v is not None}, step=state.step)
+            run.tracker.log(
+                {f"eval/{k}": v for k, v in {"average_accuracy": row_mean, **flat}.items() if v is not None},
+                step=state.step,
+            )
         stop.in_loop = True  # a signal now lets the stage's checkpoint finish
         save_stage(
             run.run_dir,
@@ -220,7 +232,12 @@ def train_continual(session) -> None:
             model=run.model,
             strategy=strategy,
             procedure=run.procedure,
-            state={"stages": stages, "replay": replay, "train": {**state.state_dict(), "step": state.step}, "strategy": strategy.state_dict()},
+            state={
+                "stages": stages,
+                "replay": replay,
+                "train": {**state.state_dict(), "step": state.step},
+                "strategy": strategy.state_dict(),
+            },
             accelerator=accelerator,
             keep=cfg.checkpoint.keep,
         )
@@ -228,7 +245,8 @@ def train_continual(session) -> None:
         run.recorder.write()
         if stop.signal_name:
             raise RunCanceled(
-                f"received {stop.signal_name} after stage {t.index} ({t.name}); resume=auto continues at stage {t.index + 1}"
+                f"received {stop.signal_name} after stage {t.index} ({t.name}); "
+                f"resume=auto continues at stage {t.index + 1}"
             )
     run.bar.close()
     strategy.finish(run)
@@ -263,7 +281,8 @@ def describe_tasks(tasks: list[Task]) -> dict:
         )
     kinds = sorted({e["source"].get("kind") for e in entries})
     where = "; ".join(
-        f"{e['name']}={e['source'].get('path') or e['source'].get('hub_id') or e['source'].get('kind')}" for e in entries
+        f"{e['name']}={e['source'].get('path') or e['source'].get('hub_id') or e['source'].get('kind')}"
+        for e in entries
     )
     return {
         "name": "+".join(t.name for t in tasks),
@@ -275,11 +294,12 @@ def describe_tasks(tasks: list[Task]) -> dict:
     }
 
 
-def stage_features(run_cfg, t: Task, tokenizer, accelerator) -> tuple[list[dict], Any]:
-    """Task ``t``'s training features (cached) and collate function (lorabench.train.training_batches)."""
-    features, loader = training_batches(dataclasses.replace(run_cfg, dataset=t.cfg), t.task, t.splits.train, tokenizer, accelerator)
-    t.features = features
-    return features, loader.collate_fn
+def stage_features(run_cfg, t: Task, tokenizer, accelerator) -> None:
+    """Task ``t``'s training features (cached) and collate function (lorabench.train.training_batches,
+    which also refuses a split smaller than one micro-batch)."""
+    task_cfg = dataclasses.replace(run_cfg, dataset=t.cfg)
+    t.features, loader = training_batches(task_cfg, t.task, t.splits.train, tokenizer, accelerator)
+    t.collate_fn = loader.collate_fn
 
 
 def fresh_optimizer(run, fresh: dict, steps: int) -> None:
@@ -392,7 +412,10 @@ def resume_stages(run, state, strategy, stages: list, replay: dict) -> int:
             }
         )
         if is_main:
-            print(f"[lorabench] resuming {record['run_id']} after stage {saved['stage']} (step {state.step}; {checkpoint.path})")
+            print(
+                f"[lorabench] resuming {record['run_id']} after stage {saved['stage']} "
+                f"(step {state.step}; {checkpoint.path})"
+            )
     record.update(history=state.history, train_log=state.train_log, samples=state.samples)
     record["method_report"]["skipped_nonfinite_steps"] = state.skipped
     run.recorder.step = state.step
