@@ -22,8 +22,9 @@ each stage. Rows: full fine-tuning, LoRA and DoRA trained sequentially, LoRA wit
 with decay 0.99 and the fast/slow consistency loss; the slow weights are evaluated).
 
 Run it from the repository root (the data folders are relative to it). Runs go through
-``lorabench train`` one after another (a federated run uses both cores through its
-simulated clients); a run whose completed record exists is skipped, so the script resumes. The
+``lorabench train`` one after another, every row at seed 0 first, then seed 1, then seed 2 (a federated run uses both cores through its
+simulated clients); a run whose completed record exists is skipped and an interrupted one continues
+from its last round or stage (``resume=auto``), so the script resumes. The
 table is written to ``<out>/../<track>_table.md`` by ``lorabench table --protocol <track>``.
 """
 
@@ -45,6 +46,7 @@ COMMON = [
     "hardware.micro_batch_size=16",
     "progress=false",
     "checkpoint.save_model=false",
+    "resume=auto",  # an interrupted run continues after its last round or stage (not part of the run id)
 ]
 FEDERATED_PROTOCOL = [
     "dataset=sst2",
@@ -106,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown rows {unknown}; valid: {', '.join(TRACKS[args.track][1])}")
     out = Path(args.out or f"results/leaderboard/{args.track}")
-    failed = [(r, s) for r in rows for s in args.seeds if run(overrides(args.track, r, s, out))]
+    # seed-major: every row at seed 0 first, so an interrupted leaderboard has every row at n >= 1
+    failed = [(r, s) for s in args.seeds for r in rows if run(overrides(args.track, r, s, out))]
     table = subprocess.run(
         [sys.executable, "-m", "lorabench.cli", "table", "--protocol", args.track, "--results-dir", str(out)],
         capture_output=True,
