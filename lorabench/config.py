@@ -163,6 +163,7 @@ class HardwareConfig:
     micro_batch_size: Optional[int] = None  # None: derived from the global batch (``derive_micro_batch``)
     gradient_checkpointing: bool = False
     num_threads: Optional[int] = None
+    labelled_logits: bool = False  # causal LM: LM-head logits only where the next token is labelled (same loss, less memory)
 
     DEVICES = ("cpu", "cuda")
     PRECISIONS = ("no", "bf16", "fp16")

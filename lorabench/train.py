@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from lorabench.analysis.forgetting import forgetting_after, forgetting_before
-from lorabench.analysis.intruders import model_intruders, snapshot
+from lorabench.analysis.intruders import model_intruders, snapshot_to_file
 from lorabench.budget import apply_budget, solve_run_budget
 from lorabench.checkpoint import load_checkpoint, newest_usable, restore_rng, save_checkpoint
 from lorabench.config import RunConfig
@@ -467,7 +467,7 @@ class Run:
     recorder: Recorder
     tracker: Any
     stop: StopFlag
-    pretrained: dict | None  # target weights before training (cfg.analysis.intruders)
+    pretrained: Any  # target weights before training, on disk (cfg.analysis.intruders; analysis.intruders.SavedWeights)
     batches: Iterator | None = None
     bar: Any = None
     forgetting: Any = None  # held-out texts and the base model's perplexity (cfg.analysis.forgetting)
@@ -492,7 +492,7 @@ def prepare_run(
     everything, record the parameter counts and print the run's opening lines."""
     cfg, spec, record = parts.cfg, parts.spec, recorder.record
     expected = expected_trainable(parts.model, spec, parts.ctx)
-    pretrained = snapshot(parts.model, parts.targets) if cfg.analysis.intruders else None
+    pretrained = snapshot_to_file(parts.model, parts.targets) if cfg.analysis.intruders and accelerator.is_main_process else None
     forgetting = forgetting_before(parts, accelerator) if cfg.analysis.forgetting else None
     t0 = time.perf_counter()
     built = apply_method(parts.model, spec, parts.ctx)
@@ -574,7 +574,7 @@ def optimizer_step(run: Run, state: TrainState) -> float | None:
         step_tokens += count_tokens(batch)
         sync = accelerator.no_sync(model) if micro < accum - 1 else contextlib.nullcontext()
         with sync:
-            loss = model(**batch).loss / accum
+            loss = forward_loss(model, batch, cfg.hardware.labelled_logits) / accum
             extra = procedure.extra_loss(model) if procedure else None  # gradient only, not the logged loss
             accelerator.backward(loss if extra is None else loss + extra / accum)
         loss_sum += loss.detach().float()
@@ -607,6 +607,21 @@ def optimizer_step(run: Run, state: TrainState) -> float | None:
         procedure.on_step_end(state.step)
     state.tokens += int(accelerator.reduce(torch.tensor(step_tokens, device=accelerator.device), reduction="sum"))
     return loss_value
+
+
+def forward_loss(model, batch: dict, labelled_only: bool = False) -> torch.Tensor:
+    """The batch's training loss. With ``labelled_only`` (``hardware.labelled_logits``, causal-LM
+    tasks) the LM head runs only at the positions whose next token is labelled in some row
+    (transformers' ``logits_to_keep``): the same cross-entropy, the mean over labelled next tokens
+    as transformers' ForCausalLMLoss takes it, without the (batch x length x vocabulary) logits of
+    prompt and padding positions (for SmolLM2's 49,152-word vocabulary 0.2 GB per 4 x 252 tokens)."""
+    if not labelled_only:
+        return model(**batch).loss
+    labels = batch["labels"]
+    keep = torch.nonzero((labels[:, 1:] != -100).any(dim=0)).flatten()
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}, logits_to_keep=keep).logits
+    targets = labels[:, keep + 1]
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
 
 
 def _log_step(run: Run, state: TrainState, loss_value: float) -> None:
@@ -704,6 +719,7 @@ def finish_record(run: Run) -> None:
             run.pretrained, accelerator.unwrap_model(run.model), analysis.intruder_top_k, analysis.intruder_epsilon
         )
         record["analysis"] = report.as_dict()
+        run.pretrained.discard()
         run.pretrained = None
     if run.forgetting is not None and is_main:
         trained = accelerator.unwrap_model(run.model)

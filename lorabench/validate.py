@@ -44,6 +44,11 @@ def validate_config(cfg_dict: dict):
     if cfg.model.source == "local":
         check_local_path(cfg.model)  # a missing folder, named, before transformers reads it as a hub id
     task = DATASETS.get(cfg.dataset.name, where="dataset")
+    if cfg.hardware.labelled_logits and task.head != "causal_lm":
+        raise ConfigError(
+            f"hardware.labelled_logits=true applies to language-model losses; dataset={cfg.dataset.name!r} "
+            f"trains a {task.head} head"
+        )
     if task.head == "causal_lm" and cfg.model.architecture != "decoder":
         raise ConfigError(
             f"dataset={cfg.dataset.name!r} needs a decoder model (generation); model={cfg.model.name!r} "
@@ -56,8 +61,10 @@ def validate_config(cfg_dict: dict):
         if key and f"method.{key}" not in str(exc):
             raise ConfigError(f"{exc} (at method.{key})") from None
         raise
+    from lorabench.method_params.check import check_run_fit
     from lorabench.protocols.checks import check_protocol
 
+    check_run_fit(cfg, checked)
     check_protocol(cfg, checked)
     return cfg
 

@@ -207,7 +207,14 @@ def test_ffa_lora_with_dp_runs_two_rounds_and_an_interrupted_run_resumes_to_the_
 
 
 def test_fedsvd_leaves_an_orthonormal_a_and_sends_a_down_but_not_up(sst2_dir, tmp_path):
-    out = _train(tmp_path, sst2_dir, "method=ffa_lora", "protocol.federated.aggregation=fedsvd")
+    out = _train(
+        tmp_path,
+        sst2_dir,
+        "method=ffa_lora",
+        "protocol.federated.aggregation=fedsvd",
+        "protocol.federated.partition=dirichlet",
+        "protocol.federated.dirichlet_alpha=5.0",
+    )
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     record, run_dir = _record(tmp_path)
     entry = record["protocol_report"]["history"][-1]
@@ -218,3 +225,14 @@ def test_fedsvd_leaves_an_orthonormal_a_and_sends_a_down_but_not_up(sst2_dir, tm
     for key in a_keys:
         a = adapter[key].double()
         torch.testing.assert_close(a @ a.T, torch.eye(a.shape[0], dtype=torch.float64), atol=1e-5, rtol=1e-5)
+    # the protocol's table reads the record: its numbers, one row, and the single-run table leaves it out
+    from lorabench.results.table import build_table
+
+    text, problems = build_table(tmp_path / "runs", "json", protocol="federated")
+    (row,) = json.loads(text)
+    assert not problems and row["method"] == "ffa_lora" and row["dataset"] == "sst2"
+    assert row["final"]["mean"] == pytest.approx(100 * record["metrics"]["final"]["accuracy"])
+    assert row["MB up/round"]["mean"] == pytest.approx(entry["uplink_bytes"] / 1e6)
+    assert row["MB down/round"]["mean"] == pytest.approx(entry["downlink_bytes"] / 1e6)
+    assert row["epsilon"]["n"] == 0  # no DP
+    assert build_table(tmp_path / "runs", "json")[0].startswith("no completed records")

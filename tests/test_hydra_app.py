@@ -148,11 +148,14 @@ def test_every_readme_train_example_is_valid_as_written(example, sst2_dir):
     build_run(compose(single))
 
 
-# the Optuna sweeper example runs its trials in tests/test_tuning.py (two trials, not the example's 30)
+# the Optuna sweeper example runs its trials in tests/test_tuning.py (two trials, not the example's 30);
+# the protocol examples run with the same options at tiny scale in tests/test_federated.py (2 clients x 2
+# rounds) and tests/test_continual.py (their CLI runs), which have the task fixtures they need
+RUN_ELSEWHERE = ("hydra/sweeper=lr_optuna", "protocol=federated", "protocol=continual")
 CPU_EXAMPLES = [
     c
     for c in TRAIN_EXAMPLES
-    if not any(a in NEEDS_GPU for a in c) and "hardware=cpu_ddp2" not in c and "hydra/sweeper=lr_optuna" not in c
+    if not any(a in NEEDS_GPU for a in c) and "hardware=cpu_ddp2" not in c and not any(a in RUN_ELSEWHERE for a in c)
 ]
 
 

@@ -67,3 +67,23 @@ def test_peft_adapters_load_in_plain_peft_with_the_hub_id_and_tokenizer(method, 
     assert len(shared) >= len([n for n in ours if "classifier" not in n]) // 2 and shared
     for name in shared:
         assert torch.equal(ours[name], theirs[name].detach()), name
+
+
+def test_the_pretrained_snapshot_on_disk_equals_the_in_memory_one_and_is_removed():
+    import os
+
+    from lorabench.analysis.intruders import snapshot, snapshot_to_file
+    from lorabench.config import ModelConfig
+    from lorabench.models import load_model
+
+    tiny = ModelConfig(name="tiny_llama", random_init="tiny_llama", source="random", architecture="decoder")
+    model = load_model(tiny, "causal_lm").model
+    in_memory = snapshot(model, ["q_proj", "v_proj"])
+    saved = snapshot_to_file(model, ["q_proj", "v_proj"])
+    assert sorted(saved) == sorted(in_memory) and len(saved) == len(in_memory) > 0
+    for key, value in in_memory.items():
+        assert torch.equal(saved[key], value)
+    path = saved.path
+    assert os.path.exists(path)
+    saved.discard()
+    assert not os.path.exists(path)

@@ -102,3 +102,25 @@ def _check_compatibility(label: str, names: dict[str, str], entries: dict[str, A
                 f"method {label!r}: {axis} {names[axis]!r} needs method.adapter in {list(needed)}, "
                 f"got {names['adapter']!r}"
             )
+
+
+def check_run_fit(cfg, method: CheckedMethod) -> None:
+    """Method options that constrain the rest of the run (torch-free; raises ConfigError):
+    ``method.layerwise`` updates each weight inside the backward pass, so nothing may need every
+    gradient before the update (lorabench.methods.optimizers.galore_family.GaLoreFamily.enable_layerwise)."""
+    optimizer = method.params.get("optimizer")
+    if not getattr(optimizer, "layerwise", False):
+        return
+    accumulation = cfg.gradient_accumulation()
+    conflicts = {
+        "train.max_grad_norm": (cfg.train.max_grad_norm is not None, "null (clipping needs the global gradient norm)"),
+        "gradient accumulation": (
+            accumulation != 1,
+            f"1 (it is {accumulation}: set hardware.micro_batch_size={cfg.train.global_batch_size // cfg.hardware.num_processes})",
+        ),
+        "hardware.num_processes": (cfg.hardware.num_processes != 1, "1"),
+        "train.nonfinite": (cfg.train.nonfinite == "skip", "stop (an update already made cannot be skipped)"),
+    }
+    for key, (bad, needed) in conflicts.items():
+        if bad:
+            raise ConfigError(f"method.layerwise=true updates each weight during the backward pass: {key} must be {needed}")

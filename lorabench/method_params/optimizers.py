@@ -99,6 +99,7 @@ class ProjectedAdamParams:
 @dataclass
 class GaLoreParams(ProjectedAdamParams):
     projector: str = "svd"  # svd (the paper), randomized_svd, random
+    layerwise: bool = False  # per-layer weight updates in the backward pass (paper §4.3): no full gradient held
 
     def __post_init__(self) -> None:
         super().__post_init__()
