@@ -25,6 +25,10 @@ Design (each rule with its reason):
   inside a stage restarts that stage: stage-boundary granularity. A stop signal is honoured between
   steps; at a stage's end the stage is evaluated and saved before the run stops.
 
+The body, top to bottom: :func:`train_continual` over :func:`load_tasks`, :func:`build_continual_run`
+and :func:`resume_stages`, then for every stage :func:`start_stage`, :func:`train_stage` and
+:func:`close_stage`; :class:`ContinualRun` holds what the pieces share.
+
 The record: ``protocol_report`` {name, tasks, strategy, stages [{task, step, scores}],
 accuracy_matrix, average_accuracy, backward_transfer, forgetting, ...}; ``metrics`` with primary
 ``average_accuracy`` (higher is better) and final {average_accuracy, backward_transfer,
@@ -46,7 +50,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from lorabench.config import DatasetConfig
+from lorabench.config import DatasetConfig, RunConfig
 from lorabench.data.base import resolve_primary
 from lorabench.protocols.continual import metrics
 from lorabench.protocols.continual.batches import StageBatches, derived_seed, replay_indices
@@ -57,6 +61,7 @@ from lorabench.protocols.continual.tasks import task_config
 from lorabench.registry import DATASETS
 from lorabench.results.record import now
 from lorabench.train import (
+    Run,
     RunCanceled,
     _evaluate,
     _fault_injection_step,
@@ -123,16 +128,68 @@ class StageProcedure:
             self.inner.load_state_dict(state)
 
 
+@dataclasses.dataclass
+class ContinualRun:
+    """What the stages share: the prepared run (its procedure a StageProcedure), the tasks, the
+    strategy, the task-head selector (None for a shared LM head), the optimizer's state of right
+    after the method was applied, the run's config (``train.max_steps`` = ``steps_per_task x
+    tasks``), the stages done, the replay buffer's indices per task and the fault-injection step."""
+
+    run: Run
+    tasks: list[Task]
+    strategy: Any
+    selector: Any
+    fresh: dict
+    run_cfg: RunConfig
+    stages: list[dict] = dataclasses.field(default_factory=list)
+    replay: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    fault_step: int | None = None
+
+    @property
+    def settings(self):
+        return self.run_cfg.protocol.continual
+
+    def stage_bounds(self, t: Task) -> tuple[int, int]:
+        """The steps stage ``t`` starts and ends at."""
+        steps = self.settings.steps_per_task
+        return t.index * steps, (t.index + 1) * steps
+
+
 def train_continual(session) -> None:
-    """The continual protocol (see the module docstring), inside lorabench.train.run_with_record."""
-    cfg, state, stop, accelerator = session.cfg, session.state, session.stop, session.accelerator
-    settings, record = cfg.protocol.continual, session.record
+    """The continual protocol (see the module docstring), inside lorabench.train.run_with_record:
+    the pieces top to bottom."""
+    state, stop, settings = session.state, session.stop, session.cfg.protocol.continual
+    tasks = load_tasks(session.cfg)
+    strategy = STRATEGIES.get(settings.strategy, where="protocol.continual.strategy")(settings)
+    cr = build_continual_run(session, tasks, strategy)
+    start = resume_stages(cr, state)
+    report(cr)
+
+    cr.fault_step = _fault_injection_step()
+    cr.run.model.train()
+    cr.run.bar = progress_bar(cr, state)
+    for t in tasks[start:]:
+        start_stage(cr, t, state)
+        train_stage(cr, t, state, stop)
+        close_stage(cr, t, state, stop)
+    finish_continual(cr, state)
+
+
+# -- the run's pieces -------------------------------------------------------------------------------
+def load_tasks(cfg) -> list[Task]:
+    """The sequence's tasks (``protocol.continual.tasks``), each with its config and primary metric."""
     tasks = []
-    for index, name in enumerate(settings.tasks):
+    for index, name in enumerate(cfg.protocol.continual.tasks):
         task, task_cfg = DATASETS.get(name, where="protocol.continual.tasks entry"), task_config(cfg, name)
         tasks.append(Task(index, name, task, task_cfg, resolve_primary(task, task_cfg)))
-    strategy = STRATEGIES.get(settings.strategy, where="protocol.continual.strategy")(settings)
-    total = settings.steps_per_task * len(tasks)
+    return tasks
+
+
+def build_continual_run(session, tasks: list[Task], strategy) -> ContinualRun:
+    """Every task's data, then the first task's model and method (build_run_parts), every task's
+    features, the task heads, the prepared run with the strategy's procedure and setup."""
+    cfg, accelerator, record, state = session.cfg, session.accelerator, session.record, session.state
+    total = cfg.protocol.continual.steps_per_task * len(tasks)
     run_cfg = dataclasses.replace(cfg, dataset=tasks[0].cfg, train=dataclasses.replace(cfg.train, max_steps=total))
     record["metrics"].update(primary="average_accuracy", higher_is_better=True, report="last")
     record["progress"]["max_steps"] = total
@@ -145,115 +202,156 @@ def train_continual(session) -> None:
         stage_features(run_cfg, t, parts.tokenizer, accelerator)
     head = tasks[0].task.head
     selector = install_task_heads(parts.model, len(tasks)) if head == "classification" else None
-    run = prepare_run(parts, accelerator, session.recorder, session.tracker, stop, state.timers)
+    run = prepare_run(parts, accelerator, session.recorder, session.tracker, session.stop, state.timers)
     run.procedure = StageProcedure(run.procedure, strategy)
     strategy.setup(run, selector)
     fresh = copy.deepcopy(run.optimizer.state_dict())
-    stages: list[dict] = []
-    replay: dict[str, list[int]] = {}
-    start = resume_stages(run, state, strategy, stages, replay)
-    report(run, tasks, strategy, stages, replay)
+    return ContinualRun(run, tasks, strategy, selector, fresh, run_cfg)
 
-    fault_step = _fault_injection_step()
-    run.model.train()
-    run.bar = tqdm(
-        total=total,
+
+def progress_bar(cr: ContinualRun, state) -> tqdm:
+    """The run's progress bar over all stages' steps, from the state's step."""
+    return tqdm(
+        total=cr.run_cfg.train.max_steps,
         initial=state.step,
-        disable=not (accelerator.is_main_process and cfg.progress),
-        desc=f"{parts.spec.label} continual",
+        disable=not (cr.run.accelerator.is_main_process and cr.run_cfg.progress),
+        desc=f"{cr.run.parts.spec.label} continual",
         unit="step",
     )
-    for t in tasks[start:]:
-        stage_start, stage_end = t.index * settings.steps_per_task, (t.index + 1) * settings.steps_per_task
-        if state.step != stage_start:
-            raise RuntimeError(f"stage {t.index} should start at step {stage_start}, the run is at {state.step}")
-        seed = derived_seed(cfg.seed, "stage", t.index)
-        features, collate_fn = t.features, t.collate_fn
-        fresh_optimizer(run, fresh, settings.steps_per_task)
-        set_seed(seed)
-        pool = []
-        for u in tasks[: t.index] if strategy.replays else []:
-            pool.extend((u.index, u.features[k]) for k in replay[u.name])
-        run.batches = StageBatches(
-            features,
-            t.index,
-            collate_fn,
-            micro=cfg.hardware.micro_batch_size,
-            seed=seed,
-            device=accelerator.device,
-            replay=pool,
-            ratio=settings.replay_ratio,
-            rank=accelerator.process_index,
-            world=accelerator.num_processes,
-            on_batch=router(selector, strategy),
+
+
+def start_stage(cr: ContinualRun, t: Task, state) -> None:
+    """Stage ``t``'s start: a fresh optimizer state and LR schedule, the stage's seed, its batches
+    (the replay pool mixed in) and its task head active."""
+    run, stage_start = cr.run, cr.stage_bounds(t)[0]
+    if state.step != stage_start:
+        raise RuntimeError(f"stage {t.index} should start at step {stage_start}, the run is at {state.step}")
+    seed = derived_seed(cr.run_cfg.seed, "stage", t.index)
+    fresh_optimizer(run, cr.fresh, cr.settings.steps_per_task)
+    set_seed(seed)
+    pool = replay_pool(cr, t)
+    run.batches = stage_batches(cr, t, seed, pool)
+    if cr.selector is not None:
+        cr.selector.active, cr.selector.task_ids = t.index, None
+    run.procedure.stage_start = stage_start
+    if run.accelerator.is_main_process:
+        run.bar.write(
+            f"[lorabench] stage {t.index + 1}/{len(cr.tasks)}: {t.name} "
+            f"({len(t.features)} examples, replay pool {len(pool)})"
         )
-        if selector is not None:
-            selector.active, selector.task_ids = t.index, None
-        run.procedure.stage_start = stage_start
-        if accelerator.is_main_process:
-            run.bar.write(
-                f"[lorabench] stage {t.index + 1}/{len(tasks)}: {t.name} "
-                f"({len(features)} examples, replay pool {len(pool)})"
-            )
-        state.timers.start()
-        stop.in_loop = True
-        while state.step < stage_end and not stop.signal_name:
-            train_steps(run, state, 1)
-            if state.step == fault_step:
-                os.kill(os.getpid(), signal.SIGTERM)
-        state.timers.stop()
-        stop.in_loop = False
-        if state.step < stage_end:
-            raise RunCanceled(
-                f"received {stop.signal_name} at step {state.step}, inside stage {t.index} ({t.name}); "
-                f"resume=auto restarts that stage from its start (checkpoints are at stage boundaries)"
-            )
-        scores = evaluate_seen(run, state, tasks[: t.index + 1], strategy, selector, run_cfg)
-        if strategy.replays:
-            replay[t.name] = replay_indices(
-                len(t.splits.train), settings.replay_size, derived_seed(cfg.seed, "replay", t.index)
-            )
-        stages.append({"task": t.name, "step": state.step, "scores": scores})
-        row_mean = metrics.average_accuracy(metrics.accuracy_matrix(stages, [u.name for u in tasks], primaries(tasks)))
-        flat = {f"{task}/{k}": v for task, values in scores.items() for k, v in values.items()}
-        state.history.append(
-            {"step": state.step, "stage": t.index, "task": t.name, "metrics": {"average_accuracy": row_mean, **flat}}
+
+
+def replay_pool(cr: ContinualRun, t: Task) -> list[tuple[int, Any]]:
+    """The replay buffer's (task index, feature) pairs of the tasks before ``t``; none without replay."""
+    pool = []
+    for u in cr.tasks[: t.index] if cr.strategy.replays else []:
+        pool.extend((u.index, u.features[k]) for k in cr.replay[u.name])
+    return pool
+
+
+def stage_batches(cr: ContinualRun, t: Task, seed: int, pool: list) -> StageBatches:
+    """Stage ``t``'s endless training micro-batches, ``pool`` mixed in at ``replay_ratio``."""
+    accelerator = cr.run.accelerator
+    return StageBatches(
+        t.features,
+        t.index,
+        t.collate_fn,
+        micro=cr.run_cfg.hardware.micro_batch_size,
+        seed=seed,
+        device=accelerator.device,
+        replay=pool,
+        ratio=cr.settings.replay_ratio,
+        rank=accelerator.process_index,
+        world=accelerator.num_processes,
+        on_batch=Router(cr.selector, cr.strategy),
+    )
+
+
+def train_stage(cr: ContinualRun, t: Task, state, stop) -> None:
+    """Stage ``t``'s optimizer steps, until its last or a stop signal (then the run is canceled: a
+    stage's checkpoint is written only at its end)."""
+    stage_end = cr.stage_bounds(t)[1]
+    state.timers.start()
+    stop.in_loop = True
+    while state.step < stage_end and not stop.signal_name:
+        train_steps(cr.run, state, 1)
+        if state.step == cr.fault_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+    state.timers.stop()
+    stop.in_loop = False
+    if state.step < stage_end:
+        raise RunCanceled(
+            f"received {stop.signal_name} at step {state.step}, inside stage {t.index} ({t.name}); "
+            f"resume=auto restarts that stage from its start (checkpoints are at stage boundaries)"
         )
-        report(run, tasks, strategy, stages, replay)
-        if run.tracker:
-            run.tracker.log(
-                {f"eval/{k}": v for k, v in {"average_accuracy": row_mean, **flat}.items() if v is not None},
-                step=state.step,
-            )
-        stop.in_loop = True  # a signal now lets the stage's checkpoint finish
-        save_stage(
-            run.run_dir,
-            t.index,
-            model=run.model,
-            strategy=strategy,
-            procedure=run.procedure,
-            state={
-                "stages": stages,
-                "replay": replay,
-                "train": {**state.state_dict(), "step": state.step},
-                "strategy": strategy.state_dict(),
-            },
-            accelerator=accelerator,
-            keep=cfg.checkpoint.keep,
+
+
+def close_stage(cr: ContinualRun, t: Task, state, stop) -> None:
+    """Stage ``t``'s end: every task seen so far evaluated, the task's replay indices drawn, the stage
+    recorded and checkpointed; a stop signal cancels the run now."""
+    scores = evaluate_seen(cr, state, cr.tasks[: t.index + 1])
+    if cr.strategy.replays:
+        seed = derived_seed(cr.run_cfg.seed, "replay", t.index)
+        cr.replay[t.name] = replay_indices(len(t.splits.train), cr.settings.replay_size, seed)
+    cr.stages.append({"task": t.name, "step": state.step, "scores": scores})
+    record_stage(cr, t, state, scores)
+    stop.in_loop = True  # a signal now lets the stage's checkpoint finish
+    checkpoint_stage(cr, t, state)
+    stop.in_loop = False
+    cr.run.recorder.write()
+    if stop.signal_name:
+        raise RunCanceled(
+            f"received {stop.signal_name} after stage {t.index} ({t.name}); "
+            f"resume=auto continues at stage {t.index + 1}"
         )
-        stop.in_loop = False
-        run.recorder.write()
-        if stop.signal_name:
-            raise RunCanceled(
-                f"received {stop.signal_name} after stage {t.index} ({t.name}); "
-                f"resume=auto continues at stage {t.index + 1}"
-            )
-    run.bar.close()
-    strategy.finish(run)
-    if selector is not None:
-        selector.active, selector.task_ids = 0, None
-    record_training_cost(run, state)
-    finish_record(run)
+
+
+def record_stage(cr: ContinualRun, t: Task, state, scores: dict) -> None:
+    """Stage ``t``'s entry of the history, the report and the tracker: the mean over the accuracy
+    matrix's newest row and every seen task's scores."""
+    names = [u.name for u in cr.tasks]
+    row_mean = metrics.average_accuracy(metrics.accuracy_matrix(cr.stages, names, primaries(cr.tasks)))
+    flat = {f"{task}/{k}": v for task, values in scores.items() for k, v in values.items()}
+    state.history.append(
+        {"step": state.step, "stage": t.index, "task": t.name, "metrics": {"average_accuracy": row_mean, **flat}}
+    )
+    report(cr)
+    if cr.run.tracker:
+        cr.run.tracker.log(
+            {f"eval/{k}": v for k, v in {"average_accuracy": row_mean, **flat}.items() if v is not None},
+            step=state.step,
+        )
+
+
+def checkpoint_stage(cr: ContinualRun, t: Task, state) -> None:
+    """Stage ``t``'s checkpoint (lorabench.protocols.continual.state): the weights, the strategy's
+    and the procedure's state, the stages, the replay indices and the training state."""
+    run = cr.run
+    save_stage(
+        run.run_dir,
+        t.index,
+        model=run.model,
+        strategy=cr.strategy,
+        procedure=run.procedure,
+        state={
+            "stages": cr.stages,
+            "replay": cr.replay,
+            "train": {**state.state_dict(), "step": state.step},
+            "strategy": cr.strategy.state_dict(),
+        },
+        accelerator=run.accelerator,
+        keep=cr.run_cfg.checkpoint.keep,
+    )
+
+
+def finish_continual(cr: ContinualRun, state) -> None:
+    """After the last stage: the strategy's finish, the first head active, the costs and the record."""
+    cr.run.bar.close()
+    cr.strategy.finish(cr.run)
+    if cr.selector is not None:
+        cr.selector.active, cr.selector.task_ids = 0, None
+    record_training_cost(cr.run, state)
+    finish_record(cr.run)
 
 
 # -- pieces ---------------------------------------------------------------------------------------
@@ -319,27 +417,31 @@ def fresh_optimizer(run, fresh: dict, steps: int) -> None:
     run.scheduler = accelerator.prepare_scheduler(scheduler)
 
 
-def router(selector, strategy):
-    """Every training micro-batch: its rows routed to their task heads, then shown to the strategy."""
+@dataclasses.dataclass
+class Router:
+    """Every training micro-batch (StageBatches' ``on_batch``): its rows routed to their task heads,
+    then shown to the strategy."""
 
-    def on_batch(batch: dict, task_ids, replay_rows: list[int]) -> None:
-        if selector is not None:
-            selector.task_ids = task_ids if replay_rows else None
-        strategy.on_batch(batch, task_ids, replay_rows)
+    selector: Any
+    strategy: Any
 
-    return on_batch
+    def __call__(self, batch: dict, task_ids, replay_rows: list[int]) -> None:
+        if self.selector is not None:
+            self.selector.task_ids = task_ids if replay_rows else None
+        self.strategy.on_batch(batch, task_ids, replay_rows)
 
 
-def evaluate_seen(run, state, seen: list[Task], strategy, selector, run_cfg) -> dict:
+def evaluate_seen(cr: ContinualRun, state, seen: list[Task]) -> dict:
     """Scores of every task in ``seen`` ({task: {metric: value}}) with the strategy's weights."""
+    run, selector = cr.run, cr.selector
     accelerator, tokenizer, record = run.accelerator, run.parts.tokenizer, run.record
     t0 = time.perf_counter()
     out = {}
-    with strategy.evaluation_weights(run):
+    with cr.strategy.evaluation_weights(run):
         for u in seen:
             if selector is not None:
                 selector.active, selector.task_ids = u.index, None
-            task_cfg = dataclasses.replace(run_cfg, dataset=u.cfg)
+            task_cfg = dataclasses.replace(cr.run_cfg, dataset=u.cfg)
             scores, _ = _evaluate(u.task, run.model, tokenizer, u.splits.eval, task_cfg, accelerator)
             if scores.get("missing"):
                 record["metrics"]["missing"] = scores["missing"]
@@ -353,8 +455,9 @@ def evaluate_seen(run, state, seen: list[Task], strategy, selector, run_cfg) -> 
     return out
 
 
-def report(run, tasks: list[Task], strategy, stages: list[dict], replay: dict) -> None:
+def report(cr: ContinualRun) -> None:
     """``protocol_report`` and ``metrics.final`` from the stages so far; the record is written."""
+    run, tasks, stages = cr.run, cr.tasks, cr.stages
     settings, record = run.cfg.protocol.continual, run.record
     names = [t.name for t in tasks]
     summary = metrics.summary(stages, names, primaries(tasks))
@@ -363,14 +466,14 @@ def report(run, tasks: list[Task], strategy, stages: list[dict], replay: dict) -
         "version": PROTOCOL_VERSION,
         "tasks": names,
         "strategy": settings.strategy,
-        "strategy_report": strategy.report(),
+        "strategy_report": cr.strategy.report(),
         "steps_per_task": settings.steps_per_task,
         "primary_metrics": primaries(tasks),
         "heads": HEAD_PROTOCOLS[tasks[0].task.head],
         "optimizer": "fresh state and LR schedule every stage",
         "stages": stages,
         **summary,
-        "replay_buffer": {task: len(indices) for task, indices in replay.items()},
+        "replay_buffer": {task: len(indices) for task, indices in cr.replay.items()},
     }
     final = None
     if stages:
@@ -380,43 +483,46 @@ def report(run, tasks: list[Task], strategy, stages: list[dict], replay: dict) -
     run.recorder.write()
 
 
-def resume_stages(run, state, strategy, stages: list, replay: dict) -> int:
-    """With ``resume=auto``, the newest stage checkpoint into the model, the strategy, the procedure,
-    ``state``, ``stages`` and ``replay``; the state's lists bound into the record. Returns the index
-    of the stage to train next (0 without a checkpoint)."""
-    cfg, accelerator, record = run.cfg, run.accelerator, run.record
-    is_main = accelerator.is_main_process
+def resume_stages(cr: ContinualRun, state) -> int:
+    """With ``resume=auto``, the newest stage checkpoint restored (:func:`restore_stage`); the state's
+    lists bound into the record. Returns the index of the stage to train next (0 without a checkpoint)."""
+    run, record = cr.run, cr.run.record
     checkpoint, skipped = (None, [])
-    if cfg.resume == "auto":
-        checkpoint, skipped = newest_stage(run.run_dir, warn=is_main)
-    start = 0
-    if checkpoint:
-        saved = checkpoint.state
-        load_weights(checkpoint, run.model, accelerator)
-        strategy.load_tensors(checkpoint.strategy, accelerator.device)
-        strategy.load_state_dict(saved.get("strategy") or {})
-        if checkpoint.procedure is not None:
-            run.procedure.load_state_dict(checkpoint.procedure)
-        state.load_state_dict(saved["train"])
-        stages.extend(saved["stages"])
-        replay.update(saved["replay"])
-        start = saved["stage"] + 1
-        record["resumed_from"].append(
-            {
-                "step": state.step,
-                "stage": saved["stage"],
-                "checkpoint": str(checkpoint.path),
-                "verified": checkpoint.verified,
-                "at": now(),
-                "skipped": skipped,
-            }
-        )
-        if is_main:
-            print(
-                f"[lorabench] resuming {record['run_id']} after stage {saved['stage']} "
-                f"(step {state.step}; {checkpoint.path})"
-            )
+    if run.cfg.resume == "auto":
+        checkpoint, skipped = newest_stage(run.run_dir, warn=run.accelerator.is_main_process)
+    start = restore_stage(cr, state, checkpoint, skipped) if checkpoint else 0
     record.update(history=state.history, train_log=state.train_log, samples=state.samples)
     record["method_report"]["skipped_nonfinite_steps"] = state.skipped
     run.recorder.step = state.step
     return start
+
+
+def restore_stage(cr: ContinualRun, state, checkpoint, skipped: list) -> int:
+    """A stage checkpoint into the model, the strategy, the procedure, ``state``, the stages and the
+    replay indices, and its entry in the record's ``resumed_from``. Returns the next stage's index."""
+    run, strategy, accelerator, record = cr.run, cr.strategy, cr.run.accelerator, cr.run.record
+    saved = checkpoint.state
+    load_weights(checkpoint, run.model, accelerator)
+    strategy.load_tensors(checkpoint.strategy, accelerator.device)
+    strategy.load_state_dict(saved.get("strategy") or {})
+    if checkpoint.procedure is not None:
+        run.procedure.load_state_dict(checkpoint.procedure)
+    state.load_state_dict(saved["train"])
+    cr.stages.extend(saved["stages"])
+    cr.replay.update(saved["replay"])
+    record["resumed_from"].append(
+        {
+            "step": state.step,
+            "stage": saved["stage"],
+            "checkpoint": str(checkpoint.path),
+            "verified": checkpoint.verified,
+            "at": now(),
+            "skipped": skipped,
+        }
+    )
+    if accelerator.is_main_process:
+        print(
+            f"[lorabench] resuming {record['run_id']} after stage {saved['stage']} "
+            f"(step {state.step}; {checkpoint.path})"
+        )
+    return saved["stage"] + 1
