@@ -63,6 +63,7 @@ def config_hash(config: dict, *, revisions: dict[str, int] | None = None, by_con
 
     science = {k: v for k, v in config.items() if k not in NON_SCIENCE_KEYS}
     science = _science_protocol(science, by_content)
+    science = _without_defaults_added_later(science)
     if by_content:
         science = science_locations(science)
     if revisions is None and isinstance(config.get("method"), dict):
@@ -73,6 +74,20 @@ def config_hash(config: dict, *, revisions: dict[str, int] | None = None, by_con
         science["component_revisions"] = revisions
     blob = json.dumps(science, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()
+
+
+# (section, key, default) of settings added after records existed: at their default they are left
+# out of the hash, so records made before them keep their run ids (lorabench/results/record.py)
+ADDED_LATER = (("hardware", "labelled_logits", False),)
+
+
+def _without_defaults_added_later(science: dict) -> dict:
+    out = dict(science)
+    for section, key, default in ADDED_LATER:
+        part = out.get(section)
+        if isinstance(part, dict) and key in part and part[key] == default:
+            out[section] = {k: v for k, v in part.items() if k != key}
+    return out
 
 
 def protocol_view(config: dict) -> dict:
