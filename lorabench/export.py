@@ -189,8 +189,15 @@ def on_this_machine(config: dict) -> dict:
 
 
 def _load_tensors(rebuilt: Rebuilt, path: Path) -> None:
+    from safetensors import safe_open
+
     from lorabench.methods.adapters.layer import load_trainable
 
+    with safe_open(str(path), framework="pt") as f:
+        saved = set(f.keys())
+    for name, p in rebuilt.model.named_parameters():  # weights a protocol moved though the method froze
+        if name in saved and not p.requires_grad:  # them (a FedSVD run's A): they are in the file too
+            p.requires_grad_(True)
     try:
         load_trainable(rebuilt.model, path)
     except ValueError as exc:

@@ -219,12 +219,22 @@ def test_fedsvd_leaves_an_orthonormal_a_and_sends_a_down_but_not_up(sst2_dir, tm
     record, run_dir = _record(tmp_path)
     entry = record["protocol_report"]["history"][-1]
     assert entry["downlink_bytes"] > entry["uplink_bytes"]
-    adapter = load_file(run_dir / "adapter.safetensors")
+    adapter = load_file(run_dir / "adapter.safetensors")  # the server's A is saved next to B
+    peft = load_file(run_dir / "peft_adapter" / "adapter_model.safetensors")
     a_keys = [k for k in adapter if "lora_A" in k]
     assert a_keys
     for key in a_keys:
         a = adapter[key].double()
         torch.testing.assert_close(a @ a.T, torch.eye(a.shape[0], dtype=torch.float64), atol=1e-5, rtol=1e-5)
+        peft_key = key.replace(".default.weight", ".weight")
+        assert torch.equal(peft[peft_key], adapter[key])
+    # the model rebuilt for export carries the re-factorised A, not the seed's
+    from lorabench.export import load_run_model
+
+    rebuilt = load_run_model(run_dir)
+    params = dict(rebuilt.model.named_parameters())
+    for key in a_keys:
+        assert torch.equal(params[key].detach().cpu(), adapter[key])
     # the protocol's table reads the record: its numbers, one row, and the single-run table leaves it out
     from lorabench.results.table import build_table
 

@@ -346,5 +346,16 @@ def train_federated(session) -> None:
                 state.timers.stop()
     if state.step < server.fed.rounds:
         raise RuntimeError(f"the simulation ended after round {state.step} of {server.fed.rounds}")
+    _keep_server_moved_arrays(server)
     record_training_cost(server.run, state)
     finish_record(server.run)
+
+
+def _keep_server_moved_arrays(server: Server) -> None:
+    """Global arrays the clients do not train but the server moves (FedSVD's A) are part of what the
+    run learnt: marked trainable before the outputs are written, so ``adapter.safetensors`` holds
+    them next to B (peft's folder holds every adapter weight anyway)."""
+    moved = set(server.keys) - set(server.uplink_keys)
+    for name, p in server.run.accelerator.unwrap_model(server.run.model).named_parameters():
+        if name in moved:
+            p.requires_grad_(True)
