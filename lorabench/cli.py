@@ -159,6 +159,12 @@ def plot_command(argv: list[str]) -> int:
     parser.add_argument("--model", action="append", help="keep only these models (repeatable)")
     parser.add_argument("--dataset", action="append", help="keep only these datasets (repeatable)")
     parser.add_argument("--group-by", action="append", metavar="KEY", help="extra variant keys, e.g. method.rank")
+    parser.add_argument(
+        "--protocol",
+        default="single",
+        choices=("single", "federated", "continual"),
+        help="which protocol's runs (default: single runs); curves are per round or per stage there",
+    )
     args = parser.parse_args(argv)
     from lorabench.results import plot
     from lorabench.results.table import collect
@@ -166,7 +172,7 @@ def plot_command(argv: list[str]) -> int:
     if not Path(args.results_dir).is_dir():
         _err(f"--results-dir {args.results_dir!r} does not exist")
         return 2
-    records, problems, _ = collect(Path(args.results_dir), args.method, args.model, args.dataset)
+    records, problems, _ = collect(Path(args.results_dir), args.method, args.model, args.dataset, args.protocol)
     for path, problem in problems:
         print(f"lorabench: skipped {path}: {problem}", file=sys.stderr)
     if not records:

@@ -163,7 +163,9 @@ class HardwareConfig:
     micro_batch_size: Optional[int] = None  # None: derived from the global batch (``derive_micro_batch``)
     gradient_checkpointing: bool = False
     num_threads: Optional[int] = None
-    labelled_logits: bool = False  # causal LM: LM-head logits only where the next token is labelled (same loss, less memory)
+    labelled_logits: bool = (
+        False  # causal LM: LM-head logits only where the next token is labelled (same loss, less memory)
+    )
 
     DEVICES = ("cpu", "cuda")
     PRECISIONS = ("no", "bf16", "fp16")
@@ -198,9 +200,13 @@ class AnalysisConfig:
     intruders: bool = True  # intruder dimensions of the targeted weights (Shuttleworth et al., 2024)
     intruder_top_k: int = 10
     intruder_epsilon: float = 0.5
-    forgetting: bool = False  # held-out perplexity on the base model's text before/after (decoders; lorabench/analysis/forgetting.py)
+    forgetting: bool = (
+        False  # held-out perplexity on the base model's text before/after (decoders; lorabench/analysis/forgetting.py)
+    )
     forgetting_texts: int = 32  # how many held-out texts
-    forgetting_data: Optional[str] = None  # a local text/jsonl file of held-out text; None: texts sampled from the base model
+    forgetting_data: Optional[str] = (
+        None  # a local text/jsonl file of held-out text; None: texts sampled from the base model
+    )
 
     def __post_init__(self) -> None:
         check_positive("analysis.forgetting_texts", self.forgetting_texts)

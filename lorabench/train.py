@@ -342,7 +342,12 @@ class CalibrationBatches:
 
 
 def training_batches(
-    cfg: RunConfig, task, examples: list[dict], tokenizer, accelerator: Accelerator | None = None, seed: int | None = None
+    cfg: RunConfig,
+    task,
+    examples: list[dict],
+    tokenizer,
+    accelerator: Accelerator | None = None,
+    seed: int | None = None,
 ) -> tuple[Any, DataLoader]:
     """The tokenized features of ``examples`` (cached; rank 0 tokenizes first, the others read the
     cache) and their shuffled micro-batches (dropping the last partial one), shuffled by ``seed``
@@ -492,7 +497,9 @@ def prepare_run(
     everything, record the parameter counts and print the run's opening lines."""
     cfg, spec, record = parts.cfg, parts.spec, recorder.record
     expected = expected_trainable(parts.model, spec, parts.ctx)
-    pretrained = snapshot_to_file(parts.model, parts.targets) if cfg.analysis.intruders and accelerator.is_main_process else None
+    pretrained = (
+        snapshot_to_file(parts.model, parts.targets) if cfg.analysis.intruders and accelerator.is_main_process else None
+    )
     forgetting = forgetting_before(parts, accelerator) if cfg.analysis.forgetting else None
     t0 = time.perf_counter()
     built = apply_method(parts.model, spec, parts.ctx)
@@ -903,7 +910,8 @@ def run_with_record(cfg: RunConfig, spec: MethodSpec, command: str, body: Callab
         primary = record["metrics"]["primary"]
         final = record["metrics"]["final"][primary]
         print(
-            f"[lorabench] {rid}: {primary}={final:.4f} ({record['dataset']['name']}, {record['dataset']['source']['kind']} "
+            f"[lorabench] {rid}: {primary}={final:.4f} ({record['dataset']['name']}, "
+            f"{record['dataset']['source']['kind']} "
             f"source) in {record['cost']['wall_time_s']:.1f}s; record: {record_path}"
         )
     return record

@@ -22,10 +22,11 @@ each stage. Rows: full fine-tuning, LoRA and DoRA trained sequentially, LoRA wit
 with decay 0.99 and the fast/slow consistency loss; the slow weights are evaluated).
 
 Run it from the repository root (the data folders are relative to it). Runs go through
-``lorabench train`` one after another, every row at seed 0 first, then seed 1, then seed 2 (a federated run uses both cores through its
-simulated clients); a run whose completed record exists is skipped and an interrupted one continues
-from its last round or stage (``resume=auto``), so the script resumes. The
-table is written to ``<out>/../<track>_table.md`` by ``lorabench table --protocol <track>``.
+``lorabench train`` one after another, every row at seed 0 first, then seed 1, then seed 2 (a
+federated run uses both cores through its simulated clients); a run whose completed record exists
+is skipped and an interrupted one continues from its last round or stage (``resume=auto``), so the
+script resumes. The table is written to ``<out>/../<track>_table.md`` by ``lorabench table
+--protocol <track>``.
 """
 
 from __future__ import annotations

@@ -148,7 +148,12 @@ def test_only_the_chosen_protocol_enters_the_run_id():
 
 
 # -- Flower runs ------------------------------------------------------------------------------------
-FED = ["protocol=federated", "protocol.federated.clients=2", "protocol.federated.rounds=2", "protocol.federated.local_steps=2"]
+FED = [
+    "protocol=federated",
+    "protocol.federated.clients=2",
+    "protocol.federated.rounds=2",
+    "protocol.federated.local_steps=2",
+]
 
 
 def _train(tmp_path, sst2_dir, *extra, env=None):
@@ -246,3 +251,24 @@ def test_fedsvd_leaves_an_orthonormal_a_and_sends_a_down_but_not_up(sst2_dir, tm
     assert row["MB down/round"]["mean"] == pytest.approx(entry["downlink_bytes"] / 1e6)
     assert row["epsilon"]["n"] == 0  # no DP
     assert build_table(tmp_path / "runs", "json")[0].startswith("no completed records")
+    # per-round curves: the global model's accuracy after every round
+    from lorabench.cli import plot_command
+
+    assert (
+        plot_command(
+            [
+                "--results-dir",
+                str(tmp_path / "runs"),
+                "--out",
+                str(tmp_path / "plots"),
+                "--protocol",
+                "federated",
+                "--kind",
+                "curves",
+                "--format",
+                "svg",
+            ]
+        )
+        == 0
+    )
+    assert len(list((tmp_path / "plots" / "curves").glob("*.svg"))) == 1

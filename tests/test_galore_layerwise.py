@@ -73,12 +73,24 @@ def test_layerwise_updates_follow_the_standard_trajectory_exactly_and_resume():
         ([], "train.max_grad_norm must be null"),
         (["train.max_grad_norm=null", "hardware.micro_batch_size=1"], "gradient accumulation must be 1"),
         (["train.max_grad_norm=null", "train.nonfinite=skip"], "train.nonfinite must be stop"),
-        (["train.max_grad_norm=null", "method=galore_torch"], "unknown key.s. method.layerwise for method 'galore_torch'"),
+        (
+            ["train.max_grad_norm=null", "method=galore_torch"],
+            "unknown key.s. method.layerwise for method 'galore_torch'",
+        ),
     ],
 )
 def test_layerwise_refuses_what_needs_every_gradient_first(extra, message):
     with pytest.raises(ConfigError, match=message):
-        validate_config(compose(["method=galore", *[e for e in extra if e.startswith("method=")], "+method.layerwise=true", *[e for e in extra if not e.startswith("method=")]]))
+        validate_config(
+            compose(
+                [
+                    "method=galore",
+                    *[e for e in extra if e.startswith("method=")],
+                    "+method.layerwise=true",
+                    *[e for e in extra if not e.startswith("method=")],
+                ]
+            )
+        )
 
 
 def test_layerwise_galore_trains_in_the_loop(tmp_path, gsm8k_dir):

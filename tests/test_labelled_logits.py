@@ -16,7 +16,9 @@ from lorabench.validate import validate_config
 
 def test_labelled_only_loss_and_gradients_equal_the_full_ones():
     torch.manual_seed(0)
-    model = load_model(ModelConfig(name="tiny_llama", random_init="tiny_llama", source="random", architecture="decoder"), "causal_lm").model
+    model = load_model(
+        ModelConfig(name="tiny_llama", random_init="tiny_llama", source="random", architecture="decoder"), "causal_lm"
+    ).model
     ids = torch.randint(3, 100, (3, 12))
     labels = ids.clone()
     labels[0, :7] = -100  # prompts of different lengths, one row padded at the end

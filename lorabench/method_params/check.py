@@ -112,15 +112,18 @@ def check_run_fit(cfg, method: CheckedMethod) -> None:
     if not getattr(optimizer, "layerwise", False):
         return
     accumulation = cfg.gradient_accumulation()
+    whole_batch = cfg.train.global_batch_size // cfg.hardware.num_processes
     conflicts = {
         "train.max_grad_norm": (cfg.train.max_grad_norm is not None, "null (clipping needs the global gradient norm)"),
         "gradient accumulation": (
             accumulation != 1,
-            f"1 (it is {accumulation}: set hardware.micro_batch_size={cfg.train.global_batch_size // cfg.hardware.num_processes})",
+            f"1 (it is {accumulation}: set hardware.micro_batch_size={whole_batch})",
         ),
         "hardware.num_processes": (cfg.hardware.num_processes != 1, "1"),
         "train.nonfinite": (cfg.train.nonfinite == "skip", "stop (an update already made cannot be skipped)"),
     }
     for key, (bad, needed) in conflicts.items():
         if bad:
-            raise ConfigError(f"method.layerwise=true updates each weight during the backward pass: {key} must be {needed}")
+            raise ConfigError(
+                f"method.layerwise=true updates each weight during the backward pass: {key} must be {needed}"
+            )

@@ -93,7 +93,12 @@ def build_protocol_rows(records: list[dict], protocol: str, group_by: tuple[str,
     labels = variant_labels(records, group_by)
     values: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in sorted(records, key=lambda r: (r["method"]["label"], r["model"]["name"])):
-        row = (labels[_variant(r, group_by)], r["model"]["name"], r["dataset"]["name"], *(_fmt_key(lookup(r, k)) for k in group_by))
+        row = (
+            labels[_variant(r, group_by)],
+            r["model"]["name"],
+            r["dataset"]["name"],
+            *(_fmt_key(lookup(r, k)) for k in group_by),
+        )
         for title, (value_of, _, _) in columns.items():
             value = value_of(r)
             if value is not None:

@@ -7,3 +7,9 @@
 * :mod:`.client`: the ClientApp: local training of the global adapter with the loop's pieces;
 * :mod:`.protocol`: the run body: the ServerApp, rounds, evaluation, checkpoints and the record.
 """
+
+from lorabench.console import quiet_libraries
+
+# A simulation worker is a fresh process that imports this package first (to unpickle the ClientApp):
+# the CLI's filters of library noise apply there too. torch-free.
+quiet_libraries()

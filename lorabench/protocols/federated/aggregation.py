@@ -46,7 +46,9 @@ class LorabenchFedAvg(FedAvg):
         self.seed, self.offset, self.frozen_checksum = seed, offset, frozen_checksum
         self.client_metrics: list[dict] = []  # the last round's per-client metrics, for the record
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         global_round = self.offset + server_round
         random.seed(self.seed * 1_000_003 + global_round)
         np.random.seed((self.seed * 1_000_003 + global_round) % 2**32)

@@ -15,10 +15,6 @@ each reply carries a checksum of the client's frozen weights that the server com
 
 from __future__ import annotations
 
-from lorabench.console import quiet_libraries
-
-quiet_libraries()  # a simulation worker imports this module first: the CLI's filters apply there too
-
 import dataclasses
 import logging
 import math
@@ -44,7 +40,9 @@ def frozen_checksum(model: torch.nn.Module, communicated: list[str]) -> float:
     in two processes that built the same model."""
     skip = set(communicated)
     with torch.no_grad():
-        return float(sum(p.double().sum() for n, p in model.named_parameters() if not p.requires_grad and n not in skip))
+        return float(
+            sum(p.double().sum() for n, p in model.named_parameters() if not p.requires_grad and n not in skip)
+        )
 
 
 @dataclasses.dataclass
@@ -78,7 +76,9 @@ class ClientRuntime:
         model, optimizer = accelerator.prepare(built.model, built.optimizer)
         run = Run(parts, model, optimizer, None, None, parts.loader, accelerator, None, None, StopFlag(), None)
         labels = [label_of(e) for e in parts.splits.train]
-        split = partition(labels, fed.clients, fed.partition, cfg.seed, fed.dirichlet_alpha, cfg.hardware.micro_batch_size)
+        split = partition(
+            labels, fed.clients, fed.partition, cfg.seed, fed.dirichlet_alpha, cfg.hardware.micro_batch_size
+        )
         return cls(run, list(parts.features), split, fed.local_steps, fed.rounds)
 
     def load(self, arrays: dict[str, torch.Tensor]) -> None:
@@ -97,9 +97,9 @@ class ClientRuntime:
 
     def local_training(self, client: int, global_round: int) -> tuple[float, int, int]:
         """``local_steps`` optimizer steps on this client's partition; (mean loss, examples, tokens)."""
-        from lorabench.train import TrainState, optimizer_step
-
         from accelerate.utils import set_seed
+
+        from lorabench.train import TrainState, optimizer_step
 
         run, cfg = self.run, self.run.cfg
         seed = cfg.seed * 1_000_003 + client * 10_007 + global_round
