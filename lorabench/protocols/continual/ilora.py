@@ -48,6 +48,22 @@ import contextlib
 import torch
 from torch import nn
 
+from lorabench.methods.fidelity import Fidelity
+
+FIDELITY = Fidelity(
+    reference="which47/LLMCL method/ILORA.py @ a9dae12 (ILoRAModel.update_ema_weights, ILoRAModel.forward)",
+    status="parity",
+    tolerance="EMA tensors exact; consistency loss to rel 1e-6, its gradient sums to rel 1e-5",
+    fixture="tests/test_continual.py::test_ilora_rules_match_the_official_code (numbers from the official functions)",
+    deviations=(
+        "EMA: the paper's equation with a constant ema_decay (the released update matches no peft parameter "
+        "names and leaves the slow adapter unchanged; its coefficient is the constant 0.25 after step 1)",
+        "replay: replay_size examples per finished task at replay_ratio of each micro-batch, "
+        "not a 500-example reservoir",
+        "replayed batches keep their attention mask",
+    ),
+)
+
 
 def ema_step(slow: torch.Tensor, fast: torch.Tensor, decay: float) -> None:
     """``slow <- decay * slow + (1 - decay) * fast``, in place."""

@@ -134,4 +134,11 @@ class ILoRAStrategy(Replay):
             "evaluated_with": "slow (EMA) weights",
             "slow_tensors": len(self.impl.slow),
             "last_consistency_loss": self.impl.last_consistency,
+            "fidelity": self._fidelity(),
         }
+
+    @staticmethod
+    def _fidelity() -> dict:
+        from lorabench.protocols.continual.ilora import FIDELITY
+
+        return FIDELITY.describe()

@@ -28,6 +28,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from lorabench.methods.fidelity import Fidelity
 from lorabench.registry import Registry
 
 AGGREGATIONS = Registry("aggregation")
@@ -83,6 +84,7 @@ class FedAvgAggregation(LorabenchFedAvg):
     """FedAvg of every trained array (the module docstring)."""
 
     needs_frozen_a = False
+    fidelity = Fidelity(reference="Flower's FedAvg (flwr.serverapp.strategy.FedAvg), itself", status="library")
 
     @staticmethod
     def global_keys(trained: list[str], frozen_adapter: list[str]) -> list[str]:
@@ -96,6 +98,14 @@ class FedSVDAggregation(LorabenchFedAvg):
     (A, B) pair re-factorised by the SVD of B̄A (the module docstring)."""
 
     needs_frozen_a = True
+    fidelity = Fidelity(
+        reference="no released code found for FedSVD; the rule is our reading of the paper",
+        status="rule",
+        unchecked=(
+            "the paper's private setting (DP-SGD on the clients' B): DP here is user-level, with aggregation=fedavg",
+            "the first round's A is the method's random init, not orthonormal; every later A is",
+        ),
+    )
 
     @staticmethod
     def global_keys(trained: list[str], frozen_adapter: list[str]) -> list[str]:

@@ -17,6 +17,12 @@ rounds is solved with Opacus' ``get_noise_multiplier``.
 from __future__ import annotations
 
 SAMPLE_RATE = 1.0  # no amplification by sampling (see the module docstring)
+FIDELITY = {  # lorabench.methods.fidelity.Fidelity.describe() form, torch-free
+    "reference": "Flower DifferentialPrivacyClientSideFixedClipping + fixedclipping_mod; Opacus RDPAccountant",
+    "status": "library",
+    "deviations": ["no amplification by client sampling is claimed: epsilon is an upper bound"],
+    "unchecked": ["DP-LoRA's own code (none released): its mechanism is read as DP-FedAvg on LoRA's weights"],
+}
 ACCOUNTANT = "opacus rdp, sample rate 1 (no sampling amplification)"
 
 

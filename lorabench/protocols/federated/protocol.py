@@ -38,7 +38,12 @@ import torch  # noqa: E402
 from lorabench.protocols.federated.aggregation import AGGREGATIONS  # noqa: E402
 from lorabench.protocols.federated.client import WEIGHT_KEY, client_app, frozen_checksum  # noqa: E402
 from lorabench.protocols.federated.partition import label_of, partition  # noqa: E402
-from lorabench.protocols.federated.privacy import ACCOUNTANT, epsilon_after, noise_multiplier_for  # noqa: E402
+from lorabench.protocols.federated.privacy import (  # noqa: E402
+    ACCOUNTANT,
+    FIDELITY,
+    epsilon_after,
+    noise_multiplier_for,
+)
 from lorabench.protocols.state import newest_protocol_state, save_protocol_state  # noqa: E402
 from lorabench.results.record import config_hash  # noqa: E402
 
@@ -161,7 +166,9 @@ def _open_server(session) -> Server:
             "noise_multiplier": noise,
             "accountant": ACCOUNTANT,
             "mechanism": "flower DifferentialPrivacyClientSideFixedClipping + fixedclipping_mod",
+            "fidelity": FIDELITY,
         },
+        "fidelity": aggregation.fidelity.describe(),
         "target": fed.target,
         "rounds_to_target": None,
         "history": [],
