@@ -3,6 +3,8 @@
 # make mutation     set up .venv if needed, then mutation-test optimizers/ and procedures/ (tests/MUTATION.md;
 #                   MUTATION_JOBS=1 on a busy machine)
 PYTHON ?= python3
+# the quickstart: GaLore with per-layer updates in < 2 GB (README "Quickstart"); QUICKSTART="method=galore" is the 5 GB form
+QUICKSTART ?= method=galore hardware=cpu_lowmem +method.layerwise=true train.max_grad_norm=null
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
@@ -25,7 +27,7 @@ $(BIN)/lorabench: pyproject.toml
 install: $(BIN)/lorabench
 
 quickstart: install
-	$(BIN)/lorabench train method=galore
+	$(BIN)/lorabench train $(QUICKSTART)
 	$(BIN)/lorabench table
 
 test: install

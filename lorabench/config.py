@@ -166,6 +166,8 @@ class HardwareConfig:
     labelled_logits: bool = (
         False  # causal LM: LM-head logits only where the next token is labelled (same loss, less memory)
     )
+    loss_chunk: Optional[int] = None  # causal LM: LM head + cross-entropy in checkpointed chunks of N positions
+    release_memory: bool = False  # glibc: freed buffers go back to the system at once (lorabench.memory)
 
     DEVICES = ("cpu", "cuda")
     PRECISIONS = ("no", "bf16", "fp16")
@@ -178,6 +180,8 @@ class HardwareConfig:
             check_positive("hardware.micro_batch_size", self.micro_batch_size)
         if self.num_threads is not None:
             check_positive("hardware.num_threads", self.num_threads)
+        if self.loss_chunk is not None:
+            check_positive("hardware.loss_chunk", self.loss_chunk)
 
 
 @dataclass

@@ -43,7 +43,9 @@ from lorabench.console import progress
 from lorabench.data.base import collate, count_tokens, resolve_primary
 from lorabench.data.cache import cached_features
 from lorabench.fingerprint import local_inputs
+from lorabench.lm_loss import forward_loss
 from lorabench.measure import PeakMemory, optimizer_state_bytes, parameter_counts, provenance
+from lorabench.memory import release_freed_memory
 from lorabench.methods.adapters.layer import is_conv1d
 from lorabench.methods.base import MethodContext
 from lorabench.methods.build import apply_method, expected_trainable
@@ -581,7 +583,7 @@ def optimizer_step(run: Run, state: TrainState) -> float | None:
         step_tokens += count_tokens(batch)
         sync = accelerator.no_sync(model) if micro < accum - 1 else contextlib.nullcontext()
         with sync:
-            loss = forward_loss(model, batch, cfg.hardware.labelled_logits) / accum
+            loss = forward_loss(model, batch, cfg.hardware.labelled_logits, cfg.hardware.loss_chunk) / accum
             extra = procedure.extra_loss(model) if procedure else None  # gradient only, not the logged loss
             accelerator.backward(loss if extra is None else loss + extra / accum)
         loss_sum += loss.detach().float()
@@ -614,21 +616,6 @@ def optimizer_step(run: Run, state: TrainState) -> float | None:
         procedure.on_step_end(state.step)
     state.tokens += int(accelerator.reduce(torch.tensor(step_tokens, device=accelerator.device), reduction="sum"))
     return loss_value
-
-
-def forward_loss(model, batch: dict, labelled_only: bool = False) -> torch.Tensor:
-    """The batch's training loss. With ``labelled_only`` (``hardware.labelled_logits``, causal-LM
-    tasks) the LM head runs only at the positions whose next token is labelled in some row
-    (transformers' ``logits_to_keep``): the same cross-entropy, the mean over labelled next tokens
-    as transformers' ForCausalLMLoss takes it, without the (batch x length x vocabulary) logits of
-    prompt and padding positions (for SmolLM2's 49,152-word vocabulary 0.2 GB per 4 x 252 tokens)."""
-    if not labelled_only:
-        return model(**batch).loss
-    labels = batch["labels"]
-    keep = torch.nonzero((labels[:, 1:] != -100).any(dim=0)).flatten()
-    logits = model(**{k: v for k, v in batch.items() if k != "labels"}, logits_to_keep=keep).logits
-    targets = labels[:, keep + 1]
-    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
 
 
 def _log_step(run: Run, state: TrainState, loss_value: float) -> None:
@@ -866,6 +853,10 @@ def run_with_record(cfg: RunConfig, spec: MethodSpec, command: str, body: Callab
         return _skip_completed(rid, record_path, previous)
     if cfg.hardware.num_threads:
         torch.set_num_threads(cfg.hardware.num_threads)
+    if cfg.hardware.release_memory:
+        said = release_freed_memory()
+        if is_main:
+            print(f"[lorabench] {said}")
     task = DATASETS.get(cfg.dataset.name, where="dataset")
     try:
         recorder = _open_record(cfg, cfg_dict, spec, command, record_path, previous, task, accelerator)

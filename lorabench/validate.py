@@ -44,11 +44,12 @@ def validate_config(cfg_dict: dict):
     if cfg.model.source == "local":
         check_local_path(cfg.model)  # a missing folder, named, before transformers reads it as a hub id
     task = DATASETS.get(cfg.dataset.name, where="dataset")
-    if cfg.hardware.labelled_logits and task.head != "causal_lm":
-        raise ConfigError(
-            f"hardware.labelled_logits=true applies to language-model losses; dataset={cfg.dataset.name!r} "
-            f"trains a {task.head} head"
-        )
+    for key, value in (("labelled_logits", cfg.hardware.labelled_logits), ("loss_chunk", cfg.hardware.loss_chunk)):
+        if value not in (False, None) and task.head != "causal_lm":
+            raise ConfigError(
+                f"hardware.{key}={str(value).lower()} applies to language-model losses; "
+                f"dataset={cfg.dataset.name!r} trains a {task.head} head"
+            )
     if task.head == "causal_lm" and cfg.model.architecture != "decoder":
         raise ConfigError(
             f"dataset={cfg.dataset.name!r} needs a decoder model (generation); model={cfg.model.name!r} "

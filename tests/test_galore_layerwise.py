@@ -110,3 +110,19 @@ def test_layerwise_galore_trains_in_the_loop(tmp_path, gsm8k_dir):
     record = json.loads((only_run_dir(tmp_path) / "record.json").read_text())
     assert record["status"] == "completed" and "'layerwise': True" in str(record["method"])
     assert record["cost"]["optimizer_state_bytes"] > 0
+
+
+def test_the_makefile_quickstart_is_a_valid_low_memory_run():
+    """``make quickstart`` runs ``lorabench train $(QUICKSTART)``: it must pass validation, and be
+    the layerwise, low-memory form of ``method=galore`` that the README measures."""
+    from pathlib import Path
+
+    makefile = (Path(__file__).parents[1] / "Makefile").read_text()
+    (line,) = [ln for ln in makefile.splitlines() if ln.startswith("QUICKSTART ?=")]
+    overrides = line.split("?=", 1)[1].split()
+    cfg = compose(overrides)
+    validate_config(cfg)
+    assert cfg["method"]["label"] == "galore" and cfg["method"]["layerwise"] is True
+    assert cfg["hardware"]["name"] == "cpu_lowmem" and cfg["train"]["max_grad_norm"] is None
+    with pytest.raises(ConfigError, match="train.max_grad_norm must be null"):
+        validate_config(compose([o for o in overrides if not o.startswith("train.max_grad_norm")]))

@@ -78,7 +78,11 @@ def config_hash(config: dict, *, revisions: dict[str, int] | None = None, by_con
 
 # (section, key, default) of settings added after records existed: at their default they are left
 # out of the hash, so records made before them keep their run ids (lorabench/results/record.py)
-ADDED_LATER = (("hardware", "labelled_logits", False),)
+ADDED_LATER = (
+    ("hardware", "labelled_logits", False),
+    ("hardware", "loss_chunk", None),
+    ("hardware", "release_memory", False),
+)
 
 
 def _without_defaults_added_later(science: dict) -> dict:
