@@ -5,6 +5,7 @@ A checkpoint is a folder ``<run_dir>/checkpoints/step_<N>/`` holding:
   optimizer.pt            optimizer state dict (tensors and plain values only; loaded weights_only)
   scheduler.json          LR scheduler state
   procedure.json          state of the training procedure (LISA's active layers, ...), if any
+  regularizer.pt          state of the regularizer (e.g. a running gradient-norm average), if any
   rng_<rank>.pt           python, numpy and torch (CPU and CUDA) RNG states of each process
   meta.json               step, batches consumed, history, train log, best, timers
   manifest.json           size and sha256 of every file above; written last
@@ -113,7 +114,17 @@ def write_manifest(folder: Path) -> None:
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, *, model, optimizer, scheduler, procedure, meta: dict, accelerator, keep: int
+    run_dir: Path,
+    step: int,
+    *,
+    model,
+    optimizer,
+    scheduler,
+    procedure,
+    meta: dict,
+    accelerator,
+    keep: int,
+    regularizer=None,
 ) -> Path | None:
     """Every process saves its RNG state; rank 0 writes the rest and the manifest, and renames the
     folder into place. The caller holds the run's lock (lorabench.run_lock), so staging folders of
@@ -138,6 +149,8 @@ def save_checkpoint(
             (staging / "scheduler.json").write_text(json.dumps(scheduler.state_dict(), default=str))
             if procedure is not None:
                 (staging / "procedure.json").write_text(json.dumps(procedure.state_dict()))
+            if regularizer is not None:
+                torch.save(regularizer.state_dict(), staging / "regularizer.pt")
             _write_json(staging / META, {**meta, "step": step})
             write_manifest(staging)
             if target.exists():
@@ -212,6 +225,7 @@ class Checkpoint:
     meta: dict
     rng: dict
     verified: bool
+    regularizer: dict | None = None
 
 
 def read_checkpoint(path: Path, process_index: int) -> Checkpoint:
@@ -235,6 +249,7 @@ def read_checkpoint(path: Path, process_index: int) -> Checkpoint:
         meta=meta,
         rng=_read(path, rng_name, _torch),
         verified=verified,
+        regularizer=_read(path, "regularizer.pt", _torch) if (path / "regularizer.pt").exists() else None,
     )
 
 
@@ -259,8 +274,10 @@ def newest_usable(run_dir: Path, process_index: int, warn: bool = True) -> tuple
     return None, skipped
 
 
-def load_checkpoint(checkpoint: Checkpoint, *, model, optimizer, scheduler, procedure, accelerator) -> dict:
-    """Restore weights, optimizer, scheduler and procedure from a read checkpoint; returns its meta.
+def load_checkpoint(
+    checkpoint: Checkpoint, *, model, optimizer, scheduler, procedure, accelerator, regularizer=None
+) -> dict:
+    """Restore weights, optimizer, scheduler, procedure and regularizer from a read checkpoint; returns its meta.
     RNG states are restored separately by :func:`restore_rng`, once the data has been fast-forwarded."""
     unwrapped = accelerator.unwrap_model(model)
     tensors, path = checkpoint.tensors, checkpoint.path
@@ -278,6 +295,8 @@ def load_checkpoint(checkpoint: Checkpoint, *, model, optimizer, scheduler, proc
     scheduler.load_state_dict(checkpoint.scheduler)
     if procedure is not None and checkpoint.procedure is not None:
         procedure.load_state_dict(checkpoint.procedure)
+    if regularizer is not None and checkpoint.regularizer is not None:
+        regularizer.load_state_dict(checkpoint.regularizer)
     return checkpoint.meta
 
 

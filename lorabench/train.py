@@ -286,6 +286,7 @@ class TrainState:
     train_log: list = dataclasses.field(default_factory=list)
     samples: list = dataclasses.field(default_factory=list)
     timers: Timers = dataclasses.field(default_factory=Timers)
+    terms: dict = dataclasses.field(default_factory=dict)  # the last step's regularizer terms, for the log
 
     def state_dict(self) -> dict:
         """The checkpoint's ``meta.json`` (lorabench.checkpoint.save_checkpoint adds ``step``)."""
@@ -478,6 +479,7 @@ class Run:
     batches: Iterator | None = None
     bar: Any = None
     forgetting: Any = None  # held-out texts and the base model's perplexity (cfg.analysis.forgetting)
+    regularizer: Any = None  # a Regularizer instance, or None
 
     @property
     def cfg(self) -> RunConfig:
@@ -519,7 +521,7 @@ def prepare_run(
         accum, processes = cfg.gradient_accumulation(), accelerator.num_processes
         _print_start(cfg, spec, accum, processes, trainable, total, parts.features, parts.lr, parts.targets)
     run = Run(parts, model, optimizer, scheduler, procedure, loader, accelerator, recorder, tracker, stop, pretrained)
-    run.forgetting = forgetting
+    run.forgetting, run.regularizer = forgetting, built.regularizer
     return run
 
 
@@ -540,6 +542,7 @@ def resume(run: Run, state: TrainState) -> None:
             scheduler=run.scheduler,
             procedure=run.procedure,
             accelerator=accelerator,
+            regularizer=run.regularizer,
         )
         state.load_state_dict(meta)
         record["resumed_from"].append(_resume_entry(checkpoint, passed_over))
@@ -575,18 +578,29 @@ def optimizer_step(run: Run, state: TrainState) -> float | None:
     """One optimizer step over ``gradient_accumulation`` micro-batches; its loss, or None when it was
     skipped as non-finite (raises FloatingPointError when it may not be skipped)."""
     cfg, model, accelerator, procedure = run.cfg, run.model, run.accelerator, run.procedure
+    regularizer = run.regularizer
     accum = cfg.gradient_accumulation()
-    loss_sum, step_tokens = 0.0, 0
+    loss_sum, step_tokens, term_sums = 0.0, 0, {}
+    if regularizer:
+        regularizer.before_forward(model, state.step)
     for micro in range(accum):
         batch = next(run.batches)
         state.consumed += 1
         step_tokens += count_tokens(batch)
         sync = accelerator.no_sync(model) if micro < accum - 1 else contextlib.nullcontext()
         with sync:
-            loss = forward_loss(model, batch, cfg.hardware.labelled_logits, cfg.hardware.loss_chunk) / accum
+            loss, terms = micro_batch_loss(run, batch)
+            loss = loss / accum
             extra = procedure.extra_loss(model) if procedure else None  # gradient only, not the logged loss
-            accelerator.backward(loss if extra is None else loss + extra / accum)
+            objective = loss if extra is None else loss + extra / accum
+            for name, term in terms.items():  # the regularizer's terms: in the gradient, logged apart
+                objective = objective + term / accum
+                term_sums[name] = term_sums.get(name, 0.0) + term.detach().float() / accum
+            accelerator.backward(objective)
         loss_sum += loss.detach().float()
+    if regularizer:
+        regularizer.after_backward(model, state.step)
+    state.terms = {name: accelerator.reduce(value, reduction="mean").item() for name, value in term_sums.items()}
     if procedure:
         procedure.after_backward(state.step)
     grad_norm = None
@@ -614,8 +628,25 @@ def optimizer_step(run: Run, state: TrainState) -> float | None:
         run.recorder.step = state.step
     if procedure:
         procedure.on_step_end(state.step)
+    if regularizer:
+        regularizer.on_step_end(state.step)
     state.tokens += int(accelerator.reduce(torch.tensor(step_tokens, device=accelerator.device), reduction="sum"))
     return loss_value
+
+
+def micro_batch_loss(run: Run, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One micro-batch's training loss and the regularizer's named terms for it. A regularizer that
+    reads the model's outputs gets the model's own forward (``Regularizer.needs_outputs``)."""
+    cfg, model, regularizer = run.cfg, run.model, run.regularizer
+    if regularizer is None:
+        return forward_loss(model, batch, cfg.hardware.labelled_logits, cfg.hardware.loss_chunk), {}
+    outputs = None
+    if regularizer.needs_outputs:
+        outputs = model(**batch, output_hidden_states=regularizer.needs_outputs == "hidden_states")
+        loss = outputs.loss
+    else:
+        loss = forward_loss(model, batch, cfg.hardware.labelled_logits, cfg.hardware.loss_chunk)
+    return loss, regularizer.loss_terms(model, batch, outputs)
 
 
 def _log_step(run: Run, state: TrainState, loss_value: float) -> None:
@@ -624,10 +655,14 @@ def _log_step(run: Run, state: TrainState, loss_value: float) -> None:
     train_time = state.timers.train_time_now()
     lr = run.scheduler.get_last_lr()[0]
     if step % cfg.train.log_every == 0 or step == 1 or step == cfg.train.max_steps:
-        state.train_log.append({"step": step, "loss": loss_value, "lr": lr})
+        entry = {"step": step, "loss": loss_value, "lr": lr}
+        if state.terms:
+            entry["terms"] = dict(state.terms)
+        state.train_log.append(entry)
         run.recorder.write()
         if run.tracker:
-            run.tracker.log({"train/loss": loss_value, "train/lr": lr}, step=step)
+            terms = {f"train/{name}": value for name, value in state.terms.items()}
+            run.tracker.log({"train/loss": loss_value, "train/lr": lr, **terms}, step=step)
     run.bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{state.tokens / max(train_time, 1e-9):.0f}")
     run.bar.update(1)
 
@@ -682,6 +717,7 @@ def save_state(run: Run, state: TrainState) -> None:
         meta=state.state_dict(),
         accelerator=run.accelerator,
         keep=run.cfg.checkpoint.keep,
+        regularizer=run.regularizer,
     )
 
 
@@ -732,6 +768,8 @@ def finish_record(run: Run) -> None:
         record["cost"]["adapter_file_bytes"] = outputs.get("adapter", {}).get("bytes")
     if run.procedure:
         record["method_report"].update(run.procedure.state())
+    if run.regularizer:
+        record["method_report"]["regularizer"] = run.regularizer.state()
     record["status"] = "completed"
 
 

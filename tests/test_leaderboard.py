@@ -252,8 +252,10 @@ def test_bad_hardware_is_rejected_before_any_run(lb, tmp_path, monkeypatch, caps
     monkeypatch.setattr(sys, "argv", ["leaderboard.py", "--track", "b", "--hardware", "gpux", "--out", str(tmp_path)])
     with pytest.raises(SystemExit) as exc:
         lb.main()
-    assert exc.value.code == 2 and "unknown --hardware 'gpux'; valid: ['cpu', 'cpu_ddp2', 'gpu', 'gpu_ddp']" in (
-        capsys.readouterr().err
+    assert (
+        exc.value.code == 2
+        and "unknown --hardware 'gpux'; valid: ['cpu', 'cpu_ddp2', 'cpu_lowmem', 'gpu', 'gpu_ddp']"
+        in (capsys.readouterr().err)
     )
     import torch
 

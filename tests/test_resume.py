@@ -64,6 +64,9 @@ CASES = [
         ["method.target_r=4", "method.add_per_round=2", "method.delta_t=1", "method.tinit=1"]
         + ["method.new_warmup_ratio=0.2"],
     ),
+    # regularizers: MGPO's gradient-norm averages come back from regularizer.pt; BA-LoRA's terms in the log
+    ("mgpo", "classification", []),
+    ("ba_lora", "classification", []),
 ]
 
 

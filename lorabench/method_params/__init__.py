@@ -14,4 +14,4 @@ Importing this package (or any module in it) registers every ``Params``.
 """
 
 # ruff: noqa: F401  (imported for their registration side effects)
-from lorabench.method_params import adapters, initializers, optimizers, procedures
+from lorabench.method_params import adapters, initializers, optimizers, procedures, regularizers

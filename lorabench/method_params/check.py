@@ -20,7 +20,18 @@ from lorabench.method_params.registry import AXIS_NAMES, PARAMS, entry
 
 # label: what tables show; family: how `lorabench methods` groups it; lr overrides train.lr;
 # target_modules: "default" takes the model's list, "all-linear" every linear layer but the head.
-COMMON_KEYS = ("label", "family", "paper", "adapter", "init", "optimizer", "procedure", "lr", "target_modules")
+COMMON_KEYS = (
+    "label",
+    "family",
+    "paper",
+    "adapter",
+    "init",
+    "optimizer",
+    "procedure",
+    "regularizer",
+    "lr",
+    "target_modules",
+)
 
 
 @dataclass
@@ -105,9 +116,11 @@ def _check_compatibility(label: str, names: dict[str, str], entries: dict[str, A
 
 
 def check_run_fit(cfg, method: CheckedMethod) -> None:
-    """Method options that constrain the rest of the run (torch-free; raises ConfigError):
-    ``method.layerwise`` updates each weight inside the backward pass, so nothing may need every
-    gradient before the update (lorabench.methods.optimizers.galore_family.GaLoreFamily.enable_layerwise)."""
+    """Method options that constrain the rest of the run (torch-free; raises ConfigError): a
+    regularizer that reads the model's outputs needs the whole logits; ``method.layerwise`` updates
+    each weight inside the backward pass, so nothing may need every gradient before the update
+    (lorabench.methods.optimizers.galore_family.GaLoreFamily.enable_layerwise)."""
+    _check_regularizer_fit(cfg, method)
     optimizer = method.params.get("optimizer")
     if not getattr(optimizer, "layerwise", False):
         return
@@ -126,4 +139,19 @@ def check_run_fit(cfg, method: CheckedMethod) -> None:
         if bad:
             raise ConfigError(
                 f"method.layerwise=true updates each weight during the backward pass: {key} must be {needed}"
+            )
+
+
+def _check_regularizer_fit(cfg, method: CheckedMethod) -> None:
+    """A regularizer that reads the model's outputs needs the model's own forward: the memory-saving
+    losses, which never form the whole logits, are refused with it."""
+    regularizer = method.params.get("regularizer")
+    needs = getattr(regularizer, "needs_outputs", None)
+    if not needs:
+        return
+    for key, value in (("labelled_logits", cfg.hardware.labelled_logits), ("loss_chunk", cfg.hardware.loss_chunk)):
+        if value not in (False, None):
+            raise ConfigError(
+                f"method.regularizer={method.names['regularizer']!r} reads the model's {needs}: "
+                f"hardware.{key} must be {'false' if key == 'labelled_logits' else 'null'} with it"
             )

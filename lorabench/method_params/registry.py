@@ -14,7 +14,7 @@ from typing import Callable
 
 from lorabench.registry import Registry
 
-AXIS_NAMES = ("adapter", "init", "optimizer", "procedure")  # the method config keys, in check order
+AXIS_NAMES = ("adapter", "init", "optimizer", "procedure", "regularizer")  # the method config keys, in check order
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ PARAMS: dict[str, Registry] = {
     "init": Registry("initializer"),
     "optimizer": Registry("optimizer"),
     "procedure": Registry("procedure"),
+    "regularizer": Registry("regularizer"),
 }
 
 

@@ -1,5 +1,5 @@
-"""Method components. Importing this package registers every adapter, initializer, optimizer and
-procedure; adding a method means adding its file and its name to one of the lines below."""
+"""Method components. Importing this package registers every adapter, initializer, optimizer,
+procedure and regularizer; adding a method means adding its file and its name to one of the lines below."""
 
 # ruff: noqa: F401  (imported for their registration side effects)
 from lorabench.methods.adapters import (  # peft-backed  # lorabench's own layers
@@ -45,3 +45,4 @@ from lorabench.methods.procedures import increlora as increlora_procedure
 from lorabench.methods.procedures import lamda as lamda_procedure
 from lorabench.methods.procedures import soma as soma_procedure
 from lorabench.methods.procedures import sora as sora_procedure
+from lorabench.methods.regularizers import ba_lora, mgpo

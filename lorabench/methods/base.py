@@ -1,8 +1,9 @@
-"""The contracts of the four method axes and the context they receive.
+"""The contracts of the five method axes and the context they receive.
 
 A published method is a combination of components (DESIGN.md): an adapter (what trains), an
-initializer (how the adapter starts), an optimizer (how gradients become updates) and a procedure
-(what trains when). Each component is a class registered under a name, with a ``Params`` dataclass
+initializer (how the adapter starts), an optimizer (how gradients become updates), a procedure
+(what trains when) and a regularizer (what the loss adds and what happens around a step's forward
+and backward). Each component is a class registered under a name, with a ``Params`` dataclass
 that declares its hyper-parameters and their defaults (the papers' where there are any; the
 dataclasses live in lorabench/method_params/, torch-free, registered there by name too), and class
 attributes ``paper`` (citation) and ``backed_by`` (``peft``, ``transformers``, ``galore-torch``,
@@ -112,6 +113,49 @@ class Procedure:
 
     def state_dict(self) -> dict:
         """JSON-serialisable state a checkpoint must hold to resume exactly (e.g. active layers)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        return None
+
+
+class Regularizer:
+    """Adds loss terms and acts around a step's forward and backward (the fifth axis). The loop calls,
+    per optimizer step: ``before_forward`` (before the first micro-batch's forward: a weight
+    perturbation, as SAM-like methods make), then for every micro-batch ``loss_terms`` (named terms
+    the loop adds to that micro-batch's loss before backward; each is logged on its own in the train
+    log and the tracker, and the logged training loss stays the model's), then ``after_backward``
+    (after the last backward, before clipping and ``optimizer.step()``: undo the perturbation), then
+    ``on_step_end``. A regulariser whose terms need the model's outputs sets ``needs_outputs``
+    (``"logits"`` or ``"hidden_states"``); the loop then runs the model's own forward and passes its
+    outputs."""
+
+    Params: type = NoParams
+    paper: str = ""
+    backed_by: str = "lorabench"
+    needs_outputs: str | None = None  # None | "logits" | "hidden_states"
+
+    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, params: Any, ctx: MethodContext) -> None:
+        return None
+
+    def before_forward(self, model: nn.Module, step: int) -> None:
+        return None
+
+    def loss_terms(self, model: nn.Module, batch: dict, outputs: Any) -> dict[str, torch.Tensor]:
+        return {}
+
+    def after_backward(self, model: nn.Module, step: int) -> None:
+        return None
+
+    def on_step_end(self, step: int) -> None:
+        return None
+
+    def state(self) -> dict:
+        """What the run record reports about the regulariser."""
+        return {}
+
+    def state_dict(self) -> dict:
+        """State a checkpoint must hold to resume exactly (tensors allowed: saved with torch.save)."""
         return {}
 
     def load_state_dict(self, state: dict) -> None:

@@ -1,4 +1,4 @@
-"""Apply a resolved method to a model: initializer -> adapter -> optimizer -> procedure.
+"""Apply a resolved method to a model: initializer -> adapter -> optimizer -> procedure -> regularizer.
 
 Shared by the training loop and the tests, so both exercise exactly the same path.
 """
@@ -21,6 +21,7 @@ class BuiltMethod:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     procedure: Any | None  # a Procedure instance, or None
+    regularizer: Any | None = None  # a Regularizer instance, or None
 
 
 def check_rank_fits(model: nn.Module, spec: MethodSpec, ctx: MethodContext) -> None:
@@ -51,7 +52,10 @@ def apply_method(model: nn.Module, spec: MethodSpec, ctx: MethodContext) -> Buil
     procedure = spec.components.get("procedure")
     if procedure:
         procedure.setup(model, optimizer, spec.params["procedure"], ctx)
-    return BuiltMethod(model, optimizer, procedure)
+    regularizer = spec.components.get("regularizer")
+    if regularizer:
+        regularizer.setup(model, optimizer, spec.params["regularizer"], ctx)
+    return BuiltMethod(model, optimizer, procedure, regularizer)
 
 
 def expected_trainable(base_model: nn.Module, spec: MethodSpec, ctx: MethodContext) -> int | None:

@@ -15,13 +15,14 @@ from omegaconf import OmegaConf
 
 from lorabench.method_params.check import CheckedMethod, check_method
 from lorabench.methods.fidelity import fidelity_of
-from lorabench.registry import ADAPTERS, INITIALIZERS, OPTIMIZERS, PROCEDURES, Registry
+from lorabench.registry import ADAPTERS, INITIALIZERS, OPTIMIZERS, PROCEDURES, REGULARIZERS, Registry
 
 AXES: dict[str, Registry] = {
     "adapter": ADAPTERS,
     "init": INITIALIZERS,
     "optimizer": OPTIMIZERS,
     "procedure": PROCEDURES,
+    "regularizer": REGULARIZERS,
 }
 
 

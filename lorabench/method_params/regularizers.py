@@ -1,0 +1,55 @@
+"""The regularizers' hyper-parameters: one ``Params`` dataclass per regularizer (torch-free).
+
+As in lorabench/method_params/procedures.py: the values each regularizer reads, their defaults (the
+authors' where they released code) and the checks that need nothing but the values; the module
+lorabench/methods/regularizers/<name>.py sets ``Params = <the class>``. ``needs_outputs`` (a class
+attribute) says that the terms read the model's outputs, so the loop runs the model's own forward:
+the memory-saving losses (``hardware.labelled_logits``, ``hardware.loss_chunk``) are refused with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from lorabench.config import check_positive
+from lorabench.method_params.registry import params_for
+
+
+@params_for("regularizer", "ba_lora", requires_adapter=("lora",))
+@dataclass
+class BaLoraParams:
+    """cyp-jlu-ai/BA-LoRA ``train.py`` defaults (lambda1, lambda2, lambda3, k)."""
+
+    needs_outputs: ClassVar[str] = "logits"
+    consistency_weight: float = 1e-4  # lambda1
+    diversity_weight: float = 3e-4  # lambda2
+    svd_weight: float = 1e-4  # lambda3
+    svd_top_k: int = 3  # k: singular values whose share of the spectrum the SVD term raises
+
+    def __post_init__(self) -> None:
+        for name in ("consistency_weight", "diversity_weight", "svd_weight"):
+            check_positive(f"method.{name}", getattr(self, name), allow_zero=True)
+        check_positive("method.svd_top_k", self.svd_top_k)
+
+
+@params_for("regularizer", "mgpo", requires_adapter=("lora",))
+@dataclass
+class MgpoParams:
+    """llm172/LoRA-MGPO ``lora_mgpo/trainer.py`` defaults (its NLU profile; the NLG profile of its
+    ``config.py`` is mgpo_rho 0.01, mgpo_beta 0.8 with AdamW beta1 0.8)."""
+
+    mgpo_rho: float = 0.05  # rho: the perturbation's Frobenius norm per module (before the scale c)
+    mgpo_beta: float = 0.9  # EMA coefficient of the gradient-update norm
+    mgpo_eps: float = 1e-12
+    mgpo_normalize: bool = True  # c = min(1 / (EMA + eps), mgpo_max_scale); false: c = 1
+    mgpo_max_scale: float = 10.0  # the reference's clamp of c
+
+    def __post_init__(self) -> None:
+        check_positive("method.mgpo_rho", self.mgpo_rho, allow_zero=True)
+        check_positive("method.mgpo_eps", self.mgpo_eps)
+        check_positive("method.mgpo_max_scale", self.mgpo_max_scale)
+        if not 0.0 <= self.mgpo_beta < 1.0:
+            from lorabench.errors import ConfigError
+
+            raise ConfigError(f"method.mgpo_beta={self.mgpo_beta!r} is invalid; it must be in [0, 1)")
