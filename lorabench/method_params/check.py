@@ -143,9 +143,13 @@ def check_run_fit(cfg, method: CheckedMethod) -> None:
 
 
 def _check_regularizer_fit(cfg, method: CheckedMethod) -> None:
-    """A regularizer that reads the model's outputs needs the model's own forward: the memory-saving
-    losses, which never form the whole logits, are refused with it."""
+    """A regularizer's own check of the adapter's settings (``check_adapter``); one that reads the
+    model's outputs needs the model's own forward: the memory-saving losses, which never form the
+    whole logits, are refused with it."""
     regularizer = method.params.get("regularizer")
+    check_adapter = getattr(regularizer, "check_adapter", None)
+    if check_adapter is not None:
+        check_adapter(method.params.get("adapter"))
     needs = getattr(regularizer, "needs_outputs", None)
     if not needs:
         return

@@ -53,3 +53,29 @@ class MgpoParams:
             from lorabench.errors import ConfigError
 
             raise ConfigError(f"method.mgpo_beta={self.mgpo_beta!r} is invalid; it must be in [0, 1)")
+
+
+@params_for("regularizer", "pego", requires_adapter=("lora",))
+@dataclass
+class PegoParams:
+    """JudgingH/PEGO ``domainbed/algorithms/algorithms.py`` (``PEGO.update``): ``lora_nums`` LoRAs per
+    layer and the weight ``ld`` of the orthogonality loss (1e-3 in the authors' run.sh; their
+    config.yaml's default is 0.1)."""
+
+    pego_groups: int = 2  # N: LoRAs per layer, each of rank method.rank / N (run.sh: 2 for PACS, 4 otherwise)
+    pego_weight: float = 1e-3  # lambda (``ld``)
+
+    def __post_init__(self) -> None:
+        check_positive("method.pego_groups", self.pego_groups)
+        check_positive("method.pego_weight", self.pego_weight, allow_zero=True)
+
+    def check_adapter(self, adapter) -> None:
+        """The group splits the LoRA's rank: it must be a multiple of ``pego_groups``."""
+        rank = getattr(adapter, "rank", None)
+        if rank is not None and rank % self.pego_groups:
+            from lorabench.errors import ConfigError
+
+            raise ConfigError(
+                f"method.rank={rank} is invalid for method.pego_groups={self.pego_groups}: the rank is split "
+                f"into {self.pego_groups} LoRAs of equal rank, so it must be a multiple of {self.pego_groups}"
+            )

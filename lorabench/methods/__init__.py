@@ -45,4 +45,4 @@ from lorabench.methods.procedures import increlora as increlora_procedure
 from lorabench.methods.procedures import lamda as lamda_procedure
 from lorabench.methods.procedures import soma as soma_procedure
 from lorabench.methods.procedures import sora as sora_procedure
-from lorabench.methods.regularizers import ba_lora, mgpo
+from lorabench.methods.regularizers import ba_lora, mgpo, pego
