@@ -17,7 +17,8 @@ LISA's layer count at the model's layers. A knob with another natural limit has
 (d_out, d_in) shapes (SALT's residual rank, NOLA's basis count), so an unreachable budget caps
 instead of asking for millions. A component whose knob also has shape constraints defines
 ``size_is_valid(model, params, ctx)``: the integer search then steps down from its answer to the
-largest valid value (Bone's block size must divide every target's d_in and d_out).
+largest valid value (Bone's block size must divide every target's d_in and d_out); so it does for a
+regularizer's ``check_adapter`` (PEGO's rank must be a multiple of its group size).
 
 The training loop calls, before ``apply_method`` (on the loaded base model, or one built on the
 meta device):
@@ -82,6 +83,25 @@ def with_value(spec: MethodSpec, axis: str, fields: tuple[str, ...], value) -> M
     """A copy of ``spec`` with the knob set; the component's Params validate the value again."""
     params = dataclasses.replace(spec.params[axis], **dict.fromkeys(fields, value))
     return dataclasses.replace(spec, params={**spec.params, axis: params})
+
+
+def knob_value_is_valid(
+    base_model: nn.Module, spec: MethodSpec, axis: str, fields: tuple[str, ...], value, ctx
+) -> bool:
+    """Whether the knob may take ``value``: the component's shape constraint (``size_is_valid``, e.g.
+    Bone's block size must divide every target) and the regularizer's check of the adapter's settings
+    (``check_adapter``, e.g. PEGO's rank must split into its group)."""
+    params = with_value(spec, axis, fields, value).params
+    valid = getattr(spec.components[axis], "size_is_valid", None)
+    if valid is not None and not valid(base_model, params[axis], ctx):
+        return False
+    check_adapter = getattr(params.get("regularizer"), "check_adapter", None)
+    if check_adapter is not None and axis == "adapter":
+        try:
+            check_adapter(params[axis])
+        except ConfigError:
+            return False
+    return True
 
 
 def apply_budget(spec: MethodSpec, result: dict) -> MethodSpec:
@@ -279,12 +299,7 @@ def solve_budget(
             lo, hi = (mid, hi) if (size(mid) or budget + 1) <= budget else (lo, mid)
         value = lo
         capped = value >= cap
-        valid = getattr(spec.components[axis], "size_is_valid", None)  # e.g. Bone: the rank must divide every target
-        while (
-            valid is not None
-            and value > 1
-            and not valid(base_model, with_value(spec, axis, fields, value).params[axis], ctx)
-        ):
+        while value > 1 and not knob_value_is_valid(base_model, spec, axis, fields, value, ctx):
             value -= 1  # the largest valid value; capped keeps its meaning (the budget is out of reach)
     predicted = size(value)
     return {

@@ -579,27 +579,16 @@ def optimizer_step(run: Run, state: TrainState) -> float | None:
     skipped as non-finite (raises FloatingPointError when it may not be skipped)."""
     cfg, model, accelerator, procedure = run.cfg, run.model, run.accelerator, run.procedure
     regularizer = run.regularizer
-    accum = cfg.gradient_accumulation()
-    loss_sum, step_tokens, term_sums = 0.0, 0, {}
-    if regularizer:
-        regularizer.before_forward(model, state.step)
-    for micro in range(accum):
-        batch = next(run.batches)
-        state.consumed += 1
-        step_tokens += count_tokens(batch)
-        sync = accelerator.no_sync(model) if micro < accum - 1 else contextlib.nullcontext()
-        with sync:
-            loss, terms = micro_batch_loss(run, batch)
-            loss = loss / accum
-            extra = procedure.extra_loss(model) if procedure else None  # gradient only, not the logged loss
-            objective = loss if extra is None else loss + extra / accum
-            for name, term in terms.items():  # the regularizer's terms: in the gradient, logged apart
-                objective = objective + term / accum
-                term_sums[name] = term_sums.get(name, 0.0) + term.detach().float() / accum
-            accelerator.backward(objective)
-        loss_sum += loss.detach().float()
-    if regularizer:
-        regularizer.after_backward(model, state.step)
+    batches: list[dict] = []  # the step's micro-batches, drawn in the first pass, reused by the others
+    for index in range(regularizer.passes if regularizer else 1):
+        if regularizer:
+            regularizer.before_forward(model, state.step, index)
+        pass_loss, pass_terms = backward_pass(run, state, batches)
+        if index == 0:
+            loss_sum, term_sums = pass_loss, pass_terms
+        if regularizer:
+            regularizer.after_backward(model, state.step, index)
+    step_tokens = sum(count_tokens(batch) for batch in batches)
     state.terms = {name: accelerator.reduce(value, reduction="mean").item() for name, value in term_sums.items()}
     if procedure:
         procedure.after_backward(state.step)
@@ -632,6 +621,32 @@ def optimizer_step(run: Run, state: TrainState) -> float | None:
         regularizer.on_step_end(state.step)
     state.tokens += int(accelerator.reduce(torch.tensor(step_tokens, device=accelerator.device), reduction="sum"))
     return loss_value
+
+
+def backward_pass(run: Run, state: TrainState, batches: list[dict]) -> tuple[torch.Tensor, dict]:
+    """Forward and backward over the step's ``gradient_accumulation`` micro-batches: drawn from the
+    data into ``batches`` when it is empty (the first pass), else those again (a regularizer's further
+    passes). Returns the summed (1/accum-weighted) loss and the regularizer's terms."""
+    cfg, model, accelerator, procedure = run.cfg, run.model, run.accelerator, run.procedure
+    accum = cfg.gradient_accumulation()
+    loss_sum, term_sums = 0.0, {}
+    for micro in range(accum):
+        if len(batches) <= micro:
+            batches.append(next(run.batches))
+            state.consumed += 1
+        batch = batches[micro]
+        sync = accelerator.no_sync(model) if micro < accum - 1 else contextlib.nullcontext()
+        with sync:
+            loss, terms = micro_batch_loss(run, batch)
+            loss = loss / accum
+            extra = procedure.extra_loss(model) if procedure else None  # gradient only, not the logged loss
+            objective = loss if extra is None else loss + extra / accum
+            for name, term in terms.items():  # the regularizer's terms: in the gradient, logged apart
+                objective = objective + term / accum
+                term_sums[name] = term_sums.get(name, 0.0) + term.detach().float() / accum
+            accelerator.backward(objective)
+        loss_sum += loss.detach().float()
+    return loss_sum, term_sums
 
 
 def micro_batch_loss(run: Run, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lorabench.budget import method_knob, optimizer_state_bytes, solve_budget, with_value
+from lorabench.budget import knob_value_is_valid, method_knob, optimizer_state_bytes, solve_budget, with_value
 from lorabench.errors import ConfigError
 from lorabench.measure import optimizer_state_bytes as measured_state_bytes
 from lorabench.measure import parameter_counts
@@ -73,9 +73,8 @@ def test_budget_solves_and_matches_measurement(preset, sst2_dir, tmp_path):
     v, budget = _budget_between(size, cap)
     result = solve_budget(loaded.model, spec, ctx, trainable_params=budget)
     assert result["predicted"] <= budget < size(v + 1), result
-    valid = getattr(spec.components[axis], "size_is_valid", None)
-    while valid and not valid(loaded.model, with_value(spec, axis, fields, v).params[axis], ctx):
-        v -= 1  # shape constraints (Bone's block size): the largest valid value below
+    while not knob_value_is_valid(loaded.model, spec, axis, fields, v, ctx):
+        v -= 1  # shape constraints (Bone's block size, PEGO's group): the largest valid value below
     assert result["value"] == v and not result["capped"]
     # the count after apply_method on a fresh model with the solved value equals the prediction
     _, spec2, loaded2, _, ctx2 = build(preset, sst2_dir, tmp_path, *_overrides(result))

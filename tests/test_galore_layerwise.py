@@ -126,3 +126,17 @@ def test_the_makefile_quickstart_is_a_valid_low_memory_run():
     assert cfg["hardware"]["name"] == "cpu_lowmem" and cfg["train"]["max_grad_norm"] is None
     with pytest.raises(ConfigError, match="train.max_grad_norm must be null"):
         validate_config(compose([o for o in overrides if not o.startswith("train.max_grad_norm")]))
+
+
+def test_layerwise_refuses_a_regularizer():
+    with pytest.raises(ConfigError, match="method.regularizer must be none"):
+        validate_config(
+            compose(
+                [
+                    "method=galore",
+                    "+method.layerwise=true",
+                    "train.max_grad_norm=null",
+                    "+method.regularizer=gradient_norm_penalty",
+                ]
+            )
+        )

@@ -165,7 +165,12 @@ def test_readme_cpu_train_examples_run_at_tiny_scale(example, sst2_dir, gsm8k_di
     args = [a.replace("path/to/glue/SST-2", str(sst2_dir)).replace("=...", f"={sst2_dir}") for a in example[1:]]
     kind = "classification" if "dataset=sst2" in args else "causal_lm"
     data = sst2_dir if kind == "classification" else gsm8k_dir
-    tiny = tiny_overrides(kind, data, tmp_path, "train.max_steps=1")
+    # per-layer updates need the whole batch in one micro-batch (the tiny runs use micro-batches of 2);
+    # hardware.release_memory would change this test process's allocator for good (tests/test_lm_loss.py
+    # checks it in a child process)
+    extra = ("hardware.micro_batch_size=4",) if "+method.layerwise=true" in args else ()
+    extra += ("hardware.release_memory=false",) if "hardware=cpu_lowmem" in args else ()
+    tiny = tiny_overrides(kind, data, tmp_path, "train.max_steps=1", *extra)
     scale = ("model=", "dataset=", "dataset.data_dir=", "train.max_steps=")
     keep = [a for a in args if not a.startswith(scale) or a == "train.max_steps=0"]
     flags = [a for a in keep if a.startswith("-")]  # Hydra reads flags before the overrides

@@ -14,4 +14,15 @@ Importing this package (or any module in it) registers every ``Params``.
 """
 
 # ruff: noqa: F401  (imported for their registration side effects)
-from lorabench.method_params import adapters, initializers, optimizers, procedures, regularizers
+from lorabench.method_params import (
+    adapters,
+    adapters_block_lora,
+    adapters_s2_lora,
+    adapters_sltrain,
+    adapters_wara,
+    initializers,
+    optimizers,
+    procedures,
+    regularizers,
+    regularizers_s2_lora,
+)

@@ -134,6 +134,10 @@ def check_run_fit(cfg, method: CheckedMethod) -> None:
         ),
         "hardware.num_processes": (cfg.hardware.num_processes != 1, "1"),
         "train.nonfinite": (cfg.train.nonfinite == "skip", "stop (an update already made cannot be skipped)"),
+        "method.regularizer": (
+            method.names.get("regularizer", "none") != "none",
+            "none (a regularizer acts between the backward and the update)",
+        ),
     }
     for key, (bad, needed) in conflicts.items():
         if bad:

@@ -79,3 +79,20 @@ class PegoParams:
                 f"method.rank={rank} is invalid for method.pego_groups={self.pego_groups}: the rank is split "
                 f"into {self.pego_groups} LoRAs of equal rank, so it must be a multiple of {self.pego_groups}"
             )
+
+
+@params_for("regularizer", "gradient_norm_penalty")
+@dataclass
+class GradientNormPenaltyParams:
+    """Zhao, Zhang & Hu (ICML 2022, arXiv:2202.03599): L + lambda ||grad L||, by the finite-difference
+    gradient (1 - alpha) g(theta) + alpha g(theta + r g / ||g||) with alpha = lambda / r."""
+
+    gnp_alpha: float = 0.8  # alpha = lambda / r; 1 is SAM's gradient, 0 the plain one
+    gnp_radius: float = 0.05  # r: the step along the normalised gradient (SAM's rho)
+
+    def __post_init__(self) -> None:
+        check_positive("method.gnp_radius", self.gnp_radius)
+        if not 0.0 <= self.gnp_alpha <= 1.0:
+            from lorabench.errors import ConfigError
+
+            raise ConfigError(f"method.gnp_alpha={self.gnp_alpha!r} is invalid; it must be in [0, 1]")

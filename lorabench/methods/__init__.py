@@ -4,6 +4,7 @@ procedure and regularizer; adding a method means adding its file and its name to
 # ruff: noqa: F401  (imported for their registration side effects)
 from lorabench.methods.adapters import (  # peft-backed  # lorabench's own layers
     adalora,
+    block_lora,
     dylora,
     flora,
     hydra_lora,
@@ -18,12 +19,15 @@ from lorabench.methods.adapters import (  # peft-backed  # lorabench's own layer
     nlora,
     nola,
     randlora,
+    s2_lora,
     salt,
     slora,
+    sltrain,
     soma,
     sora,
     svfit,
     vera,
+    wara,
     xlora,
 )
 from lorabench.methods.initializers import corda, eva, lora_ga, olora, pissa, quantized
@@ -45,4 +49,4 @@ from lorabench.methods.procedures import increlora as increlora_procedure
 from lorabench.methods.procedures import lamda as lamda_procedure
 from lorabench.methods.procedures import soma as soma_procedure
 from lorabench.methods.procedures import sora as sora_procedure
-from lorabench.methods.regularizers import ba_lora, mgpo, pego
+from lorabench.methods.regularizers import ba_lora, gradient_norm_penalty, mgpo, pego, s2_lora_l1

@@ -83,7 +83,22 @@ class OptimizerBuilder:
         raise NotImplementedError
 
 
-class Procedure:
+class Stateful:
+    """What a procedure or a regularizer keeps across steps: ``state()`` for the run record (e.g. the
+    layers it sampled), ``state_dict()`` / ``load_state_dict()`` for checkpoints (a procedure's is
+    written as JSON, a regularizer's with torch.save)."""
+
+    def state(self) -> dict:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        return None
+
+
+class Procedure(Stateful):
     """Changes what trains when. The loop calls the hooks at the named points. A procedure that
     freezes tensors it trained earlier sets ``moves_trainable_set`` so checkpoints keep every weight."""
 
@@ -107,19 +122,8 @@ class Procedure:
     def on_step_end(self, step: int) -> None:
         """After ``optimizer.step()`` and the scheduler step."""
 
-    def state(self) -> dict:
-        """What the run record reports about the procedure (e.g. the layers it sampled)."""
-        return {}
 
-    def state_dict(self) -> dict:
-        """JSON-serialisable state a checkpoint must hold to resume exactly (e.g. active layers)."""
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        return None
-
-
-class Regularizer:
+class Regularizer(Stateful):
     """Adds loss terms and acts around a step's forward and backward (the fifth axis). The loop calls,
     per optimizer step: ``before_forward`` (before the first micro-batch's forward: a weight
     perturbation, as SAM-like methods make), then for every micro-batch ``loss_terms`` (named terms
@@ -128,37 +132,30 @@ class Regularizer:
     (after the last backward, before clipping and ``optimizer.step()``: undo the perturbation), then
     ``on_step_end``. A regulariser whose terms need the model's outputs sets ``needs_outputs``
     (``"logits"`` or ``"hidden_states"``); the loop then runs the model's own forward and passes its
-    outputs."""
+    outputs. One that needs more than one forward and backward per step (SAM-like methods) sets
+    ``passes``: the loop runs ``before_forward``, the micro-batches and ``after_backward`` that many
+    times on the same micro-batches, with ``pass_index`` 0, 1, ...; the logged loss and terms are the
+    first pass's, and the gradients left after the last ``after_backward`` are what the step uses."""
 
     Params: type = NoParams
     paper: str = ""
     backed_by: str = "lorabench"
     needs_outputs: str | None = None  # None | "logits" | "hidden_states"
+    passes: int = 1  # forward-backward passes per optimizer step
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, params: Any, ctx: MethodContext) -> None:
         return None
 
-    def before_forward(self, model: nn.Module, step: int) -> None:
+    def before_forward(self, model: nn.Module, step: int, pass_index: int = 0) -> None:
         return None
 
     def loss_terms(self, model: nn.Module, batch: dict, outputs: Any) -> dict[str, torch.Tensor]:
         return {}
 
-    def after_backward(self, model: nn.Module, step: int) -> None:
+    def after_backward(self, model: nn.Module, step: int, pass_index: int = 0) -> None:
         return None
 
     def on_step_end(self, step: int) -> None:
-        return None
-
-    def state(self) -> dict:
-        """What the run record reports about the regulariser."""
-        return {}
-
-    def state_dict(self) -> dict:
-        """State a checkpoint must hold to resume exactly (tensors allowed: saved with torch.save)."""
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
         return None
 
 

@@ -101,7 +101,7 @@ class Mgpo(Regularizer):
         return state.get("exp_avg", state.get("momentum_buffer"))
 
     @torch.no_grad()
-    def before_forward(self, model: nn.Module, step: int) -> None:
+    def before_forward(self, model: nn.Module, step: int, pass_index: int = 0) -> None:
         for name, layer in self.layers.items():
             a, b, scaling = _factors(layer)
             m_a, m_b = self._momentum(a), self._momentum(b)
@@ -116,7 +116,7 @@ class Mgpo(Regularizer):
         self.perturbed_steps += bool(self._saved)
 
     @torch.no_grad()
-    def after_backward(self, model: nn.Module, step: int) -> None:
+    def after_backward(self, model: nn.Module, step: int, pass_index: int = 0) -> None:
         for name, original in self._saved.items():
             self.layers[name].get_base_layer().weight.copy_(original)
         self._saved.clear()
