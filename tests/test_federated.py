@@ -272,3 +272,12 @@ def test_fedsvd_leaves_an_orthonormal_a_and_sends_a_down_but_not_up(sst2_dir, tm
         == 0
     )
     assert len(list((tmp_path / "plots" / "curves").glob("*.svg"))) == 1
+
+
+@pytest.mark.parametrize("protocol", ["federated", "continual"])
+def test_protocols_refuse_a_regularizer(protocol):
+    from lorabench.config_store import compose
+    from lorabench.validate import validate_config
+
+    with pytest.raises(ConfigError, match=f"protocol={protocol} does not run regularizers yet"):
+        validate_config(compose(["model=tiny_bert", "dataset=sst2", f"protocol={protocol}", "method=mgpo"]))

@@ -44,6 +44,17 @@ def check_continual(cfg, method) -> None:
 CHECKS = {"federated": check_federated, "continual": check_continual}
 
 
+def check_no_regularizer(cfg, method) -> None:
+    """Regularizers run in single runs only: a federated client builds its step without one, and a
+    continual stage's checkpoint does not hold a regularizer's state."""
+    name = method.names.get("regularizer", "none")
+    if name != "none":
+        raise ConfigError(
+            f"protocol={cfg.protocol.name} does not run regularizers yet (method {method.label!r} has "
+            f"regularizer {name!r}); use protocol=single or a method without one"
+        )
+
+
 def trained_heads(cfg) -> list[str]:
     """The heads the run trains through: every task's for a continual run, else its dataset's."""
     import lorabench.data  # noqa: F401  registers the datasets (torch-free)
@@ -60,5 +71,6 @@ def check_protocol(cfg, method) -> None:
 
     check = CHECKS.get(cfg.protocol.name)
     if check:
+        check_no_regularizer(cfg, method)
         check(cfg, method)
     check_forgetting(cfg, trained_heads(cfg))
