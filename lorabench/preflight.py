@@ -137,12 +137,18 @@ def check_targets(spec: MethodSpec, cfg: RunConfig, model) -> list[str]:
 
 
 def check_budget(cfg: RunConfig, spec: MethodSpec, model, ctx) -> MethodSpec:
-    """With a size budget: the spec with the knob solved on the meta model (as train.py solves it)."""
+    """With a size budget: the spec with the knob solved on the meta model (as train.py solves it). A
+    size formula that needs weight values (LaMDA++'s ranks from the spectrum of W0) cannot run on the
+    meta model: train.py solves that budget on the loaded weights."""
     if not cfg.budget.active():
         return spec
     from lorabench.budget import apply_budget, solve_run_budget
 
-    return apply_budget(spec, solve_run_budget(model, spec, ctx, cfg.budget))
+    try:
+        solved = solve_run_budget(model, spec, ctx, cfg.budget)
+    except (NotImplementedError, RuntimeError):  # a formula that needs weight values, not shapes
+        return spec
+    return apply_budget(spec, solved)
 
 
 def smallest_target(model, targets: list[str]) -> tuple[str, tuple[int, ...]] | None:

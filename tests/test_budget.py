@@ -155,3 +155,20 @@ def test_a_rank_an_svd_based_init_cannot_take_is_a_config_error_before_calibrati
         apply_method(loaded.model, spec, ctx)
     _, spec, loaded, _, ctx = build(preset, sst2_dir, tmp_path, "model=tiny_llama", f"method.rank={most}")
     apply_method(loaded.model, spec, ctx)  # the largest valid rank applies
+
+
+def test_preflight_leaves_a_budget_whose_size_needs_the_weights_to_the_run(sst2_dir, tmp_path):
+    """LaMDA++'s ranks come from the spectrum of W0, which the meta-device model of the pre-flight does
+    not have: the pre-flight leaves that budget to train.py (which solves it on the loaded weights)
+    instead of failing the run; a shape-only budget is still solved there."""
+    from lorabench.preflight import preflight
+    from lorabench.validate import build_run
+    from tests.conftest import compose, tiny_overrides
+
+    def checked(method: str):
+        cfg_dict = compose([f"method={method}", *tiny_overrides("classification", sst2_dir, tmp_path)])
+        cfg_dict["budget"]["trainable_params"] = 3000
+        return preflight(*build_run(cfg_dict))
+
+    assert checked("lamda_plus") is not None  # no RuntimeError from an SVD of meta weights
+    assert checked("lora").expected_trainable <= 3000
