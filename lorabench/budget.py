@@ -199,8 +199,12 @@ def optimizer_state_bytes(base_model: nn.Module, spec: MethodSpec, ctx: MethodCo
 
 
 # -- the search ---------------------------------------------------------------------------------------
+# knobs that count transformer layers: capped at the model's number of layers
+LAYER_COUNT_KNOBS = (("lisa_activated_layers",), ("flexora_keep_layers",))
+
+
 def _cap(base_model: nn.Module, spec: MethodSpec, ctx: MethodContext, axis: str, fields: tuple[str, ...]) -> int:
-    if fields == ("lisa_activated_layers",):
+    if fields in LAYER_COUNT_KNOBS:
         from lorabench.methods.procedures.lisa import transformer_layers
 
         return len(transformer_layers(base_model)[1])

@@ -440,6 +440,7 @@ def build_run_parts(
         cfg.seed,
         CalibrationBatches(calibration_loader, cfg.train.init_batches, show_progress=accelerator is not None),
         calibration_key,
+        tokenizer=tokenizer,
     )
     solved = None
     if cfg.budget.active():
@@ -784,6 +785,7 @@ def finish_record(run: Run) -> None:
     if run.procedure:
         record["method_report"].update(run.procedure.state())
     if run.regularizer:
+        run.regularizer.on_train_end(accelerator.unwrap_model(run.model))
         record["method_report"]["regularizer"] = run.regularizer.state()
     record["status"] = "completed"
 

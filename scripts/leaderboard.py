@@ -211,7 +211,10 @@ NOT_IN_TRACK_B = {
     "xlora": "X-LoRA mixes LoRA experts trained on other tasks (`method.experts`), so it has no single-task "
     "run to rank; its recipe is `scripts/xlora.py`",
     **dict.fromkeys(
-        ("ba_lora", "block_lora", "lora_gnp", "mgpo", "pego", "s2_lora", "sltrain", "wara"),
+        (
+            *("alignguard_lora", "ba_lora", "block_lora", "codyra", "diffora", "flexora", "lora_gnp", "mgpo"),
+            *("pego", "s2_lora", "sara", "sltrain", "tlora", "wara"),
+        ),
         "added after Track B was run: its start rate is the one Track A picks for it, and its Track A sweep "
         "has not been run yet",
     ),

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from lorabench.budget import knob_value_is_valid, method_knob, optimizer_state_bytes, solve_budget, with_value
+from lorabench.budget import (
+    LAYER_COUNT_KNOBS,
+    knob_value_is_valid,
+    method_knob,
+    optimizer_state_bytes,
+    solve_budget,
+    with_value,
+)
 from lorabench.errors import ConfigError
 from lorabench.measure import optimizer_state_bytes as measured_state_bytes
 from lorabench.measure import parameter_counts
@@ -69,7 +76,7 @@ def test_budget_solves_and_matches_measurement(preset, sst2_dir, tmp_path):
     def size(v):
         return expected_trainable(loaded.model, with_value(spec, axis, fields, v), ctx)
 
-    cap = 2 if fields == ("lisa_activated_layers",) else 32
+    cap = 2 if fields in LAYER_COUNT_KNOBS else 32  # tiny_bert has 2 layers
     v, budget = _budget_between(size, cap)
     result = solve_budget(loaded.model, spec, ctx, trainable_params=budget)
     assert result["predicted"] <= budget < size(v + 1), result

@@ -276,7 +276,7 @@ def test_track_b_start_rates_are_rates_track_a_ran_for_the_method(lb):
         cells = [cell.strip() for cell in row.strip("|").split("|")]
         if len(cells) == 3 and cells[0] not in ("method", "---"):
             ran[cells[0]] = {float(point.split(":")[0]) for point in cells[1].split(", ")}
-    assert set(ran) == set(lb.TRACK_B_START)
+    assert set(ran) - set(lb.NOT_IN_TRACK_B) == set(lb.TRACK_B_START)  # Track A rows not yet in Track B aside
     for method, rate in lb.TRACK_B_START.items():
         if method in lb.FIDELITY_RERUNS:  # its Track A sweep restarted under the authors' rules
             continue

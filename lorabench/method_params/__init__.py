@@ -17,12 +17,17 @@ Importing this package (or any module in it) registers every ``Params``.
 from lorabench.method_params import (
     adapters,
     adapters_block_lora,
+    adapters_codyra,
     adapters_s2_lora,
+    adapters_sara,
     adapters_sltrain,
+    adapters_tlora,
     adapters_wara,
     initializers,
     optimizers,
     procedures,
+    procedures_selection,
     regularizers,
+    regularizers_alignguard,
     regularizers_s2_lora,
 )

@@ -5,6 +5,7 @@ procedure and regularizer; adding a method means adding its file and its name to
 from lorabench.methods.adapters import (  # peft-backed  # lorabench's own layers
     adalora,
     block_lora,
+    codyra,
     dylora,
     flora,
     hydra_lora,
@@ -21,11 +22,13 @@ from lorabench.methods.adapters import (  # peft-backed  # lorabench's own layer
     randlora,
     s2_lora,
     salt,
+    sara,
     slora,
     sltrain,
     soma,
     sora,
     svfit,
+    tlora,
     vera,
     wara,
     xlora,
@@ -43,10 +46,12 @@ from lorabench.methods.optimizers import (
     q_galore,
 )
 from lorabench.methods.procedures import adalora as adalora_procedure
-from lorabench.methods.procedures import badam, lisa
+from lorabench.methods.procedures import badam, diffora, flexora, lisa, module_selection
+from lorabench.methods.procedures import codyra as codyra_procedure
 from lorabench.methods.procedures import dylora as dylora_procedure
 from lorabench.methods.procedures import increlora as increlora_procedure
 from lorabench.methods.procedures import lamda as lamda_procedure
+from lorabench.methods.procedures import sara as sara_procedure
 from lorabench.methods.procedures import soma as soma_procedure
 from lorabench.methods.procedures import sora as sora_procedure
-from lorabench.methods.regularizers import ba_lora, gradient_norm_penalty, mgpo, pego, s2_lora_l1
+from lorabench.methods.regularizers import alignguard, ba_lora, gradient_norm_penalty, mgpo, pego, s2_lora_l1

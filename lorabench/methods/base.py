@@ -36,6 +36,7 @@ class MethodContext:
     calibration_batches: Callable[[], Iterator[dict[str, torch.Tensor]]] = lambda: iter(())
     calibration_key: str = ""  # identifies model, data and calibration batches (not the seed), for caches
     extras: dict[str, Any] = field(default_factory=dict)  # things a component reports to the record
+    tokenizer: Any = None  # the run's tokenizer (text-driven components: AlignGuard's alignment texts)
 
 
 class Adapter:
@@ -156,6 +157,11 @@ class Regularizer(Stateful):
         return None
 
     def on_step_end(self, step: int) -> None:
+        return None
+
+    def on_train_end(self, model: nn.Module) -> None:
+        """After the final evaluation, before ``state()`` goes to the record (e.g. a drift measured on the
+        trained model). ``model`` is the unwrapped trained model."""
         return None
 
 
