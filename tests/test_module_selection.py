@@ -507,3 +507,11 @@ def test_an_interrupted_run_resumes_bitwise(sst2_dir, tmp_path, monkeypatch):
     wa = load_file(str(list_checkpoints(a_dir)[-1] / "trainable.safetensors"))
     wb = load_file(str(list_checkpoints(b_dir)[-1] / "trainable.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[n], wb[n]) for n in wa)
+
+
+def test_a_resumed_search_that_kept_other_modules_is_refused():
+    from lorabench.methods.procedures.module_selection import check_same_selection
+
+    check_same_selection("flexora", "layers", [0, 2], [0, 2])
+    with pytest.raises(RuntimeError, match=r"flexora: the search of the resumed run kept layers \[0, 2\].*kept \[1\]"):
+        check_same_selection("flexora", "layers", [0, 2], [1])

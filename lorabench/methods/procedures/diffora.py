@@ -51,6 +51,7 @@ from lorabench.methods.procedures.module_selection import (
     GateHooks,
     SearchCost,
     candidate_sizes,
+    check_same_selection,
     finish,
     gate_gradient,
     kept_count,
@@ -179,9 +180,5 @@ class Diffora(Procedure):
     def load_state_dict(self, state: dict) -> None:
         """The rebuilt run searched again (deterministically): it must have kept the same modules. The
         report keeps the cost of the search that chose them (the original run's)."""
-        if list(state.get("kept", self.kept)) != self.kept:
-            raise RuntimeError(
-                f"diffora: the search of the resumed run kept modules {self.kept}, the checkpoint's kept "
-                f"{state['kept']}; the calibration data or the model differ from the original run"
-            )
+        check_same_selection("diffora", "modules", self.kept, state.get("kept", self.kept))
         self.search.cost = dict(state.get("search_cost", self.search.cost))

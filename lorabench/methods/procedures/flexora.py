@@ -65,6 +65,7 @@ from lorabench.methods.procedures.module_selection import (
     SearchCost,
     block_index,
     candidate_sizes,
+    check_same_selection,
     clip_,
     cosine_lr,
     finish,
@@ -281,9 +282,5 @@ class Flexora(Procedure):
     def load_state_dict(self, state: dict) -> None:
         """The rebuilt run searched again (deterministically): it must have chosen the same layers. The
         report keeps the cost of the search that chose them (the original run's)."""
-        if list(state.get("layers", self.layers)) != self.layers:
-            raise RuntimeError(
-                f"flexora: the search of the resumed run kept layers {self.layers}, the checkpoint's kept "
-                f"{state['layers']}; the calibration data or the model differ from the original run"
-            )
+        check_same_selection("flexora", "layers", self.layers, state.get("layers", self.layers))
         self.search.cost = dict(state.get("search_cost", self.search.cost))

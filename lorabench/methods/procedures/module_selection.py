@@ -292,3 +292,13 @@ def kept_count(sizes: list[int], k: int, base_model: nn.Module, ctx: MethodConte
     if not sizes or len(set(sizes)) != 1:
         return None
     return min(k, len(sizes)) * sizes[0] + head_parameter_count(base_model, ctx.head)
+
+
+def check_same_selection(who: str, what: str, ours: list, saved: list) -> None:
+    """On resume the rebuilt run searched again (deterministically): it must have kept what the
+    checkpoint's run kept, else the calibration data or the model differ."""
+    if list(saved) != list(ours):
+        raise RuntimeError(
+            f"{who}: the search of the resumed run kept {what} {ours}, the checkpoint's kept {saved}; the "
+            "calibration data or the model differ from the original run"
+        )
