@@ -31,7 +31,7 @@ quickstart: install
 	$(BIN)/lorabench table
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=30
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
