@@ -51,6 +51,19 @@ def write_gsm8k(folder: Path, n_train: int = 24, n_test: int = 6, seed: int = 0)
     return folder
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one intra-op thread for the test (tiny shapes: more threads only contend on a shared
+    machine, with the same numbers); restored afterwards. A test module opts in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def sst2_dir(tmp_path_factory) -> Path:
     return write_sst2(tmp_path_factory.mktemp("glue") / "SST-2")

@@ -26,14 +26,7 @@ from lorabench.methods.procedures.codyra import CodyraThreshold, ThresholdSchedu
 from tests.conftest import CONF_DIR
 from tests.method_harness import one_step
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny shapes: intra-op threads only contend on a shared machine (the same numbers, several times faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class Two(nn.Module):

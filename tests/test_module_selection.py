@@ -44,13 +44,7 @@ from tests.parity_flexora_case import LORA_SEED, tiny_llama, token_batches
 FAST = {"flexora_hyper_batches": 2}  # the authors' 8 in the parity test; 2 keeps these tests quick
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run as fast on one thread, and stay fast when the cores are busy (two threads stall then)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def preset(method: str) -> dict:

@@ -40,14 +40,7 @@ NAMES = [f"layer{i}" for i in range(len(SHAPES))]
 PRESET = load_presets(CONF_DIR / "method")["codyra"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: intra-op threads only contend (a 100-step case takes 0.4 s on one thread, 6 s on two
-    busy cores); the numbers are the same."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def factors(layer: CodyraLayer) -> dict:

@@ -29,13 +29,7 @@ ALPHA_TOL, LORA_TOL = 1e-6, 1e-5
 CASES = ["authors", "odd_cycle"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run as fast on one thread, and stay fast when the cores are busy (two threads stall then)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def build(case: dict, **overrides):

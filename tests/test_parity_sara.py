@@ -58,13 +58,7 @@ def dense_on(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The 80 x 72 SVDs take ~100x longer with two threads on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @functools.cache

@@ -23,12 +23,7 @@ from lorabench.methods.spec import resolve_method
 PRESET = {"label": "sara", "adapter": "sara", "optimizer": "adamw", "procedure": "sara"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class Net(nn.Module):
