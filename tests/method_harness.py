@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from lorabench.data.base import collate
@@ -99,3 +100,20 @@ def train_with_procedure(built, batch: dict, steps: int, after_step=None) -> Non
         built.procedure.on_step_end(step + 1)
         if after_step is not None:
             after_step(step)
+
+
+class TwoLinears(nn.Module):
+    """Two small seeded linears (24 -> 16 with bias, 24 -> 40 without), outputs concatenated: a tiny model
+    whose two targets an adapter wraps."""
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.q, self.v = nn.Linear(24, 16), nn.Linear(24, 40, bias=False)
+        with torch.no_grad():
+            for lin in (self.q, self.v):
+                lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen) * 0.3)
+            self.q.bias.copy_(torch.randn(16, generator=gen) * 0.1)
+
+    def forward(self, x):
+        return torch.cat([self.q(x), self.v(x)], -1)

@@ -24,23 +24,9 @@ from lorabench.methods.base import MethodContext
 from lorabench.methods.catalog import load_presets
 from lorabench.methods.procedures.codyra import CodyraThreshold, ThresholdSchedule
 from tests.conftest import CONF_DIR
-from tests.method_harness import one_step
+from tests.method_harness import TwoLinears, one_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
-
-class Two(nn.Module):
-    def __init__(self):
-        super().__init__()
-        gen = torch.Generator().manual_seed(0)
-        self.q, self.v = nn.Linear(24, 16), nn.Linear(24, 40, bias=False)
-        with torch.no_grad():
-            for lin in (self.q, self.v):
-                lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen) * 0.3)
-            self.q.bias.copy_(torch.randn(16, generator=gen) * 0.1)
-
-    def forward(self, x):
-        return torch.cat([self.q(x), self.v(x)], -1)
 
 
 def ctx(seed: int = 0, max_steps: int = 20) -> MethodContext:
@@ -49,7 +35,7 @@ def ctx(seed: int = 0, max_steps: int = 20) -> MethodContext:
 
 def wrapped(seed: int = 0, **overrides) -> tuple[nn.Module, nn.Module, CodyraParams]:
     params = CodyraParams(**overrides)
-    return Two(), CodyraAdapter().apply(Two(), params, ctx(seed), {}), params
+    return TwoLinears(), CodyraAdapter().apply(TwoLinears(), params, ctx(seed), {}), params
 
 
 def perturb(model: nn.Module, seed: int = 1, size: float = 0.1) -> None:
@@ -243,7 +229,9 @@ def test_trained_ranks_reach_the_report(sst2_dir, tmp_path):
 
 def test_procedure_needs_codyra_layers():
     with pytest.raises(ValueError, match="no CoDyRA layers"):
-        CodyraThreshold().setup(Two(), torch.optim.SGD(Two().parameters(), lr=0.1), CodyraThresholdParams(), ctx())
+        CodyraThreshold().setup(
+            TwoLinears(), torch.optim.SGD(TwoLinears().parameters(), lr=0.1), CodyraThresholdParams(), ctx()
+        )
     raw = {**load_presets(CONF_DIR / "method")["codyra"], "adapter": "lora"}
     with pytest.raises(ConfigError, match="needs method.adapter"):
         check_method(raw)

@@ -18,20 +18,7 @@ from lorabench.method_params.adapters_sltrain import SltrainParams
 from lorabench.methods.adapters.layer import adapter_layers, load_trainable, save_trainable, trainable_state_dict
 from lorabench.methods.adapters.sltrain import SltrainAdapter, SparseLowRankLayer, draw_support, support_size
 from lorabench.methods.base import MethodContext
-
-
-class Two(nn.Module):
-    def __init__(self):
-        super().__init__()
-        gen = torch.Generator().manual_seed(0)
-        self.q, self.v = nn.Linear(24, 16), nn.Linear(24, 40, bias=False)
-        with torch.no_grad():
-            for lin in (self.q, self.v):
-                lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen) * 0.3)
-            self.q.bias.copy_(torch.randn(16, generator=gen) * 0.1)
-
-    def forward(self, x):
-        return torch.cat([self.q(x), self.v(x)], -1)
+from tests.method_harness import TwoLinears
 
 
 def ctx(seed: int = 0) -> MethodContext:
@@ -39,9 +26,9 @@ def ctx(seed: int = 0) -> MethodContext:
 
 
 def wrapped(seed: int = 0, **overrides) -> tuple[nn.Module, nn.Module, SltrainParams]:
-    base = Two()
+    base = TwoLinears()
     params = SltrainParams(**overrides)
-    model = SltrainAdapter().apply(Two(), params, ctx(seed), {})
+    model = SltrainAdapter().apply(TwoLinears(), params, ctx(seed), {})
     return base, model, params
 
 

@@ -29,22 +29,9 @@ from lorabench.methods.adapters.tlora import (
     transform_correction,
 )
 from lorabench.methods.base import MethodContext
+from tests.method_harness import TwoLinears
 
 GEN = torch.Generator
-
-
-class Two(nn.Module):
-    def __init__(self):
-        super().__init__()
-        gen = GEN().manual_seed(0)
-        self.q, self.v = nn.Linear(24, 16), nn.Linear(24, 40, bias=False)
-        with torch.no_grad():
-            for lin in (self.q, self.v):
-                lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen) * 0.3)
-            self.q.bias.copy_(torch.randn(16, generator=gen) * 0.1)
-
-    def forward(self, x):
-        return torch.cat([self.q(x), self.v(x)], -1)
 
 
 def ctx(seed: int = 0) -> MethodContext:
@@ -53,7 +40,7 @@ def ctx(seed: int = 0) -> MethodContext:
 
 def wrapped(seed: int = 0, **overrides) -> tuple[nn.Module, nn.Module, TloraParams]:
     params = TloraParams(**overrides)
-    return Two(), TloraAdapter().apply(Two(), params, ctx(seed), {}), params
+    return TwoLinears(), TloraAdapter().apply(TwoLinears(), params, ctx(seed), {}), params
 
 
 def perturb(model: nn.Module, seed: int = 1, size: float = 0.1) -> None:
