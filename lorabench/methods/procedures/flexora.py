@@ -219,10 +219,6 @@ class Flexora(Procedure):
         ),
     )
 
-    def size_limit(self, shapes: list[tuple[int, int]], params: FlexoraParams) -> int:
-        """At most one kept layer per target (more keep every layer)."""
-        return max(1, len(shapes))
-
     def setup(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, params: FlexoraParams, ctx: MethodContext
     ) -> None:
