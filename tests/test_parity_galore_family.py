@@ -10,7 +10,12 @@ lorabench's builders run the same cases; the reference need not be installed.
 
 Tolerance: 1e-6 on every final parameter and on the per-step checksums (float64 sum and absolute
 sum of each tensor), fp32 over 12 steps: the differences seen are <= 3e-8 on parameters and
-<= 1.5e-7 on checksums, from the order of fp32 operations; a wrong rule moves them by >= 1e-5.
+<= 1.5e-7 on checksums, from the order of fp32 operations. The cases that refresh the projection
+every 3 steps (four float32 SVDs of gradients whose r-th and (r+1)-th singular values lie close) get
+1e-5 (``SVD_REFRESH_TOL``): another CPU's LAPACK path (AMD EPYC, same code) moves them by up to
+3.3e-6 on parameters and 4.3e-6 on checksums, while the fixture's own fp32 noise stays at 1.5e-7.
+A wrong rule (decay placement, moment reset, the square weight's projection side, the residual
+form) moves the weights by more than 1e-4 (``WRONG_RULE_GAP``, asserted where the fixture moved).
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ from tests.parity_case import (
 
 CONF = Path(__file__).resolve().parent.parent / "conf" / "method"
 PARAM_TOL, CHECKSUM_TOL = 1e-6, 1e-6
+SVD_REFRESH_TOL = 1e-5  # the cases with an SVD every 3 steps (see the module docstring)
+REFRESH_CASES = {"refresh_decay", "sgd_no_reset_eps"}
+WRONG_RULE_GAP = 1e-4
 CASES = {
     "galore": ["reference_defaults", "preset", "refresh_decay"],
     "fira": ["reference_defaults", "preset", "refresh_decay"],
@@ -70,13 +78,14 @@ def moment_shapes(model, opt) -> dict[str, list[int]]:
 def check(method: str, fixture: str, case: str) -> float:
     expected = load_fixture(fixture)["cases"][case]
     model, opt, trajectory = run_ours(method, expected["settings"])
+    param_tol, checksum_tol = (SVD_REFRESH_TOL,) * 2 if case in REFRESH_CASES else (PARAM_TOL, CHECKSUM_TOL)
     worst = max_abs_diff(model, expected["final"])
-    assert worst <= PARAM_TOL, f"{method}/{case}: max |ours - reference| = {worst:.3e} > {PARAM_TOL}"
+    assert worst <= param_tol, f"{method}/{case}: max |ours - reference| = {worst:.3e} > {param_tol}"
     drift = max_trajectory_diff(trajectory, expected["trajectory"])
-    assert drift <= CHECKSUM_TOL, f"{method}/{case}: checksum difference {drift:.3e} > {CHECKSUM_TOL}"
+    assert drift <= checksum_tol, f"{method}/{case}: checksum difference {drift:.3e} > {checksum_tol}"
     assert moment_shapes(model, opt) == expected["moment_shapes"]
     moved = max_abs_diff(parity_model(), expected["final"])
-    assert moved > 100 * PARAM_TOL, f"{method}/{case}: the reference barely moved ({moved:.2e})"
+    assert moved > WRONG_RULE_GAP, f"{method}/{case}: the reference barely moved ({moved:.2e})"
     return worst
 
 
@@ -107,4 +116,4 @@ def test_paper_residual_is_not_the_pinned_one():
     expected = load_fixture("fira")["cases"]["preset"]
     settings = expected["settings"]
     model, _, _ = run_ours("fira", {**settings, "method": {**settings["method"], "fira_residual": "exact"}})
-    assert max_abs_diff(model, expected["final"]) > 100 * PARAM_TOL
+    assert max_abs_diff(model, expected["final"]) > WRONG_RULE_GAP

@@ -6,7 +6,12 @@ reference need not be installed here).
   and GaLoreProjector's INT4/INT8 group quantizer (codes, scales, zero points) in both layouts;
 * the projector: 40 steps of six gradient streams (both sides; stable, sign-flipping and unstable
   leading vectors) at the authors' lazy-refresh defaults and at a short-queue setting: the SVD count
-  and the gap after every step exactly, the queue and the projections to fp32 rounding;
+  and the gap after every step exactly, the queue to 1e-6, and the projections (sum, absolute sum and
+  the absolute sum projected back, per step) to ``LOW_RTOL`` = 1e-3 of the step's absolute sum. The
+  INT4 projector carries the float32 SVD of the CPU's LAPACK path, and an entry on a rounding boundary
+  moves by a whole INT4 step: the machine that pinned the fixture matches to < 1e-6, an AMD EPYC (same
+  code) to 1.5e-5 at the defaults and 2.2e-4 at the short queue (twice the refreshes). The quantizer
+  itself is checked exactly above; a wrong refresh rule changes the exact SVD counts;
 * the optimizer (QGaLoreAdamW8bit.step): the authors' defaults, our preset, a gap of 1 with 8-bit
   moments for 24 steps, and the shared parity problem with every moment 8-bit. Tolerance 1e-6 on
   every final parameter and on the per-step checksums (float64 sum and absolute sum of each tensor);
@@ -47,6 +52,7 @@ from tests.parity_q_galore_case import (
 
 FIXTURE = load_fixture("q_galore")
 PARAM_TOL, CHECKSUM_TOL = 1e-6, 1e-6
+LOW_RTOL = 1e-3  # the projector's outputs, relative to their absolute sums (see the module docstring)
 CASES = ["reference_defaults", "preset", "lazy_8bit", "shared_case"]
 
 
@@ -92,16 +98,15 @@ STREAMS = projector_streams(40)
 SHAPES = {"right": (33, 32), "left": (32, 40)}
 
 
-@pytest.mark.parametrize("name", sorted(FIXTURE["projector"]))
-def test_projector_lazy_refresh_matches(name):
-    expected = FIXTURE["projector"][name]
-    setting, stream = name.split("/")
-    kw = expected["settings"]
+def run_projector(name: str, bits: int | None = None) -> tuple[QGaLoreProjector, list, list, torch.Tensor]:
+    """Our projector on the fixture's stream ``name``; ``bits`` replaces the case's projector width."""
+    kw = FIXTURE["projector"][name]["settings"]
+    stream = name.split("/")[1]
     proj = QGaLoreProjector(
         SHAPES[stream.split("_")[0]],
         8,
         1,
-        bits=kw["n_bit"],
+        bits=bits or kw["n_bit"],
         group_size=kw["group_size"],
         cos_threshold=kw["cos_threshold"],
         queue_size=kw["queue_size"],
@@ -115,10 +120,32 @@ def test_projector_lazy_refresh_matches(name):
         svds.append(proj.refreshes)
         gaps.append(proj.gap)
         low.append([r.double().sum().item(), r.double().abs().sum().item(), proj.project_back(r).double().abs().sum()])
+    return proj, svds, gaps, torch.tensor(low).double()
+
+
+def low_gap(low: torch.Tensor, name: str) -> float:
+    """Largest difference of the per-step projections from the fixture's, relative to the step's
+    absolute sums (the signed sum is measured against the absolute one)."""
+    ref = torch.tensor(FIXTURE["projector"][name]["low"]).double()
+    return float(((low - ref).abs() / ref[:, [1, 1, 2]]).max())
+
+
+@pytest.mark.parametrize("name", sorted(FIXTURE["projector"]))
+def test_projector_lazy_refresh_matches(name):
+    expected = FIXTURE["projector"][name]
+    proj, svds, gaps, low = run_projector(name)
     assert svds == expected["svd_count"]
     assert gaps == expected["gap"]
     assert proj.queue == pytest.approx(expected["queue"], abs=1e-6)
-    assert torch.tensor(low).double() == pytest.approx(torch.tensor(expected["low"]), abs=1e-4)
+    assert low_gap(low, name) <= LOW_RTOL
+
+
+def test_projector_comparison_can_fail():
+    """An INT8 projector where the authors' defaults use INT4 misses ``LOW_RTOL`` (by 9x to 65x)."""
+    names = [n for n in sorted(FIXTURE["projector"]) if FIXTURE["projector"][n]["settings"]["n_bit"] == 4]
+    assert names
+    for name in names:
+        assert low_gap(run_projector(name, bits=8)[3], name) > 5 * LOW_RTOL, name
 
 
 # ----------------------------------------------------------------------------- the optimizer

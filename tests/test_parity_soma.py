@@ -8,10 +8,13 @@ regression loss, 12 torch.optim.AdamW steps, biases frozen). Here ``SomaAdapter.
 ours on the same linears: W0 stays in the base and the initial product is subtracted through frozen
 copies of the factors (a kept deviation, equal up to float32 rounding). Compared: the initial factors
 (checksum), the outputs and gradients of the first step, a float64 checksum of B and A after every
-step, B and A at the end. fp32 on CPU: 1e-6 on the factors and gradients (the differences seen are
-< 3e-8), 4e-6 on the outputs (|y| <= 3.4, whose float32 spacing is 2.4e-7 to 4.8e-7: the two residual
-forms, W_res x + s B0 A0 x and W0 x, round differently by up to ~3 ulps; 1.2e-6 seen), 1e-5 on
-checksums (sums of up to 480 entries).
+step, B and A at the end. fp32 on CPU: 1e-5 on the factors and gradients, 4e-6 on the outputs (|y| <=
+3.4, whose float32 spacing is 2.4e-7 to 4.8e-7: the two residual forms, W_res x + s B0 A0 x and W0 x,
+round differently by up to ~3 ulps; 1.2e-6 seen), 1e-4 on checksums (sums of up to 480 entries). The
+factors start from the minor singular vectors, the worst-conditioned ones (their singular values lie
+closest together), so they carry the float32 SVD of the CPU's LAPACK path: on the machine that pinned
+the fixture the factors differ by < 3e-8, on an AMD EPYC (same code) by up to 4.4e-6 (gradients 1.0e-6,
+initial checksums 3.1e-5). A wrong choice of components misses by > 1e-4 (``test_the_comparison_can_fail``).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from tests.conftest import CONF_DIR
 from tests.parity_adapter_case import base_linears, max_nested_diff, train_layers
 from tests.parity_case import load_fixture
 
-TOL, OUT_TOL, CHECKSUM_TOL = 1e-6, 4e-6, 1e-5
+TOL, OUT_TOL, CHECKSUM_TOL = 1e-5, 4e-6, 1e-4
 FIXTURE = load_fixture("soma")
 SHAPES = [tuple(s) for s in FIXTURE["shapes"]]
 

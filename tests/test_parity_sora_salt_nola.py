@@ -48,6 +48,11 @@ from tests.parity_case import load_fixture
 STEPS, BATCH = 12, 6
 SHAPES = {"t1": (16, 24), "t2": (24, 10)}  # name -> (d_in, d_out)
 PARAM_TOL, ATOL, RTOL = 1e-6, 1e-6, 1e-5
+# SALT's layers hold the float32 SVD of their weights (U, V frozen, Sigma scaled and shifted), which
+# follows the CPU's LAPACK path: 1e-6 holds on the machine that pinned the fixture, an AMD EPYC (same
+# code) differs by up to 2.6e-6 on the final parameters and 4.8e-6 on the probe gradients; SALT's cases
+# get 1e-5 on both (without the ReLU they miss by more than 100 times that: ``test_salt_comparison_can_fail``).
+SALT_PARAM_TOL, SALT_ATOL = 1e-5, 1e-5
 
 
 # ----------------------------------------------------------------------------- the shared case
@@ -276,24 +281,24 @@ def assert_near(ours, ref, what: str, atol: float = ATOL, rtol: float = RTOL) ->
     assert diff <= bound, f"{what}: max |ours - ref| = {diff:.3g} beyond {bound:.3g}"
 
 
-def compare(ours: dict, case: dict, name: str) -> float:
+def compare(ours: dict, case: dict, name: str, param_tol: float = PARAM_TOL, atol: float = ATOL) -> float:
     """Assert every pinned quantity; returns the largest parameter difference over the steps."""
     for when in ("probe_init", "probe_final"):  # what the fixture pins of them (it may leave a probe out)
         if when not in case:
             continue
-        assert_near(ours[when]["outputs"], case[when]["outputs"], f"{name} {when} outputs")
+        assert_near(ours[when]["outputs"], case[when]["outputs"], f"{name} {when} outputs", atol)
         if "grads" in case[when]:
             assert ours[when]["grads"].keys() == case[when]["grads"].keys(), f"{name} {when}: zero gradients differ"
             for key, grad in case[when]["grads"].items():
-                assert_near(ours[when]["grads"][key], grad, f"{name} {when} grad {key}")
-    assert_near(ours["losses"], case["losses"], f"{name} losses")
+                assert_near(ours[when]["grads"][key], grad, f"{name} {when} grad {key}", atol)
+    assert_near(ours["losses"], case["losses"], f"{name} losses", atol)
     assert len(ours["trajectory"]) == len(case["trajectory"]) == STEPS
     for step, (o, r) in enumerate(zip(ours["trajectory"], case["trajectory"])):
-        for key in r:  # a sum over n entries each within PARAM_TOL
+        for key in r:  # a sum over n entries each within param_tol
             worst = max(abs(a - b) for a, b in zip(o[key], r[key]))
-            assert worst <= PARAM_TOL * ours["final"][key].numel(), f"{name} step {step + 1} {key}: {worst:.3g}"
+            assert worst <= param_tol * ours["final"][key].numel(), f"{name} step {step + 1} {key}: {worst:.3g}"
     diff = max(max_diff(ours["final"][k], v) for k, v in case["final"].items())
-    assert diff <= PARAM_TOL, f"{name}: final parameters differ by {diff:.3g}"
+    assert diff <= param_tol, f"{name}: final parameters differ by {diff:.3g}"
     return diff
 
 
@@ -358,8 +363,17 @@ def test_sora_threshold_is_the_authors_two_pass_rule():
 @pytest.mark.parametrize(("name", "case"), cases("salt"), ids=[n for n, _ in cases("salt")])
 def test_salt_matches_authors_layer(name, case):
     case = needs(case, "salt")
-    compare(salt_ours(case), case, f"salt/{name}")
+    compare(salt_ours(case), case, f"salt/{name}", SALT_PARAM_TOL, SALT_ATOL)
     assert case["relu_clipped"] > 0  # entries of S' below 0 at the end: the ReLU mattered
+
+
+def test_salt_comparison_can_fail(monkeypatch):
+    """Without the ReLU on the scaled and shifted spectrum the layers miss the fixture by far more
+    than ``SALT_PARAM_TOL``: the looser SALT tolerance still separates a wrong rule."""
+    case = load_fixture("salt")["cases"]["preset"]
+    monkeypatch.setattr(torch, "relu", lambda x: x)
+    with pytest.raises(AssertionError, match="salt/no_relu"):
+        compare(salt_ours(case), case, "salt/no_relu", 100 * SALT_PARAM_TOL, 100 * SALT_ATOL)
 
 
 def test_salt_fixture_covers_preset():
