@@ -104,7 +104,7 @@ def table_command(argv: list[str]) -> int:
     parser.add_argument(
         "--protocol",
         default="single",
-        choices=("single", "federated", "continual"),
+        choices=("single", "federated", "continual", "compose"),
         help="which protocol's runs: each has its own columns (default: single runs)",
     )
     args = parser.parse_args(argv)

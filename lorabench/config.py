@@ -309,16 +309,44 @@ class ContinualConfig:
 
 
 @dataclass
+class ComposeConfig:
+    """``protocol=compose``: one LoRA expert trained per task, then the experts combined by each
+    merge of ``merges`` (lorabench/protocols/compose) and every combination scored on every task."""
+
+    tasks: list[str] = field(default_factory=lambda: ["sst2", "rte", "mrpc"])  # dataset presets, one expert each
+    data_dirs: dict[str, str] = field(default_factory=dict)  # task -> local folder (else the preset's source)
+    steps_per_task: int = 100  # optimizer steps of each expert
+    merges: list[str] = field(default_factory=lambda: ["average", "task_arithmetic", "ties", "dare_ties", "lego"])
+    weight: float = 1.0  # lambda of every expert in the weighted merges (task_arithmetic, ties, dare_*)
+    density: float = 0.2  # share of each task vector kept by TIES (top magnitude) and DARE (random, rescaled)
+    lego_rank: Optional[int] = None  # LoRA-LEGO's merged rank (clusters per layer); None: the experts' rank
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ConfigError("protocol.compose.tasks is empty; name at least two dataset presets")
+        check_positive("protocol.compose.steps_per_task", self.steps_per_task)
+        if not self.merges:
+            raise ConfigError("protocol.compose.merges is empty; name at least one merge")
+        check_positive("protocol.compose.weight", self.weight)
+        if not 0 < self.density <= 1:  # nan fails too
+            raise ConfigError(f"protocol.compose.density={self.density!r} is invalid; it must be in (0, 1]")
+        if self.lego_rank is not None:
+            check_positive("protocol.compose.lego_rank", self.lego_rank)
+
+
+@dataclass
 class ProtocolConfig:
     """How the run's training is organised: one run (``single``), clients and rounds
-    (``federated``) or a task sequence (``continual``). Only the chosen protocol's settings enter
-    the run id, and ``single`` none at all (lorabench.results.record.config_hash)."""
+    (``federated``), a task sequence (``continual``) or one expert per task combined (``compose``).
+    Only the chosen protocol's settings enter the run id, and ``single`` none at all
+    (lorabench.results.record.config_hash)."""
 
     name: str = "single"
     federated: FederatedConfig = field(default_factory=FederatedConfig)
     continual: ContinualConfig = field(default_factory=ContinualConfig)
+    compose: ComposeConfig = field(default_factory=ComposeConfig)
 
-    NAMES = ("single", "federated", "continual")
+    NAMES = ("single", "federated", "continual", "compose")
 
     def __post_init__(self) -> None:
         check_choice("protocol", self.name, self.NAMES)

@@ -2,7 +2,8 @@
 
 ``single`` is one model on one dataset (lorabench.train.train_single); ``federated`` trains over
 simulated clients on Flower (lorabench.protocols.federated); ``continual`` trains a task sequence
-and measures forgetting (lorabench.protocols.continual). Each is a *body* that
+and measures forgetting (lorabench.protocols.continual); ``compose`` trains one expert per task and
+merges them (lorabench.protocols.compose). Each is a *body* that
 lorabench.train.run_with_record runs inside the run's record, built from the loop's pieces
 (build_run_parts, prepare_run, train_steps, evaluate, finish_record).
 """
@@ -34,9 +35,16 @@ def _continual(session) -> None:
     train_continual(session)
 
 
+def _compose(session) -> None:
+    from lorabench.protocols.compose.protocol import train_compose
+
+    train_compose(session)
+
+
 PROTOCOLS.register("single")(_single)
 PROTOCOLS.register("federated")(_federated)
 PROTOCOLS.register("continual")(_continual)
+PROTOCOLS.register("compose")(_compose)
 
 
 def body_for(name: str) -> Callable:

@@ -41,7 +41,14 @@ def check_continual(cfg, method) -> None:
     check(cfg, method)
 
 
-CHECKS = {"federated": check_federated, "continual": check_continual}
+def check_compose(cfg, method) -> None:
+    """lorabench.protocols.compose.check.check_compose (tasks, merges, a peft LoRA method)."""
+    from lorabench.protocols.compose.check import check_compose as check
+
+    check(cfg, method)
+
+
+CHECKS = {"federated": check_federated, "continual": check_continual, "compose": check_compose}
 
 
 def check_no_regularizer(cfg, method) -> None:
@@ -56,11 +63,12 @@ def check_no_regularizer(cfg, method) -> None:
 
 
 def trained_heads(cfg) -> list[str]:
-    """The heads the run trains through: every task's for a continual run, else its dataset's."""
+    """The heads the run trains through: every task's for a continual or compose run, else its dataset's."""
     import lorabench.data  # noqa: F401  registers the datasets (torch-free)
     from lorabench.registry import DATASETS
 
-    names = cfg.protocol.continual.tasks if cfg.protocol.name == "continual" else [cfg.dataset.name]
+    name = cfg.protocol.name
+    names = getattr(cfg.protocol, name).tasks if name in ("continual", "compose") else [cfg.dataset.name]
     return [DATASETS.get(name, where="dataset").head for name in names]
 
 

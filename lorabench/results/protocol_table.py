@@ -1,4 +1,4 @@
-"""Tables of the federated and continual protocols (``lorabench table --protocol NAME``).
+"""Tables of the federated, continual and compose protocols (``lorabench table --protocol NAME``).
 
 One row per method variant and model (labels as in the single-run table: ``ffa_lora
 aggregation=fedsvd``, ``lora dp_target_epsilon=8.0``), each cell the mean ± std over seeds (n):
@@ -8,7 +8,10 @@ aggregation=fedsvd``, ``lora dp_target_epsilon=8.0``), each cell the mean ± std
 * continual: the average accuracy over the tasks after the last stage, backward transfer
   (Lopez-Paz & Ranzato 2017: the final score on each earlier task minus its score right after its
   own stage; negative = forgetting), the mean forgetting (best earlier score minus final score),
-  and the final score on each task.
+  and the final score on each task;
+* compose: one row per combination (each task's own ``expert``, the ``base`` with the task heads
+  only, every merge) and method variant, its score on each task, their average and the merged
+  update's stored entries (:func:`build_compose_rows`).
 """
 
 from __future__ import annotations
@@ -78,6 +81,13 @@ NOTES = {
         "clients; epsilon: user-level (epsilon, delta) spent, Opacus RDP accountant without sampling "
         "amplification (– without DP). Cells: mean ± std over seeds (n runs)."
     ),
+    "compose": (
+        "One row per combination of the K experts: expert = each task scored with its own expert; base = no "
+        "adapter, the task heads only; then every merge of protocol.compose.merges. <task>: its primary metric "
+        "x 100 with the combination and the task's head; average: their mean; stored: entries the merged update "
+        "takes (all layers; K x one expert's for the concatenation-sized merges). Cells: mean ± std over seeds "
+        "(n runs)."
+    ),
     "continual": (
         "average: mean primary metric x 100 over the tasks after the last stage; BWT: backward transfer "
         "(final score on each earlier task minus its score after its own stage; negative = forgetting); "
@@ -87,8 +97,38 @@ NOTES = {
 }
 
 
+def build_compose_rows(records: list[dict], group_by: tuple[str, ...] = ()) -> tuple[Table, str]:
+    """(the table, its footnote) of compose records: one row per (method variant, model, tasks,
+    combination), the combinations in the records' order."""
+    labels = variant_labels(records, group_by)
+    tasks: list[str] = []
+    for r in records:
+        tasks += [t for t in r["protocol_report"]["tasks"] if t not in tasks]
+    columns = [*tasks, "average", "stored"]
+    values: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in sorted(records, key=lambda r: (r["method"]["label"], r["model"]["name"])):
+        report = r["protocol_report"]
+        for name, row in report["rows"].items():
+            key = (labels[_variant(r, group_by)], r["model"]["name"], r["dataset"]["name"], name)
+            for task, scores in row["scores"].items():
+                values[key][task].append(float(scores[report["primary_metrics"][task]]))
+            if row.get("average") is not None:
+                values[key]["average"].append(float(row["average"]))
+            if row.get("stored_params") is not None:
+                values[key]["stored"].append(float(row["stored_params"]))
+    header = ["method", "model", "tasks", "combination", *columns]
+    rows, numbers = [], []
+    for key, cells in values.items():
+        scale = {c: SCALE for c in [*tasks, "average"]} | {"stored": 1.0}
+        rows.append([*key, *(fmt_stats(cells.get(c, []), scale[c]) for c in columns)])
+        numbers.append({**dict(zip(header, key)), **{c: stats(cells.get(c, []), scale[c]) for c in columns}})
+    return Table(header, rows, set(), [], numbers), NOTES["compose"]
+
+
 def build_protocol_rows(records: list[dict], protocol: str, group_by: tuple[str, ...] = ()) -> tuple[Table, str]:
     """(the table, its footnote) of one protocol's completed records."""
+    if protocol == "compose":
+        return build_compose_rows(records, group_by)
     columns = FEDERATED if protocol == "federated" else _continual_columns(records)
     labels = variant_labels(records, group_by)
     values: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))

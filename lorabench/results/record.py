@@ -126,8 +126,8 @@ def run_id(config: dict) -> str:
     label = str(config["method"].get("label", "method"))
     protocol = (config.get("protocol") or {}).get("name", "single")
     data = config["dataset"]["name"]
-    if protocol == "continual":
-        data = "+".join(config["protocol"]["continual"]["tasks"])
+    if protocol in ("continual", "compose"):  # the protocols over a list of tasks
+        data = "+".join(config["protocol"][protocol]["tasks"])
     if protocol != "single":
         label = f"{label}-{protocol}"
     return f"{label}-{data}-{config['model']['name']}-s{config['seed']}-{config_hash(config)[:10]}"

@@ -8,19 +8,18 @@ from lorabench.config import RunConfig
 from lorabench.errors import ConfigError
 
 
-def check_continual(cfg: RunConfig, method=None) -> list[str]:
-    """Every task is a dataset option, named once; ``data_dirs`` names only tasks; the run's own
-    dataset is the first task; all tasks share one head kind and label count; the strategy exists
-    and gets what it needs (``method``: the checked method, checked here when not given). Returns
-    the tasks' heads."""
+def check_task_list(cfg: RunConfig) -> list:
+    """The checks every protocol over a task list makes (``protocol.continual`` and ``protocol.compose``):
+    every task is a dataset option, named once; ``data_dirs`` names only tasks; the run's own dataset
+    is the first task; all tasks share one head kind and label count; one process for classification
+    tasks; each task's primary metric is one of its metrics. Returns the tasks' dataset classes."""
     from lorabench.data.base import resolve_primary
-    from lorabench.method_params.check import check_method
-    from lorabench.protocols.continual.strategies import STRATEGIES
-    from lorabench.protocols.continual.tasks import task_config
+    from lorabench.protocols.continual.tasks import task_config, task_settings
     from lorabench.registry import DATASETS
 
-    settings = cfg.protocol.continual
-    where = "protocol.continual"
+    protocol = cfg.protocol.name
+    settings = task_settings(cfg)
+    where = f"protocol.{protocol}"
     tasks = [DATASETS.get(name, where=f"{where}.tasks entry") for name in settings.tasks]
     repeated = sorted({t for t in settings.tasks if settings.tasks.count(t) > 1})
     if repeated:
@@ -36,7 +35,7 @@ def check_continual(cfg: RunConfig, method=None) -> list[str]:
     first = settings.tasks[0]
     if cfg.dataset.name != first:
         raise ConfigError(
-            f"protocol=continual: dataset={cfg.dataset.name!r} must be the first task of {where}.tasks "
+            f"protocol={protocol}: dataset={cfg.dataset.name!r} must be the first task of {where}.tasks "
             f"({first!r}): the run's dataset gives the model its head and every task its sizes "
             f"(dataset.max_length, train_size, ...); set dataset={first}"
         )
@@ -54,12 +53,24 @@ def check_continual(cfg: RunConfig, method=None) -> list[str]:
         )
     if tasks[0].head == "classification" and cfg.hardware.num_processes > 1:
         raise ConfigError(
-            f"protocol=continual with classification tasks trains one head per task, and DDP needs every trained "
+            f"protocol={protocol} with classification tasks trains one head per task, and DDP needs every trained "
             f"tensor to get a gradient at every step (the other tasks' heads get none); use hardware.num_processes=1 "
             f"(got {cfg.hardware.num_processes}; generation tasks run on several processes)"
         )
     for name, task in zip(settings.tasks, tasks):  # a task's primary metric must be one of its metrics
         resolve_primary(task, task_config(cfg, name))
+    return tasks
+
+
+def check_continual(cfg: RunConfig, method=None) -> list[str]:
+    """:func:`check_task_list`, then: the strategy exists and gets what it needs (``method``: the
+    checked method, checked here when not given). Returns the tasks' heads."""
+    from lorabench.method_params.check import check_method
+    from lorabench.protocols.continual.strategies import STRATEGIES
+
+    settings = cfg.protocol.continual
+    where = "protocol.continual"
+    tasks = check_task_list(cfg)
     strategy = STRATEGIES.get(settings.strategy, where=f"{where}.strategy")
     if strategy.replays and (settings.replay_size == 0 or settings.replay_ratio == 0):
         raise ConfigError(

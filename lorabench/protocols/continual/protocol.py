@@ -57,7 +57,7 @@ from lorabench.protocols.continual.batches import StageBatches, derived_seed, re
 from lorabench.protocols.continual.heads import install_task_heads
 from lorabench.protocols.continual.state import load_weights, newest_stage, save_stage
 from lorabench.protocols.continual.strategies import STRATEGIES
-from lorabench.protocols.continual.tasks import task_config
+from lorabench.protocols.continual.tasks import task_config, task_settings
 from lorabench.registry import DATASETS
 from lorabench.results.record import now
 from lorabench.train import (
@@ -147,7 +147,7 @@ class ContinualRun:
 
     @property
     def settings(self):
-        return self.run_cfg.protocol.continual
+        return task_settings(self.run_cfg)
 
     def stage_bounds(self, t: Task) -> tuple[int, int]:
         """The steps stage ``t`` starts and ends at."""
@@ -177,10 +177,10 @@ def train_continual(session) -> None:
 
 # -- the run's pieces -------------------------------------------------------------------------------
 def load_tasks(cfg) -> list[Task]:
-    """The sequence's tasks (``protocol.continual.tasks``), each with its config and primary metric."""
-    tasks = []
-    for index, name in enumerate(cfg.protocol.continual.tasks):
-        task, task_cfg = DATASETS.get(name, where="protocol.continual.tasks entry"), task_config(cfg, name)
+    """The run's tasks (``protocol.continual.tasks``, or compose's), each with its config and primary metric."""
+    tasks, where = [], f"protocol.{cfg.protocol.name}.tasks entry"
+    for index, name in enumerate(task_settings(cfg).tasks):
+        task, task_cfg = DATASETS.get(name, where=where), task_config(cfg, name)
         tasks.append(Task(index, name, task, task_cfg, resolve_primary(task, task_cfg)))
     return tasks
 
@@ -189,7 +189,7 @@ def build_continual_run(session, tasks: list[Task], strategy) -> ContinualRun:
     """Every task's data, then the first task's model and method (build_run_parts), every task's
     features, the task heads, the prepared run with the strategy's procedure and setup."""
     cfg, accelerator, record, state = session.cfg, session.accelerator, session.record, session.state
-    total = cfg.protocol.continual.steps_per_task * len(tasks)
+    total = task_settings(cfg).steps_per_task * len(tasks)
     run_cfg = dataclasses.replace(cfg, dataset=tasks[0].cfg, train=dataclasses.replace(cfg.train, max_steps=total))
     record["metrics"].update(primary="average_accuracy", higher_is_better=True, report="last")
     record["progress"]["max_steps"] = total
@@ -260,7 +260,7 @@ def stage_batches(cr: ContinualRun, t: Task, seed: int, pool: list) -> StageBatc
         seed=seed,
         device=accelerator.device,
         replay=pool,
-        ratio=cr.settings.replay_ratio,
+        ratio=getattr(cr.settings, "replay_ratio", 0.0),  # compose's settings have no replay
         rank=accelerator.process_index,
         world=accelerator.num_processes,
         on_batch=Router(cr.selector, cr.strategy),
