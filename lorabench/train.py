@@ -196,6 +196,7 @@ def _open_record(
     """This segment's record, written as ``running`` (with a previous unfinished record carried over
     when resuming), its heartbeat started. Only the main process writes."""
     record = _new_record(cfg, cfg_dict, spec, command, task, accelerator)
+    warn_emulated_bf16(cfg, accelerator)
     recorder = Recorder(record_path, record, accelerator.is_main_process)
     open_segment(recorder.record, previous, resume=cfg.resume == "auto")
     recorder.write()
@@ -234,6 +235,7 @@ def _new_record(cfg: RunConfig, cfg_dict: dict, spec: MethodSpec, command: str, 
             "gradient_accumulation": cfg.gradient_accumulation(),
             "global_batch_size": cfg.train.global_batch_size,
             "torch_threads": torch.get_num_threads(),
+            "cpu_bf16": cpu_bf16_instructions() if accelerator.device.type == "cpu" else None,
         },
         "provenance": provenance(),
         "owner": this_owner(),
@@ -968,6 +970,41 @@ def _first_nonfinite_grad(model) -> str | None:
         if p.grad is not None and not torch.isfinite(p.grad).all():
             return name
     return None
+
+
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 (AVX-512 BF16, AMX) and aarch64 ("bf16" feature)
+
+
+def cpu_bf16_instructions(cpuinfo: str | None = None) -> bool | None:
+    """Whether the CPU has bf16 arithmetic instructions (a flag of ``CPU_BF16_FLAGS`` in
+    /proc/cpuinfo); None where that cannot be read. Without them bf16 autocast on the CPU is emulated:
+    measured on an AMD EPYC without AVX-512, a SmolLM2-135M Track B run trained at 3 tokens/s under
+    bf16 autocast against 300 tokens/s in fp32 on a CPU that has them."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.split(":", 1)[0].strip() in ("flags", "Features"):
+            flags.update(line.split(":", 1)[1].split())
+    return bool(flags & set(CPU_BF16_FLAGS)) if flags else None
+
+
+def warn_emulated_bf16(cfg: RunConfig, accelerator: Accelerator) -> None:
+    """One line before training when bf16 autocast will run on a CPU without bf16 instructions."""
+    if (
+        cfg.hardware.mixed_precision == "bf16"
+        and accelerator.device.type == "cpu"
+        and accelerator.is_main_process
+        and cpu_bf16_instructions() is False
+    ):
+        print(
+            "[lorabench] warning: hardware.mixed_precision=bf16 on a CPU without bf16 instructions "
+            f"({'/'.join(CPU_BF16_FLAGS)} absent from /proc/cpuinfo): autocast is emulated and can be ~100x slower "
+            "than fp32; hardware.mixed_precision=no trains in fp32"
+        )
 
 
 def _device_name(accelerator: Accelerator) -> str:

@@ -11,7 +11,7 @@ Schema (version 1), snake_case keys:
   peak_memory {cpu_peak_rss_bytes, cuda_allocated_bytes, cuda_reserved_bytes}, trainable_params,
   total_params, optimizer_state_bytes, adapter_file_bytes}, method_report {...},
   hardware {device, num_processes, mixed_precision, micro_batch_size, gradient_accumulation,
-  global_batch_size, torch_threads}, provenance {versions, git_commit, git_dirty, python, platform}.
+  global_batch_size, torch_threads, cpu_bf16}, provenance {versions, git_commit, git_dirty, python, platform}.
 Added within version 1 (readers treat them as optional; records without them stay valid):
   owner {pid, host, boot_id, pid_started, started_at, heartbeat_at} (the process that writes the
   record; heartbeat_at is refreshed at every write and every ~30 s), progress {step, max_steps},
