@@ -150,8 +150,8 @@ def test_every_readme_train_example_is_valid_as_written(example, sst2_dir):
 
 # the Optuna sweeper example runs its trials in tests/test_tuning.py (two trials, not the example's 30);
 # the protocol examples run with the same options at tiny scale in tests/test_federated.py (2 clients x 2
-# rounds) and tests/test_continual.py (their CLI runs), which have the task fixtures they need
-RUN_ELSEWHERE = ("hydra/sweeper=lr_optuna", "protocol=federated", "protocol=continual")
+# rounds), tests/test_continual.py and tests/test_compose.py (their CLI runs), which have the task fixtures they need
+RUN_ELSEWHERE = ("hydra/sweeper=lr_optuna", "protocol=federated", "protocol=continual", "protocol=compose")
 CPU_EXAMPLES = [
     c
     for c in TRAIN_EXAMPLES
