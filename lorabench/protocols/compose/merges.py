@@ -104,11 +104,15 @@ def dare_ties(inp: MergeInput):
     )
 
 
+def lego_rank(settings, factors: list[tuple[Any, Any]]) -> int:
+    """LoRA-LEGO's merged rank: ``lego_rank``, else the experts' rank."""
+    return settings.lego_rank or factors[0][1].shape[0]
+
+
 def lego(inp: MergeInput):
     from lorabench.protocols.compose.lego import lego_merge
 
-    rank = inp.settings.lego_rank or inp.factors[0][1].shape[0]
-    b, a = lego_merge(inp.factors, rank, seed=inp.seed)
+    b, a = lego_merge(inp.factors, lego_rank(inp.settings, inp.factors), seed=inp.seed)
     return b @ a
 
 
@@ -127,5 +131,5 @@ def stored_params(merge: Merge, merged, factors: list[tuple[Any, Any]], settings
     if merge.storage == "concatenated":
         return sum(b.shape[1] for b, _ in factors) * (d_in + d_out)
     if merge.storage == "factored":
-        return (settings.lego_rank or factors[0][1].shape[0]) * (d_in + d_out)
+        return lego_rank(settings, factors) * (d_in + d_out)
     return int((merged != 0).sum())
