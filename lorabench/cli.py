@@ -104,7 +104,7 @@ def table_command(argv: list[str]) -> int:
     parser.add_argument(
         "--protocol",
         default="single",
-        choices=("single", "federated", "continual", "compose"),
+        choices=("single", "federated", "continual", "compose", "compressed"),
         help="which protocol's runs: each has its own columns (default: single runs)",
     )
     args = parser.parse_args(argv)

@@ -8,6 +8,7 @@ that span several groups. Nothing downstream sees a Hydra ``DictConfig``.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
@@ -335,18 +336,54 @@ class ComposeConfig:
 
 
 @dataclass
+class CompressedConfig:
+    """``protocol=compressed``: the base model's linear layers compressed in place (quantized or
+    pruned), the run's LoRA started from the compression error, then trained as a single run
+    (lorabench/protocols/compressed; ``train.max_steps=0``: training-free compensation)."""
+
+    compressor: str = "hqq"  # hqq (quantization) | magnitude (unstructured pruning) | semi_structured (N:M)
+    bits: int = 4  # hqq: bits per weight
+    group_size: int = 64  # hqq: weights sharing one scale and zero point (along the input dimension)
+    sparsity: float = 0.5  # magnitude: share of each matrix's weights set to zero
+    n_of_m: list[int] = field(default_factory=lambda: [2, 4])  # semi_structured: keep N of every M inputs
+    compensation: str = "none"  # none (QLoRA-style: B = 0) | svd | eora (from calibration inputs)
+    modules: str = r"(^|\.)(layer|layers|h|blocks)\.\d+\."  # re.search on nn.Linear names: inside the blocks
+
+    COMPRESSORS = ("hqq", "magnitude", "semi_structured")  # = the registries' names (a test checks)
+    COMPENSATIONS = ("none", "svd", "eora")
+    HQQ_BITS = (1, 2, 3, 4, 8)  # what hqq's BaseQuantizeConfig packs
+
+    def __post_init__(self) -> None:
+        where = "protocol.compressed"
+        check_choice(f"{where}.compressor", self.compressor, self.COMPRESSORS)
+        check_choice(f"{where}.compensation", self.compensation, self.COMPENSATIONS)
+        check_choice(f"{where}.bits", self.bits, self.HQQ_BITS)
+        check_positive(f"{where}.group_size", self.group_size)
+        if not 0 < self.sparsity < 1:  # nan fails too
+            raise ConfigError(f"{where}.sparsity={self.sparsity!r} is invalid; it must be in (0, 1)")
+        n_m = list(self.n_of_m)
+        if len(n_m) != 2 or not all(isinstance(v, int) for v in n_m) or not 0 < n_m[0] < n_m[1]:
+            raise ConfigError(f"{where}.n_of_m={n_m!r} is invalid; it must be [N, M] with 0 < N < M (e.g. [2, 4])")
+        try:
+            re.compile(self.modules)
+        except re.error as exc:
+            raise ConfigError(f"{where}.modules={self.modules!r} is not a regular expression: {exc}") from None
+
+
+@dataclass
 class ProtocolConfig:
     """How the run's training is organised: one run (``single``), clients and rounds
-    (``federated``), a task sequence (``continual``) or one expert per task combined (``compose``).
-    Only the chosen protocol's settings enter the run id, and ``single`` none at all
-    (lorabench.results.record.config_hash)."""
+    (``federated``), a task sequence (``continual``), one expert per task combined (``compose``) or
+    one run on a compressed base (``compressed``). Only the chosen protocol's settings enter the run
+    id, and ``single`` none at all (lorabench.results.record.config_hash)."""
 
     name: str = "single"
     federated: FederatedConfig = field(default_factory=FederatedConfig)
     continual: ContinualConfig = field(default_factory=ContinualConfig)
     compose: ComposeConfig = field(default_factory=ComposeConfig)
+    compressed: CompressedConfig = field(default_factory=CompressedConfig)
 
-    NAMES = ("single", "federated", "continual", "compose")
+    NAMES = ("single", "federated", "continual", "compose", "compressed")
 
     def __post_init__(self) -> None:
         check_choice("protocol", self.name, self.NAMES)

@@ -114,6 +114,13 @@ def _kind(record: dict, run_dir: Path) -> str:
             f"run {rid} (method {label!r}) is {status} at step {step}, not completed: its final weights were "
             "never written; finish it (the same `lorabench train` command with resume=auto) and export then"
         )
+    protocol = (record["config"].get("protocol") or {}).get("name", "single")
+    if protocol == "compressed":
+        raise ExportError(
+            f"run {rid} (method {label!r}) trained its adapter on a compressed base (protocol=compressed): "
+            "merged into the float base it would not compute what was evaluated; its peft adapter folder "
+            "(if saved) loads onto the same compressed base"
+        )
     if record["method"].get("adapter", "none") == "none":
         if not (run_dir / MODEL_DIR / "config.json").is_file():
             raise ExportError(

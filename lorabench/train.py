@@ -851,6 +851,14 @@ def train_single(session: Session) -> None:
     cfg, state, stop = session.cfg, session.state, session.stop
     parts = build_run_parts(cfg, session.spec, session.task, session.accelerator, session.record)
     run = prepare_run(parts, session.accelerator, session.recorder, session.tracker, stop, state.timers)
+    train_prepared(session, run)
+
+
+def train_prepared(session: Session, run: Run) -> None:
+    """A prepared run (method applied) resumed, trained to ``train.max_steps`` with evaluations and
+    checkpoints on schedule, evaluated at the end and its record finished: the single-run loop,
+    which protocols that only change how the model is built reuse (lorabench.protocols.compressed)."""
+    cfg, state, stop, parts = session.cfg, session.state, session.stop, run.parts
     resume(run, state)
 
     run.model.train()

@@ -3,7 +3,8 @@
 ``single`` is one model on one dataset (lorabench.train.train_single); ``federated`` trains over
 simulated clients on Flower (lorabench.protocols.federated); ``continual`` trains a task sequence
 and measures forgetting (lorabench.protocols.continual); ``compose`` trains one expert per task and
-merges them (lorabench.protocols.compose). Each is a *body* that
+merges them (lorabench.protocols.compose); ``compressed`` trains on a quantized or pruned base
+(lorabench.protocols.compressed). Each is a *body* that
 lorabench.train.run_with_record runs inside the run's record, built from the loop's pieces
 (build_run_parts, prepare_run, train_steps, evaluate, finish_record).
 """
@@ -41,10 +42,17 @@ def _compose(session) -> None:
     train_compose(session)
 
 
+def _compressed(session) -> None:
+    from lorabench.protocols.compressed.protocol import train_compressed
+
+    train_compressed(session)
+
+
 PROTOCOLS.register("single")(_single)
 PROTOCOLS.register("federated")(_federated)
 PROTOCOLS.register("continual")(_continual)
 PROTOCOLS.register("compose")(_compose)
+PROTOCOLS.register("compressed")(_compressed)
 
 
 def body_for(name: str) -> Callable:

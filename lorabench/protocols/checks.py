@@ -48,7 +48,19 @@ def check_compose(cfg, method) -> None:
     check(cfg, method)
 
 
-CHECKS = {"federated": check_federated, "continual": check_continual, "compose": check_compose}
+def check_compressed(cfg, method) -> None:
+    """lorabench.protocols.compressed.check.check_compressed (a peft LoRA method, the hqq package)."""
+    from lorabench.protocols.compressed.check import check_compressed as check
+
+    check(cfg, method)
+
+
+CHECKS = {
+    "federated": check_federated,
+    "continual": check_continual,
+    "compose": check_compose,
+    "compressed": check_compressed,
+}
 
 
 def check_no_regularizer(cfg, method) -> None:

@@ -1,4 +1,4 @@
-"""Tables of the federated, continual and compose protocols (``lorabench table --protocol NAME``).
+"""Tables of the federated, continual, compose and compressed protocols (``lorabench table --protocol NAME``).
 
 One row per method variant and model (labels as in the single-run table: ``ffa_lora
 aggregation=fedsvd``, ``lora dp_target_epsilon=8.0``), each cell the mean ± std over seeds (n):
@@ -11,7 +11,10 @@ aggregation=fedsvd``, ``lora dp_target_epsilon=8.0``), each cell the mean ± std
   and the final score on each task;
 * compose: one row per combination (each task's own ``expert``, the ``base`` with the task heads
   only, every merge) and method variant, its score on each task, their average and the merged
-  update's stored entries (:func:`build_compose_rows`).
+  update's stored entries (:func:`build_compose_rows`);
+* compressed: the compressor and compensation, stored bits per compressed weight, the model's
+  output error against the uncompressed model before and after the compensation, and the final
+  primary metric (after fine-tuning, or training-free at ``train.max_steps=0``).
 """
 
 from __future__ import annotations
@@ -88,12 +91,36 @@ NOTES = {
         "takes (all layers; K x one expert's for the concatenation-sized merges). Cells: mean ± std over seeds "
         "(n runs)."
     ),
+    "compressed": (
+        "bits/weight: stored bits per weight of the compressed layers (codes, scales, zeros, masks); output "
+        "error: relative Frobenius error of the last hidden states against the uncompressed model on the "
+        "calibration batches, compressed and then with the compensation in the LoRA; final: the primary metric "
+        "x 100 after training (training-free at train.max_steps=0). Cells: mean ± std over seeds (n runs)."
+    ),
     "continual": (
         "average: mean primary metric x 100 over the tasks after the last stage; BWT: backward transfer "
         "(final score on each earlier task minus its score after its own stage; negative = forgetting); "
         "forgetting: best earlier score minus final score, averaged over the earlier tasks; <task> final: the "
         "score on that task after the last stage. Cells: mean ± std over seeds (n runs)."
     ),
+}
+
+
+def _report(key: str, *path: str) -> Callable[[dict], float | None]:
+    def value(record: dict) -> float | None:
+        got = record["protocol_report"].get(key)
+        for part in path:
+            got = None if got is None else got.get(part)
+        return got
+
+    return value
+
+
+COMPRESSED: dict[str, tuple[Callable[[dict], float | None], float, bool | None]] = {
+    "bits/weight": (_report("bits_per_weight"), 1.0, False),
+    "output error": (_report("output_error", "compressed"), 1.0, None),
+    "compensated error": (_report("output_error", "compensated"), 1.0, False),
+    "final": (_final, SCALE, True),
 }
 
 
@@ -129,7 +156,7 @@ def build_protocol_rows(records: list[dict], protocol: str, group_by: tuple[str,
     """(the table, its footnote) of one protocol's completed records."""
     if protocol == "compose":
         return build_compose_rows(records, group_by)
-    columns = FEDERATED if protocol == "federated" else _continual_columns(records)
+    columns = {"federated": FEDERATED, "compressed": COMPRESSED}.get(protocol) or _continual_columns(records)
     labels = variant_labels(records, group_by)
     values: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in sorted(records, key=lambda r: (r["method"]["label"], r["model"]["name"])):

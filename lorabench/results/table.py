@@ -113,7 +113,13 @@ def _flatten(config: dict, prefix: str = "") -> dict[str, object]:
 def _short(key: str) -> str:
     """method keys are what a variant usually changes (rank=16); a protocol's own keys likewise
     (aggregation=fedsvd, strategy=ilora)."""
-    for prefix in ("method.", "protocol.federated.", "protocol.continual.", "protocol.compose."):
+    for prefix in (
+        "method.",
+        "protocol.federated.",
+        "protocol.continual.",
+        "protocol.compose.",
+        "protocol.compressed.",
+    ):
         key = key.removeprefix(prefix)
     return key
 

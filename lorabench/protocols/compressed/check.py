@@ -1,0 +1,34 @@
+"""Checks of ``protocol=compressed`` that span config groups, torch-free: lorabench.protocols.checks
+calls :func:`check_compressed` from validation, before anything heavy loads."""
+
+from __future__ import annotations
+
+import importlib.util
+
+from lorabench.errors import ConfigError
+
+
+def check_compressed(cfg, method) -> None:
+    """The method is peft's LoRA (its layers are what peft wraps around an HQQ or pruned layer and
+    what the compensation writes) without DoRA, with peft's own initialisation (an init that reads
+    or rewrites the base weights, such as PiSSA's SVD or LoftQ's quantization, would act on the
+    compressed ones); the HQQ package is installed when the compressor needs it."""
+    adapter, params = method.names["adapter"], method.params.get("adapter")
+    if adapter != "lora" or getattr(params, "use_dora", False):
+        kind = "DoRA (use_dora=true)" if adapter == "lora" else f"adapter {adapter!r}"
+        raise ConfigError(
+            f"protocol=compressed trains a peft LoRA on the compressed layers; method {method.label!r} has "
+            f"{kind}; use a LoRA method (e.g. method=lora, rslora)"
+        )
+    init = method.names.get("init", "none")
+    if init != "none":
+        raise ConfigError(
+            f"protocol=compressed starts the LoRA from protocol.compressed.compensation; method "
+            f"{method.label!r} has init {init!r}, which reads or rewrites the base weights; use a method "
+            f"without an init (e.g. method=lora) and choose the compensation (none, svd, eora)"
+        )
+    if cfg.protocol.compressed.compressor == "hqq" and importlib.util.find_spec("hqq") is None:
+        raise ConfigError(
+            "protocol.compressed.compressor=hqq needs the hqq package (pip install hqq); "
+            "or use compressor=magnitude or semi_structured"
+        )

@@ -1,0 +1,228 @@
+"""The compressed-base protocol's run body: the base model's linear layers compressed in place, the
+run's LoRA started from the compression error, then the single-run loop.
+
+Steps (each rule with its reason):
+
+1. the run's parts are built as for a single run (lorabench.train.build_run_parts);
+2. the layers to compress are every ``nn.Linear`` whose name matches ``protocol.compressed.modules``
+   (default: those inside the numbered transformer blocks; the task head, embeddings and pooler
+   stay in float, as QLoRA keeps them);
+3. on the first ``train.init_batches`` training batches (the calibration batches every
+   data-driven initialiser sees), the uncompressed model's last hidden states are kept as the
+   reference, and the compensation's input moments gathered (EoRA) for the layers that will be
+   compensated: those compressed and targeted by the LoRA;
+4. each layer is compressed (lorabench.compression.compressors), its relative error
+   ‖W - W_c‖_F / ‖W‖_F recorded, and its compensation factors B A ≈ W - W_c computed at the LoRA's
+   rank; the uncompressed weight is dropped right after, so that the model is never held twice;
+5. the method is applied (peft wraps an HQQ layer as ``HqqLoraLinear``); every compensated LoRA
+   layer gets B/√s and A/√s (s its scaling), so that s B A is the compensation; the model's output
+   error against the reference is measured before and after: the quality the compensation buys;
+6. training as in a single run (``train.max_steps=0``: the training-free result), evaluation, record.
+
+Resume rebuilds steps 1–5 (compression and compensation are deterministic) and then loads the
+checkpoint's adapter, as a single run does.
+
+The record's ``protocol_report``: {name, version, compressor, compensation, settings, layers
+{compressed, compensated}, dense_bytes, compressed_bytes, bits_per_weight (stored bits per weight
+entry), weight_error {mean, max}, output_error {compressed, compensated}, compress_time_s,
+compensation_time_s, per_layer {name: {params, dense_bytes, stored_bytes, weight_error, compensated}}}.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+
+import torch
+from torch import nn
+
+from lorabench.compression import COMPENSATIONS, COMPRESSORS
+from lorabench.compression.compensation import InputMoments
+from lorabench.train import build_run_parts, prepare_run, train_prepared
+
+PROTOCOL_VERSION = "1"  # bump when the compression, compensation or report rules change
+ADAPTER = "default"  # the peft adapter the run's method builds
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def train_compressed(session) -> None:
+    """The compressed-base protocol (see the module docstring), inside lorabench.train.run_with_record."""
+    cfg, settings = session.cfg, session.cfg.protocol.compressed
+    parts = build_run_parts(cfg, session.spec, session.task, session.accelerator, session.record)
+    layers = compressed_layers(parts.model, settings.modules)
+    compensated = [name for name in layers if targeted(name, parts.targets)]
+    compensation = COMPENSATIONS.get(settings.compensation, where="protocol.compressed.compensation")
+    if compensation.fn is None:
+        compensated = []
+    batches = [model_inputs(b) for b in parts.ctx.calibration_batches()]
+    reference = last_hidden_states(parts.model, batches)
+    moments = (
+        input_moments(parts.model, {n: layers[n] for n in compensated}, batches) if compensation.needs_inputs else {}
+    )
+    rank = session.spec.params["adapter"].rank
+    t0 = time.perf_counter()
+    per_layer, factors, compensation_s = compress_layers(
+        parts.model, layers, settings, compensated, compensation, moments, rank
+    )
+    compress_s = time.perf_counter() - t0 - compensation_s
+    error_compressed = output_error(parts.model, batches, reference)
+    run = prepare_run(parts, session.accelerator, session.recorder, session.tracker, session.stop, session.state.timers)
+    load_compensation(run.model, factors)
+    error_compensated = output_error(run.model, batches, reference) if factors else error_compressed
+    run.record["protocol_report"] = protocol_report(
+        settings, per_layer, error_compressed, error_compensated, compress_s, compensation_s
+    )
+    if session.accelerator.is_main_process:
+        r = run.record["protocol_report"]
+        print(
+            f"[lorabench] compressed {r['layers']['compressed']} layers by {settings.compressor}: "
+            f"{r['bits_per_weight']:.2f} bits/weight, output error {error_compressed:.4f}; "
+            f"{settings.compensation} compensation of {r['layers']['compensated']} layers: {error_compensated:.4f}"
+        )
+    run.recorder.write()
+    train_prepared(session, run)
+
+
+# -- which layers -------------------------------------------------------------------------------
+def compressed_layers(model: nn.Module, pattern: str) -> dict[str, nn.Linear]:
+    """The model's ``nn.Linear`` layers whose module name matches ``pattern`` (re.search)."""
+    regex = re.compile(pattern)
+    layers = {name: m for name, m in model.named_modules() if type(m) is nn.Linear and regex.search(name)}
+    if not layers:
+        raise RuntimeError(f"protocol.compressed.modules={pattern!r} matches no nn.Linear layer of the model")
+    return layers
+
+
+def targeted(name: str, targets: list[str]) -> bool:
+    """Whether peft's LoRA wraps module ``name`` for target list ``targets`` (peft's rule for a list:
+    the name is a target or ends with '.' + a target)."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+# -- calibration --------------------------------------------------------------------------------
+def model_inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+
+
+@torch.no_grad()
+def last_hidden_states(model: nn.Module, batches: list[dict]) -> list[torch.Tensor]:
+    """The model's last hidden state on each batch (padding positions kept; :func:`output_error` masks them)."""
+    was_training = model.training
+    model.eval()
+    out = [model(**b, output_hidden_states=True).hidden_states[-1].float() for b in batches]
+    model.train(was_training)
+    return out
+
+
+def output_error(model: nn.Module, batches: list[dict], reference: list[torch.Tensor]) -> float:
+    """‖H - H_ref‖_F / ‖H_ref‖_F over the non-padding positions of every calibration batch, H the
+    model's last hidden states now and H_ref the uncompressed model's."""
+    hidden = last_hidden_states(model, batches)
+    num = den = 0.0
+    for h, ref, b in zip(hidden, reference, batches):
+        keep = b["attention_mask"].bool() if "attention_mask" in b else torch.ones(h.shape[:2], dtype=torch.bool)
+        num += float((h - ref)[keep].pow(2).sum())
+        den += float(ref[keep].pow(2).sum())
+    return math.sqrt(num / den) if den else float("nan")
+
+
+@torch.no_grad()
+def input_moments(model: nn.Module, layers: dict[str, nn.Module], batches: list[dict]) -> dict[str, torch.Tensor]:
+    """Each layer's calibration input second moments (lorabench.compression.compensation.InputMoments)."""
+    sequences = sum(b["input_ids"].shape[0] for b in batches)
+    hooks = InputMoments(layers, sequences)
+    was_training = model.training
+    model.eval()
+    try:
+        for b in batches:
+            hooks.mask = b.get("attention_mask")
+            model(**b)
+    finally:
+        hooks.remove()
+        model.train(was_training)
+    return hooks.moments
+
+
+# -- compression and compensation ---------------------------------------------------------------
+@torch.no_grad()
+def compress_layers(model, layers, settings, compensated, compensation, moments, rank):
+    """Compress every layer in place; returns (per-layer stats, compensation factors by layer name,
+    seconds spent computing the compensation)."""
+    compress = COMPRESSORS.get(settings.compressor, where="protocol.compressed.compressor")
+    per_layer, factors, compensation_s = {}, {}, 0.0
+    for name, linear in layers.items():
+        original = linear.weight.detach().clone()
+        result = compress(linear, settings)
+        if result.module is not linear:
+            set_module(model, name, result.module)
+        delta = original.float() - result.weight.float()
+        per_layer[name] = {
+            "params": original.numel(),
+            "dense_bytes": original.numel() * original.element_size(),
+            "stored_bytes": result.stored_bytes,
+            "weight_error": float(delta.norm() / original.float().norm()),
+            "compensated": name in compensated,
+        }
+        if name in compensated:
+            t0 = time.perf_counter()
+            factors[name] = compensation.fn(delta, moments.pop(name, None), min(rank, *delta.shape))
+            compensation_s += time.perf_counter() - t0
+        del original, delta
+    return per_layer, factors, compensation_s
+
+
+@torch.no_grad()
+def load_compensation(model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Each compensated layer's LoRA set to B/√s, A/√s (s its scaling), so that s B A = B_c A_c."""
+    if not factors:
+        return
+    from peft.tuners.lora import LoraLayer
+
+    found = 0
+    for name, m in model.named_modules():
+        key = next((k for k in factors if name == k or name.endswith("." + k)), None)
+        if key is None or not isinstance(m, LoraLayer) or ADAPTER not in m.lora_A:
+            continue
+        b, a = factors[key]
+        root = math.sqrt(float(m.scaling[ADAPTER]))
+        lora_b, lora_a = m.lora_B[ADAPTER].weight, m.lora_A[ADAPTER].weight
+        lora_b.zero_()[:, : b.shape[1]] = (b / root).to(lora_b.dtype)
+        lora_a.zero_()[: a.shape[0]] = (a / root).to(lora_a.dtype)
+        found += 1
+    if found != len(factors):
+        raise RuntimeError(f"protocol=compressed: {found} of the {len(factors)} compensated layers have a LoRA layer")
+
+
+def protocol_report(settings, per_layer, error_compressed, error_compensated, compress_s, compensation_s) -> dict:
+    dense = sum(v["dense_bytes"] for v in per_layer.values())
+    stored = sum(v["stored_bytes"] for v in per_layer.values())
+    params = sum(v["params"] for v in per_layer.values())
+    errors = [v["weight_error"] for v in per_layer.values()]
+    return {
+        "name": "compressed",
+        "version": PROTOCOL_VERSION,
+        "compressor": settings.compressor,
+        "compensation": settings.compensation,
+        "settings": settings_of(settings),
+        "layers": {"compressed": len(per_layer), "compensated": sum(v["compensated"] for v in per_layer.values())},
+        "dense_bytes": dense,
+        "compressed_bytes": stored,
+        "bits_per_weight": 8 * stored / params,
+        "weight_error": {"mean": sum(errors) / len(errors), "max": max(errors)},
+        "output_error": {"compressed": error_compressed, "compensated": error_compensated},
+        "compress_time_s": compress_s,
+        "compensation_time_s": compensation_s,
+        "per_layer": per_layer,
+    }
+
+
+def settings_of(settings) -> dict:
+    """The settings the chosen compressor reads (the others do not describe the run)."""
+    used = {"hqq": ("bits", "group_size"), "magnitude": ("sparsity",), "semi_structured": ("n_of_m",)}
+    return {"modules": settings.modules, **{k: getattr(settings, k) for k in used.get(settings.compressor, ())}}
