@@ -346,11 +346,14 @@ class CompressedConfig:
     group_size: int = 64  # hqq: weights sharing one scale and zero point (along the input dimension)
     sparsity: float = 0.5  # magnitude: share of each matrix's weights set to zero
     n_of_m: list[int] = field(default_factory=lambda: [2, 4])  # semi_structured: keep N of every M inputs
-    compensation: str = "none"  # none (QLoRA-style: B = 0) | svd | eora (from calibration inputs)
+    compensation: str = "none"  # none (QLoRA-style: B = 0) | svd | eora (calibration inputs) | lq_lora
+    iterations: int = 100  # lq_lora: most alternations of SVD and compression (stops when the error rises)
+    bit_budget: Optional[float] = None  # hqq: LQ-LoRA's ILP picks each layer's bits for this mean bits/weight
+    bit_choices: list[int] = field(default_factory=lambda: [2, 3, 4, 8])  # hqq with bit_budget: the candidates
     modules: str = r"(^|\.)(layer|layers|h|blocks)\.\d+\."  # re.search on nn.Linear names: inside the blocks
 
     COMPRESSORS = ("hqq", "magnitude", "semi_structured")  # = the registries' names (a test checks)
-    COMPENSATIONS = ("none", "svd", "eora")
+    COMPENSATIONS = ("eora", "lq_lora", "none", "svd")
     HQQ_BITS = (1, 2, 3, 4, 8)  # what hqq's BaseQuantizeConfig packs
 
     def __post_init__(self) -> None:
@@ -364,6 +367,18 @@ class CompressedConfig:
         n_m = list(self.n_of_m)
         if len(n_m) != 2 or not all(isinstance(v, int) for v in n_m) or not 0 < n_m[0] < n_m[1]:
             raise ConfigError(f"{where}.n_of_m={n_m!r} is invalid; it must be [N, M] with 0 < N < M (e.g. [2, 4])")
+        check_positive(f"{where}.iterations", self.iterations)
+        if self.bit_budget is not None:
+            check_positive(f"{where}.bit_budget", self.bit_budget)
+            if self.compressor != "hqq":
+                raise ConfigError(
+                    f"{where}.bit_budget={self.bit_budget} allocates quantization bits; it needs compressor=hqq "
+                    f"(got compressor={self.compressor!r})"
+                )
+            if not self.bit_choices:
+                raise ConfigError(f"{where}.bit_choices is empty; name the candidate bit widths, e.g. [2, 3, 4, 8]")
+            for bits in self.bit_choices:
+                check_choice(f"{where}.bit_choices entry", bits, self.HQQ_BITS)
         try:
             re.compile(self.modules)
         except re.error as exc:

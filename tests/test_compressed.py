@@ -283,6 +283,9 @@ def test_compressed_cli_run_records_sizes_and_errors(glue, tmp_path, compressor,
         (["method=vera"], "method 'vera' has adapter 'vera'"),
         (["method=pissa"], "method 'pissa' has init 'pissa'"),
         (["method=qlora"], "method 'qlora' has init 'nf4'"),
+        (["protocol.compressed.bit_budget=3", "protocol.compressed.compressor=magnitude"], "needs compressor=hqq"),
+        (["protocol.compressed.bit_budget=3", "protocol.compressed.bit_choices=[2,5]"], "bit_choices entry"),
+        (["protocol.compressed.iterations=0"], "protocol.compressed.iterations"),
     ],
 )
 def test_compressed_config_errors(overrides, message):
@@ -295,3 +298,81 @@ def test_compressed_config_defaults():
     c = cfg.protocol.compressed
     assert (c.compressor, c.bits, c.group_size, c.compensation) == ("hqq", 4, 64, "none")
     assert c.modules == CompressedConfig().modules
+
+
+# -- LQ-LoRA: the alternation and the ILP against HanGuo97/lq-lora ----------------------------------
+def rounding_compressor(w: torch.Tensor):
+    from lorabench.compression.compressors import Compressed
+    from tests.parity_lq_lora_case import round_rows
+
+    return Compressed(nn.Identity(), round_rows(w), 0)
+
+
+def test_lq_decomposition_matches_the_authors_code():
+    from lorabench.compression.compensation import lq_decompose
+    from tests.parity_lq_lora_case import DECOMPOSITIONS, weights
+
+    fixture = load_fixture("lq_lora")["cases"]["decompositions"]
+    assert sorted(fixture) == sorted(DECOMPOSITIONS)
+    ran = set()
+    for name, (rank, cap) in DECOMPOSITIONS.items():
+        for w, ref in zip(weights(), fixture[name]["matrices"]):
+            result, (b, a), done, _ = lq_decompose(w, rounding_compressor, rank, cap)
+            ran.add(done)
+            ref_l = torch.tensor(ref["L1"], dtype=torch.float64) @ torch.tensor(ref["L2"], dtype=torch.float64)
+            assert relative_gap(b @ a, ref_l) < PRODUCT_TOL, name
+            assert relative_gap(result.weight, torch.tensor(ref["Q"], dtype=torch.float64)) < PRODUCT_TOL, name
+    assert min(ran) == 2 and max(ran) > 2  # the cap and the stop rule both decide somewhere
+
+
+def test_lq_comparison_can_fail():
+    """Returning the iterate before the error rose (instead of the one that raised it, as the
+    reference does) misses the reference on the matrices where the stop rule fired."""
+    from lorabench.compression.compensation import svd_factors
+    from tests.parity_lq_lora_case import round_rows, weights
+
+    fixture = load_fixture("lq_lora")["cases"]["decompositions"]["rank2_cap100"]["matrices"]
+    gaps = []
+    for w, ref in zip(weights(), fixture):
+        q, last = torch.zeros_like(w), float("inf")
+        for _ in range(100):
+            b, a = svd_factors(w - q, None, 2)
+            new_q = round_rows(w - b @ a)
+            error = float((w - b @ a - new_q).norm())
+            if error > last:
+                break
+            last, q = error, new_q
+        gaps.append(relative_gap(q, torch.tensor(ref["Q"], dtype=torch.float64)))
+    assert max(gaps) > 100 * PRODUCT_TOL
+
+
+def test_bit_allocation_matches_the_authors_ilp():
+    from lorabench.compression.allocation import solve_assignment
+    from tests.parity_lq_lora_case import ilp_case
+
+    costs, storage, budgets = ilp_case()
+    reference = load_fixture("lq_lora")["cases"]["ilp"]
+    chosen = []
+    for budget, ref in zip(budgets, reference["assignments"]):
+        x = solve_assignment(costs, storage, budget)
+        assert (x.sum(1) == 1).all() and (x * storage).sum() <= budget
+        assert x.tolist() == ref
+        chosen.append(tuple(x.argmax(1)))
+    assert len(set(chosen)) == len(budgets)  # the budgets give different allocations
+    with pytest.raises(ValueError, match="below the"):
+        solve_assignment(costs, storage, storage.min(1).sum() - 1)
+
+
+def test_lq_lora_run_with_a_bit_budget(glue, tmp_path):  # noqa: F811
+    extra = ("protocol.compressed.compensation=lq_lora", "protocol.compressed.bit_budget=3.5", "train.max_steps=0")
+    assert train(*compressed_args(glue["sst2"], tmp_path, *extra)) == 0
+    _, record = only_record(tmp_path)
+    report = record["protocol_report"]
+    alloc = report["allocation"]
+    assert alloc["bit_budget"] == 3.5 and alloc["bits_per_weight"] <= 3.5
+    assert sum(alloc["layers_by_bits"].values()) == report["layers"]["compressed"]
+    assert {v["bits"] for v in report["per_layer"].values()} <= {2, 3, 4, 8}
+    assert all(v["lq_iterations"] >= 1 for v in report["per_layer"].values())
+    errors = report["output_error"]
+    assert errors["compensated"] < errors["compressed"]
+    assert report["settings"]["iterations"] == 100 and report["settings"]["bit_choices"] == [2, 3, 4, 8]

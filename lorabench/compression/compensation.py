@@ -8,6 +8,10 @@ computes (W_c + B A) x before any training.
 * ``svd``: the truncated SVD of the error, ΔW ≈ U_r Σ_r V_rᵀ, split B = U_r Σ_r^½, A = Σ_r^½ V_rᵀ
   (the plain low-rank compensation the EoRA paper compares with; its released code's
   ``llama_sequential_svd``). It minimises ‖ΔW - B A‖_F, blind to the inputs.
+* ``lq_lora``: LQ-LoRA's low-rank plus compressed decomposition (:func:`lq_decompose`): the
+  compressed weight is fitted around the factors, W ≈ Q + B A, alternating an SVD of W - Q and a
+  compression of W - B A (the reference quantizes with its blockwise NormalFloat; here the run's
+  compressor, e.g. HQQ; the reference's randomized SVD is an exact one here).
 * ``eora``: EoRA (Liu et al. 2024, "EoRA: Training-free Compensation for Compressed LLM with
   Eigenspace Low-Rank Approximation"; NVlabs/EoRA ``llama_sequential_eigen``). From the layer's
   calibration inputs X, the second-moment matrix C = XᵀX is eigendecomposed, C = Q Λ Qᵀ; the error
@@ -37,6 +41,7 @@ from lorabench.compression import COMPENSATIONS
 class Compensation:
     fn: Callable | None  # (delta, moments or None, rank) -> (B, A); None: no compensation
     needs_inputs: bool  # whether it reads the layer's calibration input moments
+    alternating: bool = False  # the compressed weight is re-fitted around the factors (lq_decompose)
 
 
 def split_sqrt(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,6 +83,29 @@ def eora_factors(delta: torch.Tensor, moments: torch.Tensor, rank: int) -> tuple
 COMPENSATIONS.register("none")(Compensation(None, needs_inputs=False))
 COMPENSATIONS.register("svd")(Compensation(svd_factors, needs_inputs=False))
 COMPENSATIONS.register("eora")(Compensation(eora_factors, needs_inputs=True))
+COMPENSATIONS.register("lq_lora")(Compensation(svd_factors, needs_inputs=False, alternating=True))
+
+
+def lq_decompose(weight: torch.Tensor, compress: Callable, rank: int, iterations: int):
+    """LQ-LoRA's alternation (Guo et al. 2023, "LQ-LoRA: Low-rank Plus Quantized Matrix
+    Decomposition"; HanGuo97/lq-lora ``lowrank_quantized_sparse_decomposition``): from Q = 0,
+    repeat L = SVD_r(W - Q), Q = compress(W - L), until ‖W - (L + Q)‖_F rises or ``iterations``
+    are done. As in the reference the iterate that raised the error is the one returned, and the
+    factors split Σ_r as Σ_r^½ into both. ``compress(w)`` returns the Compressed of a layer holding
+    ``w``. Returns (the last Compressed, (B, A), iterations run, the final error ‖W - (L + Q)‖_F)."""
+    w = weight.float()
+    q = torch.zeros_like(w)
+    last, done = float("inf"), 0
+    for _ in range(iterations):
+        done += 1
+        b, a = svd_factors(w - q, None, rank)
+        result = compress((w - b @ a).to(weight.dtype))
+        q = result.weight.float()
+        error = float((w - b @ a - q).norm())
+        if error > last:
+            break
+        last = error
+    return result, (b, a), done, error
 
 
 class InputMoments:

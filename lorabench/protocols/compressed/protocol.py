@@ -30,15 +30,18 @@ compensation_time_s, per_layer {name: {params, dense_bytes, stored_bytes, weight
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import time
 
+import numpy as np
 import torch
 from torch import nn
 
 from lorabench.compression import COMPENSATIONS, COMPRESSORS
-from lorabench.compression.compensation import InputMoments
+from lorabench.compression.allocation import solve_assignment
+from lorabench.compression.compensation import InputMoments, lq_decompose
 from lorabench.train import build_run_parts, prepare_run, train_prepared
 
 PROTOCOL_VERSION = "1"  # bump when the compression, compensation or report rules change
@@ -150,15 +153,47 @@ def input_moments(model: nn.Module, layers: dict[str, nn.Module], batches: list[
 
 
 # -- compression and compensation ---------------------------------------------------------------
+def fresh_linear(like: nn.Linear, weight: torch.Tensor) -> nn.Linear:
+    """A new ``nn.Linear`` shaped as ``like``, holding ``weight`` and a copy of its bias (compressors
+    change or consume the layer they get)."""
+    out = nn.Linear(like.in_features, like.out_features, bias=like.bias is not None)
+    out = out.to(device=like.weight.device, dtype=like.weight.dtype)
+    out.weight.copy_(weight)
+    if like.bias is not None:
+        out.bias.copy_(like.bias)
+    return out
+
+
+def compress_one(linear, original, settings, compensation, moments, rank, alternate: bool):
+    """(Compressed, factors or None, LQ iterations or None) of one layer: the compressor alone, or
+    LQ-LoRA's alternation around rank-``rank`` factors when ``alternate``."""
+    compress = COMPRESSORS.get(settings.compressor, where="protocol.compressed.compressor")
+    if alternate:
+        result, factors, iterations, _ = lq_decompose(
+            original, lambda w: compress(fresh_linear(linear, w), settings), rank, settings.iterations
+        )
+        return result, factors, iterations
+    return compress(linear, settings), None, None
+
+
 @torch.no_grad()
 def compress_layers(model, layers, settings, compensated, compensation, moments, rank):
-    """Compress every layer in place; returns (per-layer stats, compensation factors by layer name,
-    seconds spent computing the compensation)."""
-    compress = COMPRESSORS.get(settings.compressor, where="protocol.compressed.compressor")
+    """Compress every layer in place (at the bits :func:`allocated_bits` chose, with a bit budget);
+    returns (per-layer stats, compensation factors by layer name, seconds spent on the compensation:
+    its factors, and for LQ-LoRA the whole alternation)."""
+    bits = allocated_bits(layers, settings, compensation, compensated, rank) if settings.bit_budget else {}
     per_layer, factors, compensation_s = {}, {}, 0.0
     for name, linear in layers.items():
+        layer_settings = dataclasses.replace(settings, bits=bits[name]) if name in bits else settings
         original = linear.weight.detach().clone()
-        result = compress(linear, settings)
+        alternate = compensation.alternating and name in compensated
+        t0 = time.perf_counter()
+        result, lq_factors, iterations = compress_one(
+            linear, original, layer_settings, compensation, moments, rank_for(rank, original), alternate
+        )
+        if alternate:
+            factors[name] = lq_factors
+            compensation_s += time.perf_counter() - t0
         if result.module is not linear:
             set_module(model, name, result.module)
         delta = original.float() - result.weight.float()
@@ -169,12 +204,53 @@ def compress_layers(model, layers, settings, compensated, compensation, moments,
             "weight_error": float(delta.norm() / original.float().norm()),
             "compensated": name in compensated,
         }
-        if name in compensated:
+        if name in bits:
+            per_layer[name]["bits"] = bits[name]
+        if iterations is not None:
+            per_layer[name]["lq_iterations"] = iterations
+        if name in compensated and not alternate:
             t0 = time.perf_counter()
-            factors[name] = compensation.fn(delta, moments.pop(name, None), min(rank, *delta.shape))
+            factors[name] = compensation.fn(delta, moments.pop(name, None), rank_for(rank, original))
             compensation_s += time.perf_counter() - t0
         del original, delta
     return per_layer, factors, compensation_s
+
+
+def rank_for(rank: int, weight: torch.Tensor) -> int:
+    return min(rank, *weight.shape)
+
+
+@torch.no_grad()
+def allocated_bits(layers, settings, compensation, compensated, rank) -> dict[str, int]:
+    """LQ-LoRA's ILP (lorabench.compression.allocation): each layer's bit width among
+    ``settings.bit_choices`` minimising the total ‖W - Ŵ‖²_F with the stored bytes of all layers
+    at most ``bit_budget`` bits per weight; Ŵ = Q + B A for layers LQ-LoRA's decomposition fits."""
+    names = list(layers)
+    costs = np.zeros((len(names), len(settings.bit_choices)))
+    weights = np.zeros_like(costs)
+    for i, name in enumerate(names):
+        linear = layers[name]
+        original = linear.weight.detach().clone()
+        alternate = compensation.alternating and name in compensated
+        for c, bits in enumerate(settings.bit_choices):
+            trial = dataclasses.replace(settings, bits=bits)
+            result, lq, _ = compress_one(
+                fresh_linear(linear, original), original, trial, compensation, {}, rank_for(rank, original), alternate
+            )
+            approx = result.weight.float() + (lq[0] @ lq[1] if lq is not None else 0)
+            costs[i, c] = float((original.float() - approx).norm() ** 2)
+            weights[i, c] = result.stored_bytes
+    params = sum(layers[n].weight.numel() for n in names)
+    budget = settings.bit_budget * params / 8
+    try:
+        x = solve_assignment(costs, weights, budget)
+    except ValueError as exc:
+        smallest = 8 * weights.min(axis=1).sum() / params
+        raise RuntimeError(
+            f"protocol.compressed.bit_budget={settings.bit_budget}: {exc}; the smallest of bit_choices="
+            f"{list(settings.bit_choices)} takes {smallest:.3f} bits per weight here"
+        ) from None
+    return {name: int(settings.bit_choices[int(x[i].argmax())]) for i, name in enumerate(names)}
 
 
 @torch.no_grad()
@@ -216,13 +292,35 @@ def protocol_report(settings, per_layer, error_compressed, error_compensated, co
         "bits_per_weight": 8 * stored / params,
         "weight_error": {"mean": sum(errors) / len(errors), "max": max(errors)},
         "output_error": {"compressed": error_compressed, "compensated": error_compensated},
+        "allocation": allocation(settings, per_layer, params),
         "compress_time_s": compress_s,
         "compensation_time_s": compensation_s,
         "per_layer": per_layer,
     }
 
 
+def allocation(settings, per_layer: dict, params: int) -> dict | None:
+    """The bit budget and what the ILP gave (None without a budget)."""
+    if not settings.bit_budget:
+        return None
+    counts: dict[str, int] = {}
+    for v in per_layer.values():
+        counts[str(v["bits"])] = counts.get(str(v["bits"]), 0) + 1
+    achieved = 8 * sum(v["stored_bytes"] for v in per_layer.values()) / params
+    return {
+        "bit_budget": settings.bit_budget,
+        "bit_choices": list(settings.bit_choices),
+        "layers_by_bits": counts,
+        "bits_per_weight": achieved,
+    }
+
+
 def settings_of(settings) -> dict:
     """The settings the chosen compressor reads (the others do not describe the run)."""
-    used = {"hqq": ("bits", "group_size"), "magnitude": ("sparsity",), "semi_structured": ("n_of_m",)}
-    return {"modules": settings.modules, **{k: getattr(settings, k) for k in used.get(settings.compressor, ())}}
+    used = {
+        "hqq": ("bits", "group_size", "bit_budget", "bit_choices"),
+        "magnitude": ("sparsity",),
+        "semi_structured": ("n_of_m",),
+    }
+    keys = [*used.get(settings.compressor, ()), *(("iterations",) if settings.compensation == "lq_lora" else ())]
+    return {"modules": settings.modules, **{k: getattr(settings, k) for k in keys}}
