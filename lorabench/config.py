@@ -341,7 +341,7 @@ class CompressedConfig:
     pruned), the run's LoRA started from the compression error, then trained as a single run
     (lorabench/protocols/compressed; ``train.max_steps=0``: training-free compensation)."""
 
-    compressor: str = "hqq"  # hqq (quantization) | magnitude (unstructured pruning) | semi_structured (N:M)
+    compressor: str = "hqq"  # hqq (quantization) | magnitude, semi_structured (N:M) pruning | welore (low rank)
     bits: int = 4  # hqq: bits per weight
     group_size: int = 64  # hqq: weights sharing one scale and zero point (along the input dimension)
     sparsity: float = 0.5  # magnitude: share of each matrix's weights set to zero
@@ -350,9 +350,11 @@ class CompressedConfig:
     iterations: int = 100  # lq_lora: most alternations of SVD and compression (stops when the error rises)
     bit_budget: Optional[float] = None  # hqq: LQ-LoRA's ILP picks each layer's bits for this mean bits/weight
     bit_choices: list[int] = field(default_factory=lambda: [2, 3, 4, 8])  # hqq with bit_budget: the candidates
+    welore_reduction: float = 0.5  # welore: share of all ranks the threshold prunes (attempted)
+    welore_min_ratio: float = 0.4999  # welore: a matrix becomes low-rank when more than this share is pruned
     modules: str = r"(^|\.)(layer|layers|h|blocks)\.\d+\."  # re.search on nn.Linear names: inside the blocks
 
-    COMPRESSORS = ("hqq", "magnitude", "semi_structured")  # = the registries' names (a test checks)
+    COMPRESSORS = ("hqq", "magnitude", "semi_structured", "welore")  # = the registries' names (a test checks)
     COMPENSATIONS = ("eora", "lq_lora", "none", "svd")
     HQQ_BITS = (1, 2, 3, 4, 8)  # what hqq's BaseQuantizeConfig packs
 
@@ -368,6 +370,8 @@ class CompressedConfig:
         if len(n_m) != 2 or not all(isinstance(v, int) for v in n_m) or not 0 < n_m[0] < n_m[1]:
             raise ConfigError(f"{where}.n_of_m={n_m!r} is invalid; it must be [N, M] with 0 < N < M (e.g. [2, 4])")
         check_positive(f"{where}.iterations", self.iterations)
+        check_range(f"{where}.welore_reduction", self.welore_reduction, 0, 1, closed_low=False)
+        check_range(f"{where}.welore_min_ratio", self.welore_min_ratio, 0, 1)
         if self.bit_budget is not None:
             check_positive(f"{where}.bit_budget", self.bit_budget)
             if self.compressor != "hqq":

@@ -25,6 +25,7 @@ from tests.test_continual import glue, only_record, train  # noqa: F401  (glue: 
 
 PRODUCT_TOL = 1e-5  # |ours - reference| of B A relative to the largest |B A| entry (float32 SVDs)
 FACTOR_TOL = 1e-4  # the factors themselves, columns sign-aligned (our A takes an equal, stabler form)
+BF16_TOL = 2**-7  # two bf16 rounding steps of the largest entry (WeLore's reference casts its factors)
 
 
 def settings(**kw) -> CompressedConfig:
@@ -376,3 +377,91 @@ def test_lq_lora_run_with_a_bit_budget(glue, tmp_path):  # noqa: F811
     errors = report["output_error"]
     assert errors["compensated"] < errors["compressed"]
     assert report["settings"]["iterations"] == 100 and report["settings"]["bit_choices"] == [2, 3, 4, 8]
+
+
+# -- WeLore ----------------------------------------------------------------------------------------
+def test_welore_cli_run_trains_only_the_low_rank_factors(glue, tmp_path):  # noqa: F811
+    extra = (
+        "method=full",
+        "protocol.compressed.compressor=welore",
+        "protocol.compressed.welore_reduction=0.6",
+    )
+    args = [a for a in compressed_args(glue["sst2"], tmp_path, *extra) if a != "method=lora"]
+    assert train(*args) == 0
+    _, record = only_record(tmp_path)
+    assert record["status"] == "completed"
+    report = record["protocol_report"]
+    lrc = {n: v for n, v in report["per_layer"].items() if v["keep_rank"] is not None}
+    assert report["low_rank"] == {"layers": len(lrc), "dense_layers": len(report["per_layer"]) - len(lrc)}
+    assert 0 < len(lrc)
+    for v in lrc.values():
+        assert v["stored_bytes"] < v["dense_bytes"] and v["weight_error"] > 0
+    cost = record["cost"]
+    assert cost["trainable_params"] == cost["expected_trainable_params"] < cost["total_params"]
+
+
+def welore_layers():
+    from tests.parity_welore_case import weights
+
+    layers = {}
+    for i, w in enumerate(weights()):
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+        layers[f"m{i}"] = lin
+    return layers
+
+
+def test_welore_ranks_and_factors_match_the_authors_code():
+    from lorabench.compression.compressors import normalised_spectra, pruned_ranks, welore_factorize
+    from tests.parity_welore_case import MIN_RATIO, THRESHOLDS
+
+    fixture = load_fixture("welore")
+    assert fixture["min_ratio"] == MIN_RATIO and sorted(fixture["cases"]) == sorted(map(str, THRESHOLDS))
+    layers = welore_layers()
+    spectra = normalised_spectra(layers)
+    low_rank_seen = 0
+    for tau in THRESHOLDS:
+        reference = fixture["cases"][str(tau)]
+        counts = pruned_ranks(spectra, tau)
+        assert counts == {n: reference[n]["pruned"] for n in layers}
+        for name, lin in layers.items():
+            full = min(lin.weight.shape)
+            assert (counts[name] / full > MIN_RATIO) == reference[name]["low_rank"]
+            if not reference[name]["low_rank"]:
+                continue
+            low_rank_seen += 1
+            result = welore_factorize(lin, settings(), keep_rank=full - counts[name])
+            ref_up, ref_down = (torch.tensor(reference[name][k], dtype=torch.float64) for k in ("up", "down"))
+            up, down = (w.detach().to(torch.bfloat16) for w in (result.module.up.weight, result.module.down.weight))
+            up, down = sign_aligned(up, down, ref_up)  # the reference keeps bf16 factors: so do we, to compare
+            assert relative_gap(up, ref_up) < BF16_TOL and relative_gap(down, ref_down) < BF16_TOL, (tau, name)
+    assert 0 < low_rank_seen < len(THRESHOLDS) * len(layers)  # both kinds of matrices occur
+
+
+def test_welore_comparison_can_fail():
+    """Normalising by the largest singular value only (no min subtraction) prunes other counts."""
+    from lorabench.compression.compressors import pruned_ranks
+
+    fixture = load_fixture("welore")["cases"]
+    spectra = {n: torch.linalg.svdvals(m.weight.detach()) for n, m in welore_layers().items()}
+    wrong = pruned_ranks({n: s / s.max() for n, s in spectra.items()}, 0.3)
+    assert wrong != {n: fixture["0.3"][n]["pruned"] for n in spectra}
+    name, entry = next((n, e) for n, e in fixture["0.3"].items() if e["low_rank"])
+    keep = len(entry["up"][0])
+    u, s, _ = torch.linalg.svd(welore_layers()[name].weight.detach(), full_matrices=False)
+    ref_up = torch.tensor(entry["up"], dtype=torch.float64)
+    whole = u[:, :keep] * s[:keep]  # all of Σ in the up factor instead of Σ^½ in each
+    signs = torch.sign((whole.double() * ref_up).sum(0))
+    assert relative_gap(whole.double() * signs, ref_up) > 10 * BF16_TOL
+
+
+def test_welore_threshold_reaches_the_target_reduction():
+    from lorabench.compression.compressors import normalised_spectra, pruned_ranks, welore_threshold
+
+    spectra = normalised_spectra(welore_layers())
+    total = sum(s.numel() for s in spectra.values())
+    for target in (0.2, 0.5, 0.8):
+        tau = welore_threshold(spectra, target)
+        assert sum(pruned_ranks(spectra, tau).values()) / total >= target
+        assert sum(pruned_ranks(spectra, tau - 1e-9).values()) / total < target + 1 / total

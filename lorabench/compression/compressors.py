@@ -18,7 +18,13 @@ compressed weight takes when stored.
   (``torch.nn.utils.prune.custom_from_mask``). Stored as the kept values plus a 2-bit position per
   kept value (the layout of sparse tensor cores for 2:4). On CPU the zeros are computed densely.
 
-Biases stay in float and are counted in neither size.
+* ``welore``: WeLore's non-uniform low-rank factorisation (:func:`welore_plan`): matrices with a
+  heavy spectral tail become trainable factors (``LowRankLinear``), the rest stay dense; a WeLore
+  run trains only those factors (and a classification head), with an adapter-free method.
+
+A compressor may carry ``plan(layers, settings) -> {layer: keyword arguments}``, a pass over all
+layers before any is compressed (WeLore's global threshold). Biases stay in float and are counted
+in neither size.
 """
 
 from __future__ import annotations
@@ -92,3 +98,89 @@ def semi_structured_prune(linear: nn.Linear, settings) -> Compressed:
     kept = weight.numel() * n // m
     position_bits = max(1, math.ceil(math.log2(m)))
     return Compressed(linear, weight, kept * weight.element_size() + math.ceil(kept * position_bits / 8))
+
+
+class LowRankLinear(nn.Module):
+    """y = U (V x) + b: a weight stored as two trainable factors (WeLore's low-rank components)."""
+
+    def __init__(self, u: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.down = nn.Linear(v.shape[1], v.shape[0], bias=False, device=v.device, dtype=v.dtype)
+        self.up = nn.Linear(u.shape[1], u.shape[0], bias=bias is not None, device=u.device, dtype=u.dtype)
+        with torch.no_grad():
+            self.down.weight.copy_(v)
+            self.up.weight.copy_(u)
+            if bias is not None:
+                self.up.bias.copy_(bias)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.up.weight @ self.down.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
+
+
+def welore_plan(layers: dict[str, nn.Linear], settings) -> dict[str, dict]:
+    """WeLore's ranks (Jaiswal et al. 2024, "From GaLore to WeLore: How Low-Rank Weights
+    Non-uniformly Emerge from Low-Rank Gradients"; VITA-Group/welore ``adaptive_rank_pruning`` and
+    ``do_rank_reduction``): each matrix's singular values are min-max normalised to [0, 1] and the
+    ones below a threshold τ are pruned; a matrix whose pruned share exceeds ``welore_min_ratio``
+    becomes a low-rank component (LRC) of rank full - pruned, the others stay dense and frozen.
+    The reference reads τ from a table per model and target; here τ is the smallest threshold
+    whose attempted reduction (pruned ranks over all ranks, as the reference logs it) reaches
+    ``welore_reduction``, found by bisection. Returns {layer: {"keep_rank": k or None}}."""
+    spectra = normalised_spectra(layers)
+    tau = welore_threshold(spectra, settings.welore_reduction)
+    counts = pruned_ranks(spectra, tau)
+    plan = {}
+    for name, s in spectra.items():
+        full = s.numel()
+        plan[name] = {"keep_rank": full - counts[name] if counts[name] / full > settings.welore_min_ratio else None}
+    return plan
+
+
+def normalised_spectra(layers: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
+    """Each weight's singular values (float32), min-max normalised to [0, 1]."""
+    out = {}
+    for name, m in layers.items():
+        s = torch.linalg.svdvals(m.weight.detach().float())
+        out[name] = (s - s.min()) / (s.max() - s.min()).clamp_min(1e-30)
+    return out
+
+
+def pruned_ranks(spectra: dict[str, torch.Tensor], tau: float) -> dict[str, int]:
+    """How many normalised singular values of each matrix fall below ``tau`` (the ranks pruned)."""
+    return {name: int((s < tau).sum()) for name, s in spectra.items()}
+
+
+def welore_threshold(spectra: dict[str, torch.Tensor], reduction: float) -> float:
+    """The smallest τ (to 2⁻⁶⁰) whose pruned ranks make at least ``reduction`` of all ranks."""
+    total = sum(s.numel() for s in spectra.values())
+    low, high = 0.0, 1.0 + 1e-6
+    for _ in range(60):
+        mid = (low + high) / 2
+        if sum(pruned_ranks(spectra, mid).values()) / total >= reduction:
+            high = mid
+        else:
+            low = mid
+    return high
+
+
+@COMPRESSORS.register("welore")
+def welore_factorize(linear: nn.Linear, settings, keep_rank: int | None = None) -> Compressed:
+    """An LRC (``keep_rank`` set): W ≈ U_k Σ_k V_kᵀ as ``LowRankLinear`` with up = U_k Σ_k^½ and
+    down = Σ_k^½ V_kᵀ (the reference's ``LowRankLayer``, which also casts them to bf16; here they
+    keep the weight's dtype), stored as k (in + out) values. An N-LRC (None): the layer as it is."""
+    weight = linear.weight.detach()
+    if keep_rank is None:
+        return Compressed(linear, weight, weight.numel() * weight.element_size())
+    u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)
+    root = s[:keep_rank].sqrt()
+    up, down = (u[:, :keep_rank] * root).to(weight.dtype), (root[:, None] * vh[:keep_rank]).to(weight.dtype)
+    bias = None if linear.bias is None else linear.bias.detach()
+    layer = LowRankLinear(up, down, bias)
+    return Compressed(layer, (up @ down).detach(), (up.numel() + down.numel()) * weight.element_size())
+
+
+welore_factorize.plan = welore_plan

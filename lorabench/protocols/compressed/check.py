@@ -13,12 +13,16 @@ def check_compressed(cfg, method) -> None:
     what the compensation writes) without DoRA, with peft's own initialisation (an init that reads
     or rewrites the base weights, such as PiSSA's SVD or LoftQ's quantization, would act on the
     compressed ones); the HQQ package is installed when the compressor needs it."""
+    settings = cfg.protocol.compressed
     adapter, params = method.names["adapter"], method.params.get("adapter")
+    if settings.compressor == "welore":
+        check_welore(cfg, method)
+        return
     if adapter != "lora" or getattr(params, "use_dora", False):
         kind = "DoRA (use_dora=true)" if adapter == "lora" else f"adapter {adapter!r}"
         raise ConfigError(
             f"protocol=compressed trains a peft LoRA on the compressed layers; method {method.label!r} has "
-            f"{kind}; use a LoRA method (e.g. method=lora, rslora)"
+            f"{kind}; use a LoRA method (e.g. method=lora, rslora), or compressor=welore with method=full"
         )
     init = method.names.get("init", "none")
     if init != "none":
@@ -27,8 +31,29 @@ def check_compressed(cfg, method) -> None:
             f"{method.label!r} has init {init!r}, which reads or rewrites the base weights; use a method "
             f"without an init (e.g. method=lora) and choose the compensation (none, svd, eora)"
         )
-    if cfg.protocol.compressed.compressor == "hqq" and importlib.util.find_spec("hqq") is None:
+    if settings.compressor == "hqq" and importlib.util.find_spec("hqq") is None:
         raise ConfigError(
             "protocol.compressed.compressor=hqq needs the hqq package (pip install hqq); "
             "or use compressor=magnitude or semi_structured"
+        )
+
+
+def check_welore(cfg, method) -> None:
+    """WeLore trains its low-rank components themselves: an adapter-free method (its optimizer
+    gets the factors and a classification head only), nothing to compensate, no bit budget."""
+    settings = cfg.protocol.compressed
+    if method.names["adapter"] != "none":
+        raise ConfigError(
+            f"protocol.compressed.compressor=welore fine-tunes the low-rank factors it makes; method "
+            f"{method.label!r} adds adapter {method.names['adapter']!r}; use an adapter-free method (method=full)"
+        )
+    if method.names.get("procedure", "none") != "none":
+        raise ConfigError(
+            f"protocol.compressed.compressor=welore chooses what trains; method {method.label!r} has procedure "
+            f"{method.names['procedure']!r}; use method=full"
+        )
+    if settings.compensation != "none":
+        raise ConfigError(
+            f"protocol.compressed.compensation={settings.compensation!r} needs a LoRA to hold it; "
+            "compressor=welore has none (use compensation=none)"
         )

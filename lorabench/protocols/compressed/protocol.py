@@ -18,6 +18,8 @@ Steps (each rule with its reason):
    layer gets B/√s and A/√s (s its scaling), so that s B A is the compensation; the model's output
    error against the reference is measured before and after: the quality the compensation buys;
 6. training as in a single run (``train.max_steps=0``: the training-free result), evaluation, record.
+   With an adapter-free method (``compressor=welore``, e.g. ``method=full``) only the low-rank
+   components' factors (and a classification head) train: WeLore's LRC fine-tuning.
 
 Resume rebuilds steps 1–5 (compression and compensation are deterministic) and then loads the
 checkpoint's adapter, as a single run does.
@@ -63,14 +65,19 @@ def train_compressed(session) -> None:
     moments = (
         input_moments(parts.model, {n: layers[n] for n in compensated}, batches) if compensation.needs_inputs else {}
     )
-    rank = session.spec.params["adapter"].rank
+    rank = getattr(session.spec.params.get("adapter"), "rank", 0)
     t0 = time.perf_counter()
     per_layer, factors, compensation_s = compress_layers(
         parts.model, layers, settings, compensated, compensation, moments, rank
     )
     compress_s = time.perf_counter() - t0 - compensation_s
     error_compressed = output_error(parts.model, batches, reference)
+    factor_only = session.spec.names.get("adapter", "none") == "none"  # WeLore: only the factors train
+    if factor_only:
+        expected = train_only_factors(parts.model, session.task.head)
     run = prepare_run(parts, session.accelerator, session.recorder, session.tracker, session.stop, session.state.timers)
+    if factor_only:
+        run.record["cost"]["expected_trainable_params"] = expected
     load_compensation(run.model, factors)
     error_compensated = output_error(run.model, batches, reference) if factors else error_compressed
     run.record["protocol_report"] = protocol_report(
@@ -85,6 +92,24 @@ def train_compressed(session) -> None:
         )
     run.recorder.write()
     train_prepared(session, run)
+
+
+def train_only_factors(model: nn.Module, head: str) -> int:
+    """Every parameter frozen but the low-rank components' factors (and a classification head,
+    which starts untrained): WeLore's fine-tuning of the LRCs only. Returns the trainable count."""
+    from lorabench.compression.compressors import LowRankLinear
+    from lorabench.methods.base import HEAD_MODULES
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in model.modules():
+        if isinstance(m, LowRankLinear):
+            m.requires_grad_(True)
+    if head == "classification":
+        for name, p in model.named_parameters():
+            if name.split(".")[0] in HEAD_MODULES:
+                p.requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 # -- which layers -------------------------------------------------------------------------------
@@ -164,16 +189,17 @@ def fresh_linear(like: nn.Linear, weight: torch.Tensor) -> nn.Linear:
     return out
 
 
-def compress_one(linear, original, settings, compensation, moments, rank, alternate: bool):
-    """(Compressed, factors or None, LQ iterations or None) of one layer: the compressor alone, or
-    LQ-LoRA's alternation around rank-``rank`` factors when ``alternate``."""
+def compress_one(linear, original, settings, compensation, moments, rank, alternate: bool, plan: dict):
+    """(Compressed, factors or None, LQ iterations or None) of one layer: the compressor alone (with
+    the keyword arguments its ``plan`` gave the layer), or LQ-LoRA's alternation around
+    rank-``rank`` factors when ``alternate``."""
     compress = COMPRESSORS.get(settings.compressor, where="protocol.compressed.compressor")
     if alternate:
         result, factors, iterations, _ = lq_decompose(
-            original, lambda w: compress(fresh_linear(linear, w), settings), rank, settings.iterations
+            original, lambda w: compress(fresh_linear(linear, w), settings, **plan), rank, settings.iterations
         )
         return result, factors, iterations
-    return compress(linear, settings), None, None
+    return compress(linear, settings, **plan), None, None
 
 
 @torch.no_grad()
@@ -182,14 +208,17 @@ def compress_layers(model, layers, settings, compensated, compensation, moments,
     returns (per-layer stats, compensation factors by layer name, seconds spent on the compensation:
     its factors, and for LQ-LoRA the whole alternation)."""
     bits = allocated_bits(layers, settings, compensation, compensated, rank) if settings.bit_budget else {}
+    planner = getattr(COMPRESSORS.get(settings.compressor, where="protocol.compressed.compressor"), "plan", None)
+    plans = planner(layers, settings) if planner else {}
     per_layer, factors, compensation_s = {}, {}, 0.0
     for name, linear in layers.items():
         layer_settings = dataclasses.replace(settings, bits=bits[name]) if name in bits else settings
         original = linear.weight.detach().clone()
         alternate = compensation.alternating and name in compensated
         t0 = time.perf_counter()
+        plan = plans.get(name, {})
         result, lq_factors, iterations = compress_one(
-            linear, original, layer_settings, compensation, moments, rank_for(rank, original), alternate
+            linear, original, layer_settings, compensation, moments, rank_for(rank, original), alternate, plan
         )
         if alternate:
             factors[name] = lq_factors
@@ -208,6 +237,7 @@ def compress_layers(model, layers, settings, compensated, compensation, moments,
             per_layer[name]["bits"] = bits[name]
         if iterations is not None:
             per_layer[name]["lq_iterations"] = iterations
+        per_layer[name].update(plan)
         if name in compensated and not alternate:
             t0 = time.perf_counter()
             factors[name] = compensation.fn(delta, moments.pop(name, None), rank_for(rank, original))
@@ -235,7 +265,14 @@ def allocated_bits(layers, settings, compensation, compensated, rank) -> dict[st
         for c, bits in enumerate(settings.bit_choices):
             trial = dataclasses.replace(settings, bits=bits)
             result, lq, _ = compress_one(
-                fresh_linear(linear, original), original, trial, compensation, {}, rank_for(rank, original), alternate
+                fresh_linear(linear, original),
+                original,
+                trial,
+                compensation,
+                {},
+                rank_for(rank, original),
+                alternate,
+                {},
             )
             approx = result.weight.float() + (lq[0] @ lq[1] if lq is not None else 0)
             costs[i, c] = float((original.float() - approx).norm() ** 2)
@@ -293,6 +330,7 @@ def protocol_report(settings, per_layer, error_compressed, error_compensated, co
         "weight_error": {"mean": sum(errors) / len(errors), "max": max(errors)},
         "output_error": {"compressed": error_compressed, "compensated": error_compensated},
         "allocation": allocation(settings, per_layer, params),
+        "low_rank": low_rank(per_layer),
         "compress_time_s": compress_s,
         "compensation_time_s": compensation_s,
         "per_layer": per_layer,
@@ -315,12 +353,22 @@ def allocation(settings, per_layer: dict, params: int) -> dict | None:
     }
 
 
+def low_rank(per_layer: dict) -> dict | None:
+    """WeLore's split: how many layers became low-rank components and the share of rank they keep
+    (None for the other compressors)."""
+    lrc = {n: v for n, v in per_layer.items() if v.get("keep_rank") is not None}
+    if not any("keep_rank" in v for v in per_layer.values()):
+        return None
+    return {"layers": len(lrc), "dense_layers": len(per_layer) - len(lrc)}
+
+
 def settings_of(settings) -> dict:
     """The settings the chosen compressor reads (the others do not describe the run)."""
     used = {
         "hqq": ("bits", "group_size", "bit_budget", "bit_choices"),
         "magnitude": ("sparsity",),
         "semi_structured": ("n_of_m",),
+        "welore": ("welore_reduction", "welore_min_ratio"),
     }
     keys = [*used.get(settings.compressor, ()), *(("iterations",) if settings.compensation == "lq_lora" else ())]
     return {"modules": settings.modules, **{k: getattr(settings, k) for k in keys}}
