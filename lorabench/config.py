@@ -350,6 +350,7 @@ class CompressedConfig:
     iterations: int = 100  # lq_lora: most alternations of SVD and compression (stops when the error rises)
     bit_budget: Optional[float] = None  # hqq: LQ-LoRA's ILP picks each layer's bits for this mean bits/weight
     bit_choices: list[int] = field(default_factory=lambda: [2, 3, 4, 8])  # hqq with bit_budget: the candidates
+    recover: bool = False  # LoRAM: the LoRA trained on the compressed base is scored on the original weights
     welore_reduction: float = 0.5  # welore: share of all ranks the threshold prunes (attempted)
     welore_min_ratio: float = 0.4999  # welore: a matrix becomes low-rank when more than this share is pruned
     modules: str = r"(^|\.)(layer|layers|h|blocks)\.\d+\."  # re.search on nn.Linear names: inside the blocks

@@ -854,10 +854,12 @@ def train_single(session: Session) -> None:
     train_prepared(session, run)
 
 
-def train_prepared(session: Session, run: Run) -> None:
+def train_prepared(session: Session, run: Run, before_final_evaluation: Callable | None = None) -> None:
     """A prepared run (method applied) resumed, trained to ``train.max_steps`` with evaluations and
     checkpoints on schedule, evaluated at the end and its record finished: the single-run loop,
-    which protocols that only change how the model is built reuse (lorabench.protocols.compressed)."""
+    which protocols that only change how the model is built reuse (lorabench.protocols.compressed).
+    ``before_final_evaluation(run, state)``, when given, runs after training, before the final
+    evaluation (LoRAM's recovery of the uncompressed weights)."""
     cfg, state, stop, parts = session.cfg, session.state, session.stop, run.parts
     resume(run, state)
 
@@ -893,6 +895,8 @@ def train_prepared(session: Session, run: Run) -> None:
     run.bar.close()
     state.timers.stop()
     record_training_cost(run, state)
+    if before_final_evaluation is not None:
+        before_final_evaluation(run, state)
     evaluate(run, state)
     finish_record(run)
 

@@ -287,6 +287,12 @@ def test_compressed_cli_run_records_sizes_and_errors(glue, tmp_path, compressor,
         (["protocol.compressed.bit_budget=3", "protocol.compressed.compressor=magnitude"], "needs compressor=hqq"),
         (["protocol.compressed.bit_budget=3", "protocol.compressed.bit_choices=[2,5]"], "bit_choices entry"),
         (["protocol.compressed.iterations=0"], "protocol.compressed.iterations"),
+        (["protocol.compressed.recover=true", "protocol.compressed.compensation=eora"], "count that error twice"),
+        (["method=full"], "method 'full' has adapter 'none'.*compressor=welore with method=full"),
+        (["method=full", "protocol.compressed.compressor=welore", "protocol.compressed.recover=true"], "no LoRA"),
+        (["method=lora", "protocol.compressed.compressor=welore"], "adds adapter 'lora'; use an adapter-free"),
+        (["method=full", "protocol.compressed.compressor=welore", "protocol.compressed.compensation=svd"], "has none"),
+        (["protocol.compressed.welore_reduction=0"], "welore_reduction=0.0 is invalid"),
     ],
 )
 def test_compressed_config_errors(overrides, message):
@@ -465,3 +471,43 @@ def test_welore_threshold_reaches_the_target_reduction():
         tau = welore_threshold(spectra, target)
         assert sum(pruned_ranks(spectra, tau).values()) / total >= target
         assert sum(pruned_ranks(spectra, tau - 1e-9).values()) / total < target + 1 / total
+
+
+# -- LoRAM's recovery --------------------------------------------------------------------------------
+def test_recovery_puts_the_trained_lora_on_the_original_weights():
+    from peft import LoraConfig, get_peft_model
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = linear(48, 64, seed=1), linear(64, 48, seed=2)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)))
+
+    model = Two()
+    originals = {n: (m.weight.detach().clone(), m.bias.detach().clone()) for n, m in (("a", model.a), ("b", model.b))}
+    model.a = hqq_quantize(model.a, settings(bits=4, group_size=16)).module
+    magnitude_prune(model.b, settings(sparsity=0.5))
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["a"], lora_dropout=0.0))
+    layer = peft_model.base_model.model.a
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+    compressed.restore_weights(peft_model, originals)
+    x = torch.randn(3, 64)
+    delta = layer.lora_B["default"].weight @ layer.lora_A["default"].weight * layer.scaling["default"]
+    hidden = torch.tanh(nn.functional.linear(x, originals["a"][0] + delta, originals["a"][1]))
+    expected = nn.functional.linear(hidden, *originals["b"])
+    assert torch.allclose(peft_model(x), expected, atol=1e-5)
+    assert type(layer.base_layer) is nn.Linear and not layer.base_layer.weight.requires_grad
+    with pytest.raises(RuntimeError, match="1 compressed layers were not found"):
+        compressed.restore_weights(peft_model, {**originals, "c": originals["a"]})
+
+
+def test_loram_run_scores_before_and_after_recovery(glue, tmp_path):  # noqa: F811
+    extra = ("protocol.compressed.compressor=semi_structured", "protocol.compressed.recover=true")
+    assert train(*compressed_args(glue["sst2"], tmp_path, *extra)) == 0
+    _, record = only_record(tmp_path)
+    report = record["protocol_report"]
+    assert report["recovered"] is True and "accuracy" in report["before_recovery"]
+    assert report["settings"]["recover"] is True

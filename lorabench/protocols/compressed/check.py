@@ -31,6 +31,12 @@ def check_compressed(cfg, method) -> None:
             f"{method.label!r} has init {init!r}, which reads or rewrites the base weights; use a method "
             f"without an init (e.g. method=lora) and choose the compensation (none, svd, eora)"
         )
+    if settings.recover and settings.compensation != "none":
+        raise ConfigError(
+            f"protocol.compressed.recover=true scores the LoRA on the original weights, where "
+            f"compensation={settings.compensation!r} (a fit of the compression error) would count that error "
+            "twice; use compensation=none (LoRAM trains a plainly initialised LoRA)"
+        )
     if settings.compressor == "hqq" and importlib.util.find_spec("hqq") is None:
         raise ConfigError(
             "protocol.compressed.compressor=hqq needs the hqq package (pip install hqq); "
@@ -51,6 +57,11 @@ def check_welore(cfg, method) -> None:
         raise ConfigError(
             f"protocol.compressed.compressor=welore chooses what trains; method {method.label!r} has procedure "
             f"{method.names['procedure']!r}; use method=full"
+        )
+    if settings.recover:
+        raise ConfigError(
+            "protocol.compressed.recover=true puts a LoRA back on the original weights; compressor=welore "
+            "trains the low-rank weights themselves and has no LoRA; use recover=false"
         )
     if settings.compensation != "none":
         raise ConfigError(

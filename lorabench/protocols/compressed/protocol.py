@@ -19,7 +19,8 @@ Steps (each rule with its reason):
    error against the reference is measured before and after: the quality the compensation buys;
 6. training as in a single run (``train.max_steps=0``: the training-free result), evaluation, record.
    With an adapter-free method (``compressor=welore``, e.g. ``method=full``) only the low-rank
-   components' factors (and a classification head) train: WeLore's LRC fine-tuning.
+   components' factors (and a classification head) train: WeLore's LRC fine-tuning. With
+   ``recover=true`` (LoRAM) the trained LoRA is scored on the uncompressed weights (:func:`recovery`).
 
 Resume rebuilds steps 1–5 (compression and compensation are deterministic) and then loads the
 checkpoint's adapter, as a single run does.
@@ -66,6 +67,7 @@ def train_compressed(session) -> None:
         input_moments(parts.model, {n: layers[n] for n in compensated}, batches) if compensation.needs_inputs else {}
     )
     rank = getattr(session.spec.params.get("adapter"), "rank", 0)
+    originals = {n: (m.weight.detach().clone(), _bias(m)) for n, m in layers.items()} if settings.recover else {}
     t0 = time.perf_counter()
     per_layer, factors, compensation_s = compress_layers(
         parts.model, layers, settings, compensated, compensation, moments, rank
@@ -91,7 +93,57 @@ def train_compressed(session) -> None:
             f"{settings.compensation} compensation of {r['layers']['compensated']} layers: {error_compensated:.4f}"
         )
     run.recorder.write()
-    train_prepared(session, run)
+    train_prepared(session, run, recovery(originals) if settings.recover else None)
+
+
+# -- LoRAM's recovery ---------------------------------------------------------------------------
+def recovery(originals: dict[str, tuple[torch.Tensor, torch.Tensor | None]]):
+    """The step LoRAM (Zhang et al. 2025, "Train Small, Infer Large"; junzhang-zj/LoRAM) ends
+    training with: the LoRA trained on the compressed base is put on the *uncompressed* weights,
+    after the run's scores on the compressed base are kept in ``protocol_report.before_recovery``.
+    The compressors here keep every matrix's shape, so LoRAM's scatter of pruned rows and columns
+    back to full size is the identity; its optional alignment pre-training is not run."""
+
+    def recover(run, state) -> None:
+        from lorabench.train import _scores
+
+        report = run.record["protocol_report"]
+        report["before_recovery"] = {k: v for k, v in _scores(run).items() if k != "missing"}
+        restore_weights(run.model, originals)
+        report["recovered"] = True
+        run.recorder.write()
+
+    return recover
+
+
+@torch.no_grad()
+def restore_weights(model: nn.Module, originals: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+    """Every compressed layer (a peft LoRA layer's base, or the module itself) replaced by an
+    ``nn.Linear`` holding its original weight and bias."""
+    from peft.tuners.lora import LoraLayer
+
+    found = set()
+    for name, module in list(model.named_modules()):
+        key = next((k for k in originals if name == k or name.endswith("." + k)), None)
+        if key is None or key in found:
+            continue
+        weight, bias = originals[key]
+        dense = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+        dense = dense.to(device=weight.device, dtype=weight.dtype).requires_grad_(False)
+        dense.weight.copy_(weight)
+        if bias is not None:
+            dense.bias.copy_(bias)
+        if isinstance(module, LoraLayer):
+            module.base_layer = dense
+        else:
+            set_module(model, name, dense)
+        found.add(key)
+    if len(found) != len(originals):
+        raise RuntimeError(f"protocol=compressed: {len(originals) - len(found)} compressed layers were not found")
+
+
+def _bias(linear: nn.Linear) -> torch.Tensor | None:
+    return None if linear.bias is None else linear.bias.detach().clone()
 
 
 def train_only_factors(model: nn.Module, head: str) -> int:
@@ -371,4 +423,4 @@ def settings_of(settings) -> dict:
         "welore": ("welore_reduction", "welore_min_ratio"),
     }
     keys = [*used.get(settings.compressor, ()), *(("iterations",) if settings.compensation == "lq_lora" else ())]
-    return {"modules": settings.modules, **{k: getattr(settings, k) for k in keys}}
+    return {"modules": settings.modules, "recover": settings.recover, **{k: getattr(settings, k) for k in keys}}
