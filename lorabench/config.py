@@ -346,8 +346,9 @@ class CompressedConfig:
     group_size: int = 64  # hqq: weights sharing one scale and zero point (along the input dimension)
     sparsity: float = 0.5  # magnitude: share of each matrix's weights set to zero
     n_of_m: list[int] = field(default_factory=lambda: [2, 4])  # semi_structured: keep N of every M inputs
-    compensation: str = "none"  # none (QLoRA-style: B = 0) | svd | eora (calibration inputs) | lq_lora
+    compensation: str = "none"  # none (QLoRA-style: B = 0) | svd | eora (calibration inputs) | lq_lora | loftq
     iterations: int = 100  # lq_lora: most alternations of SVD and compression (stops when the error rises)
+    loftq_iterations: int = 1  # loftq: alternations of compression and SVD (peft's loftq_iter default)
     bit_budget: Optional[float] = None  # hqq: LQ-LoRA's ILP picks each layer's bits for this mean bits/weight
     bit_choices: list[int] = field(default_factory=lambda: [2, 3, 4, 8])  # hqq with bit_budget: the candidates
     recover: bool = False  # LoRAM: the LoRA trained on the compressed base is scored on the original weights
@@ -356,7 +357,7 @@ class CompressedConfig:
     modules: str = r"(^|\.)(layer|layers|h|blocks)\.\d+\."  # re.search on nn.Linear names: inside the blocks
 
     COMPRESSORS = ("hqq", "magnitude", "semi_structured", "welore")  # = the registries' names (a test checks)
-    COMPENSATIONS = ("eora", "lq_lora", "none", "svd")
+    COMPENSATIONS = ("eora", "loftq", "lq_lora", "none", "svd")
     HQQ_BITS = (1, 2, 3, 4, 8)  # what hqq's BaseQuantizeConfig packs
 
     def __post_init__(self) -> None:
@@ -371,6 +372,7 @@ class CompressedConfig:
         if len(n_m) != 2 or not all(isinstance(v, int) for v in n_m) or not 0 < n_m[0] < n_m[1]:
             raise ConfigError(f"{where}.n_of_m={n_m!r} is invalid; it must be [N, M] with 0 < N < M (e.g. [2, 4])")
         check_positive(f"{where}.iterations", self.iterations)
+        check_positive(f"{where}.loftq_iterations", self.loftq_iterations)
         check_range(f"{where}.welore_reduction", self.welore_reduction, 0, 1, closed_low=False)
         check_range(f"{where}.welore_min_ratio", self.welore_min_ratio, 0, 1)
         if self.bit_budget is not None:

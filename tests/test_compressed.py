@@ -275,7 +275,7 @@ def test_compressed_cli_run_records_sizes_and_errors(glue, tmp_path, compressor,
     "overrides,message",
     [
         (["protocol.compressed.compressor=gptq"], "protocol.compressed.compressor='gptq'.*hqq, magnitude"),
-        (["protocol.compressed.compensation=loftq"], "protocol.compressed.compensation='loftq'"),
+        (["protocol.compressed.compensation=corda"], "protocol.compressed.compensation='corda'.*eora, loftq"),
         (["protocol.compressed.bits=5"], "protocol.compressed.bits=5"),
         (["protocol.compressed.sparsity=1.0"], "sparsity=1.0 is invalid; it must be in \\(0, 1\\)"),
         (["protocol.compressed.n_of_m=[4,2]"], "n_of_m=\\[4, 2\\] is invalid"),
@@ -379,7 +379,7 @@ def test_lq_lora_run_with_a_bit_budget(glue, tmp_path):  # noqa: F811
     assert alloc["bit_budget"] == 3.5 and alloc["bits_per_weight"] <= 3.5
     assert sum(alloc["layers_by_bits"].values()) == report["layers"]["compressed"]
     assert {v["bits"] for v in report["per_layer"].values()} <= {2, 3, 4, 8}
-    assert all(v["lq_iterations"] >= 1 for v in report["per_layer"].values())
+    assert all(v["alternations"] >= 1 for v in report["per_layer"].values())
     errors = report["output_error"]
     assert errors["compensated"] < errors["compressed"]
     assert report["settings"]["iterations"] == 100 and report["settings"]["bit_choices"] == [2, 3, 4, 8]
@@ -511,3 +511,39 @@ def test_loram_run_scores_before_and_after_recovery(glue, tmp_path):  # noqa: F8
     report = record["protocol_report"]
     assert report["recovered"] is True and "accuracy" in report["before_recovery"]
     assert report["settings"]["recover"] is True
+
+
+# -- LoftQ: the alternation against peft's loftq_init ------------------------------------------------
+def test_loftq_decomposition_matches_peft():
+    from lorabench.compression.compensation import loftq_decompose
+    from tests.parity_lq_lora_case import weights
+
+    fixture = load_fixture("loftq")["cases"]
+    for name, case in fixture.items():
+        for w, ref in zip(weights(), case["matrices"]):
+            result, (b, a), done, _ = loftq_decompose(w, rounding_compressor, case["rank"], case["iterations"])
+            assert done == case["iterations"]
+            ref_ba = torch.tensor(ref["B"], dtype=torch.float64) @ torch.tensor(ref["A"], dtype=torch.float64)
+            assert relative_gap(b @ a, ref_ba) < PRODUCT_TOL, name
+            assert relative_gap(result.weight, torch.tensor(ref["Q"], dtype=torch.float64)) < PRODUCT_TOL, name
+
+
+def test_loftq_and_lq_lora_orders_differ():
+    """LQ-LoRA's order (SVD first) misses LoftQ's reference: the comparison tells them apart."""
+    from lorabench.compression.compensation import lq_decompose
+    from tests.parity_lq_lora_case import weights
+
+    case = load_fixture("loftq")["cases"]["rank4_iter1"]
+    w, ref = weights()[0], case["matrices"][0]
+    result, (b, a), _, _ = lq_decompose(w, rounding_compressor, 4, 1)
+    assert relative_gap(result.weight, torch.tensor(ref["Q"], dtype=torch.float64)) > 100 * PRODUCT_TOL
+
+
+def test_loftq_run(glue, tmp_path):  # noqa: F811
+    extra = ("protocol.compressed.compensation=loftq", "protocol.compressed.loftq_iterations=2", "train.max_steps=0")
+    assert train(*compressed_args(glue["sst2"], tmp_path, *extra)) == 0
+    _, record = only_record(tmp_path)
+    report = record["protocol_report"]
+    assert all(v["alternations"] == 2 for v in report["per_layer"].values())
+    assert report["output_error"]["compensated"] < report["output_error"]["compressed"]
+    assert report["settings"]["loftq_iterations"] == 2

@@ -12,6 +12,9 @@ computes (W_c + B A) x before any training.
   compressed weight is fitted around the factors, W ≈ Q + B A, alternating an SVD of W - Q and a
   compression of W - B A (the reference quantizes with its blockwise NormalFloat; here the run's
   compressor, e.g. HQQ; the reference's randomized SVD is an exact one here).
+* ``loftq``: LoftQ's alternation (:func:`loftq_decompose`): compression first, then the SVD of
+  the residual, ``iterations`` times without a stop rule (peft's ``loftq_init``, whose NF4 comes
+  from bitsandbytes' CUDA kernels; here the run's compressor).
 * ``eora``: EoRA (Liu et al. 2024, "EoRA: Training-free Compensation for Compressed LLM with
   Eigenspace Low-Rank Approximation"; NVlabs/EoRA ``llama_sequential_eigen``). From the layer's
   calibration inputs X, the second-moment matrix C = XᵀX is eigendecomposed, C = Q Λ Qᵀ; the error
@@ -42,6 +45,7 @@ class Compensation:
     fn: Callable | None  # (delta, moments or None, rank) -> (B, A); None: no compensation
     needs_inputs: bool  # whether it reads the layer's calibration input moments
     alternating: bool = False  # the compressed weight is re-fitted around the factors (lq_decompose)
+    quantize_first: bool = False  # alternating: LoftQ's order (loftq_decompose) instead of LQ-LoRA's
 
 
 def split_sqrt(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,6 +88,7 @@ COMPENSATIONS.register("none")(Compensation(None, needs_inputs=False))
 COMPENSATIONS.register("svd")(Compensation(svd_factors, needs_inputs=False))
 COMPENSATIONS.register("eora")(Compensation(eora_factors, needs_inputs=True))
 COMPENSATIONS.register("lq_lora")(Compensation(svd_factors, needs_inputs=False, alternating=True))
+COMPENSATIONS.register("loftq")(Compensation(svd_factors, needs_inputs=False, alternating=True, quantize_first=True))
 
 
 def lq_decompose(weight: torch.Tensor, compress: Callable, rank: int, iterations: int):
@@ -138,3 +143,17 @@ class InputMoments:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+
+
+def loftq_decompose(weight: torch.Tensor, compress: Callable, rank: int, iterations: int):
+    """LoftQ's alternation (Li et al. 2023, "LoftQ: LoRA-Fine-Tuning-Aware Quantization"; peft's
+    ``loftq_init``): from B A = 0, ``iterations`` times Q = compress(W - B A), then B A = SVD_r(W - Q),
+    with no stop rule (peft's default is one iteration: Q = compress(W), B A = SVD_r(W - Q)).
+    Returns what :func:`lq_decompose` returns."""
+    w = weight.float()
+    low_rank = torch.zeros_like(w)
+    for _ in range(iterations):
+        result = compress((w - low_rank).to(weight.dtype))
+        b, a = svd_factors(w - result.weight.float(), None, rank)
+        low_rank = b @ a
+    return result, (b, a), iterations, float((w - low_rank - result.weight.float()).norm())

@@ -44,7 +44,7 @@ from torch import nn
 
 from lorabench.compression import COMPENSATIONS, COMPRESSORS
 from lorabench.compression.allocation import solve_assignment
-from lorabench.compression.compensation import InputMoments, lq_decompose
+from lorabench.compression.compensation import InputMoments, loftq_decompose, lq_decompose
 from lorabench.train import build_run_parts, prepare_run, train_prepared
 
 PROTOCOL_VERSION = "1"  # bump when the compression, compensation or report rules change
@@ -247,10 +247,12 @@ def compress_one(linear, original, settings, compensation, moments, rank, altern
     rank-``rank`` factors when ``alternate``."""
     compress = COMPRESSORS.get(settings.compressor, where="protocol.compressed.compressor")
     if alternate:
-        result, factors, iterations, _ = lq_decompose(
-            original, lambda w: compress(fresh_linear(linear, w), settings, **plan), rank, settings.iterations
+        decompose = loftq_decompose if compensation.quantize_first else lq_decompose
+        iterations = settings.loftq_iterations if compensation.quantize_first else settings.iterations
+        result, factors, done, _ = decompose(
+            original, lambda w: compress(fresh_linear(linear, w), settings, **plan), rank, iterations
         )
-        return result, factors, iterations
+        return result, factors, done
     return compress(linear, settings, **plan), None, None
 
 
@@ -288,7 +290,7 @@ def compress_layers(model, layers, settings, compensated, compensation, moments,
         if name in bits:
             per_layer[name]["bits"] = bits[name]
         if iterations is not None:
-            per_layer[name]["lq_iterations"] = iterations
+            per_layer[name]["alternations"] = iterations
         per_layer[name].update(plan)
         if name in compensated and not alternate:
             t0 = time.perf_counter()
@@ -422,5 +424,6 @@ def settings_of(settings) -> dict:
         "semi_structured": ("n_of_m",),
         "welore": ("welore_reduction", "welore_min_ratio"),
     }
-    keys = [*used.get(settings.compressor, ()), *(("iterations",) if settings.compensation == "lq_lora" else ())]
+    alternation = {"lq_lora": ("iterations",), "loftq": ("loftq_iterations",)}.get(settings.compensation, ())
+    keys = [*used.get(settings.compressor, ()), *alternation]
     return {"modules": settings.modules, "recover": settings.recover, **{k: getattr(settings, k) for k in keys}}
