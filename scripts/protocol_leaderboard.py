@@ -1,7 +1,8 @@
-"""The small federated and continual leaderboards: a few methods per protocol, seeds 0-2.
+"""The small federated, continual and compressed-base leaderboards: a few methods per protocol, seeds 0-2.
 
     .venv/bin/python scripts/protocol_leaderboard.py --track federated    # results/leaderboard/federated
     .venv/bin/python scripts/protocol_leaderboard.py --track continual    # results/leaderboard/continual
+    .venv/bin/python scripts/protocol_leaderboard.py --track compressed   # results/leaderboard/compressed
     .venv/bin/python scripts/protocol_leaderboard.py --track federated --rows lora --seeds 0 --out /tmp/lb
 
 Both start from Track A's setting (scripts/leaderboard.py: minilm_l6 = all-MiniLM-L6-v2, max length
@@ -20,6 +21,16 @@ training subset of each, 100 steps per task, every task seen so far scored on it
 each stage. Rows: full fine-tuning, LoRA and DoRA trained sequentially, LoRA with experience replay
 (64 examples per finished task, a quarter of each batch), and I-LoRA (replay plus a slow EMA adapter
 with decay 0.99 and the fast/slow consistency loss; the slow weights are evaluated).
+
+Compressed (``COMPRESSED``): Track A's SST-2 protocol (4,000 sentences, 250 steps, full dev set) on a
+compressed MiniLM: every linear layer inside the 6 blocks compressed (36 matrices), the LoRA (r 8)
+on all of them (query, key, value and the three dense projections) so that a compensation reaches
+every compressed matrix, at LoRA's Track A rate (2e-3). Rows: QLoRA-style LoRA on an HQQ 4-bit base
+(group 64), the same base with EoRA, LoftQ (one alternation, peft's default) and LQ-LoRA (at most
+20 alternations, fewer than the reference's cap of 100 to bound the CPU time; its ILP gives a mean
+of 3.25 bits per weight over 2/3/4/8-bit layers); LoRA on a 2:4-pruned base with EoRA, and LoRAM
+(trained on the 2:4 base, scored on the original weights); WeLore (half of all ranks pruned, the
+low-rank factors and the head fine-tuned at full fine-tuning's Track A rate, 2e-4).
 
 Run it from the repository root (the data folders are relative to it). Runs go through
 ``lorabench train`` one after another, every row at seed 0 first, then seed 1, then seed 2 (a
@@ -83,7 +94,36 @@ CONTINUAL = {
     "ilora": ["method=lora", "train.lr=0.002", "protocol.continual.strategy=ilora"],
     "dora": ["method=dora", "train.lr=0.002"],
 }
-TRACKS = {"federated": (FEDERATED_PROTOCOL, FEDERATED), "continual": (CONTINUAL_PROTOCOL, CONTINUAL)}
+COMPRESSED_PROTOCOL = [
+    "dataset=sst2",
+    "dataset.train_size=4000",
+    f"dataset.data_dir={DATA}/SST-2",
+    "train.max_steps=250",
+    "train.eval_every=0",
+    "protocol=compressed",
+    "model.target_modules=[query,key,value,dense]",
+]
+HQQ4 = ["method=lora", "train.lr=0.002"]
+TWO_OF_FOUR = [*HQQ4, "protocol.compressed.compressor=semi_structured"]
+COMPRESSED = {
+    "qlora_hqq4": HQQ4,
+    "eora_hqq4": [*HQQ4, "protocol.compressed.compensation=eora"],
+    "loftq_hqq4": [*HQQ4, "protocol.compressed.compensation=loftq"],
+    "lq_lora_3.25bit": [
+        *HQQ4,
+        "protocol.compressed.compensation=lq_lora",
+        "protocol.compressed.iterations=20",
+        "protocol.compressed.bit_budget=3.25",
+    ],
+    "eora_2of4": [*TWO_OF_FOUR, "protocol.compressed.compensation=eora"],
+    "loram_2of4": [*TWO_OF_FOUR, "protocol.compressed.recover=true"],
+    "welore_50": ["method=full", "train.lr=0.0002", "protocol.compressed.compressor=welore"],
+}
+TRACKS = {
+    "federated": (FEDERATED_PROTOCOL, FEDERATED),
+    "continual": (CONTINUAL_PROTOCOL, CONTINUAL),
+    "compressed": (COMPRESSED_PROTOCOL, COMPRESSED),
+}
 
 
 def overrides(track: str, row: str, seed: int, out: Path) -> list[str]:

@@ -547,3 +547,18 @@ def test_loftq_run(glue, tmp_path):  # noqa: F811
     assert all(v["alternations"] == 2 for v in report["per_layer"].values())
     assert report["output_error"]["compensated"] < report["output_error"]["compressed"]
     assert report["settings"]["loftq_iterations"] == 2
+
+
+def test_the_compressed_leaderboard_rows_are_valid_configs(tmp_path):
+    """Every row of scripts/protocol_leaderboard.py's compressed track composes and validates."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "protocol_leaderboard.py"
+    spec = importlib.util.spec_from_file_location("protocol_leaderboard", path)
+    board = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(board)
+    for row in board.COMPRESSED:
+        args = [a for a in board.overrides("compressed", row, 0, tmp_path) if not a.startswith("dataset.data_dir=")]
+        cfg = validate_config(compose(args))
+        assert cfg.protocol.name == "compressed" and cfg.train.max_steps == 250, row
