@@ -230,11 +230,26 @@ def compressed_args(folder, results, *extra: str) -> list[str]:
 
 @pytest.mark.parametrize(
     "compressor,compensation",
-    [("hqq", "eora"), ("semi_structured", "svd"), ("magnitude", "none")],
+    [("hqq", "eora"), ("semi_structured", "svd"), ("magnitude", "none"), ("hqq", "eora_bf16")],
 )
 def test_compressed_cli_run_records_sizes_and_errors(glue, tmp_path, compressor, compensation):  # noqa: F811
+    """Each compressor, with a compensation each; HQQ also under bf16 autocast, where its layers
+    dequantize to bf16 (scales and zeros stored in bf16: 4.5 bits per weight at group 64) and
+    training, evaluation and the calibration passes meet float32 and bf16 operands."""
+    bf16 = compensation.endswith("_bf16")
+    compensation = compensation.removesuffix("_bf16")
     extra = (f"protocol.compressed.compressor={compressor}", f"protocol.compressed.compensation={compensation}")
-    assert train(*compressed_args(glue["sst2"], tmp_path, *extra)) == 0
+    extra += ("hardware.mixed_precision=bf16",) if bf16 else ()
+    if bf16:  # accelerate keeps one process-wide state: a run at another precision needs it cleared
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        code = train(*compressed_args(glue["sst2"], tmp_path, *extra))
+    finally:
+        if bf16:
+            AcceleratorState._reset_state(reset_partial_state=True)
+    assert code == 0
     run_dir, record = only_record(tmp_path)
     assert validate_record(record) is None and record["status"] == "completed"
     assert record["run_id"].startswith("lora-compressed-sst2-tiny_bert-s0-")
@@ -242,7 +257,11 @@ def test_compressed_cli_run_records_sizes_and_errors(glue, tmp_path, compressor,
     assert report["compressor"] == compressor and report["compensation"] == compensation
     layers = report["layers"]["compressed"]
     assert layers == len(report["per_layer"]) > 0 and all(".layer." in n for n in report["per_layer"])
-    expected_bits = {"hqq": 4 + 2 * 32 / 64, "semi_structured": 32 / 2 + 2 / 2, "magnitude": 32 / 2 + 1}
+    expected_bits = {
+        "hqq": 4 + 2 * (16 if bf16 else 32) / 64,
+        "semi_structured": 32 / 2 + 2 / 2,
+        "magnitude": 32 / 2 + 1,
+    }
     assert report["bits_per_weight"] == pytest.approx(expected_bits[compressor], rel=1e-6)
     assert report["compressed_bytes"] < report["dense_bytes"]
     assert 0 < report["weight_error"]["mean"] <= report["weight_error"]["max"]

@@ -45,17 +45,46 @@ class Compressed:
     stored_bytes: int  # bytes of the compressed weight as stored (values, scales, zeros, masks)
 
 
+_HQQ_LINEAR = None
+
+
+def hqq_linear_class():
+    """``hqq``'s ``HQQLinear`` with its matmul in the dtype of what it multiplies. HQQ's own
+    backward multiplies the incoming gradient by the dequantized weight outside autocast (a bf16
+    gradient against a float32 weight fails), and evaluation without autocast meets a bf16 weight
+    with float32 inputs; casting the dequantized weight to the other operand's dtype serves both.
+    peft still wraps it as ``HqqLoraLinear`` (a subclass)."""
+    global _HQQ_LINEAR
+    if _HQQ_LINEAR is None:
+        from hqq.core.quantize import HQQLinear as BaseHQQLinear
+
+        class HQQLinear(BaseHQQLinear):  # the name peft's layer-size lookup matches
+            """HQQ's layer, multiplying in the dtype of the other operand."""
+
+            def matmul(self, x: torch.Tensor, transpose: bool = True) -> torch.Tensor:
+                weight = self.dequantize().to(x.dtype)
+                return torch.matmul(x, weight.t() if transpose else weight)
+
+        _HQQ_LINEAR = HQQLinear
+    return _HQQ_LINEAR
+
+
 @COMPRESSORS.register("hqq")
-def hqq_quantize(linear: nn.Linear, settings) -> Compressed:
+def hqq_quantize(linear: nn.Linear, settings, compute_dtype: torch.dtype | None = None) -> Compressed:
     """W -> HQQ's ``nbits``-bit codes with a scale and zero point per group of ``group_size``
     weights along the input dimension (its ``axis=1``, the layout HQQ's kernels and peft's
-    ``HqqLoraLinear`` take), computed in the weight's dtype."""
-    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+    ``HqqLoraLinear`` take), dequantized to ``compute_dtype`` (default: the weight's dtype; the
+    protocol passes the autocast dtype under mixed precision, as QLoRA computes in bf16)."""
+    from hqq.core.quantize import BaseQuantizeConfig
 
     device = str(linear.weight.device)
     quant_config = BaseQuantizeConfig(nbits=settings.bits, group_size=settings.group_size)
-    layer = HQQLinear(
-        linear, quant_config=quant_config, compute_dtype=linear.weight.dtype, device=device, del_orig=True
+    layer = hqq_linear_class()(
+        linear,
+        quant_config=quant_config,
+        compute_dtype=compute_dtype or linear.weight.dtype,
+        device=device,
+        del_orig=True,
     )
     weight = layer.dequantize().to(layer.compute_dtype)
     stored = layer.W_q.numel() * layer.W_q.element_size()

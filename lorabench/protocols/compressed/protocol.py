@@ -50,11 +50,13 @@ from lorabench.train import build_run_parts, prepare_run, train_prepared
 PROTOCOL_VERSION = "1"  # bump when the compression, compensation or report rules change
 ADAPTER = "default"  # the peft adapter the run's method builds
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+MIXED_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # hardware.mixed_precision -> HQQ's compute dtype
 
 
 def train_compressed(session) -> None:
     """The compressed-base protocol (see the module docstring), inside lorabench.train.run_with_record."""
     cfg, settings = session.cfg, session.cfg.protocol.compressed
+    precision = cfg.hardware.mixed_precision
     parts = build_run_parts(cfg, session.spec, session.task, session.accelerator, session.record)
     layers = compressed_layers(parts.model, settings.modules)
     compensated = [name for name in layers if targeted(name, parts.targets)]
@@ -62,18 +64,21 @@ def train_compressed(session) -> None:
     if compensation.fn is None:
         compensated = []
     batches = [model_inputs(b) for b in parts.ctx.calibration_batches()]
-    reference = last_hidden_states(parts.model, batches)
-    moments = (
-        input_moments(parts.model, {n: layers[n] for n in compensated}, batches) if compensation.needs_inputs else {}
-    )
+    autocast = session.accelerator.autocast  # the calibration passes compute as training will
+    with autocast():
+        reference = last_hidden_states(parts.model, batches)
+        moments = {}
+        if compensation.needs_inputs:
+            moments = input_moments(parts.model, {n: layers[n] for n in compensated}, batches)
     rank = getattr(session.spec.params.get("adapter"), "rank", 0)
     originals = {n: (m.weight.detach().clone(), _bias(m)) for n, m in layers.items()} if settings.recover else {}
     t0 = time.perf_counter()
     per_layer, factors, compensation_s = compress_layers(
-        parts.model, layers, settings, compensated, compensation, moments, rank
+        parts.model, layers, settings, compensated, compensation, moments, rank, MIXED_DTYPES.get(precision)
     )
     compress_s = time.perf_counter() - t0 - compensation_s
-    error_compressed = output_error(parts.model, batches, reference)
+    with autocast():
+        error_compressed = output_error(parts.model, batches, reference)
     factor_only = session.spec.names.get("adapter", "none") == "none"  # WeLore: only the factors train
     if factor_only:
         expected = train_only_factors(parts.model, session.task.head)
@@ -81,7 +86,8 @@ def train_compressed(session) -> None:
     if factor_only:
         run.record["cost"]["expected_trainable_params"] = expected
     load_compensation(run.model, factors)
-    error_compensated = output_error(run.model, batches, reference) if factors else error_compressed
+    with autocast():
+        error_compensated = output_error(run.model, batches, reference) if factors else error_compressed
     run.record["protocol_report"] = protocol_report(
         settings, per_layer, error_compressed, error_compensated, compress_s, compensation_s
     )
@@ -257,11 +263,13 @@ def compress_one(linear, original, settings, compensation, moments, rank, altern
 
 
 @torch.no_grad()
-def compress_layers(model, layers, settings, compensated, compensation, moments, rank):
+def compress_layers(model, layers, settings, compensated, compensation, moments, rank, compute_dtype=None):
     """Compress every layer in place (at the bits :func:`allocated_bits` chose, with a bit budget);
     returns (per-layer stats, compensation factors by layer name, seconds spent on the compensation:
-    its factors, and for LQ-LoRA the whole alternation)."""
-    bits = allocated_bits(layers, settings, compensation, compensated, rank) if settings.bit_budget else {}
+    its factors, and for LQ-LoRA the whole alternation). ``compute_dtype``: HQQ's dequantized dtype
+    under mixed precision (lorabench.compression.compressors.hqq_quantize)."""
+    dtype = {"compute_dtype": compute_dtype} if compute_dtype is not None and settings.compressor == "hqq" else {}
+    bits = allocated_bits(layers, settings, compensation, compensated, rank, dtype) if settings.bit_budget else {}
     planner = getattr(COMPRESSORS.get(settings.compressor, where="protocol.compressed.compressor"), "plan", None)
     plans = planner(layers, settings) if planner else {}
     per_layer, factors, compensation_s = {}, {}, 0.0
@@ -272,7 +280,14 @@ def compress_layers(model, layers, settings, compensated, compensation, moments,
         t0 = time.perf_counter()
         plan = plans.get(name, {})
         result, lq_factors, iterations = compress_one(
-            linear, original, layer_settings, compensation, moments, rank_for(rank, original), alternate, plan
+            linear,
+            original,
+            layer_settings,
+            compensation,
+            moments,
+            rank_for(rank, original),
+            alternate,
+            {**plan, **dtype},
         )
         if alternate:
             factors[name] = lq_factors
@@ -305,7 +320,7 @@ def rank_for(rank: int, weight: torch.Tensor) -> int:
 
 
 @torch.no_grad()
-def allocated_bits(layers, settings, compensation, compensated, rank) -> dict[str, int]:
+def allocated_bits(layers, settings, compensation, compensated, rank, dtype: dict) -> dict[str, int]:
     """LQ-LoRA's ILP (lorabench.compression.allocation): each layer's bit width among
     ``settings.bit_choices`` minimising the total ‖W - Ŵ‖²_F with the stored bytes of all layers
     at most ``bit_budget`` bits per weight; Ŵ = Q + B A for layers LQ-LoRA's decomposition fits."""
@@ -326,7 +341,7 @@ def allocated_bits(layers, settings, compensation, compensated, rank) -> dict[st
                 {},
                 rank_for(rank, original),
                 alternate,
-                {},
+                dtype,
             )
             approx = result.weight.float() + (lq[0] @ lq[1] if lq is not None else 0)
             costs[i, c] = float((original.float() - approx).norm() ** 2)
