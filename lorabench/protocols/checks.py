@@ -5,6 +5,15 @@ from __future__ import annotations
 from lorabench.errors import ConfigError
 
 
+def not_plain_lora(method) -> str | None:
+    """Why ``method`` is not peft's plain LoRA (its adapter, or DoRA's magnitudes), else None: the
+    protocols that read or write the LoRA's A and B themselves (compose, compressed) need it."""
+    adapter, params = method.names["adapter"], method.params.get("adapter")
+    if adapter != "lora":
+        return f"adapter {adapter!r}"
+    return "DoRA (use_dora=true)" if getattr(params, "use_dora", False) else None
+
+
 def check_federated(cfg, method) -> None:
     """``method`` is the checked method (lorabench.method_params.check.CheckedMethod). FedSVD needs
     an A-frozen LoRA; DP only with FedAvg (Flower's DP wrapper noises every array the server sends,

@@ -14,6 +14,7 @@ def check_compose(cfg: RunConfig, method) -> list[str]:
     more; every merge exists; the method is peft's LoRA on a float base (its layers hold the A and B
     the merges read) without DoRA's magnitudes or a procedure; LoRA-LEGO's rank fits the units there
     are. ``method`` is the checked method. Returns the tasks' heads."""
+    from lorabench.protocols.checks import not_plain_lora
     from lorabench.protocols.compose.merges import MERGES
     from lorabench.protocols.continual.check import check_task_list
 
@@ -23,9 +24,9 @@ def check_compose(cfg: RunConfig, method) -> list[str]:
         raise ConfigError(f"{where}.tasks={settings.tasks} has one task; composition needs two or more")
     for name in settings.merges:
         MERGES.get(name, where=f"{where}.merges entry")
-    adapter, params = method.names["adapter"], method.params.get("adapter")
-    if adapter != "lora" or getattr(params, "use_dora", False):
-        kind = "DoRA (use_dora=true)" if adapter == "lora" else f"adapter {adapter!r}"
+    params = method.params.get("adapter")
+    kind = not_plain_lora(method)
+    if kind:
         raise ConfigError(
             f"protocol=compose merges peft LoRA experts (their A and B); method {method.label!r} has {kind}; "
             f"use a LoRA method (e.g. method=lora, rslora, pissa, olora)"

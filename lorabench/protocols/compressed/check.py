@@ -14,12 +14,13 @@ def check_compressed(cfg, method) -> None:
     or rewrites the base weights, such as PiSSA's SVD or LoftQ's quantization, would act on the
     compressed ones); the HQQ package is installed when the compressor needs it."""
     settings = cfg.protocol.compressed
-    adapter, params = method.names["adapter"], method.params.get("adapter")
+    from lorabench.protocols.checks import not_plain_lora
+
     if settings.compressor == "welore":
         check_welore(cfg, method)
         return
-    if adapter != "lora" or getattr(params, "use_dora", False):
-        kind = "DoRA (use_dora=true)" if adapter == "lora" else f"adapter {adapter!r}"
+    kind = not_plain_lora(method)
+    if kind:
         raise ConfigError(
             f"protocol=compressed trains a peft LoRA on the compressed layers; method {method.label!r} has "
             f"{kind}; use a LoRA method (e.g. method=lora, rslora), or compressor=welore with method=full"
@@ -29,7 +30,8 @@ def check_compressed(cfg, method) -> None:
         raise ConfigError(
             f"protocol=compressed starts the LoRA from protocol.compressed.compensation; method "
             f"{method.label!r} has init {init!r}, which reads or rewrites the base weights; use a method "
-            f"without an init (e.g. method=lora) and choose the compensation (none, svd, eora)"
+            f"without an init (e.g. method=lora) and choose the compensation "
+            f"({', '.join(settings.COMPENSATIONS)})"
         )
     if settings.recover and settings.compensation != "none":
         raise ConfigError(
