@@ -146,10 +146,13 @@ EXTRA_LR = {
     "badam": [2e-4],  # 57.7 at 5e-5: each of its 7 blocks trains only about 36 of the 250 steps
     # PEGO (scale 1, as its authors' alpha = rank) stayed at chance at 1e-4..1e-3 (loss 0.69 -> 0.65 at
     # 1e-3); equal chance scores pick the smallest rate, so the edge extension went down, not up
-    "pego": [2e-3, 5e-3],
+    # after that top-up PEGO and S2-LoRA still picked 2e-2, the top of the grid after its two extensions,
+    # so 1e-2 and 2e-2 become grid points and the extension goes on above 2e-2
+    "pego": [2e-3, 5e-3, 1e-2, 2e-2],
+    "s2_lora": [2e-3, 5e-3, 1e-2, 2e-2],
     # still rising at the largest rate after the two edge extensions (5e-4 -> 5e-3): the rates already
     # run become grid points, so the extension goes on above 5e-3
-    **dict.fromkeys(("alignguard_lora", "codyra", "s2_lora", "sara", "tlora", "wara"), [2e-3, 5e-3]),
+    **dict.fromkeys(("alignguard_lora", "codyra", "sara", "tlora", "wara"), [2e-3, 5e-3]),
 }
 # Grid extension (lorabench.tuning.ladder, which holds LR_LADDER and MAX_EDGE_STEPS): while a method's
 # pick sits at an edge of a grid of two or more points, the sweep adds the next rate of LR_LADDER beyond
