@@ -901,6 +901,19 @@ def train_prepared(session: Session, run: Run, before_final_evaluation: Callable
     finish_record(run)
 
 
+def new_accelerator(cpu: bool, mixed_precision: str) -> Accelerator:
+    """The run's Accelerator. Accelerate keeps one process-wide ``AcceleratorState`` and refuses a
+    second Accelerator at another precision; a later run in the same process (a sweep, a protocol's
+    stages, a notebook, the tests) at another ``mixed_precision`` clears that state first. The
+    ``PartialState`` (device, process group of a distributed launch) is kept."""
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state.get("_mixed_precision") not in (None, mixed_precision):
+        AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+
+
 def run_with_record(cfg: RunConfig, spec: MethodSpec, command: str, body: Callable[[Session], None]) -> dict:
     """Run ``body`` inside a run's record: skip it if completed (or trained by another process),
     claim the run id, open (or continue) the record, start the tracker and the signal flag, and
@@ -911,7 +924,7 @@ def run_with_record(cfg: RunConfig, spec: MethodSpec, command: str, body: Callab
     if _completed(previous, cfg):
         return _skip_completed(rid, record_path, previous)
 
-    accelerator = Accelerator(cpu=cfg.hardware.device == "cpu", mixed_precision=cfg.hardware.mixed_precision)
+    accelerator = new_accelerator(cfg.hardware.device == "cpu", cfg.hardware.mixed_precision)
     is_main = accelerator.is_main_process
     claim = claim_run(record_path.parent, accelerator)  # one trainer per run id, held to the end
     if not claim.owned:

@@ -240,15 +240,7 @@ def test_compressed_cli_run_records_sizes_and_errors(glue, tmp_path, compressor,
     compensation = compensation.removesuffix("_bf16")
     extra = (f"protocol.compressed.compressor={compressor}", f"protocol.compressed.compensation={compensation}")
     extra += ("hardware.mixed_precision=bf16",) if bf16 else ()
-    if bf16:  # accelerate keeps one process-wide state: a run at another precision needs it cleared
-        from accelerate.state import AcceleratorState
-
-        AcceleratorState._reset_state(reset_partial_state=True)
-    try:
-        code = train(*compressed_args(glue["sst2"], tmp_path, *extra))
-    finally:
-        if bf16:
-            AcceleratorState._reset_state(reset_partial_state=True)
+    code = train(*compressed_args(glue["sst2"], tmp_path, *extra))
     assert code == 0
     run_dir, record = only_record(tmp_path)
     assert validate_record(record) is None and record["status"] == "completed"
