@@ -249,7 +249,7 @@ def export_command(argv: list[str]) -> int:
 
 
 def methods_command(argv: list[str]) -> int:
-    from lorabench.methods.catalog import fidelity_rows, method_rows
+    from lorabench.methods.catalog import fidelity_rows, method_rows, strategy_rows
 
     parser = argparse.ArgumentParser(prog="lorabench methods", description="Registered method presets.")
     parser.add_argument(
@@ -257,10 +257,20 @@ def methods_command(argv: list[str]) -> int:
         action="store_true",
         help="one row per component: agreement with the authors' code (status, reference, tolerance, deviations)",
     )
+    parser.add_argument(
+        "--strategies",
+        action="store_true",
+        help="one row per preset: can it run under hardware.strategy=ddp / fsdp, the two-process check, and why not",
+    )
     args = parser.parse_args(argv)
     if args.fidelity:
         rows = fidelity_rows(CONF_DIR / "method")
         header = ("preset", "component", "status", "reference", "tolerance", "deviations / unchecked")
+    elif args.strategies:
+        from lorabench.distributed import STRATEGIES
+
+        rows = strategy_rows(CONF_DIR / "method")
+        header = ("preset", *STRATEGIES, "two-process check", "why not")
     else:
         rows = method_rows(CONF_DIR / "method")
         header = ("preset", "family", "backed by", "size knob (budget)", "components", "paper")

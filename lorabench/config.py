@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
+from lorabench.distributed import STRATEGIES
 from lorabench.errors import ConfigError
 
 
@@ -160,6 +161,7 @@ class HardwareConfig:
     name: str = "cpu"
     device: str = "cpu"  # cpu | cuda
     num_processes: int = 1
+    strategy: str = "ddp"  # ddp | fsdp (lorabench.distributed): how the processes share the model
     mixed_precision: str = "no"  # no | bf16 | fp16
     micro_batch_size: Optional[int] = None  # None: derived from the global batch (``derive_micro_batch``)
     gradient_checkpointing: bool = False
@@ -176,6 +178,7 @@ class HardwareConfig:
     def __post_init__(self) -> None:
         check_choice("hardware.device", self.device, self.DEVICES)
         check_choice("hardware.mixed_precision", self.mixed_precision, self.PRECISIONS)
+        check_choice("hardware.strategy", self.strategy, STRATEGIES)
         check_positive("hardware.num_processes", self.num_processes)
         if self.micro_batch_size is not None:
             check_positive("hardware.micro_batch_size", self.micro_batch_size)

@@ -45,7 +45,7 @@ def _tensors_in(value, depth: int = 0):
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of every tensor the optimizer keeps in its state, including tensors held by objects
     stored there (GaLore projectors) and by an ``extra_state_tensors()`` method if it has one.
-    Each storage is counted once."""
+    Each storage is counted once; a sharded tensor (FSDP2's ``DTensor``) counts this process's shard."""
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps optimizers
     seen, total = set(), 0
     sources = [inner.state]
@@ -53,6 +53,7 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
         sources.append(list(inner.extra_state_tensors()))
     for source in sources:
         for tensor in _tensors_in(source):
+            tensor = tensor.to_local() if hasattr(tensor, "to_local") else tensor
             key = (tensor.untyped_storage().data_ptr(), tensor.device)
             if key in seen:
                 continue

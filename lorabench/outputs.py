@@ -27,13 +27,30 @@ def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
+def whole_state_dict(model) -> dict | None:
+    """A sharded model's (FSDP2, inside ``lorabench.distributed.whole_model``) state dict of whole
+    tensors, copied to host memory one by one (FSDP2's gathered parameters are views of one buffer per
+    unit, which the savers' alias check cannot handle): its ``state_dict()`` would return the shards.
+    None (the model's own) when not sharded."""
+    from lorabench.distributed import is_sharded
+
+    if not is_sharded(model):
+        return None
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    for prefix, module in model.named_modules(remove_duplicate=False):  # persistent buffers, as state_dict keeps
+        for name, buffer in module._buffers.items():
+            if buffer is not None and name not in module._non_persistent_buffers_set:
+                tensors[f"{prefix}.{name}" if prefix else name] = buffer
+    return {name: t.detach().to("cpu", copy=True) for name, t in tensors.items()}
+
+
 def _save_peft(model, tokenizer, run_dir: Path, hub_id: str | None) -> dict | None:
     config = getattr(model, "peft_config", {}).get("default")
     if config is None or str(getattr(config, "peft_type", "")) in ("XLORA", "PeftType.XLORA"):
         return None  # X-LoRA's own folder layout is peft's; lorabench saves its classifier in adapter.safetensors
     config.base_model_name_or_path = hub_id
     folder = run_dir / PEFT_ADAPTER_DIR
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, state_dict=whole_state_dict(model))
     tokenizer.save_pretrained(folder)
     return {"path": PEFT_ADAPTER_DIR, "bytes": _folder_bytes(folder), "base_model_name_or_path": hub_id}
 
@@ -52,7 +69,7 @@ def save_outputs(model, tokenizer, run_dir: Path, *, has_adapter: bool, hub_id: 
             outputs["peft_adapter"] = peft
     elif save_model:
         folder = run_dir / MODEL_DIR
-        model.save_pretrained(folder, safe_serialization=True)
+        model.save_pretrained(folder, safe_serialization=True, state_dict=whole_state_dict(model))
         tokenizer.save_pretrained(folder)
         outputs["model"] = {"path": MODEL_DIR, "bytes": _folder_bytes(folder)}
     return outputs

@@ -42,6 +42,7 @@ from lorabench.config import RunConfig
 from lorabench.console import progress
 from lorabench.data.base import collate, count_tokens, resolve_primary
 from lorabench.data.cache import cached_features
+from lorabench.distributed import new_accelerator, plan_sharding, whole_model
 from lorabench.fingerprint import local_inputs
 from lorabench.lm_loss import forward_loss
 from lorabench.measure import PeakMemory, optimizer_state_bytes, parameter_counts, provenance
@@ -137,7 +138,8 @@ def _evaluate(task, model, tokenizer, examples, cfg: RunConfig, accelerator: Acc
     unwrapped = accelerator.unwrap_model(model)
     rank, world = accelerator.process_index, accelerator.num_processes
     indices = list(range(rank, len(examples), world))
-    preds = task.predict(unwrapped, tokenizer, [examples[i] for i in indices], cfg.dataset, accelerator.device)
+    with whole_model(unwrapped):  # FSDP: shards gathered, so processes may run different numbers of batches
+        preds = task.predict(unwrapped, tokenizer, [examples[i] for i in indices], cfg.dataset, accelerator.device)
     gathered = sorted(gather_object(list(zip(indices, preds))) if world > 1 else zip(indices, preds))
     predictions = [p for _, p in gathered]
     model.train()
@@ -230,6 +232,7 @@ def _new_record(cfg: RunConfig, cfg_dict: dict, spec: MethodSpec, command: str, 
             "device": str(accelerator.device),
             "device_name": _device_name(accelerator),
             "num_processes": accelerator.num_processes,
+            "strategy": cfg.hardware.strategy,
             "mixed_precision": cfg.hardware.mixed_precision,
             "micro_batch_size": cfg.hardware.micro_batch_size,
             "gradient_accumulation": cfg.gradient_accumulation(),
@@ -516,6 +519,7 @@ def prepare_run(
     scheduler = get_scheduler(
         cfg.train.schedule, optimizer, num_warmup_steps=warmup, num_training_steps=max(cfg.train.max_steps, 1)
     )
+    plan_sharding(accelerator, model)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, parts.loader, scheduler)
     trainable, total = parameter_counts(model)
     record["cost"].update({"trainable_params": trainable, "total_params": total, "expected_trainable_params": expected})
@@ -897,21 +901,9 @@ def train_prepared(session: Session, run: Run, before_final_evaluation: Callable
     record_training_cost(run, state)
     if before_final_evaluation is not None:
         before_final_evaluation(run, state)
-    evaluate(run, state)
-    finish_record(run)
-
-
-def new_accelerator(cpu: bool, mixed_precision: str) -> Accelerator:
-    """The run's Accelerator. Accelerate keeps one process-wide ``AcceleratorState`` and refuses a
-    second Accelerator at another precision; a later run in the same process (a sweep, a protocol's
-    stages, a notebook, the tests) at another ``mixed_precision`` clears that state first. The
-    ``PartialState`` (device, process group of a distributed launch) is kept."""
-    from accelerate.state import AcceleratorState
-
-    state = AcceleratorState._shared_state
-    if state.get("_mixed_precision") not in (None, mixed_precision):
-        AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+    with whole_model(run.accelerator.unwrap_model(run.model)):  # FSDP: the analyses and outputs see whole tensors
+        evaluate(run, state)
+        finish_record(run)
 
 
 def run_with_record(cfg: RunConfig, spec: MethodSpec, command: str, body: Callable[[Session], None]) -> dict:
@@ -924,7 +916,7 @@ def run_with_record(cfg: RunConfig, spec: MethodSpec, command: str, body: Callab
     if _completed(previous, cfg):
         return _skip_completed(rid, record_path, previous)
 
-    accelerator = new_accelerator(cfg.hardware.device == "cpu", cfg.hardware.mixed_precision)
+    accelerator = new_accelerator(cfg.hardware.device == "cpu", cfg.hardware.mixed_precision, cfg.hardware.strategy)
     is_main = accelerator.is_main_process
     claim = claim_run(record_path.parent, accelerator)  # one trainer per run id, held to the end
     if not claim.owned:

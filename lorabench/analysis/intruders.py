@@ -137,6 +137,10 @@ def merged_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     from lorabench.methods.adapters.layer import adapter_layers
 
     if hasattr(model, "peft_config") and hasattr(model, "merge_and_unload"):
+        from lorabench.distributed import is_sharded
+
+        if is_sharded(model):  # FSDP refuses deepcopy; inside whole_model the parameters are whole tensors
+            return _peft_lora_weights(model)
         model = copy.deepcopy(model).merge_and_unload()
     weights = {n: p.detach().float().cpu() for n, p in model.named_parameters() if p.ndim == 2}
     for name, layer in adapter_layers(model).items():
@@ -145,6 +149,27 @@ def merged_weights(model: nn.Module) -> dict[str, torch.Tensor]:
         if layer.merged:
             delta = torch.zeros_like(delta)
         weights[f"{name}.weight"] = base + (delta if delta.shape == base.shape else delta.T)
+    return weights
+
+
+def _peft_lora_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``merged_weights`` of a peft LoRA model without copying it: every 2-D weight, and for each
+    LoRA layer base weight + ``get_delta_weight`` (what ``merge_and_unload`` adds), keyed by the base
+    model's names. Adapters whose merge is not an added delta (DoRA's magnitude) are refused."""
+    from peft.tuners.lora import LoraLayer
+
+    weights = {}
+    for name, p in model.named_parameters():
+        if p.ndim == 2 and "lora_" not in name:
+            weights[name.removeprefix("base_model.model.").replace(".base_layer.", ".")] = p.detach().float().cpu()
+    for name, layer in model.named_modules():
+        if not isinstance(layer, LoraLayer):
+            continue
+        if any(layer.use_dora.values()):
+            raise ValueError("intruder analysis of a sharded DoRA model: its merge is not an added delta")
+        delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
+        key = name.removeprefix("base_model.model.") + ".weight"
+        weights[key] = weights[key] + delta.detach().float().cpu()
     return weights
 
 

@@ -121,6 +121,7 @@ def check_run_fit(cfg, method: CheckedMethod) -> None:
     each weight inside the backward pass, so nothing may need every gradient before the update
     (lorabench.methods.optimizers.galore_family.GaLoreFamily.enable_layerwise)."""
     _check_regularizer_fit(cfg, method)
+    check_strategy(cfg, method)
     optimizer = method.params.get("optimizer")
     if not getattr(optimizer, "layerwise", False):
         return
@@ -144,6 +145,45 @@ def check_run_fit(cfg, method: CheckedMethod) -> None:
             raise ConfigError(
                 f"method.layerwise=true updates each weight during the backward pass: {key} must be {needed}"
             )
+
+
+def strategy_conflicts(method: CheckedMethod) -> list[str]:
+    """Why ``method`` cannot run under a sharded ``hardware.strategy``: one line per component that
+    declares it needs whole tensors (``ParamsEntry.sharding``); empty if it can."""
+    out = []
+    for axis, name in method.names.items():
+        if name != "none" and (reason := entry(axis, name).sharding) != "any":
+            out.append(f"{axis} {name!r} {reason}")
+    return out
+
+
+# settings of a run that a sharded strategy does not support yet: key -> (refused when, what works)
+SHARDED_RUN_LIMITS = {
+    "checkpoint.every": (lambda cfg: cfg.checkpoint.every > 0, "0 (checkpoints of FSDP shards are not written yet)"),
+    "protocol.name": (
+        lambda cfg: cfg.protocol.name != "single",
+        "single (the multi-task, federated and compressed protocols keep whole per-task or packed tensors)",
+    ),
+}
+
+
+def check_strategy(cfg, method: CheckedMethod) -> None:
+    """``hardware.strategy``: a sharded one (FSDP2) needs every component to run on shards and the
+    run's other settings to allow it; one line says why not and what works instead."""
+    from lorabench.distributed import SHARDED
+
+    strategy = cfg.hardware.strategy
+    if strategy not in SHARDED:
+        return
+    conflicts = strategy_conflicts(method)
+    if conflicts:
+        raise ConfigError(
+            f"hardware.strategy={strategy} shards every weight over the processes, but method {method.label!r}: "
+            f"{'; '.join(conflicts)}; use hardware.strategy=ddp (each process holds the whole model)"
+        )
+    for key, (refused, works) in SHARDED_RUN_LIMITS.items():
+        if refused(cfg):
+            raise ConfigError(f"hardware.strategy={strategy} needs {key}={works}")
 
 
 def _check_regularizer_fit(cfg, method: CheckedMethod) -> None:

@@ -28,6 +28,12 @@ PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 # lora_pro
 MODES = ("full", "efficient")
 
+# why the low-rank gradient optimizers cannot run on FSDP2 shards (lorabench.distributed)
+PROJECTS_WHOLE_GRADIENT = (
+    "projects each weight's whole gradient matrix onto a low-rank subspace (an SVD or DCT of it), and an "
+    "FSDP shard holds only some of its rows"
+)
+
 
 @params_for("optimizer", "adamw")
 @dataclass
@@ -51,7 +57,7 @@ class ALLoRAParams:
         check_choice("method.allora_norm", self.allora_norm, NORMS)
 
 
-@params_for("optimizer", "dct_adamw")
+@params_for("optimizer", "dct_adamw", sharding=PROJECTS_WHOLE_GRADIENT)
 @dataclass
 class DCTAdamWParams:
     rank: int = 8
@@ -95,7 +101,7 @@ class ProjectedAdamParams:
         check_positive("method.eps", self.eps)
 
 
-@params_for("optimizer", "galore")
+@params_for("optimizer", "galore", sharding=PROJECTS_WHOLE_GRADIENT)
 @dataclass
 class GaLoreParams(ProjectedAdamParams):
     projector: str = "svd"  # svd (the paper), randomized_svd, random
@@ -106,7 +112,7 @@ class GaLoreParams(ProjectedAdamParams):
         check_choice("method.projector", self.projector, ("svd", "randomized_svd", "random"))
 
 
-@params_for("optimizer", "fira")
+@params_for("optimizer", "fira", sharding=PROJECTS_WHOLE_GRADIENT)
 @dataclass
 class FiraParams(ProjectedAdamParams):
     gamma: float = 1.01  # norm-growth limiter
@@ -119,7 +125,7 @@ class FiraParams(ProjectedAdamParams):
         check_choice("method.fira_residual", self.fira_residual, ("package", "exact"))
 
 
-@params_for("optimizer", "frugal")
+@params_for("optimizer", "frugal", sharding=PROJECTS_WHOLE_GRADIENT)
 @dataclass
 class FrugalParams:
     density: float = 0.25
@@ -147,7 +153,7 @@ class FrugalParams:
 
 
 # galore_torch.py imports it as GaLoreParams (the name above is the galore optimizer's)
-@params_for("optimizer", "galore_torch")
+@params_for("optimizer", "galore_torch", sharding=PROJECTS_WHOLE_GRADIENT)
 @dataclass
 class GaLoreTorchParams:
     rank: int = 8
@@ -162,7 +168,12 @@ class GaLoreTorchParams:
         check_choice("method.proj_type", self.proj_type, PROJ_TYPES)
 
 
-@params_for("optimizer", "lora_pro", requires_adapter=("lora",))
+@params_for(
+    "optimizer",
+    "lora_pro",
+    requires_adapter=("lora",),
+    sharding="solves for each LoRA pair's gradients from both whole factors (their Gram matrices and products)",
+)
 @dataclass
 class LoraProParams:
     lora_pro_mode: str = "full"  # full: Adam on the equivalent gradient (released code); efficient: AdamW on A, B
@@ -189,7 +200,7 @@ class LoraPlusParams:
         check_positive("method.loraplus_lr_ratio", self.loraplus_lr_ratio)
 
 
-@params_for("optimizer", "q_galore")
+@params_for("optimizer", "q_galore", sharding=PROJECTS_WHOLE_GRADIENT)
 @dataclass
 class QGaLoreParams:
     rank: int = 8

@@ -40,7 +40,12 @@ class DyLoraSamplingParams:
     eval_all_ranks: bool = False  # after training, evaluate at every rank 1..r_max (the rank -> metric curve)
 
 
-@params_for("procedure", "increlora", requires_adapter=("increlora",))
+@params_for(
+    "procedure",
+    "increlora",
+    requires_adapter=("increlora",),
+    sharding="adds rank components (new tensors) to the adapter during the run, which FSDP2 cannot add to its shards",
+)
 @dataclass
 class IncreLoraAllocParams:
     target_r: int = 8  # average active rank per module at the end (budget target_r x modules)

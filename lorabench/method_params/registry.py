@@ -22,6 +22,10 @@ class ParamsEntry:
     params: type  # the Params dataclass
     # adapter names the component works with ("none": only without an adapter); empty: any adapter
     requires_adapter: tuple[str, ...] = ()
+    # "any": runs on FSDP2 shards (elementwise on parameters and gradients, or acting only in the
+    # forward); otherwise why it needs whole tensors, which hardware.strategy=fsdp refuses with
+    # (lorabench.distributed, ``lorabench methods --strategies``)
+    sharding: str = "any"
 
 
 @dataclass
@@ -38,12 +42,14 @@ PARAMS: dict[str, Registry] = {
 }
 
 
-def params_for(axis: str, name: str, requires_adapter: tuple[str, ...] = ()) -> Callable[[type], type]:
+def params_for(
+    axis: str, name: str, requires_adapter: tuple[str, ...] = (), sharding: str = "any"
+) -> Callable[[type], type]:
     """Class decorator: ``cls`` declares the hyper-parameters of component ``name`` on ``axis``
     (stack it for a class two components share); returns ``cls`` unchanged."""
 
     def decorator(cls: type) -> type:
-        PARAMS[axis].register(name)(ParamsEntry(cls, tuple(requires_adapter)))
+        PARAMS[axis].register(name)(ParamsEntry(cls, tuple(requires_adapter), sharding))
         return cls
 
     return decorator

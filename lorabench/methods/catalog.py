@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -28,6 +29,31 @@ def method_rows(method_dir: Path) -> list[tuple[str, ...]]:
             continue
         parts = "+".join(f"{axis}:{n}" for axis, n in spec.names.items() if n != "none")
         rows.append((name, spec.family, spec.backed_by(), describe_knob(spec), parts, spec.paper))
+    return rows
+
+
+STRATEGY_MATRIX = Path(__file__).resolve().parents[2] / "results" / "strategies" / "matrix.json"
+
+
+def strategy_rows(method_dir: Path, matrix: Path = STRATEGY_MATRIX) -> list[tuple[str, ...]]:
+    """One row per preset: can it run under each ``hardware.strategy`` (what its components declare,
+    lorabench.method_params: ``sharding``), and what the committed two-process check
+    (``scripts/strategy_matrix.py``, results/strategies/) measured for it."""
+    from lorabench.distributed import STRATEGIES
+    from lorabench.method_params.check import check_method, strategy_conflicts
+
+    measured = json.loads(matrix.read_text())["presets"] if matrix.exists() else {}
+    rows = []
+    for name, raw in load_presets(method_dir).items():
+        try:
+            conflicts = strategy_conflicts(check_method(dict(raw)))
+        except ConfigError as exc:  # a preset that needs run-time input (X-LoRA's experts)
+            rows.append((name, *("-" for _ in STRATEGIES), "not run", f"unavailable as a preset: {exc}"))
+            continue
+        cells = ["yes" if strategy == "ddp" or not conflicts else "no" for strategy in STRATEGIES]
+        checked = measured.get(name, {})
+        check = ", ".join(f"{s}: {checked[s]['verdict']}" for s in STRATEGIES if s in checked) or "not run"
+        rows.append((name, *cells, check, "; ".join(conflicts)))
     return rows
 
 

@@ -82,6 +82,7 @@ ADDED_LATER = (
     ("hardware", "labelled_logits", False),
     ("hardware", "loss_chunk", None),
     ("hardware", "release_memory", False),
+    ("hardware", "strategy", "ddp"),
 )
 
 
