@@ -66,11 +66,19 @@ class RunCanceled(Exception):
     """The run was stopped by SIGTERM/SIGINT (Ctrl-C, SLURM preemption)."""
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
+
+
 class StopFlag:
-    """First SIGTERM/SIGINT: outside the training loop, raise at once; inside it, finish the current
-    optimizer step (never a half-applied update), checkpoint, then stop. A second signal stops at once,
-    without a checkpoint, still through the ``except`` that records ``canceled``. Once ``finishing``
-    (the record's last write), further signals are ignored so that the write completes."""
+    """First SIGTERM/SIGINT/SIGUSR2: outside the training loop, raise at once; inside it, finish the
+    current optimizer step (never a half-applied update), checkpoint, then stop. A second signal stops
+    at once, without a checkpoint, still through the ``except`` that records ``canceled``. Once
+    ``finishing`` (the record's last write), further signals are ignored so that the write completes.
+
+    SIGUSR2 is what SLURM (and submitit, ``--signal=USR2@90``) sends before a time limit or on
+    preemption. After the record is closed, ``__exit__`` hands it to the handler that was installed
+    before the run (submitit's checkpoint-and-requeue under ``+sweep=slurm``): the job is requeued with
+    the same overrides and, with ``resume=auto``, continues from the checkpoint just written."""
 
     def __init__(self):
         self.signal_name: str | None = None
@@ -79,12 +87,15 @@ class StopFlag:
         self.previous = {}
 
     def __enter__(self) -> "StopFlag":
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        self.previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
         return self
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+        handed = self.previous.get(signal.SIGUSR2)
+        if self.signal_name == "SIGUSR2" and callable(handed):  # e.g. submitit: requeue the job
+            handed(signal.SIGUSR2, None)
 
     def _handle(self, signum, _frame) -> None:
         name = signal.Signals(signum).name
@@ -98,10 +109,22 @@ class StopFlag:
 
 
 def _fault_injection_step() -> int | None:
-    """LORABENCH_FAULT_AT_STEP=k makes the run send itself SIGTERM after step k (tests use it to
-    prove that an interrupted and resumed run equals an uninterrupted one)."""
+    """LORABENCH_FAULT_AT_STEP=k makes the run send itself SIGTERM (``LORABENCH_FAULT_SIGNAL``:
+    another signal name, e.g. SIGUSR2) after step k (tests use it to prove that an interrupted and
+    resumed run equals an uninterrupted one). With ``LORABENCH_FAULT_ONCE=FILE`` only while FILE
+    does not exist (it is created when the fault fires): a requeued job then runs to the end."""
     value = os.environ.get("LORABENCH_FAULT_AT_STEP")
+    once = os.environ.get("LORABENCH_FAULT_ONCE")
+    if once and Path(once).exists():
+        return None
     return int(value) if value else None
+
+
+def _inject_fault() -> None:
+    once = os.environ.get("LORABENCH_FAULT_ONCE")
+    if once:
+        Path(once).touch()
+    os.kill(os.getpid(), getattr(signal, os.environ.get("LORABENCH_FAULT_SIGNAL", "SIGTERM")))
 
 
 def resolve_targets(spec: MethodSpec, default: list[str], model: torch.nn.Module) -> list[str]:
@@ -888,7 +911,7 @@ def train_prepared(session: Session, run: Run, before_final_evaluation: Callable
             stop.in_loop = True
             state.timers.start()
         if step == fault_step:
-            os.kill(os.getpid(), signal.SIGTERM)
+            _inject_fault()
         if stop.signal_name:
             if cfg.checkpoint.every:
                 save_state(run, state)

@@ -129,7 +129,7 @@ def readme_commands() -> list[list[str]]:
 
 README = readme_commands()
 TRAIN_EXAMPLES = [c for c in README if c[0] == "train"]
-NEEDS_GPU = ("hardware=gpu", "hardware=gpu_ddp")
+NEEDS_GPU = ("hardware=gpu", "hardware=gpu_ddp", "hardware=gpu_fsdp")
 
 
 def test_the_readme_has_examples():
@@ -156,7 +156,9 @@ RUN_ELSEWHERE = ("hydra/sweeper=lr_optuna", "protocol=federated", "protocol=cont
 CPU_EXAMPLES = [
     c
     for c in TRAIN_EXAMPLES
-    if not any(a in NEEDS_GPU for a in c) and "hardware=cpu_ddp2" not in c and not any(a in RUN_ELSEWHERE for a in c)
+    if not any(a in NEEDS_GPU for a in c)
+    and not {"hardware=cpu_ddp2", "hardware=cpu_fsdp2"} & set(c)  # tests/test_strategies.py runs 2 processes
+    and not any(a in RUN_ELSEWHERE for a in c)
 ]
 
 

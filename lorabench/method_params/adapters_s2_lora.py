@@ -14,7 +14,11 @@ from lorabench.config import check_positive
 from lorabench.method_params.registry import params_for
 
 
-@params_for("adapter", "s2_lora")
+@params_for(
+    "adapter",
+    "s2_lora",
+    sharding="shares one A and one B across every layer, and FSDP2 gives each parameter to one unit (one block)",
+)
 @dataclass
 class S2LoraParams:
     rank: int = 8  # r: rows of the shared A, columns of the shared B, length of every c_l

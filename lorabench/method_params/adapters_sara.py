@@ -45,7 +45,12 @@ class SaraParams:
             check_positive("method.sara_threshold", self.sara_threshold)
 
 
-@params_for("procedure", "sara", requires_adapter=("sara",))
+@params_for(
+    "procedure",
+    "sara",
+    requires_adapter=("sara",),
+    sharding="re-selects and masks the smallest-|w| entries of whole weights in place between steps",
+)
 @dataclass
 class SaraProgressiveParams:
     sara_lambda_rank: float = 5.0e-4  # weight of the nuclear norm ||M * W||_* of one drawn layer per step

@@ -147,12 +147,15 @@ def check_run_fit(cfg, method: CheckedMethod) -> None:
             )
 
 
-def strategy_conflicts(method: CheckedMethod) -> list[str]:
-    """Why ``method`` cannot run under a sharded ``hardware.strategy``: one line per component that
-    declares it needs whole tensors (``ParamsEntry.sharding``); empty if it can."""
+def strategy_conflicts(method: CheckedMethod, strategy: str = "fsdp") -> list[str]:
+    """Why ``method`` cannot run under ``hardware.strategy`` on several processes: one line per
+    component that declares it (``ParamsEntry.sharding`` for fsdp, ``.ddp`` for ddp); empty if it can."""
     out = []
     for axis, name in method.names.items():
-        if name != "none" and (reason := entry(axis, name).sharding) != "any":
+        if (
+            name != "none"
+            and (reason := getattr(entry(axis, name), "sharding" if strategy == "fsdp" else strategy)) != "any"
+        ):
             out.append(f"{axis} {name!r} {reason}")
     return out
 
@@ -174,6 +177,12 @@ def check_strategy(cfg, method: CheckedMethod) -> None:
 
     strategy = cfg.hardware.strategy
     if strategy not in SHARDED:
+        conflicts = strategy_conflicts(method, strategy) if cfg.hardware.num_processes > 1 else []
+        if conflicts:
+            raise ConfigError(
+                f"hardware.strategy={strategy} on {cfg.hardware.num_processes} processes: method {method.label!r}: "
+                f"{'; '.join(conflicts)}"
+            )
         return
     conflicts = strategy_conflicts(method)
     if conflicts:

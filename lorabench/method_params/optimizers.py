@@ -240,4 +240,9 @@ class QGaLoreParams:
         check_positive("method.eps", self.eps)
 
 
-params_for("optimizer", "lorafa", requires_adapter=("lora",))(NoParams)
+params_for(
+    "optimizer",
+    "lorafa",
+    requires_adapter=("lora",),
+    sharding="projects B's gradient through the whole frozen A (peft's LoraFAOptimizer forms A's Gram matrix)",
+)(NoParams)

@@ -20,7 +20,13 @@ SWITCH_MODES = ("ascending", "descending", "random")
 NON_LAYER = ("auto", "active", "frozen", "blocks")
 
 
-@params_for("procedure", "badam", requires_adapter=("none",))
+@params_for(
+    "procedure",
+    "badam",
+    requires_adapter=("none",),
+    ddp="switches the trained block during the run, and DDP's gradient reducer is built once for a fixed set "
+    "of trainable parameters (FSDP2 handles the switch: use hardware.strategy=fsdp)",
+)
 @dataclass
 class BAdamParams:
     switch_every: int = 50  # K: Adam steps per block visit (the first visit gets K - 1)
@@ -81,7 +87,12 @@ class IncreLoraAllocParams:
         components_per_round(self.target_r, self.incre_rank_num)  # raises if the table has no entry
 
 
-@params_for("procedure", "lamda", requires_adapter=("lamda",))
+@params_for(
+    "procedure",
+    "lamda",
+    requires_adapter=("lamda",),
+    sharding="freezes columns of whole projection matrices by in-place masks between steps",
+)
 @dataclass
 class LamdaFreezeParams:
     pmb_freeze_every: float = 0.3  # eta: one more PMB column loses its gradient every eta x max_steps steps
@@ -121,7 +132,12 @@ class SomaWdParams:
             )
 
 
-@params_for("procedure", "sora", requires_adapter=("sora",))
+@params_for(
+    "procedure",
+    "sora",
+    requires_adapter=("sora",),
+    sharding="adds the gates' L1 term to the loss outside the model's forward, where FSDP2 holds them as shards",
+)
 @dataclass
 class SoraProximalParams:
     sparse_lambda: float = 3.0e-4  # threshold per step (authors' --sparse_lambda_2)
@@ -141,4 +157,9 @@ class SoraProximalParams:
             raise ConfigError(f"method.lambda_schedule={self.lambda_schedule!r} is invalid; use 'none' or 'linear'")
 
 
-params_for("procedure", "adalora", requires_adapter=("adalora",))(NoParams)
+params_for(
+    "procedure",
+    "adalora",
+    requires_adapter=("adalora",),
+    sharding="peft's rank allocator scores and masks ranks across whole lora_A/E/B tensors between steps",
+)(NoParams)

@@ -26,6 +26,8 @@ class ParamsEntry:
     # forward); otherwise why it needs whole tensors, which hardware.strategy=fsdp refuses with
     # (lorabench.distributed, ``lorabench methods --strategies``)
     sharding: str = "any"
+    # the same for hardware.strategy=ddp on more than one process: "any", or why DDP cannot run it
+    ddp: str = "any"
 
 
 @dataclass
@@ -43,13 +45,13 @@ PARAMS: dict[str, Registry] = {
 
 
 def params_for(
-    axis: str, name: str, requires_adapter: tuple[str, ...] = (), sharding: str = "any"
+    axis: str, name: str, requires_adapter: tuple[str, ...] = (), sharding: str = "any", ddp: str = "any"
 ) -> Callable[[type], type]:
     """Class decorator: ``cls`` declares the hyper-parameters of component ``name`` on ``axis``
     (stack it for a class two components share); returns ``cls`` unchanged."""
 
     def decorator(cls: type) -> type:
-        PARAMS[axis].register(name)(ParamsEntry(cls, tuple(requires_adapter), sharding))
+        PARAMS[axis].register(name)(ParamsEntry(cls, tuple(requires_adapter), sharding, ddp))
         return cls
 
     return decorator

@@ -55,7 +55,12 @@ class MgpoParams:
             raise ConfigError(f"method.mgpo_beta={self.mgpo_beta!r} is invalid; it must be in [0, 1)")
 
 
-@params_for("regularizer", "pego", requires_adapter=("lora",))
+@params_for(
+    "regularizer",
+    "pego",
+    requires_adapter=("lora",),
+    sharding="computes its orthogonality term from whole LoRA factors outside the model's forward",
+)
 @dataclass
 class PegoParams:
     """JudgingH/PEGO ``domainbed/algorithms/algorithms.py`` (``PEGO.update``): ``lora_nums`` LoRAs per

@@ -20,7 +20,12 @@ from lorabench.method_params.registry import params_for
 DATA_SUFFIXES = (".txt", ".jsonl")  # as analysis.forgetting_data (lorabench/analysis/forgetting.py)
 
 
-@params_for("regularizer", "alignguard", requires_adapter=("lora",))
+@params_for(
+    "regularizer",
+    "alignguard",
+    requires_adapter=("lora",),
+    sharding="projects each whole ΔW = BA onto its Fisher-guided subspace outside the model's forward",
+)
 @dataclass
 class AlignGuardParams:
     # lambda_A of lambda_A ||F^{1/2} dW_A||^2. Ours: 0.5 makes the term (1/2) vec(dW_A)^T F vec(dW_A), the

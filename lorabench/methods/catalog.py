@@ -46,14 +46,16 @@ def strategy_rows(method_dir: Path, matrix: Path = STRATEGY_MATRIX) -> list[tupl
     rows = []
     for name, raw in load_presets(method_dir).items():
         try:
-            conflicts = strategy_conflicts(check_method(dict(raw)))
+            method = check_method(dict(raw))
         except ConfigError as exc:  # a preset that needs run-time input (X-LoRA's experts)
             rows.append((name, *("-" for _ in STRATEGIES), "not run", f"unavailable as a preset: {exc}"))
             continue
-        cells = ["yes" if strategy == "ddp" or not conflicts else "no" for strategy in STRATEGIES]
+        conflicts = {s: strategy_conflicts(method, s) for s in STRATEGIES}
+        cells = ["no" if conflicts[s] else "yes" for s in STRATEGIES]
         checked = measured.get(name, {})
         check = ", ".join(f"{s}: {checked[s]['verdict']}" for s in STRATEGIES if s in checked) or "not run"
-        rows.append((name, *cells, check, "; ".join(conflicts)))
+        why = "; ".join(f"{s}: {'; '.join(c)}" for s, c in conflicts.items() if c)
+        rows.append((name, *cells, check, why))
     return rows
 
 

@@ -1,0 +1,125 @@
+"""hardware.strategy: FSDP2 (lorabench.distributed) against DDP and the one-process run, the
+declarations that refuse what cannot run on shards, and the committed measured matrix."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from lorabench.cli import main
+from lorabench.config_store import compose
+from lorabench.errors import ConfigError
+from lorabench.validate import build_run
+from tests.conftest import CONF_DIR, tiny_overrides
+
+ROOT = CONF_DIR.parent
+MATRIX = ROOT / "results" / "strategies" / "matrix.json"
+
+
+@pytest.fixture(scope="module")
+def strategy_matrix():
+    spec = importlib.util.spec_from_file_location("strategy_matrix", ROOT / "scripts" / "strategy_matrix.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _train(args: list[str]) -> tuple[dict, Path]:
+    with pytest.raises(SystemExit) as exc:
+        main(["train", *args])
+    assert exc.value.code == 0
+    root = Path(next(a.split("=", 1)[1] for a in args if a.startswith("results_dir=")))
+    path = next(root.rglob("record.json"))
+    return json.loads(path.read_text()), path.parent
+
+
+def test_one_process_fsdp_equals_the_plain_run(sst2_dir, tmp_path):
+    """A world of one under FSDP2 (DTensor parameters, whole_model around evaluation and saving)
+    trains, scores and saves exactly what the plain run does."""
+    extra = ("method=lora", "model.dropout=0.0", "train.log_every=1", "train.max_steps=3")
+    plain, plain_dir = _train(tiny_overrides("classification", sst2_dir, tmp_path / "plain", *extra))
+    fsdp, fsdp_dir = _train(
+        tiny_overrides("classification", sst2_dir, tmp_path / "fsdp", *extra, "hardware.strategy=fsdp")
+    )
+    assert fsdp["status"] == "completed" and fsdp["hardware"]["strategy"] == "fsdp"
+    assert [e["loss"] for e in fsdp["train_log"]] == [e["loss"] for e in plain["train_log"]]
+    assert fsdp["metrics"]["final"] == plain["metrics"]["final"]
+    assert fsdp["analysis"]["intruders_total"] == plain["analysis"]["intruders_total"]  # merged without a copy
+    for name in ("adapter.safetensors", "peft_adapter/adapter_model.safetensors"):
+        a, b = load_file(str(fsdp_dir / name)), load_file(str(plain_dir / name))
+        assert sorted(a) == sorted(b) and all(bool((a[k] == b[k]).all()) for k in a), name
+    assert fsdp["run_id"] != plain["run_id"]  # the strategy is part of the configuration
+
+
+@pytest.mark.parametrize("preset", ["lora", "full"])
+def test_two_process_fsdp_equals_ddp(strategy_matrix, sst2_dir, tmp_path, preset):
+    """2 processes (gloo): FSDP2's losses and saved tensors equal DDP's, and each process keeps half
+    the optimizer state (scripts/strategy_matrix.py's measurement)."""
+    cells = strategy_matrix.measure(preset, sst2_dir, tmp_path, timeout_s=240)
+    assert cells["ddp"]["verdict"] == "runs", cells
+    assert cells["fsdp"]["verdict"] == "equals ddp", cells
+    assert cells["fsdp"]["max_tensor_difference"] <= strategy_matrix.TENSOR_ATOL
+    ddp_bytes, fsdp_bytes = cells["ddp"]["optimizer_state_bytes"], cells["fsdp"]["optimizer_state_bytes"]
+    assert fsdp_bytes < 0.55 * ddp_bytes
+
+
+def test_the_matrix_verdict_rules(strategy_matrix):
+    """A differing loss or saved tensor is 'differs from ddp', a declared refusal 'refused'."""
+    ddp = {"status": "completed", "train_log": [{"loss": 1.0}, {"loss": 0.9}], "cost": {}}
+    verdict = strategy_matrix.verdict
+    assert verdict(ddp, ddp, {}, 0.0)["fsdp"]["verdict"] == "equals ddp"
+    off = {**ddp, "train_log": [{"loss": 1.0}, {"loss": 0.9001}]}
+    assert verdict(ddp, off, {}, 0.0)["fsdp"]["verdict"] == "differs from ddp"
+    assert verdict(ddp, ddp, {}, 1e-3)["fsdp"]["verdict"] == "differs from ddp"
+    refused = verdict(ddp, None, {"fsdp": "optimizer 'galore' needs whole gradients"}, None)["fsdp"]
+    assert refused["verdict"] == "refused" and "galore" in refused["reason"]
+
+
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        (["method=galore"], "optimizer 'galore' projects each weight's whole gradient matrix"),
+        (["method=lora_pro"], "optimizer 'lora_pro' solves for each LoRA pair's gradients"),
+        (["method=increlora"], "procedure 'increlora' adds rank components"),
+        (["method=lora", "checkpoint.every=10"], "needs checkpoint.every=0"),
+    ],
+)
+def test_sharded_strategy_refuses_what_needs_whole_tensors(overrides, needle):
+    with pytest.raises(ConfigError) as exc:
+        build_run(compose(["hardware=cpu_fsdp2", *overrides]))
+    assert needle in str(exc.value) and "hardware.strategy=fsdp" in str(exc.value)
+    build_run(compose(["hardware=cpu_ddp2", *overrides]))  # DDP runs them
+
+
+def test_ddp_refuses_a_trainable_set_that_moves_and_fsdp_runs_it():
+    """BAdam switches the trained block: DDP's reducer (built once) cannot follow, FSDP2 can."""
+    with pytest.raises(ConfigError, match=r"hardware.strategy=ddp on 2 processes: method 'badam': procedure 'badam'"):
+        build_run(compose(["hardware=cpu_ddp2", "method=badam"]))
+    build_run(compose(["hardware=cpu_fsdp2", "method=badam"]))
+    build_run(compose(["hardware=cpu", "method=badam"]))
+
+
+def test_unknown_strategy_names_the_choices():
+    with pytest.raises(ConfigError, match=r"hardware.strategy='zero' is invalid; valid choices: ddp, fsdp"):
+        build_run(compose(["hardware.strategy=zero"]))
+
+
+def test_committed_matrix_agrees_with_the_declarations():
+    """Every preset the committed two-process measurement ran: FSDP either equals DDP or is refused
+    by a declaration; none fails or differs while declared able to shard."""
+    from lorabench.method_params.check import check_method, strategy_conflicts
+    from lorabench.methods.catalog import load_presets
+
+    matrix = json.loads(MATRIX.read_text())["presets"]
+    presets = load_presets(ROOT / "conf" / "method")
+    assert set(matrix) <= set(presets) and len(matrix) >= 60
+    for preset, cells in matrix.items():
+        method = check_method(dict(presets[preset]))
+        ddp_refused, fsdp_refused = bool(strategy_conflicts(method, "ddp")), bool(strategy_conflicts(method, "fsdp"))
+        assert cells["ddp"]["verdict"] == ("refused" if ddp_refused else "runs"), (preset, cells["ddp"])
+        fsdp_ok = "refused" if fsdp_refused else ("runs (ddp refused: not compared)" if ddp_refused else "equals ddp")
+        assert cells["fsdp"]["verdict"] == fsdp_ok, (preset, cells["fsdp"])
