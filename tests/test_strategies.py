@@ -37,10 +37,18 @@ def _train(args: list[str]) -> tuple[dict, Path]:
     return json.loads(path.read_text()), path.parent
 
 
-def test_one_process_fsdp_equals_the_plain_run(sst2_dir, tmp_path):
+ONE_PROCESS_CASES = {
+    "lora": ("method=lora",),
+    # BAdam switches its trained block at every step: the switch must reach FSDP2's sharded parameters
+    "badam": ("method=badam", "method.switch_every=1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ONE_PROCESS_CASES))
+def test_one_process_fsdp_equals_the_plain_run(sst2_dir, tmp_path, case):
     """A world of one under FSDP2 (DTensor parameters, whole_model around evaluation and saving)
     trains, scores and saves exactly what the plain run does."""
-    extra = ("method=lora", "model.dropout=0.0", "train.log_every=1", "train.max_steps=3")
+    extra = (*ONE_PROCESS_CASES[case], "model.dropout=0.0", "train.log_every=1", "train.max_steps=4")
     plain, plain_dir = _train(tiny_overrides("classification", sst2_dir, tmp_path / "plain", *extra))
     fsdp, fsdp_dir = _train(
         tiny_overrides("classification", sst2_dir, tmp_path / "fsdp", *extra, "hardware.strategy=fsdp")
@@ -49,7 +57,12 @@ def test_one_process_fsdp_equals_the_plain_run(sst2_dir, tmp_path):
     assert [e["loss"] for e in fsdp["train_log"]] == [e["loss"] for e in plain["train_log"]]
     assert fsdp["metrics"]["final"] == plain["metrics"]["final"]
     assert fsdp["analysis"]["intruders_total"] == plain["analysis"]["intruders_total"]  # merged without a copy
-    for name in ("adapter.safetensors", "peft_adapter/adapter_model.safetensors"):
+    names = (
+        ("adapter.safetensors", "peft_adapter/adapter_model.safetensors")
+        if case == "lora"
+        else ("model/model.safetensors",)
+    )
+    for name in names:
         a, b = load_file(str(fsdp_dir / name)), load_file(str(plain_dir / name))
         assert sorted(a) == sorted(b) and all(bool((a[k] == b[k]).all()) for k in a), name
     assert fsdp["run_id"] != plain["run_id"]  # the strategy is part of the configuration

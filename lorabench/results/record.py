@@ -20,7 +20,8 @@ Added within version 1 (readers treat them as optional; records without them sta
   writing its end is closed as ``stale`` with ``wall_time_estimated``), resumed_from [{step,
   checkpoint, verified, at, skipped [{checkpoint, problem}]}] (one per resume, carried over),
   inputs {"dataset.data_dir" | "dataset.eval_data_dir" | "model.name_or_path": {path, sha256,
-  files}} (local folders by content; lorabench/fingerprint.py). Paths in ``config``, ``inputs``
+  files}} (local folders by content; lorabench/fingerprint.py), hardware.strategy (``ddp`` or
+  ``fsdp``; optimizer_state_bytes is then this process's shard). Paths in ``config``, ``inputs``
   and the sources are portable: relative to the working directory where they lie under it (or its
   parent), ``<site-packages>/...`` for offline weight packages, else as given.
   With several segments cost.wall_time_s, init_time_s and eval_time_s are sums over the segments;

@@ -35,8 +35,9 @@ descending). lr as full fine-tuning (LLaMA-Factory's BAdam example: 5e-5 on Llam
 Deliberate deviation: weight decay follows the project's groups (none on biases and norms). The
 reference rebuilds its groups from the wrapped optimizer's constructor defaults, which overwrite the
 no-decay group's 0.0, so it decays every active tensor at that default (0.01 for an AdamW built as
-the HF Trainer builds it). Multi-process runs: changing ``requires_grad`` under DDP needs
-``find_unused_parameters``.
+the HF Trainer builds it). Multi-process runs: DDP's reducer is built once for the parameters that
+require gradients, so a block switch breaks it (refused at validation); FSDP2 follows the switch (the
+blocks are looked up in the model at every switch, since FSDP2 replaces the parameter objects).
 """
 
 from __future__ import annotations
@@ -119,6 +120,7 @@ class BAdam(Procedure):
     def setup(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, params: BAdamParams, ctx: MethodContext
     ) -> None:
+        self.model, self.head = model, ctx.head
         self.blocks, self.always = badam_blocks(model, params.badam_non_layer, ctx.head)
         self.mode = non_layer_mode(params.badam_non_layer, ctx.head)
         self.optimizer, self.params, self.max_steps, self.seed = optimizer, params, ctx.max_steps, ctx.seed
@@ -142,6 +144,8 @@ class BAdam(Procedure):
         return self.order.pop()
 
     def _switch(self, step: int) -> None:
+        # the blocks are looked up again: a wrapper applied after setup (FSDP2) replaces the parameter objects
+        self.blocks, _ = badam_blocks(self.model, self.params.badam_non_layer, self.head)
         new = self._next_block()
         set_trainable(self.blocks[self.active][1], False)
         set_trainable(self.blocks[new][1], True)
