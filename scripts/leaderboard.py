@@ -203,7 +203,10 @@ TRACK_B_START = {
     **dict.fromkeys(("lora", "lora_ga", "lora_pro", "loraplus", "milora", "miss", "nola", "olora", "pissa"), 5e-4),
     **dict.fromkeys(("randlora", "rslora", "slora", "soma", "soma_recipe", "sora"), 5e-4),
     **dict.fromkeys(("full", "lisa"), 5e-5),
-    **dict.fromkeys(("frugal", "nlora"), 1e-4),
+    "frugal": 1e-4,
+    # NLoRA's old init (pinv, subtracted product) needed tiny rates; after the authors' init its Track B sweep
+    # from 1e-4 still rose at 2e-3 after both extensions, so it restarts from 2e-3 (a rate Track A ran)
+    "nlora": 2e-3,
     **dict.fromkeys(("badam", "galore", "galore_torch", "q_galore"), 2e-4),
     "salt": 1e-3,
     **dict.fromkeys(("flora", "lora_sb", "lora_xs", "vera"), 5e-3),
