@@ -35,7 +35,7 @@ ANY = "any"
 WHOLE_FLAG = "_lorabench_whole"  # set on a model while ``whole_model`` holds its shards gathered
 
 
-def fsdp_plugin(mixed_precision: str):
+def fsdp_plugin():
     """Accelerate's FSDP2 plugin: transformer blocks wrapped, reshard after forward, full state dicts
     gathered for saving; mixed precision comes from the Accelerator (bf16 compute, fp32 shards)."""
     from accelerate.utils import FullyShardedDataParallelPlugin
@@ -80,14 +80,15 @@ def new_accelerator(cpu: bool, mixed_precision: str, strategy: str = "ddp"):
         AcceleratorState._reset_state(reset_partial_state=False)
     if strategy != "fsdp":
         return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
-    plugin = fsdp_plugin(mixed_precision)
+    plugin = fsdp_plugin()
     accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision, fsdp_plugin=plugin)
     _init_single_process_group(cpu)  # a launched run's group exists by now
     if accelerator.state.distributed_type != DistributedType.FSDP:  # CPU (gloo) or one process
         accelerator.state.distributed_type = DistributedType.FSDP
         accelerator.state.fsdp_plugin = plugin
-        if mixed_precision != "no":
-            plugin.set_mixed_precision(mixed_precision)
+    # no FSDP parameter casting (its bf16 policy runs norms, softmax and the loss in bf16, not the autocast
+    # compute of every other strategy); check_strategy refuses mixed precision under FSDP until it matches
+    plugin.mixed_precision_policy = None
     return accelerator
 
 
@@ -122,7 +123,7 @@ def whole_model(model) -> Iterator[None]:
             unit.set_reshard_after_forward(True, recurse=False)
 
 
-BLOCK_NAME = re.compile(r"\.(layer|layers|h|block|blocks)\.\d+$")  # the numbered transformer blocks
+BLOCK_NAME = re.compile(r"(^|\.)(layer|layers|h|block|blocks)\.\d+$")  # the numbered transformer blocks
 
 
 def block_class_names(model) -> list[str]:

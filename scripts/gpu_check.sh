@@ -12,7 +12,8 @@
 #      the record's cost.peak_memory.cuda_allocated_bytes and tokens/s.
 #   2. 4-bit bases: qlora and loftq (bitsandbytes NF4 on CUDA), 30 steps each.
 #   3. The GaLore family on CUDA: galore, galore_torch, fira, q_galore, 30 steps each.
-#   4. FSDP2 on one device: hardware=gpu_fsdp hardware.num_processes=1, LoRA and full fine-tuning,
+#   4. FSDP2 on one device (fp32: bf16 under FSDP is refused): hardware=gpu_fsdp hardware.num_processes=1,
+#      LoRA and full fine-tuning,
 #      against the same runs under hardware=gpu (losses in the records, compared in summary.md).
 #   5. A slice of a paper setting at real scale: MiniLM-L6 (the GLUE encoder of the leaderboard) on
 #      SST-2 for 300 steps at the GaLore GLUE recipe's batch 16 (needs SST2_DIR, the GLUE SST-2 folder;
@@ -55,7 +56,7 @@ for m in galore galore_torch fira q_galore; do
 done
 for m in lora full; do
   check "fsdp1_$m" 90 method=$m hardware=gpu_fsdp hardware.num_processes=1 train.max_steps=20 "${LM[@]}"
-  check "plain_$m" 90 method=$m hardware=gpu train.max_steps=20 "${LM[@]}"
+  check "plain_$m" 90 method=$m hardware=gpu hardware.mixed_precision=no train.max_steps=20 "${LM[@]}"
 done
 if [ -n "${SST2_DIR:-}" ]; then
   check minilm_sst2_300 150 method=lora model=minilm_l6 dataset=sst2 "dataset.data_dir=$SST2_DIR" hardware=gpu \

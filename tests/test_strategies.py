@@ -99,6 +99,7 @@ def test_the_matrix_verdict_rules(strategy_matrix):
         (["method=lora_pro"], "optimizer 'lora_pro' solves for each LoRA pair's gradients"),
         (["method=increlora"], "procedure 'increlora' adds rank components"),
         (["method=lora", "checkpoint.every=10"], "needs checkpoint.every=0"),
+        (["method=lora", "hardware.mixed_precision=bf16"], "needs hardware.mixed_precision=no"),
     ],
 )
 def test_sharded_strategy_refuses_what_needs_whole_tensors(overrides, needle):
