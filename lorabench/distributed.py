@@ -32,6 +32,7 @@ SHARDED = ("fsdp",)
 #   "any": elementwise on parameters and gradients, or acting only through the forward: runs on shards;
 #   a string other than "any": the reason it needs whole tensors, which a sharded strategy refuses with.
 ANY = "any"
+_DETECTED_TYPE: list = []  # the PartialState's own distributed type while an FSDP run overrides it
 WHOLE_FLAG = "_lorabench_whole"  # set on a model while ``whole_model`` holds its shards gathered
 
 
@@ -70,7 +71,7 @@ def new_accelerator(cpu: bool, mixed_precision: str, strategy: str = "ddp"):
     stages, a notebook, the tests) at another ``mixed_precision`` or strategy clears that state
     first. The ``PartialState`` (device, process group of a distributed launch) is kept."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
+    from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType
 
     state = AcceleratorState._shared_state
@@ -78,16 +79,22 @@ def new_accelerator(cpu: bool, mixed_precision: str, strategy: str = "ddp"):
         state and (state.get("distributed_type") == DistributedType.FSDP) != (strategy == "fsdp")
     ):
         AcceleratorState._reset_state(reset_partial_state=False)
+        if _DETECTED_TYPE:  # undo an earlier FSDP run's override of the process-wide type
+            PartialState._shared_state["distributed_type"] = _DETECTED_TYPE.pop()
     if strategy != "fsdp":
         return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
     plugin = fsdp_plugin()
     accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision, fsdp_plugin=plugin)
     _init_single_process_group(cpu)  # a launched run's group exists by now
     if accelerator.state.distributed_type != DistributedType.FSDP:  # CPU (gloo) or one process
+        # every later AcceleratorState() copies the type from the PartialState, so both name FSDP, as
+        # Accelerate itself leaves them for FSDP on GPUs
+        _DETECTED_TYPE.append(PartialState._shared_state["distributed_type"])
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
         accelerator.state.distributed_type = DistributedType.FSDP
         accelerator.state.fsdp_plugin = plugin
-    # no FSDP parameter casting (its bf16 policy runs norms, softmax and the loss in bf16, not the autocast
-    # compute of every other strategy); check_strategy refuses mixed precision under FSDP until it matches
+    # no FSDP parameter casting (its bf16 policy runs norms, softmax and the loss in bf16): the run's
+    # autocast (autocast_sharded) sets the compute precision as under every other strategy, over fp32 shards
     plugin.mixed_precision_policy = None
     return accelerator
 
@@ -135,6 +142,24 @@ def block_class_names(model) -> list[str]:
     if not names:
         raise ValueError(f"hardware.strategy=fsdp found no numbered transformer blocks in {type(model).__name__}")
     return sorted(names)
+
+
+def autocast_sharded(accelerator, model) -> None:
+    """After ``prepare``: Accelerate's FSDP2 path leaves out the autocast wrapper its other paths put on
+    ``model.forward``; the same wrapper here, so that ``mixed_precision=bf16`` is the same compute under
+    every strategy (without it an FSDP run at bf16 silently trains in fp32)."""
+    from types import MethodType
+
+    from accelerate.utils import convert_outputs_to_fp32
+    from accelerate.utils.modeling import get_mixed_precision_context_manager
+
+    if accelerator.state.distributed_type.value != "FSDP" or not accelerator.native_amp:
+        return
+    if hasattr(model, "_original_forward"):  # Accelerate wrapped it after all
+        return
+    autocast = get_mixed_precision_context_manager(accelerator.native_amp, accelerator.autocast_handler)
+    model._original_forward = model.forward
+    model.forward = MethodType(convert_outputs_to_fp32(autocast(model.forward.__func__)), model)
 
 
 def plan_sharding(accelerator, model) -> None:

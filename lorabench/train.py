@@ -42,7 +42,7 @@ from lorabench.config import RunConfig
 from lorabench.console import progress
 from lorabench.data.base import collate, count_tokens, resolve_primary
 from lorabench.data.cache import cached_features
-from lorabench.distributed import new_accelerator, plan_sharding, whole_model
+from lorabench.distributed import autocast_sharded, new_accelerator, plan_sharding, whole_model
 from lorabench.fingerprint import local_inputs
 from lorabench.lm_loss import forward_loss
 from lorabench.measure import PeakMemory, optimizer_state_bytes, parameter_counts, provenance
@@ -544,6 +544,7 @@ def prepare_run(
     )
     plan_sharding(accelerator, model)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, parts.loader, scheduler)
+    autocast_sharded(accelerator, model)
     trainable, total = parameter_counts(model)
     record["cost"].update({"trainable_params": trainable, "total_params": total, "expected_trainable_params": expected})
     record["method_report"].update({"target_modules": parts.targets, "lr": parts.lr, **parts.ctx.extras})

@@ -163,11 +163,6 @@ def strategy_conflicts(method: CheckedMethod, strategy: str = "fsdp") -> list[st
 # settings of a run that a sharded strategy does not support yet: key -> (refused when, what works)
 SHARDED_RUN_LIMITS = {
     "checkpoint.every": (lambda cfg: cfg.checkpoint.every > 0, "0 (checkpoints of FSDP shards are not written yet)"),
-    "hardware.mixed_precision": (
-        lambda cfg: cfg.hardware.mixed_precision != "no",
-        "no (Accelerate's FSDP2 path skips the autocast of every other strategy, and FSDP's own bf16 policy "
-        "computes norms and the loss in bf16: neither is the bf16 the other strategies measure)",
-    ),
     "protocol.name": (
         lambda cfg: cfg.protocol.name != "single",
         "single (the multi-task, federated and compressed protocols keep whole per-task or packed tensors)",
