@@ -56,6 +56,26 @@ def launched_status(cfg, code: int) -> str:
     return "skipped" if record.get("status") == "running" else record["status"]
 
 
+def accelerate_launch(num_processes: int, mixed_precision: str, target: list[str]) -> list[str]:
+    """The ``accelerate launch`` command line for ``num_processes`` local processes (gloo on CPU,
+    NCCL on CUDA) on a free port, running ``target`` (``-m module args`` or ``script args``)."""
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        str(num_processes),
+        "--num_machines",
+        "1",
+        "--multi_gpu",
+        "--main_process_port",
+        str(_free_port()),
+        "--mixed_precision",
+        mixed_precision,
+        *target,
+    ]
+
+
 def launch_distributed(cfg, command: str) -> int:
     """Re-launch this run under ``accelerate launch`` with the resolved config (every rank then
     agrees on the run id), instead of letting each rank compose Hydra configs itself."""
@@ -66,23 +86,9 @@ def launch_distributed(cfg, command: str) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "launch_config.json"
     config_path.write_text(json.dumps({"config": cfg_dict, "command": command}, indent=2))
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        str(cfg.hardware.num_processes),
-        "--num_machines",
-        "1",
-        "--multi_gpu",
-        "--main_process_port",
-        str(_free_port()),
-        "--mixed_precision",
-        cfg.hardware.mixed_precision,
-        "-m",
-        "lorabench.worker",
-        str(config_path),
-    ]
+    launch = accelerate_launch(
+        cfg.hardware.num_processes, cfg.hardware.mixed_precision, ["-m", "lorabench.worker", str(config_path)]
+    )
     print(f"[lorabench] launching {cfg.hardware.num_processes} processes: {shlex.join(launch[2:])}")
     env = {**os.environ, "ACCELERATE_LAUNCHED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     return subprocess.call(launch, env=env)

@@ -132,31 +132,11 @@ def refusal_of(preset: str) -> dict[str, str]:
 def measure(preset: str, data: Path, scratch: Path, timeout_s: int) -> dict:
     import shutil
 
-    from lorabench.launch import _free_port
+    from lorabench.launch import accelerate_launch
 
     results = scratch / preset
     shutil.rmtree(results, ignore_errors=True)
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--multi_gpu",
-        "--main_process_port",
-        str(_free_port()),
-        "--mixed_precision",
-        "no",
-        __file__,
-        "--worker",
-        preset,
-        "--data",
-        str(data),
-        "--scratch",
-        str(results),
-    ]
+    launch = accelerate_launch(2, "no", [__file__, "--worker", preset, "--data", str(data), "--scratch", str(results)])
     env = {**os.environ, "ACCELERATE_LAUNCHED": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     t0 = time.perf_counter()
     try:
