@@ -101,6 +101,7 @@ def test_the_matrix_verdict_rules(strategy_matrix):
         (["method=lora_pro"], "optimizer 'lora_pro' solves for each LoRA pair's gradients"),
         (["method=increlora"], "procedure 'increlora' adds rank components"),
         (["method=lora", "checkpoint.every=10"], "needs checkpoint.every=0"),
+        (["method=dora"], "with use_dora=true needs analysis.intruders=false"),
     ],
 )
 def test_sharded_strategy_refuses_what_needs_whole_tensors(overrides, needle):

@@ -190,6 +190,12 @@ def check_strategy(cfg, method: CheckedMethod) -> None:
             f"hardware.strategy={strategy} shards every weight over the processes, but method {method.label!r}: "
             f"{'; '.join(conflicts)}; use hardware.strategy=ddp (each process holds the whole model)"
         )
+    adapter = method.params.get("adapter")
+    if getattr(adapter, "use_dora", False) and cfg.analysis.intruders:  # merged without a copy: an added delta
+        raise ConfigError(
+            f"hardware.strategy={strategy} with use_dora=true needs analysis.intruders=false (the sharded model "
+            "is not copied, and DoRA's merge is not an added delta)"
+        )
     for key, (refused, works) in SHARDED_RUN_LIMITS.items():
         if refused(cfg):
             raise ConfigError(f"hardware.strategy={strategy} needs {key}={works}")
