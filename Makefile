@@ -1,5 +1,6 @@
 # make quickstart   set up .venv if needed, then run the offline GaLore quickstart
 # make test         set up .venv if needed, then run the test suite (what .ci/run runs)
+# make bench        set up .venv if needed, then time one step of every method preset (results/bench/)
 # make mutation     set up .venv if needed, then mutation-test optimizers/ and procedures/ (tests/MUTATION.md;
 #                   MUTATION_JOBS=1 on a busy machine)
 PYTHON ?= python3
@@ -13,7 +14,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?=
 TORCH_INDEX_ARG := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 
-.PHONY: install quickstart test test-slow mutation lint table leaderboard leaderboard-b clean
+.PHONY: install quickstart test test-slow mutation bench lint table leaderboard leaderboard-b clean
 
 $(BIN)/lorabench: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +42,11 @@ MUTATION_JOBS ?= 2
 mutation: install
 	$(BIN)/mutmut run --max-children $(MUTATION_JOBS)
 	$(BIN)/mutmut results
+
+# every method preset's step cost on this machine (lorabench bench; resumable, about an hour on 2 cores)
+BENCH_ARGS ?= --methods all --steps 4 --out results/bench
+bench: install
+	$(BIN)/lorabench bench $(BENCH_ARGS)
 
 lint: install
 	$(BIN)/ruff check lorabench tests scripts

@@ -9,6 +9,7 @@ lorabench reproduce <recipe> [scale=smoke]  a paper's grid, ours beside theirs
 lorabench status [--state S]             runs by state: running, stale (owner gone), failed, canceled, completed
 lorabench export RUN [--merge] [--out DIR]  a completed run as a folder plain transformers loads (verified)
 lorabench tune [overrides...] [--start LR]  one configuration's learning rate: ladder search or pruned Optuna
+lorabench bench [overrides] [--methods M]  step cost per method, harness vs a raw loop (lorabench.bench)
 lorabench --version                      the installed version
 eval "$(lorabench -sc install=bash)"     shell completion of commands and of train's overrides (Hydra's)
 
@@ -280,6 +281,12 @@ def methods_command(argv: list[str]) -> int:
     return 0
 
 
+def bench_command(argv: list[str]) -> int:
+    from lorabench.bench import bench_command as run
+
+    return run(argv)
+
+
 def tune_command(argv: list[str]) -> int:
     from lorabench.tuning.command import tune_command as run
 
@@ -327,6 +334,7 @@ COMMANDS = {
     "status": status_command,
     "export": export_command,
     "tune": tune_command,
+    "bench": bench_command,
 }
 USAGE = """usage: lorabench <command> [args]
 
@@ -346,6 +354,8 @@ commands:
   tune       tune one configuration's learning rate (Hydra overrides as for train): the ladder search
              with edge extension (the leaderboard's rule), or --search optuna (pruned); summary in
              results_dir/tuning/. Unpruned Optuna via Hydra: train -m hydra/sweeper=lr_optuna
+  bench      per method: step time, tokens/s, FLOP/s and its share of a matmul peak, peak memory,
+             optimizer state (measured and analytic), the harness's overhead over a raw loop
 
 examples:
   lorabench train method=galore
