@@ -299,8 +299,10 @@ def method_overrides(method: str, overrides: list[str]) -> list[str]:
     return [*BENCH_DEFAULTS, f"method={method}", *overrides]
 
 
-def check_methods(methods: list[str], overrides: list[str]) -> None:
-    """Every method's config composes and validates (torch-free) before the first is measured."""
+def check_methods(methods: list[str], overrides: list[str], every_preset: bool = False) -> dict[str, str]:
+    """Every method's config composes and validates (torch-free) before the first is measured. With
+    ``every_preset`` (``--methods all``) a preset that cannot run as it stands (X-LoRA needs trained
+    experts) is returned with its reason instead of stopping the bench; named methods must all be valid."""
     from lorabench.config_store import compose
     from lorabench.validate import check_overrides, validate_config
 
@@ -309,12 +311,20 @@ def check_methods(methods: list[str], overrides: list[str]) -> None:
     if unknown:
         raise ConfigError(f"unknown method(s) {', '.join(unknown)}; valid choices: {', '.join(valid)}")
     check_overrides(overrides)
+    unrunnable = {}
     for method in methods:
-        cfg = validate_config(compose(method_overrides(method, overrides)))
+        try:
+            cfg = validate_config(compose(method_overrides(method, overrides)))
+        except ConfigError as exc:
+            if not every_preset:
+                raise
+            unrunnable[method] = str(exc)
+            continue
         if cfg.hardware.num_processes != 1:
             raise ConfigError(
                 f"lorabench bench measures one process; got hardware.num_processes={cfg.hardware.num_processes}"
             )
+    return unrunnable
 
 
 def run_child(method: str, overrides: list[str], steps: int, out: Path, timeout_s: float) -> dict:
@@ -367,7 +377,7 @@ def bench_table(result: dict) -> str:
     for row in result["rows"]:
         cells = [_cell(row.get(key), key) for _, key in COLUMNS]
         if row["status"] != "ok":
-            cells[-1] = f"failed: {row.get('error', '')}".replace("|", "/")
+            cells[-1] = f"{row['status']}: {row.get('error', '')}".replace("|", "/")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -394,7 +404,7 @@ def bench_command(argv: list[str]) -> int:
     methods = preset_names() if args.methods == "all" else [m for m in args.methods.split(",") if m]
     if args.steps < 1:
         raise ConfigError(f"--steps must be at least 1, got {args.steps}")
-    check_methods(methods, args.overrides)
+    unrunnable = check_methods(methods, args.overrides, every_preset=args.methods == "all")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / f"{args.name}.json", out / f"{args.name}.md"
@@ -407,7 +417,14 @@ def bench_command(argv: list[str]) -> int:
         if previous["settings"] == settings:
             result["rows"] = [r for r in previous["rows"] if r["status"] == "ok"]
     done = {r["preset"] for r in result["rows"]}
+    for method, reason in unrunnable.items():
+        print(f"[lorabench bench] {method}: not run as a preset: {reason}")
+        result["rows"] = [r for r in result["rows"] if r.get("preset") != method]
+        result["rows"].append({"preset": method, "method": method, "status": "not run", "error": reason})
+    result["rows"].sort(key=lambda r: r["preset"])
     for method in methods:
+        if method in unrunnable:
+            continue
         if method in done:
             print(f"[lorabench bench] {method}: kept from {json_path}")
             continue
@@ -424,7 +441,7 @@ def bench_command(argv: list[str]) -> int:
         )
         print(f"[lorabench bench] {method}: {summary}", flush=True)
     write_result(result, json_path, md_path)
-    failed = [r for r in result["rows"] if r["status"] != "ok"]
+    failed = [r for r in result["rows"] if r["status"] == "failed"]
     print(f"[lorabench bench] table: {md_path}")
     return 1 if failed else 0
 

@@ -92,3 +92,22 @@ def test_bench_rejects_bad_steps_and_bad_overrides(tmp_path):
         bench.bench_command(["--steps", "0", "--out", str(tmp_path)])
     with pytest.raises(ConfigError, match="train.lr"):
         bench.bench_command(["train.lr=-1", "--methods", "lora", "--out", str(tmp_path)])
+
+
+def test_bench_all_lists_presets_that_need_input_instead_of_stopping(monkeypatch, tmp_path, capsys):
+    """``--methods all``: X-LoRA (it needs trained experts) is a "not run" row with the reason; the
+    same preset named explicitly stops the bench before anything is measured."""
+    measured = []
+    monkeypatch.setattr(bench, "preset_names", lambda: ["lora", "xlora"])
+    monkeypatch.setattr(
+        bench,
+        "run_child",
+        lambda method, *a: measured.append(method) or {"preset": method, "status": "failed", "error": "x"},
+    )
+    bench.bench_command(["--methods", "all", "--out", str(tmp_path)])
+    rows = {r["preset"]: r for r in json.loads((tmp_path / "bench.json").read_text())["rows"]}
+    assert measured == ["lora"]
+    assert rows["xlora"]["status"] == "not run" and "X-LoRA needs at least 2" in rows["xlora"]["error"]
+    assert "| xlora |" in (tmp_path / "bench.md").read_text()
+    with pytest.raises(ConfigError, match="X-LoRA needs at least 2"):
+        bench.bench_command(["--methods", "xlora", "--out", str(tmp_path / "named")])
