@@ -44,7 +44,7 @@ mutation: install
 	$(BIN)/mutmut results
 
 # every method preset's step cost on this machine (lorabench bench; resumable, about an hour on 2 cores)
-BENCH_ARGS ?= --methods all --steps 4 --out results/bench
+BENCH_ARGS ?= --methods all --steps 3 --out results/bench
 bench: install
 	$(BIN)/lorabench bench $(BENCH_ARGS)
 
