@@ -14,6 +14,7 @@ from typing import Any, Iterator, Optional
 
 from lorabench.distributed import STRATEGIES
 from lorabench.errors import ConfigError
+from lorabench.frozen_dtype import FROZEN_DTYPES
 
 
 def check_choice(where: str, value: Any, choices: tuple) -> None:
@@ -171,6 +172,9 @@ class HardwareConfig:
     )
     loss_chunk: Optional[int] = None  # causal LM: LM head + cross-entropy in checkpointed chunks of N positions
     release_memory: bool = False  # glibc: freed buffers go back to the system at once (lorabench.memory)
+    # float32 | bfloat16: how the frozen base's Linear weights are stored (lorabench.frozen_dtype; bf16
+    # needs mixed_precision=bf16 and an adapter method)
+    frozen_dtype: str = "float32"
 
     DEVICES = ("cpu", "cuda")
     PRECISIONS = ("no", "bf16", "fp16")
@@ -179,6 +183,7 @@ class HardwareConfig:
         check_choice("hardware.device", self.device, self.DEVICES)
         check_choice("hardware.mixed_precision", self.mixed_precision, self.PRECISIONS)
         check_choice("hardware.strategy", self.strategy, STRATEGIES)
+        check_choice("hardware.frozen_dtype", self.frozen_dtype, FROZEN_DTYPES)
         check_positive("hardware.num_processes", self.num_processes)
         if self.micro_batch_size is not None:
             check_positive("hardware.micro_batch_size", self.micro_batch_size)

@@ -159,6 +159,7 @@ def rebuild(config: dict, *, keep_base: bool = False) -> Rebuilt:
     model against what the run recorded."""
     import torch
 
+    from lorabench.frozen_dtype import store_frozen_linears
     from lorabench.methods.adapters.layer import as_linear
     from lorabench.methods.build import apply_method
     from lorabench.registry import DATASETS
@@ -181,7 +182,12 @@ def rebuild(config: dict, *, keep_base: bool = False) -> Rebuilt:
     originals = {n: m for n, m in model.named_modules() if as_linear(m) is not None}
     base_keys = set(model.state_dict())
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()} if keep_base else None
+    base_params = {id(p) for p in model.parameters()}
     model = apply_method(model, parts.spec, parts.ctx).model
+    # a run that stored its frozen base in bf16 trained against those rounded weights: the rebuild
+    # rounds them the same way and keeps them in float32
+    frozen = config["hardware"].get("frozen_dtype", "float32")
+    store_frozen_linears(model, frozen, base_params, keep_float32=True)
     return Rebuilt(
         cfg, parts.spec, task, model, tokenizer, base_logits, parts.targets, originals, base_keys, base_state
     )
@@ -192,6 +198,7 @@ def on_this_machine(config: dict) -> dict:
     rebuild (device, precision, processes, tracker): the model and its init are built on the CPU in
     float32 by the training loop too, before ``accelerator.prepare`` moves them."""
     hardware = {**config["hardware"], "device": "cpu", "mixed_precision": "no", "num_processes": 1}
+    hardware["frozen_dtype"] = "float32"  # rebuild() rounds the frozen base as the run stored it
     return {**config, "hardware": hardware, "tracker": "none"}
 
 

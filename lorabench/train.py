@@ -44,6 +44,7 @@ from lorabench.data.base import collate, count_tokens, resolve_primary
 from lorabench.data.cache import cached_features
 from lorabench.distributed import autocast_sharded, new_accelerator, plan_sharding, whole_model
 from lorabench.fingerprint import local_inputs
+from lorabench.frozen_dtype import store_frozen_linears
 from lorabench.lm_loss import forward_loss
 from lorabench.measure import PeakMemory, optimizer_state_bytes, parameter_counts, provenance
 from lorabench.memory import release_freed_memory
@@ -156,12 +157,15 @@ def _infinite(loader: DataLoader):
 
 
 def _evaluate(task, model, tokenizer, examples, cfg: RunConfig, accelerator: Accelerator) -> tuple[dict, list]:
-    """Each process predicts its shard; predictions are gathered in order and scored once."""
+    """Each process predicts its shard, at the run's precision (bf16 autocast when training used it:
+    generation calls the inner model, past Accelerate's autocast wrapper); predictions are gathered in
+    order and scored once."""
     model.eval()
     unwrapped = accelerator.unwrap_model(model)
     rank, world = accelerator.process_index, accelerator.num_processes
     indices = list(range(rank, len(examples), world))
-    with whole_model(unwrapped):  # FSDP: shards gathered, so processes may run different numbers of batches
+    # FSDP: shards gathered, so processes may run different numbers of batches
+    with whole_model(unwrapped), accelerator.autocast():
         preds = task.predict(unwrapped, tokenizer, [examples[i] for i in indices], cfg.dataset, accelerator.device)
     gathered = sorted(gather_object(list(zip(indices, preds))) if world > 1 else zip(indices, preds))
     predictions = [p for _, p in gathered]
@@ -257,6 +261,7 @@ def _new_record(cfg: RunConfig, cfg_dict: dict, spec: MethodSpec, command: str, 
             "num_processes": accelerator.num_processes,
             "strategy": cfg.hardware.strategy,
             "mixed_precision": cfg.hardware.mixed_precision,
+            "frozen_dtype": cfg.hardware.frozen_dtype,
             "micro_batch_size": cfg.hardware.micro_batch_size,
             "gradient_accumulation": cfg.gradient_accumulation(),
             "global_batch_size": cfg.train.global_batch_size,
@@ -535,8 +540,11 @@ def prepare_run(
     )
     forgetting = forgetting_before(parts, accelerator) if cfg.analysis.forgetting else None
     t0 = time.perf_counter()
+    base_params = {id(p) for p in parts.model.parameters()}
     built = apply_method(parts.model, spec, parts.ctx)
     model, optimizer, procedure = built.model, built.optimizer, built.procedure
+    if cfg.hardware.frozen_dtype != "float32":  # the base's frozen Linear weights, stored in bf16 once
+        record["cost"]["frozen_cast_params"] = store_frozen_linears(model, cfg.hardware.frozen_dtype, base_params)
     timers.init_time_s = time.perf_counter() - t0
     warmup = math.ceil(cfg.train.warmup_ratio * cfg.train.max_steps)
     scheduler = get_scheduler(

@@ -62,9 +62,11 @@ def validate_config(cfg_dict: dict):
         if key and f"method.{key}" not in str(exc):
             raise ConfigError(f"{exc} (at method.{key})") from None
         raise
+    from lorabench.frozen_dtype import check_frozen_dtype
     from lorabench.method_params.check import check_run_fit
     from lorabench.protocols.checks import check_protocol
 
+    check_frozen_dtype(cfg, checked.names["adapter"])
     check_run_fit(cfg, checked)
     check_protocol(cfg, checked)
     return cfg

@@ -84,6 +84,7 @@ ADDED_LATER = (
     ("hardware", "loss_chunk", None),
     ("hardware", "release_memory", False),
     ("hardware", "strategy", "ddp"),
+    ("hardware", "frozen_dtype", "float32"),
 )
 
 
