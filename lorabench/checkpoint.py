@@ -18,6 +18,12 @@ corrupt file is named (file and reason), skipped with a warning, and the next ol
 Frozen weights are not stored: on resume the run rebuilds the model and re-runs the method's
 (deterministic) initializer, then loads the trainable tensors. Nothing is unpickled: tensors load with
 safetensors or ``weights_only=True``.
+
+A sharded run (``hardware.strategy=fsdp``) writes the same files: the trainable tensors and the
+optimizer state are gathered whole (torch.distributed.checkpoint's full state dicts, every process
+taking part) and written by rank 0, the optimizer state keyed by parameter name; on resume each
+process loads the whole tensors and keeps its shard (``set_model_state_dict`` /
+``set_optimizer_state_dict``), so the checkpoint is independent of the number of processes.
 """
 
 from __future__ import annotations
@@ -141,11 +147,12 @@ def save_checkpoint(
     try:
         torch.save(_rng_state(), staging / f"rng_{accelerator.process_index}.pt")
         accelerator.wait_for_everyone()
+        unwrapped = accelerator.unwrap_model(model)
+        every_parameter = bool(getattr(procedure, "moves_trainable_set", False))
+        tensors, optimizer_state = _states_to_save(unwrapped, optimizer, every_parameter)  # collective when sharded
         if accelerator.is_main_process:
-            unwrapped = accelerator.unwrap_model(model)
-            every_parameter = bool(getattr(procedure, "moves_trainable_set", False))
-            save_file(trainable_tensors(unwrapped, every_parameter), str(staging / "trainable.safetensors"))
-            torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+            save_file(tensors, str(staging / "trainable.safetensors"))
+            torch.save(optimizer_state, staging / "optimizer.pt")
             (staging / "scheduler.json").write_text(json.dumps(scheduler.state_dict(), default=str))
             if procedure is not None:
                 (staging / "procedure.json").write_text(json.dumps(procedure.state_dict()))
@@ -168,6 +175,39 @@ def save_checkpoint(
 
 
 # -- resume ---------------------------------------------------------------------------------------
+def _states_to_save(model, optimizer, every_parameter: bool) -> tuple[dict, dict]:
+    """(trainable tensors, optimizer state dict) as rank 0 writes them. A sharded model's come whole
+    from torch.distributed.checkpoint (every process must call this; the others get empty dicts)."""
+    from lorabench.distributed import is_sharded
+
+    if not is_sharded(model):
+        return trainable_tensors(model, every_parameter), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    kept = {n for n, p in model.named_parameters() if every_parameter or p.requires_grad}
+    whole = get_model_state_dict(model, options=options)
+    tensors = {n: t.contiguous() for n, t in whole.items() if n in kept}
+    return tensors, get_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), options=options)
+
+
+def _load_sharded(model, optimizer, tensors: dict, optimizer_state: dict) -> None:
+    """Each process keeps its shard of the whole tensors and optimizer state a checkpoint holds."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True, strict=False))
+    inner = getattr(optimizer, "optimizer", optimizer)
+    set_optimizer_state_dict(model, inner, optimizer_state, options=StateDictOptions(full_state_dict=True))
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and why."""
 
@@ -279,17 +319,22 @@ def load_checkpoint(
 ) -> dict:
     """Restore weights, optimizer, scheduler, procedure and regularizer from a read checkpoint; returns its meta.
     RNG states are restored separately by :func:`restore_rng`, once the data has been fast-forwarded."""
+    from lorabench.distributed import is_sharded
+
     unwrapped = accelerator.unwrap_model(model)
     tensors, path = checkpoint.tensors, checkpoint.path
     params = dict(unwrapped.named_parameters())
     missing = sorted(set(n for n, p in params.items() if p.requires_grad) - set(tensors))
     if missing:
         raise ValueError(f"checkpoint {path} lacks trainable tensors {missing[:5]}; was it written by another method?")
-    with torch.no_grad():
-        for name, value in tensors.items():
-            params[name].copy_(value.to(params[name].device))
     try:
-        optimizer.load_state_dict(checkpoint.optimizer)
+        if is_sharded(unwrapped):
+            _load_sharded(unwrapped, optimizer, tensors, checkpoint.optimizer)
+        else:
+            with torch.no_grad():
+                for name, value in tensors.items():
+                    params[name].copy_(value.to(params[name].device))
+            optimizer.load_state_dict(checkpoint.optimizer)
     except (ValueError, KeyError, RuntimeError) as exc:
         raise ValueError(f"{path / 'optimizer.pt'} does not fit this run's optimizer: {exc}") from None
     scheduler.load_state_dict(checkpoint.scheduler)

@@ -69,7 +69,12 @@ def new_accelerator(cpu: bool, mixed_precision: str, strategy: str = "ddp"):
     """The run's Accelerator. Accelerate keeps one process-wide ``AcceleratorState`` and refuses a
     second Accelerator at another precision; a later run in the same process (a sweep, a protocol's
     stages, a notebook, the tests) at another ``mixed_precision`` or strategy clears that state
-    first. The ``PartialState`` (device, process group of a distributed launch) is kept."""
+    first. The ``PartialState`` (device, process group of a distributed launch) is kept.
+
+    The LR schedule steps once per optimizer step (``step_scheduler_with_optimizer=False``):
+    ``train.max_steps`` counts optimizer steps of the global batch, while Accelerate's default steps
+    the schedule ``num_processes`` times per step (it assumes one built for a per-process data loader),
+    which ran a 2-process run's schedule twice as fast."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType
@@ -82,9 +87,11 @@ def new_accelerator(cpu: bool, mixed_precision: str, strategy: str = "ddp"):
         if _DETECTED_TYPE:  # undo an earlier FSDP run's override of the process-wide type
             PartialState._shared_state["distributed_type"] = _DETECTED_TYPE.pop()
     if strategy != "fsdp":
-        return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+        return Accelerator(cpu=cpu, mixed_precision=mixed_precision, step_scheduler_with_optimizer=False)
     plugin = fsdp_plugin()
-    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision, fsdp_plugin=plugin)
+    accelerator = Accelerator(
+        cpu=cpu, mixed_precision=mixed_precision, fsdp_plugin=plugin, step_scheduler_with_optimizer=False
+    )
     _init_single_process_group(cpu)  # a launched run's group exists by now
     if accelerator.state.distributed_type != DistributedType.FSDP:  # CPU (gloo) or one process
         # every later AcceleratorState() copies the type from the PartialState, so both name FSDP, as

@@ -649,7 +649,8 @@ def optimizer_step(run: Run, state: TrainState) -> float | None:
         print(f"[lorabench] skipped step {state.step + 1}: non-finite loss/gradient ({where})")
         return None
     run.optimizer.step()
-    run.scheduler.step()
+    if not getattr(run.optimizer, "step_was_skipped", False):  # fp16: the scaler skipped an overflowing step
+        run.scheduler.step()  # once per optimizer step, at any number of processes (new_accelerator)
     run.optimizer.zero_grad(set_to_none=True)
     state.step += 1
     if run.recorder is not None:  # a federated client trains without a record of its own

@@ -67,12 +67,17 @@ CASES = [
     # regularizers: MGPO's gradient-norm averages come back from regularizer.pt; BA-LoRA's terms in the log
     ("mgpo", "classification", []),
     ("ba_lora", "classification", []),
+    # FSDP2 (one process, a world of one): whole tensors and optimizer state gathered by
+    # torch.distributed.checkpoint, loaded back into the shards
+    ("lora-fsdp", "classification", ["hardware.strategy=fsdp"]),
+    ("full-fsdp", "causal_lm", ["hardware.strategy=fsdp"]),
 ]
 
 
 @pytest.mark.parametrize("method,kind,extra", CASES, ids=[c[0] for c in CASES])
 def test_resume_is_bitwise_equal(method, kind, extra, sst2_dir, gsm8k_dir, tmp_path, monkeypatch):
     data = sst2_dir if kind == "classification" else gsm8k_dir
+    method = method.removesuffix("-fsdp")
     a_dir, b_dir = run_pair(method, data, tmp_path, monkeypatch, *extra, kind=kind)
     a, b = (json.loads((d / "record.json").read_text()) for d in (a_dir, b_dir))
     assert b["status"] == "completed" and b["resumed_from"][0]["step"] == 3

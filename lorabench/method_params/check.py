@@ -162,7 +162,6 @@ def strategy_conflicts(method: CheckedMethod, strategy: str = "fsdp") -> list[st
 
 # settings of a run that a sharded strategy does not support yet: key -> (refused when, what works)
 SHARDED_RUN_LIMITS = {
-    "checkpoint.every": (lambda cfg: cfg.checkpoint.every > 0, "0 (checkpoints of FSDP shards are not written yet)"),
     "protocol.name": (
         lambda cfg: cfg.protocol.name != "single",
         "single (the multi-task, federated and compressed protocols keep whole per-task or packed tensors)",

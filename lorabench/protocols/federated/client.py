@@ -72,7 +72,7 @@ class ClientRuntime:
         task = DATASETS.get(cfg.dataset.name, where="dataset")
         parts = build_run_parts(cfg, spec, task)
         built = apply_method(parts.model, spec, parts.ctx)
-        accelerator = Accelerator(cpu=cfg.hardware.device == "cpu")
+        accelerator = Accelerator(cpu=cfg.hardware.device == "cpu", step_scheduler_with_optimizer=False)
         model, optimizer = accelerator.prepare(built.model, built.optimizer)
         run = Run(parts, model, optimizer, None, None, parts.loader, accelerator, None, None, StopFlag(), None)
         labels = [label_of(e) for e in parts.splits.train]
