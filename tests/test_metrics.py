@@ -215,6 +215,31 @@ def test_generation_stops_at_the_next_question():
     assert "Question:" in full and "#### 9" in full and len(steps) == len(script)
 
 
+def test_batched_generation_returns_each_prompts_own_text_in_order():
+    """Prompts are batched by length (longest first) with left padding: every text equals that
+    prompt's generation alone (batch 1, no padding), greedy and beam, in the prompts' order."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lorabench.config import DatasetConfig
+    from lorabench.data.base import generate_texts
+    from lorabench.models import RANDOM_MODELS
+
+    config, tokenizer = RANDOM_MODELS.get("tiny_llama")()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    prompts = ["Question: 2 + 2?", "Question: a much longer question about trains leaving at noon?", "Q: 1?", "Hi"]
+    for beams in (1, 3):
+        alone = [
+            generate_texts(model, tokenizer, [p], DatasetConfig(name="gsm8k", max_new_tokens=6, num_beams=beams,
+                                                                eval_batch_size=1), "cpu")[0]
+            for p in prompts
+        ]  # fmt: skip
+        cfg = DatasetConfig(name="gsm8k", max_new_tokens=6, num_beams=beams, eval_batch_size=3)
+        assert generate_texts(model, tokenizer, prompts, cfg, "cpu") == alone
+        assert len(set(alone)) > 1  # the texts differ, so an order mix-up would show
+
+
 # --- E2E NLG --------------------------------------------------------------------------------------
 
 E2E_REFS = [

@@ -248,12 +248,15 @@ def _generate_texts(model, tokenizer, prompts, cfg, device, stop, **generate_kwa
         generate_kwargs = {**generate_kwargs, "stop_strings": list(stop), "tokenizer": tokenizer}
     from lorabench.console import progress
 
-    outputs = []
-    starts = range(0, len(prompts), cfg.eval_batch_size)
+    feats = [{"input_ids": bos + tokenizer(p, add_special_tokens=False)["input_ids"]} for p in prompts]
+    # batches of similar lengths, longest first (the peak memory shows at once): less left padding to
+    # attend over; the texts come back in the prompts' order
+    order = sorted(range(len(feats)), key=lambda i: -len(feats[i]["input_ids"]))
+    outputs: list[str | None] = [None] * len(prompts)
+    starts = range(0, len(order), cfg.eval_batch_size)
     for start in progress(starts, "generate", total=len(starts)):
-        chunk = prompts[start : start + cfg.eval_batch_size]
-        feats = [{"input_ids": bos + tokenizer(p, add_special_tokens=False)["input_ids"]} for p in chunk]
-        batch = collate(feats, tokenizer.pad_token_id, padding_side="left")
+        chunk = order[start : start + cfg.eval_batch_size]
+        batch = collate([feats[i] for i in chunk], tokenizer.pad_token_id, padding_side="left")
         generated = model.generate(
             input_ids=batch["input_ids"].to(device),
             attention_mask=batch["attention_mask"].to(device),
@@ -266,5 +269,6 @@ def _generate_texts(model, tokenizer, prompts, cfg, device, stop, **generate_kwa
             **generate_kwargs,
         )
         texts = tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-        outputs.extend(truncate_at_stops(text, stop) for text in texts)
+        for i, text in zip(chunk, texts):
+            outputs[i] = truncate_at_stops(text, stop)
     return outputs
