@@ -52,7 +52,6 @@ BENCH_DEFAULTS = (
 # dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, by a substring of the CUDA device name
 CARD_BF16_PEAKS = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S": 362.05e12, "A10G": 125e12}
 MATMUL_SIZE = 2048
-BENCH_BATCHES = 4  # optimizer steps' worth of micro-batches both loops cycle through
 COLUMNS = (
     ("method", "method"),
     ("first step s", "first_step_s"),
@@ -216,12 +215,12 @@ def measure_method(overrides: list[str], steps: int) -> dict:
         run.bar = tqdm(disable=True)
         run.model.train()
         device = accelerator.device
-        # both loops cycle through the same micro-batches in the same order, so step i of each sees the
-        # same sequence lengths
-        fixed = list(itertools.islice(run.batches, BENCH_BATCHES * cfg.gradient_accumulation()))
+        # every step of both loops (and the FLOP count) runs on the same micro-batches: one optimizer
+        # step's worth, drawn once, so step times compare shape for shape
+        fixed = list(itertools.islice(run.batches, cfg.gradient_accumulation()))
         run.batches = itertools.cycle(fixed)
         raw_batches = itertools.cycle(fixed)
-        tokens = statistics.mean(count_tokens(b) for b in fixed) * cfg.gradient_accumulation()
+        tokens = sum(count_tokens(b) for b in fixed)
         state.timers.start()
         first = _timed(lambda: train_steps(run, state, 1), device)
         flops = _counted_flops(run, raw_batches, state.step)
@@ -250,7 +249,8 @@ def measure_method(overrides: list[str], steps: int) -> dict:
         "first_step_s": first,
         "harness_step_s": step_s,
         "raw_step_s": statistics.median(raw),
-        "overhead_ratio": step_s / statistics.median(raw),
+        # the median of the pairs' ratios (pair i: the i-th harness and raw step, run back to back)
+        "overhead_ratio": statistics.median(h / r for h, r in zip(harness, raw)),
         "harness_steps_s": harness,
         "raw_steps_s": raw,
         "tokens_per_step": tokens,
@@ -369,7 +369,8 @@ def bench_table(result: dict) -> str:
         f"Overrides: `{' '.join(settings['overrides']) or '(bench defaults)'}` on top of "
         f"`{' '.join(BENCH_DEFAULTS)}`; {settings['steps']} harness and {settings['steps']} raw steps per "
         "method, alternating, after a first step and a FLOP-counted step. Times are medians; "
-        "`harness/raw` is the harness's step over the hand-written loop's on the same objects; "
+        "`harness/raw` is the median over pairs of the harness's step over the hand-written loop's on the same "
+        "objects and micro-batches; "
         "`of peak` is the counted FLOP rate over a square matmul's rate measured on the spot.",
         "",
         "| " + " | ".join(h for h, _ in COLUMNS) + " |",
