@@ -60,9 +60,12 @@ def test_optuna_cost_counts_every_rung_run_and_picks_the_best_full_run(sc, tmp_p
     for rid, steps, wall in (("a0", 27, 10.0), ("a2", 250, 80.0), ("b0", 27, 11.0), ("c0", 27, 9.0), ("c2", 250, 90.0)):
         _write_run(runs, rid, steps, wall)
     (runs / "tuning").mkdir()
-    (runs / "tuning" / "lora-sst2-minilm_l6-s0-optuna-abc.json").write_text(json.dumps({"trials": trials}))
+    summary = {"trials": trials, "rung_steps": [27, 250]}
+    (runs / "tuning" / "lora-sst2-minilm_l6-s0-optuna-abc.json").write_text(json.dumps(summary))
     cost = sc.optuna_cost("lora", tmp_path)
     assert (cost["runs"], cost["steps"], cost["wall_s"]) == (5, 27 * 3 + 500, 200.0)
     assert (cost["trials"], cost["pruned"], cost["full_runs"]) == (4, 1, 2)
     assert (cost["pick"], cost["pick_metric"]) == (4e-3, 0.83)
+    assert cost["full_run_s"] == 85.0  # the mean of the two 250-step runs
+    assert sc.retimed_s({"runs": 4}, cost) == 340.0
     assert sc.optuna_cost("dora", tmp_path) == {}
