@@ -283,6 +283,8 @@ def child_main(argv: list[str]) -> int:
     quiet_libraries()
     try:
         row = measure_method(overrides, steps)
+    except ConfigError as exc:  # a configuration this machine cannot run (QLoRA's 4-bit base needs CUDA)
+        row = {"status": "not run", "error": str(exc)}
     except Exception as exc:  # noqa: BLE001 - the row says what failed
         row = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
     out.write_text(json.dumps(row, indent=1))

@@ -111,3 +111,17 @@ def test_bench_all_lists_presets_that_need_input_instead_of_stopping(monkeypatch
     assert "| xlora |" in (tmp_path / "bench.md").read_text()
     with pytest.raises(ConfigError, match="X-LoRA needs at least 2"):
         bench.bench_command(["--methods", "xlora", "--out", str(tmp_path / "named")])
+
+
+def test_a_method_this_machine_cannot_run_is_a_not_run_row(tmp_path):
+    """QLoRA's 4-bit base needs CUDA: without it the child writes a 'not run' row with the reason
+    (the bench goes on and does not count it as a failure) before any weight loads."""
+    pytest.importorskip("torch")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: QLoRA runs here")
+    out = tmp_path / "row.json"
+    code = bench.child_main([str(out), "1", *bench.method_overrides("qlora", [])])
+    row = json.loads(out.read_text())
+    assert code == 1 and row["status"] == "not run" and "needs CUDA" in row["error"], row
