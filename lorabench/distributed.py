@@ -29,7 +29,8 @@ from typing import Iterator
 STRATEGIES = ("ddp", "fsdp")
 SHARDED = ("fsdp",)
 # What a component's ``sharding`` declaration means (lorabench.method_params.registry.ParamsEntry):
-#   "any": elementwise on parameters and gradients, or acting only through the forward: runs on shards;
+#   "any": elementwise on parameters and gradients, acting only through the forward, or gathering what it
+#   needs whole (the GaLore-family optimizers gather each projected gradient: whole_gradient): runs on shards;
 #   a string other than "any": the reason it needs whole tensors, which a sharded strategy refuses with.
 ANY = "any"
 _DETECTED_TYPE: list = []  # the PartialState's own distributed type while an FSDP run overrides it
@@ -104,6 +105,25 @@ def new_accelerator(cpu: bool, mixed_precision: str, strategy: str = "ddp"):
     # autocast (autocast_sharded) sets the compute precision as under every other strategy, over fp32 shards
     plugin.mixed_precision_policy = None
     return accelerator
+
+
+def whole_gradient(p) -> tuple:
+    """``(gradient, sharded)``: an FSDP2 parameter's whole gradient, its shards all-gathered (a
+    collective: every process calls it for the same parameters in the same order, and every process
+    gets the same tensor), and True; a plain parameter's own ``grad`` and False."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(p.grad, DTensor):
+        return p.grad.full_tensor(), True
+    return p.grad, False
+
+
+def local_part(whole, p):
+    """``whole`` (a tensor of ``p``'s full shape, the same on every process) as a DTensor laid out as
+    ``p``: each process keeps its own shard of it, without communication."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None)
 
 
 def is_sharded(model) -> bool:

@@ -71,6 +71,8 @@ CASES = [
     # torch.distributed.checkpoint, loaded back into the shards
     ("lora-fsdp", "classification", ["hardware.strategy=fsdp"]),
     ("full-fsdp", "causal_lm", ["hardware.strategy=fsdp"]),
+    # GaLore under FSDP2: its subspace state (basis, moments) is whole on every process beside the shards
+    ("galore-fsdp", "classification", ["hardware.strategy=fsdp"]),
 ]
 
 

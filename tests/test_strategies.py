@@ -70,16 +70,18 @@ def test_one_process_fsdp_equals_the_plain_run(sst2_dir, tmp_path, case):
     assert fsdp["run_id"] != plain["run_id"]  # the strategy is part of the configuration
 
 
-@pytest.mark.parametrize("preset", ["lora", "full"])
+@pytest.mark.parametrize("preset", ["lora", "full", "galore"])
 def test_two_process_fsdp_equals_ddp(strategy_matrix, sst2_dir, tmp_path, preset):
     """2 processes (gloo): FSDP2's losses and saved tensors equal DDP's, and each process keeps half
-    the optimizer state (scripts/strategy_matrix.py's measurement)."""
+    the optimizer state (scripts/strategy_matrix.py's measurement). GaLore gathers each projected
+    gradient, projects the whole matrix and keeps its subspace state whole on every process: its
+    update equals DDP's and only the state of its other parameters is halved."""
     cells = strategy_matrix.measure(preset, sst2_dir, tmp_path, timeout_s=240)
     assert cells["ddp"]["verdict"] == "runs", cells
     assert cells["fsdp"]["verdict"] == "equals ddp", cells
     assert cells["fsdp"]["max_tensor_difference"] <= strategy_matrix.TENSOR_ATOL
     ddp_bytes, fsdp_bytes = cells["ddp"]["optimizer_state_bytes"], cells["fsdp"]["optimizer_state_bytes"]
-    assert fsdp_bytes < 0.55 * ddp_bytes
+    assert fsdp_bytes < (0.9 if preset == "galore" else 0.55) * ddp_bytes
 
 
 def test_the_matrix_verdict_rules(strategy_matrix):
@@ -97,7 +99,7 @@ def test_the_matrix_verdict_rules(strategy_matrix):
 @pytest.mark.parametrize(
     "overrides,needle",
     [
-        (["method=galore"], "optimizer 'galore' projects each weight's whole gradient matrix"),
+        (["method=galore_torch"], "optimizer 'galore_torch' (galore-torch's own optimizer) projects each weight's"),
         (["method=lora_pro"], "optimizer 'lora_pro' solves for each LoRA pair's gradients"),
         (["method=increlora"], "procedure 'increlora' adds rank components"),
         (["method=lora", "protocol=federated", "hardware.num_processes=1"], "needs protocol.name=single"),

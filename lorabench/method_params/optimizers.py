@@ -28,10 +28,12 @@ PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 # lora_pro
 MODES = ("full", "efficient")
 
-# why the low-rank gradient optimizers cannot run on FSDP2 shards (lorabench.distributed)
+# why galore-torch's optimizer cannot run on FSDP2 shards (lorabench.distributed); lorabench's own GaLore
+# family gathers each projected gradient instead (galore_family.py)
 PROJECTS_WHOLE_GRADIENT = (
-    "projects each weight's whole gradient matrix onto a low-rank subspace (an SVD or DCT of it), and an "
-    "FSDP shard holds only some of its rows"
+    "(galore-torch's own optimizer) projects each weight's whole gradient matrix onto an SVD subspace, and an "
+    "FSDP shard holds only some of its rows; method=galore runs the same rule under FSDP (it gathers each "
+    "projected gradient)"
 )
 
 
@@ -57,7 +59,7 @@ class ALLoRAParams:
         check_choice("method.allora_norm", self.allora_norm, NORMS)
 
 
-@params_for("optimizer", "dct_adamw", sharding=PROJECTS_WHOLE_GRADIENT)
+@params_for("optimizer", "dct_adamw")  # FSDP2: gathers each projected gradient (galore_family.py)
 @dataclass
 class DCTAdamWParams:
     rank: int = 8
@@ -101,7 +103,7 @@ class ProjectedAdamParams:
         check_positive("method.eps", self.eps)
 
 
-@params_for("optimizer", "galore", sharding=PROJECTS_WHOLE_GRADIENT)
+@params_for("optimizer", "galore")  # FSDP2: gathers each projected gradient (galore_family.py)
 @dataclass
 class GaLoreParams(ProjectedAdamParams):
     projector: str = "svd"  # svd (the paper), randomized_svd, random
@@ -112,7 +114,7 @@ class GaLoreParams(ProjectedAdamParams):
         check_choice("method.projector", self.projector, ("svd", "randomized_svd", "random"))
 
 
-@params_for("optimizer", "fira", sharding=PROJECTS_WHOLE_GRADIENT)
+@params_for("optimizer", "fira")  # FSDP2: gathers each projected gradient (galore_family.py)
 @dataclass
 class FiraParams(ProjectedAdamParams):
     gamma: float = 1.01  # norm-growth limiter
@@ -125,7 +127,7 @@ class FiraParams(ProjectedAdamParams):
         check_choice("method.fira_residual", self.fira_residual, ("package", "exact"))
 
 
-@params_for("optimizer", "frugal", sharding=PROJECTS_WHOLE_GRADIENT)
+@params_for("optimizer", "frugal")  # FSDP2: gathers each projected gradient (galore_family.py)
 @dataclass
 class FrugalParams:
     density: float = 0.25
@@ -200,7 +202,12 @@ class LoraPlusParams:
         check_positive("method.loraplus_lr_ratio", self.loraplus_lr_ratio)
 
 
-@params_for("optimizer", "q_galore", sharding=PROJECTS_WHOLE_GRADIENT)
+@params_for(
+    "optimizer",
+    "q_galore",
+    sharding="keeps the 8-bit Adam moments of its non-projected parameters in blocks of 256 over each whole "
+    "flattened tensor, which an FSDP shard does not hold",
+)
 @dataclass
 class QGaLoreParams:
     rank: int = 8

@@ -24,6 +24,13 @@ Differences from the authors' code (documented choices): FRUGAL's ``blocks`` are
 row/column blocks of each matrix (the authors' BAdam-like blocks are whole tensors), its ``randk``
 picks rows or columns on the projected side with rank round(density·d) (the authors' CoordAdamW
 picks int(density·n) columns) and its rank is at least 1.
+
+Under FSDP2 (``hardware.strategy=fsdp``) each projected weight's gradient is gathered whole before
+its projection and the projected state (basis, moments in the subspace) is kept whole on every
+process: an r x n (or m x r) state, small beside the m x n weight, whose shards FSDP2 still holds.
+Non-projected parameters are updated shard by shard. The updates equal the one-process run's.
+Q-GaLore is refused under FSDP2: its 8-bit moments of non-projected parameters are quantized in
+blocks of each whole flattened tensor.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import math
 
 import torch
 
+from lorabench.distributed import local_part, whole_gradient
 from lorabench.method_params.optimizers import (  # noqa: F401  (ProjectedAdamParams re-exported)
     FiraParams,
     FrugalParams,
@@ -90,12 +98,15 @@ class GaLoreFamily(torch.optim.Optimizer):
         return packed
 
     def load_state_dict(self, state_dict: dict) -> None:
-        # Rebuild projectors before torch's loader runs: it would mangle their strings.
-        params = [p for group in self.param_groups for p in group["params"]]
+        # Rebuild projectors before torch's loader runs: it would mangle their strings. The saved keys
+        # are matched to parameters through the saved groups, as torch's loader does (they are indices,
+        # or parameter names in torch.distributed.checkpoint's state dicts under FSDP)
+        saved = [key for group in state_dict["param_groups"] for key in group["params"]]
+        params = dict(zip(saved, (p for group in self.param_groups for p in group["params"])))
         state = {}
         for key, value in state_dict["state"].items():
             if isinstance(value.get("projector"), dict):
-                device = params[int(key)].device
+                device = params[key].device
                 projector = Projector.from_state(value["projector"])
                 for name, item in vars(projector).items():
                     if isinstance(item, torch.Tensor):
@@ -132,12 +143,19 @@ class GaLoreFamily(torch.optim.Optimizer):
         return loss
 
     def _step_param(self, p, group: dict, index: int) -> None:
-        """One parameter's update: weight decay (before or after, per ``decay_first``) and the step."""
+        """One parameter's update: weight decay (before or after, per ``decay_first``) and the step.
+        Under FSDP2 a projected weight's gradient shards are gathered first (every process then
+        holds the same whole gradient, computes the same projection and update, and keeps its own
+        rows of the update; lorabench.distributed.whole_gradient), so the projection is of the
+        whole matrix as in a one-process run."""
         projected = group["projector"] is not None and p.ndim == 2
         decay = group["lr"] * group["weight_decay"]
         if decay > 0 and group["decay_first"]:
             p.mul_(1.0 - decay)
-        update = self._update(p, group, index, projected)
+        grad, sharded = whole_gradient(p) if projected else (p.grad, False)
+        update = self._update(p, grad, group, index, projected)
+        if sharded:
+            update = local_part(update, p)
         p.add_(update.to(p.dtype))
         if decay > 0 and not group["decay_first"]:
             p.add_(p, alpha=-decay)
@@ -161,10 +179,11 @@ class GaLoreFamily(torch.optim.Optimizer):
         self._step_param(p, self.param_groups[group_index], index)
         p.grad = None
 
-    def _update(self, p, group, index, projected: bool) -> torch.Tensor:
-        """The full-shape update (already multiplied by -step size) for one parameter."""
+    def _update(self, p, grad: torch.Tensor, group, index, projected: bool) -> torch.Tensor:
+        """The full-shape update (already multiplied by -step size) for one parameter from its
+        gradient ``grad`` (the whole matrix for a projected one)."""
         state = self.state[p]
-        grad = p.grad.float() if projected else p.grad
+        grad = grad.float() if projected else grad
         step = state.setdefault("step", 0)
         low = grad
         if projected:
