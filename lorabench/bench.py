@@ -194,6 +194,7 @@ def measure_method(overrides: list[str], steps: int) -> dict:
     from lorabench.config_store import compose
     from lorabench.data.base import count_tokens
     from lorabench.distributed import new_accelerator
+    from lorabench.fingerprint import portable_text
     from lorabench.measure import PeakMemory, optimizer_state_bytes
     from lorabench.registry import DATASETS
     from lorabench.train import StopFlag, TrainState, build_run_parts, prepare_run, resume, train_steps
@@ -268,8 +269,9 @@ def measure_method(overrides: list[str], steps: int) -> dict:
         "formula": formula_name,
         "init_s": state.timers.init_time_s,
         "trainable_params": run.record["cost"]["trainable_params"],
-        "model_source": sources["model"].get("source"),
-        "dataset_source": sources["dataset"].get("source"),
+        # the machine's folders in portable form (<lorabench-cache>/..., <site-packages>/...): rows are committed
+        "model_source": json.loads(portable_text(json.dumps(sources["model"].get("source")))),
+        "dataset_source": json.loads(portable_text(json.dumps(sources["dataset"].get("source")))),
         "threads": torch.get_num_threads(),
         "device": str(device),
     }
