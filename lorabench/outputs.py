@@ -44,6 +44,17 @@ def whole_state_dict(model) -> dict | None:
     return {name: t.detach().to("cpu", copy=True) for name, t in tensors.items()}
 
 
+def portable_model_card(folder: Path) -> None:
+    """peft's model card (``README.md``) names the base model by the path it was loaded from, for a
+    local or cached model this machine's absolute path: rewritten in portable form
+    (``<lorabench-cache>/...``; lorabench.fingerprint.portable_text), as records are."""
+    from lorabench.fingerprint import portable_text
+
+    card = folder / "README.md"
+    if card.is_file():
+        card.write_text(portable_text(card.read_text(encoding="utf-8"), everywhere=True), encoding="utf-8")
+
+
 def _save_peft(model, tokenizer, run_dir: Path, hub_id: str | None) -> dict | None:
     config = getattr(model, "peft_config", {}).get("default")
     if config is None or str(getattr(config, "peft_type", "")) in ("XLORA", "PeftType.XLORA"):
@@ -52,6 +63,7 @@ def _save_peft(model, tokenizer, run_dir: Path, hub_id: str | None) -> dict | No
     folder = run_dir / PEFT_ADAPTER_DIR
     model.save_pretrained(folder, state_dict=whole_state_dict(model))
     tokenizer.save_pretrained(folder)
+    portable_model_card(folder)
     return {"path": PEFT_ADAPTER_DIR, "bytes": _folder_bytes(folder), "base_model_name_or_path": hub_id}
 
 

@@ -87,3 +87,15 @@ def test_the_pretrained_snapshot_on_disk_equals_the_in_memory_one_and_is_removed
     assert os.path.exists(path)
     saved.discard()
     assert not os.path.exists(path)
+
+
+def test_the_peft_model_card_names_no_machine_path(tmp_path, monkeypatch):
+    """peft's README.md names the base model by the folder it loaded from: written portable."""
+    from lorabench.outputs import portable_model_card
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LORABENCH_CACHE", str(cache))
+    (tmp_path / "README.md").write_text(f"---\nbase_model: {cache}/smollm2_135m_fp32\n---\n")
+    portable_model_card(tmp_path)
+    text = (tmp_path / "README.md").read_text()
+    assert str(tmp_path) not in text and "<lorabench-cache>/smollm2_135m_fp32" in text, text
