@@ -17,6 +17,21 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def load_script(name: str):
+    """``scripts/<name>.py`` imported as module ``name`` (registered in ``sys.modules``: dataclasses
+    look their module up there); the caller pops it when done."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, CONF_DIR.parent / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 POSITIVE = ["a delight", "wonderful acting", "moving and funny", "a great film", "sharp , warm and smart"]
 NEGATIVE = ["a dull mess", "boring and flat", "painfully slow", "a waste of time", "clumsy , tired jokes"]
 

@@ -3,7 +3,6 @@ that rewrites the README block, and the run ids that make the seed-0 copy and re
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import sys
 from pathlib import Path
@@ -12,17 +11,14 @@ import pytest
 
 from lorabench.config_store import compose
 from lorabench.results.record import RECORD_NAME, SCHEMA_VERSION, run_id, write_json_atomic
+from tests.conftest import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def lb():
-    spec = importlib.util.spec_from_file_location("leaderboard", ROOT / "scripts" / "leaderboard.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["leaderboard"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
+    yield load_script("leaderboard")
     sys.modules.pop("leaderboard", None)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -10,17 +9,12 @@ from pathlib import Path
 import pytest
 
 from lorabench.tuning import LR_LADDER
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def sc():
-    spec = importlib.util.spec_from_file_location("sweep_cost", ROOT / "scripts" / "sweep_cost.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["sweep_cost"] = module
-    spec.loader.exec_module(module)
-    yield module
+    yield load_script("sweep_cost")
     sys.modules.pop("sweep_cost", None)
     sys.modules.pop("leaderboard", None)
 

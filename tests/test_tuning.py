@@ -4,7 +4,6 @@ Optuna sweeper through Hydra."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
@@ -24,7 +23,7 @@ from lorabench.tuning.ladder import (
     start_grid,
 )
 from lorabench.tuning.search import LadderSearch, run_rounds, tune
-from tests.conftest import tiny_overrides
+from tests.conftest import load_script, tiny_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 LEADERBOARD = ROOT / "results" / "leaderboard"
@@ -131,11 +130,7 @@ def _sweep_rows() -> dict[str, tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def lb():
-    spec = importlib.util.spec_from_file_location("leaderboard", ROOT / "scripts" / "leaderboard.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["leaderboard"] = module
-    spec.loader.exec_module(module)
-    yield module
+    yield load_script("leaderboard")
     sys.modules.pop("leaderboard", None)
 
 
