@@ -213,6 +213,13 @@ TRACK_B_START = {
     **dict.fromkeys(("adalora", "lamda", "lamda_plus"), 1e-2),
     **dict.fromkeys(("ffa_lora", "increlora", "inttune", "loldu", "lorafa"), 2e-2),
     "svfit": 1e-1,
+    # the fourteen methods added after Track B's first run start from their (final) Track A picks
+    "ba_lora": 5e-4,
+    **dict.fromkeys(("block_lora", "diffora", "flexora", "lora_gnp", "mgpo", "sltrain"), 2e-3),
+    **dict.fromkeys(("codyra", "sara", "tlora", "wara"), 5e-3),
+    "alignguard_lora": 1e-2,
+    "s2_lora": 2e-2,
+    "pego": 5e-2,
 }
 # BAdam's blocks on smollm2_135m are its 30 decoder layers (a causal LM keeps its embeddings, final norm
 # and LM head frozen, as the authors' default): K = 1 visits each once in Track B's first 30 steps.
@@ -222,14 +229,6 @@ NOT_IN_TRACK_B = {
     "loftq": "4-bit base weights need bitsandbytes' CUDA kernels",
     "xlora": "X-LoRA mixes LoRA experts trained on other tasks (`method.experts`), so it has no single-task "
     "run to rank; its recipe is `scripts/xlora.py`",
-    **dict.fromkeys(
-        (
-            *("alignguard_lora", "ba_lora", "block_lora", "codyra", "diffora", "flexora", "lora_gnp", "mgpo"),
-            *("pego", "s2_lora", "sara", "sltrain", "tlora", "wara"),
-        ),
-        "added after Track B was run: its start rate is the one Track A picks for it, and its Track A sweep "
-        "has not been run yet",
-    ),
 }
 
 

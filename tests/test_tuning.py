@@ -276,3 +276,17 @@ def test_hydra_optuna_sweeper_gets_the_runs_metric(sst2_dir, tmp_path, monkeypat
     accuracy = {lr: r["metrics"]["final"]["accuracy"] for lr, r in runs.items()}
     assert best["best_value"] == max(accuracy.values())  # the task returned each run's metric to Optuna
     assert accuracy[best["best_params"]["train.lr"]] == best["best_value"]
+
+
+def test_worker_threads_follow_the_cpus_this_process_may_use(monkeypatch):
+    """``taskset``/cgroups/Slurm can give a process fewer CPUs than the machine has: the per-worker thread
+    count divides the process's affinity mask, not ``os.cpu_count``."""
+    from lorabench.tuning import runs
+
+    if not hasattr(runs.os, "sched_getaffinity"):
+        pytest.skip("no affinity mask on this platform")
+    monkeypatch.setattr(runs.os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(runs.os, "sched_getaffinity", lambda pid: {3})
+    assert runs.usable_cpus() == 1
+    monkeypatch.setattr(runs.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert runs.usable_cpus() == 4

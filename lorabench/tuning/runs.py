@@ -133,6 +133,14 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: a cgroup, ``taskset`` or a Slurm allocation
+    can hold fewer than the machine has, and ``os.cpu_count`` counts the machine's)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 def run_tasks(
     tasks: list[list[str]],
     jobs: int = 0,
@@ -160,7 +168,7 @@ def run_tasks(
         for done, task in enumerate(pending, 1):
             report(done, *run_task(task, command, quote, keys))
         return failures
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = max(1, usable_cpus() // jobs)
     ctx = multiprocessing.get_context("spawn")
     work = functools.partial(_run_in_worker, command, quote, keys)
     with ctx.Pool(jobs, initializer=_init_worker, initargs=(threads,), maxtasksperchild=1) as pool:
