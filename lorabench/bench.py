@@ -193,7 +193,7 @@ def measure_method(overrides: list[str], steps: int) -> dict:
 
     from lorabench.config_store import compose
     from lorabench.data.base import count_tokens
-    from lorabench.distributed import new_accelerator
+    from lorabench.distributed import accelerator_for
     from lorabench.fingerprint import portable_text
     from lorabench.measure import PeakMemory, optimizer_state_bytes
     from lorabench.registry import DATASETS
@@ -204,7 +204,7 @@ def measure_method(overrides: list[str], steps: int) -> dict:
     if cfg.hardware.num_processes != 1:
         raise ConfigError(f"lorabench bench runs one process; got hardware.num_processes={cfg.hardware.num_processes}")
     with PeakMemory() as memory:
-        accelerator = new_accelerator(cfg.hardware.device == "cpu", cfg.hardware.mixed_precision, cfg.hardware.strategy)
+        accelerator = accelerator_for(cfg)
         if cfg.hardware.num_threads:
             torch.set_num_threads(cfg.hardware.num_threads)
         task = DATASETS.get(cfg.dataset.name, where="dataset")

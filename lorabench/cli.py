@@ -261,7 +261,7 @@ def methods_command(argv: list[str]) -> int:
     parser.add_argument(
         "--strategies",
         action="store_true",
-        help="one row per preset: can it run under hardware.strategy=ddp / fsdp, the two-process check, and why not",
+        help="one row per preset: can it run under each hardware.strategy, the two-process check, and why not",
     )
     args = parser.parse_args(argv)
     if args.fidelity:

@@ -162,7 +162,7 @@ class HardwareConfig:
     name: str = "cpu"
     device: str = "cpu"  # cpu | cuda
     num_processes: int = 1
-    strategy: str = "ddp"  # ddp | fsdp (lorabench.distributed): how the processes share the model
+    strategy: str = "ddp"  # ddp | fsdp | zero2 | zero3 (lorabench.distributed): how the processes share the model
     mixed_precision: str = "no"  # no | bf16 | fp16
     micro_batch_size: Optional[int] = None  # None: derived from the global batch (``derive_micro_batch``)
     gradient_checkpointing: bool = False

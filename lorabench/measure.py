@@ -18,13 +18,15 @@ PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "hydra-co
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; shared tensors are counted once."""
+    from lorabench.distributed import full_numel
+
     seen, trainable, total = set(), 0, 0
     for p in model.parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
+        total += full_numel(p)
+        trainable += full_numel(p) if p.requires_grad else 0
     return trainable, total
 
 
@@ -45,12 +47,16 @@ def _tensors_in(value, depth: int = 0):
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of every tensor the optimizer keeps in its state, including tensors held by objects
     stored there (GaLore projectors) and by an ``extra_state_tensors()`` method if it has one.
-    Each storage is counted once; a sharded tensor (FSDP2's ``DTensor``) counts this process's shard."""
+    Each storage is counted once; a sharded tensor (FSDP2's ``DTensor``) counts this process's shard.
+    Under DeepSpeed ZeRO the state is of this process's flat partitions, and the fp32 master copy of
+    those partitions that ZeRO's optimizer keeps beside the weights counts too."""
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps optimizers
     seen, total = set(), 0
     sources = [inner.state]
     if hasattr(inner, "extra_state_tensors"):
         sources.append(list(inner.extra_state_tensors()))
+    for masters in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):  # ZeRO-1/2, ZeRO-3
+        sources.append(list(getattr(inner, masters, None) or []))
     for source in sources:
         for tensor in _tensors_in(source):
             tensor = tensor.to_local() if hasattr(tensor, "to_local") else tensor

@@ -42,7 +42,15 @@ from lorabench.config import RunConfig
 from lorabench.console import progress
 from lorabench.data.base import collate, count_tokens, resolve_primary
 from lorabench.data.cache import cached_features
-from lorabench.distributed import autocast_sharded, new_accelerator, plan_sharding, whole_model
+from lorabench.distributed import (
+    accelerator_for,
+    autocast_sharded,
+    drop_empty_groups,
+    plan_sharding,
+    uses_deepspeed,
+    whole_model,
+    zero_backward,
+)
 from lorabench.fingerprint import local_inputs
 from lorabench.frozen_dtype import store_frozen_linears
 from lorabench.lm_loss import forward_loss
@@ -546,6 +554,7 @@ def prepare_run(
     if cfg.hardware.frozen_dtype != "float32":  # the base's frozen Linear weights, stored in bf16 once
         record["cost"]["frozen_cast_params"] = store_frozen_linears(model, cfg.hardware.frozen_dtype, base_params)
     timers.init_time_s = time.perf_counter() - t0
+    drop_empty_groups(accelerator, optimizer)
     warmup = math.ceil(cfg.train.warmup_ratio * cfg.train.max_steps)
     scheduler = get_scheduler(
         cfg.train.schedule, optimizer, num_warmup_steps=warmup, num_training_steps=max(cfg.train.max_steps, 1)
@@ -669,6 +678,7 @@ def backward_pass(run: Run, state: TrainState, batches: list[dict]) -> tuple[tor
     passes). Returns the summed (1/accum-weighted) loss and the regularizer's terms."""
     cfg, model, accelerator, procedure = run.cfg, run.model, run.accelerator, run.procedure
     accum = cfg.gradient_accumulation()
+    zero = uses_deepspeed(accelerator)  # DeepSpeed steps inside the last micro-batch's backward
     loss_sum, term_sums = 0.0, {}
     for micro in range(accum):
         if len(batches) <= micro:
@@ -684,7 +694,10 @@ def backward_pass(run: Run, state: TrainState, batches: list[dict]) -> tuple[tor
             for name, term in terms.items():  # the regularizer's terms: in the gradient, logged apart
                 objective = objective + term / accum
                 term_sums[name] = term_sums.get(name, 0.0) + term.detach().float() / accum
-            accelerator.backward(objective)
+            if zero:
+                zero_backward(accelerator, objective, last_micro_batch=micro == accum - 1)
+            else:
+                accelerator.backward(objective)
         loss_sum += loss.detach().float()
     return loss_sum, term_sums
 
@@ -949,7 +962,7 @@ def run_with_record(cfg: RunConfig, spec: MethodSpec, command: str, body: Callab
     if _completed(previous, cfg):
         return _skip_completed(rid, record_path, previous)
 
-    accelerator = new_accelerator(cfg.hardware.device == "cpu", cfg.hardware.mixed_precision, cfg.hardware.strategy)
+    accelerator = accelerator_for(cfg)
     is_main = accelerator.is_main_process
     claim = claim_run(record_path.parent, accelerator)  # one trainer per run id, held to the end
     if not claim.owned:

@@ -15,6 +15,7 @@
 #   4. FSDP2 on one device (fp32: bf16 under FSDP is refused): hardware=gpu_fsdp hardware.num_processes=1,
 #      LoRA and full fine-tuning,
 #      against the same runs under hardware=gpu (losses in the records, compared in summary.md).
+#   4b. DeepSpeed ZeRO-2 and ZeRO-3 on one device (NCCL, fp32, LoRA), against plain_lora above.
 #   5. A slice of a paper setting at real scale: MiniLM-L6 (the GLUE encoder of the leaderboard) on
 #      SST-2 for 300 steps at the GaLore GLUE recipe's batch 16 (needs SST2_DIR, the GLUE SST-2 folder;
 #      skipped with a line saying so when it is not set).
@@ -57,6 +58,10 @@ done
 for m in lora full; do
   check "fsdp1_$m" 90 method=$m hardware=gpu_fsdp hardware.num_processes=1 train.max_steps=20 "${LM[@]}"
   check "plain_$m" 90 method=$m hardware=gpu hardware.mixed_precision=no train.max_steps=20 "${LM[@]}"
+done
+for s in zero2 zero3; do
+  check "${s}1_lora" 120 method=lora hardware=gpu_$s hardware.num_processes=1 hardware.mixed_precision=no \
+    train.max_steps=20 "${LM[@]}"
 done
 if [ -n "${SST2_DIR:-}" ]; then
   check minilm_sst2_300 150 method=lora model=minilm_l6 dataset=sst2 "dataset.data_dir=$SST2_DIR" hardware=gpu \

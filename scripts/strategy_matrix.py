@@ -1,12 +1,13 @@
 """The method x strategy matrix, measured: every method preset trained for a few steps on 2 CPU
-processes (gloo) under ``hardware.strategy=ddp`` and ``=fsdp`` (FSDP2), on a tiny random BERT and a
-generated SST-2, with dropout off. FSDP2 shards parameters, gradients and optimizer state but
-computes the same update, so its losses and trained outputs must equal DDP's.
+processes (gloo) under ``hardware.strategy=ddp``, ``=fsdp`` (FSDP2), ``=zero2`` and ``=zero3``
+(DeepSpeed ZeRO), on a tiny random BERT and a generated SST-2, with dropout off. FSDP2 and ZeRO
+partition optimizer state and gradients (FSDP2 and ZeRO-3 the weights too) but compute the same
+update, so their losses and trained outputs must equal DDP's.
 
     python scripts/strategy_matrix.py [--presets lora full ...] [--out results/strategies]
 
 Writes ``matrix.json`` (per preset and strategy: status, losses, optimizer-state bytes per process,
-the largest difference of the FSDP run's saved tensors from the DDP run's, the verdict) and
+the largest difference of each partitioned run's saved tensors from the DDP run's, the verdict) and
 ``matrix.md``; ``lorabench methods --strategies`` shows the verdicts beside what the components
 declare. A preset whose components declare they need whole tensors is refused before training
 (its verdict says so); one that fails or differs is a finding to fix or to declare. Resumable: a
@@ -26,10 +27,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-STRATEGIES = ("ddp", "fsdp")
-HARDWARE = {"ddp": "cpu_ddp2", "fsdp": "cpu_fsdp2"}
+STRATEGIES = ("ddp", "fsdp", "zero2", "zero3")
+COMPARED = STRATEGIES[1:]  # each against ddp
+HARDWARE = {"ddp": "cpu_ddp2", "fsdp": "cpu_fsdp2", "zero2": "cpu_zero2", "zero3": "cpu_zero3"}
 STEPS = 3
-LOSS_RTOL = 1e-5  # FSDP2's reduce-scatter sums in another order than DDP's all-reduce
+LOSS_RTOL = 1e-5  # a reduce-scatter sums in another order than DDP's all-reduce
 TENSOR_ATOL = 1e-5
 OUTPUT_FILES = ("adapter.safetensors", "model/model.safetensors")
 # procedures whose events (a block switch, a layer re-sample) would otherwise fall after the last step, and
@@ -68,8 +70,14 @@ def worker(preset: str, data: Path, results: Path) -> None:
     from lorabench.config_store import compose
     from lorabench.launch import run_one
 
+    refused = refusal_of(preset)
     for strategy in STRATEGIES:
-        run_one(compose(run_overrides(preset, strategy, data, results)), f"strategy_matrix {preset}", False)
+        if strategy in refused:
+            continue
+        try:
+            run_one(compose(run_overrides(preset, strategy, data, results)), f"strategy_matrix {preset}", False)
+        except Exception as exc:  # its record says failed; the next strategy still runs
+            print(f"[strategy_matrix] {preset} under {strategy}: {type(exc).__name__}: {exc}", file=sys.stderr)
 
 
 def _record(folder: Path) -> dict | None:
@@ -77,11 +85,11 @@ def _record(folder: Path) -> dict | None:
     return json.loads(found[0].read_text()) if found else None
 
 
-def _tensor_difference(ddp_dir: Path, fsdp_dir: Path) -> float | None:
+def _tensor_difference(ddp_dir: Path, other_dir: Path) -> float | None:
     from safetensors.torch import load_file
 
     for name in OUTPUT_FILES:
-        a, b = sorted(ddp_dir.glob(f"*/{name}")), sorted(fsdp_dir.glob(f"*/{name}"))
+        a, b = sorted(ddp_dir.glob(f"*/{name}")), sorted(other_dir.glob(f"*/{name}"))
         if a and b:
             x, y = load_file(str(a[0])), load_file(str(b[0]))
             if sorted(x) != sorted(y):
@@ -90,34 +98,40 @@ def _tensor_difference(ddp_dir: Path, fsdp_dir: Path) -> float | None:
     return None
 
 
-def verdict(ddp: dict | None, fsdp: dict | None, refusal: dict[str, str], difference: float | None) -> dict:
-    """One preset's cell of each strategy; ``refusal``: strategy -> why the declarations refuse it."""
-    cells = {}
-    for strategy, record in (("ddp", ddp), ("fsdp", fsdp)):
-        if record is None:
-            reason = refusal.get(strategy)
-            cells[strategy] = {"verdict": "refused", "reason": reason} if reason else {"verdict": "no record"}
+def _cell(record: dict | None, reason: str | None) -> dict:
+    if record is None:
+        return {"verdict": "refused", "reason": reason} if reason else {"verdict": "no record"}
+    cell = {
+        "status": record["status"],
+        "losses": [e["loss"] for e in record["train_log"]],
+        "optimizer_state_bytes": record["cost"].get("optimizer_state_bytes"),
+    }
+    if record["status"] != "completed":
+        cell["verdict"] = "fails"
+        cell["error"] = (record.get("error") or {}).get("message", "")[:300]
+    return cell
+
+
+def verdict(records: dict[str, dict | None], refusal: dict[str, str], differences: dict[str, float | None]) -> dict:
+    """One preset's cell of each strategy: ``records`` and ``differences`` (largest saved-tensor
+    difference from DDP) per strategy; ``refusal``: strategy -> why the declarations refuse it."""
+    cells = {s: _cell(records.get(s), refusal.get(s)) for s in STRATEGIES}
+    d = cells["ddp"]
+    if d.get("status") == "completed":
+        d["verdict"] = "runs"
+    for strategy in COMPARED:
+        c = cells[strategy]
+        if c.get("status") != "completed":
             continue
-        cell = {
-            "status": record["status"],
-            "losses": [e["loss"] for e in record["train_log"]],
-            "optimizer_state_bytes": record["cost"].get("optimizer_state_bytes"),
-        }
-        if record["status"] != "completed":
-            cell["verdict"] = "fails"
-            cell["error"] = (record.get("error") or {}).get("message", "")[:300]
-        cells[strategy] = cell
-    if cells["ddp"].get("status") == "completed":
-        cells["ddp"]["verdict"] = "runs"
-    f, d = cells["fsdp"], cells["ddp"]
-    if f.get("status") == "completed" and d.get("status") == "completed":
-        same_losses = len(f["losses"]) == len(d["losses"]) and all(
-            abs(a - b) <= LOSS_RTOL * max(abs(b), 1e-12) for a, b in zip(f["losses"], d["losses"])
-        )
-        f["max_tensor_difference"] = difference
-        f["verdict"] = "equals ddp" if same_losses and (difference or 0.0) <= TENSOR_ATOL else "differs from ddp"
-    elif f.get("status") == "completed":
-        f["verdict"] = "runs (ddp refused: not compared)" if d.get("verdict") == "refused" else "runs (no ddp run)"
+        if d.get("status") == "completed":
+            same_losses = len(c["losses"]) == len(d["losses"]) and all(
+                abs(a - b) <= LOSS_RTOL * max(abs(b), 1e-12) for a, b in zip(c["losses"], d["losses"])
+            )
+            difference = differences.get(strategy)
+            c["max_tensor_difference"] = difference
+            c["verdict"] = "equals ddp" if same_losses and (difference or 0.0) <= TENSOR_ATOL else "differs from ddp"
+        else:
+            c["verdict"] = "runs (ddp refused: not compared)" if d.get("verdict") == "refused" else "runs (no ddp run)"
     return cells
 
 
@@ -145,10 +159,9 @@ def measure(preset: str, data: Path, scratch: Path, timeout_s: int) -> dict:
     except subprocess.TimeoutExpired:
         tail = f"timed out after {timeout_s} s"
     cells = verdict(
-        _record(results / "ddp"),
-        _record(results / "fsdp"),
+        {s: _record(results / s) for s in STRATEGIES},
         refusal_of(preset),
-        _tensor_difference(results / "ddp", results / "fsdp"),
+        {s: _tensor_difference(results / "ddp", results / s) for s in COMPARED},
     )
     if tail and not all("verdict" in c and c["verdict"] != "no record" for c in cells.values()):
         cells["launch_error"] = tail
@@ -161,21 +174,26 @@ def write_markdown(matrix: dict, path: Path) -> None:
         "# Method x strategy: measured on 2 CPU processes",
         "",
         f"`python scripts/strategy_matrix.py`: each preset {STEPS} steps on tiny_bert / generated SST-2, "
-        "dropout 0, global batch 4 (2 per process), under `hardware=cpu_ddp2` and `hardware=cpu_fsdp2`. "
-        f"FSDP2 must equal DDP: losses within {LOSS_RTOL:g} relative, saved tensors within {TENSOR_ATOL:g}. "
-        "Optimizer state is bytes per process.",
+        "dropout 0, global batch 4 (2 per process), under "
+        + ", ".join(f"`hardware={HARDWARE[s]}`" for s in STRATEGIES)
+        + f". Each partitioned strategy must equal DDP: losses within {LOSS_RTOL:g} relative, saved tensors "
+        f"within {TENSOR_ATOL:g}. Optimizer state is bytes per process; the difference is the largest over "
+        "the compared strategies.",
         "",
-        "| preset | ddp | fsdp | ddp optimizer state | fsdp optimizer state | max saved-tensor difference | note |",
-        "|---|---|---|---|---|---|---|",
+        "| preset | " + " | ".join(STRATEGIES) + " | optimizer state (" + " / ".join(STRATEGIES) + ") "
+        "| max saved-tensor difference | notes |",
+        "|---|" + "---|" * (len(STRATEGIES) + 3),
     ]
     for preset, cells in sorted(matrix["presets"].items()):
-        d, f = cells.get("ddp", {}), cells.get("fsdp", {})
-        note = d.get("reason") or f.get("reason") or f.get("error") or d.get("error") or ""
-        diff = f.get("max_tensor_difference")
+        got = {s: cells.get(s, {}) for s in STRATEGIES}
+        notes = "; ".join(
+            f"{s}: {c.get('reason') or c.get('error')}" for s, c in got.items() if c.get("reason") or c.get("error")
+        )
+        diffs = [c["max_tensor_difference"] for c in got.values() if c.get("max_tensor_difference") is not None]
+        state = " / ".join(str(c.get("optimizer_state_bytes", "-")) for c in got.values())
         lines.append(
-            f"| {preset} | {d.get('verdict', '-')} | {f.get('verdict', '-')} | {d.get('optimizer_state_bytes', '-')} | "
-            f"{f.get('optimizer_state_bytes', '-')} | {'-' if diff is None else f'{diff:.1e}'} | "
-            f"{note.replace('|', '/')[:160]} |"
+            f"| {preset} | " + " | ".join(c.get("verdict", "-") for c in got.values()) + f" | {state} | "
+            f"{f'{max(diffs):.1e}' if diffs else '-'} | {notes.replace('|', '/')[:300]} |"
         )
     path.write_text("\n".join(lines) + "\n")
 
@@ -214,10 +232,8 @@ def main() -> int:
                 continue
             cells = measure(preset, data, Path(scratch) / "runs", args.timeout)
             matrix["presets"][preset] = cells
-            print(
-                f"{preset}: ddp {cells['ddp'].get('verdict')}, fsdp {cells['fsdp'].get('verdict')} "
-                f"({cells['seconds']} s)"
-            )
+            verdicts = ", ".join(f"{s} {cells[s].get('verdict')}" for s in STRATEGIES)
+            print(f"{preset}: {verdicts} ({cells['seconds']} s)")
             path.write_text(json.dumps(matrix, indent=2) + "\n")
             write_markdown(matrix, out / "matrix.md")
     return 0

@@ -129,7 +129,7 @@ def readme_commands() -> list[list[str]]:
 
 README = readme_commands()
 TRAIN_EXAMPLES = [c for c in README if c[0] == "train"]
-NEEDS_GPU = ("hardware=gpu", "hardware=gpu_ddp", "hardware=gpu_fsdp")
+NEEDS_GPU = ("hardware=gpu", "hardware=gpu_ddp", "hardware=gpu_fsdp", "hardware=gpu_zero2", "hardware=gpu_zero3")
 
 
 def test_the_readme_has_examples():

@@ -137,9 +137,9 @@ def merged_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     from lorabench.methods.adapters.layer import adapter_layers
 
     if hasattr(model, "peft_config") and hasattr(model, "merge_and_unload"):
-        from lorabench.distributed import is_sharded
+        from lorabench.distributed import is_partitioned
 
-        if is_sharded(model):  # FSDP refuses deepcopy; inside whole_model the parameters are whole tensors
+        if is_partitioned(model):  # FSDP/ZeRO-3 refuse deepcopy; inside whole_model the parameters are whole
             return _peft_lora_weights(model)
         model = copy.deepcopy(model).merge_and_unload()
     weights = {n: p.detach().float().cpu() for n, p in model.named_parameters() if p.ndim == 2}

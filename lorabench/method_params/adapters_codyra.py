@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lorabench.config import check_positive, check_range
-from lorabench.method_params.registry import params_for
+from lorabench.method_params.registry import ZERO_WRITES_WEIGHTS, params_for
 
 
 @params_for("adapter", "codyra")
@@ -24,7 +24,7 @@ class CodyraParams:
         check_positive("method.rank", self.rank)
 
 
-@params_for("procedure", "codyra", requires_adapter=("codyra",))
+@params_for("procedure", "codyra", requires_adapter=("codyra",), zero=ZERO_WRITES_WEIGHTS)
 @dataclass
 class CodyraThresholdParams:
     max_kappa: float = 0.005  # the last threshold of the schedule (authors' --max_kappa, runner_codyra.sh)

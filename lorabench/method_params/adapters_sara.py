@@ -25,7 +25,7 @@ from typing import Optional
 
 from lorabench.config import check_choice, check_positive, check_range
 from lorabench.errors import ConfigError
-from lorabench.method_params.registry import params_for
+from lorabench.method_params.registry import ZERO_BETWEEN_BACKWARD_AND_STEP, params_for
 
 RESELECT_MODES = ("restart", "continue")
 
@@ -50,6 +50,7 @@ class SaraParams:
     "sara",
     requires_adapter=("sara",),
     sharding="re-selects and masks the smallest-|w| entries of whole weights in place between steps",
+    zero=ZERO_BETWEEN_BACKWARD_AND_STEP,
 )
 @dataclass
 class SaraProgressiveParams:

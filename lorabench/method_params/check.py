@@ -9,6 +9,7 @@ component or key, a wrong type, an invalid value or an incompatible combination 
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -147,16 +148,21 @@ def check_run_fit(cfg, method: CheckedMethod) -> None:
             )
 
 
+# which ParamsEntry declarations a strategy reads (zero3 partitions the weights too: FSDP's reasons also hold)
+STRATEGY_DECLARATIONS = {"ddp": ("ddp",), "fsdp": ("sharding",), "zero2": ("zero",), "zero3": ("zero", "sharding")}
+
+
 def strategy_conflicts(method: CheckedMethod, strategy: str = "fsdp") -> list[str]:
     """Why ``method`` cannot run under ``hardware.strategy`` on several processes: one line per
-    component that declares it (``ParamsEntry.sharding`` for fsdp, ``.ddp`` for ddp); empty if it can."""
+    component that declares it (``STRATEGY_DECLARATIONS``: ``ParamsEntry.sharding`` for fsdp,
+    ``.ddp`` for ddp, ``.zero`` for ZeRO); empty if it can."""
     out = []
     for axis, name in method.names.items():
-        if (
-            name != "none"
-            and (reason := getattr(entry(axis, name), "sharding" if strategy == "fsdp" else strategy)) != "any"
-        ):
-            out.append(f"{axis} {name!r} {reason}")
+        if name == "none":
+            continue
+        declared = entry(axis, name)
+        reasons = dict.fromkeys(getattr(declared, key) for key in STRATEGY_DECLARATIONS[strategy])
+        out.extend(f"{axis} {name!r} {reason}" for reason in reasons if reason != "any")
     return out
 
 
@@ -167,15 +173,34 @@ SHARDED_RUN_LIMITS = {
         "single (the multi-task, federated and compressed protocols keep whole per-task or packed tensors)",
     ),
 }
+# the same for DeepSpeed ZeRO (lorabench.distributed): its engine steps inside the backward and holds
+# the optimizer state as flat partitions
+ZERO_RUN_LIMITS = {
+    **SHARDED_RUN_LIMITS,
+    "checkpoint.every": (
+        lambda cfg: bool(cfg.checkpoint.every),
+        "0 (a checkpoint holds the optimizer state by parameter; ZeRO's is flat partitions per process: "
+        "resume runs under hardware.strategy=ddp or fsdp)",
+    ),
+    "train.nonfinite": (
+        lambda cfg: cfg.train.nonfinite == "skip",
+        "stop (ZeRO applies the update inside the backward: a non-finite step cannot be skipped)",
+    ),
+    "hardware.mixed_precision": (
+        lambda cfg: cfg.hardware.mixed_precision == "fp16",
+        "bf16 or no (fp16 needs a loss scaler around DeepSpeed's step)",
+    ),
+}
 
 
 def check_strategy(cfg, method: CheckedMethod) -> None:
-    """``hardware.strategy``: a sharded one (FSDP2) needs every component to run on shards and the
-    run's other settings to allow it; one line says why not and what works instead."""
-    from lorabench.distributed import SHARDED
+    """``hardware.strategy``: a sharded one (FSDP2, ZeRO-3) needs every component to run on shards,
+    ZeRO (2 and 3) every component to leave gradients and weights to DeepSpeed's step, and the run's
+    other settings to allow it; one line says why not and what works instead."""
+    from lorabench.distributed import SHARDED, ZERO_STAGES
 
     strategy = cfg.hardware.strategy
-    if strategy not in SHARDED:
+    if strategy not in SHARDED and strategy not in ZERO_STAGES:
         conflicts = strategy_conflicts(method, strategy) if cfg.hardware.num_processes > 1 else []
         if conflicts:
             raise ConfigError(
@@ -183,19 +208,26 @@ def check_strategy(cfg, method: CheckedMethod) -> None:
                 f"{'; '.join(conflicts)}"
             )
         return
-    conflicts = strategy_conflicts(method)
-    if conflicts:
+    if strategy in ZERO_STAGES and importlib.util.find_spec("deepspeed") is None:
         raise ConfigError(
-            f"hardware.strategy={strategy} shards every weight over the processes, but method {method.label!r}: "
+            f"hardware.strategy={strategy} runs DeepSpeed, which is not installed: pip install 'lorabench[deepspeed]' "
+            "(or use hardware.strategy=fsdp)"
+        )
+    conflicts = strategy_conflicts(method, strategy)
+    if conflicts:
+        what = "shards every weight over the processes" if strategy in SHARDED else "partitions the optimizer state"
+        raise ConfigError(
+            f"hardware.strategy={strategy} {what}, but method {method.label!r}: "
             f"{'; '.join(conflicts)}; use hardware.strategy=ddp (each process holds the whole model)"
         )
     adapter = method.params.get("adapter")
-    if getattr(adapter, "use_dora", False) and cfg.analysis.intruders:  # merged without a copy: an added delta
-        raise ConfigError(
+    if strategy in SHARDED and getattr(adapter, "use_dora", False) and cfg.analysis.intruders:
+        raise ConfigError(  # merged without a copy: an added delta
             f"hardware.strategy={strategy} with use_dora=true needs analysis.intruders=false (the sharded model "
             "is not copied, and DoRA's merge is not an added delta)"
         )
-    for key, (refused, works) in SHARDED_RUN_LIMITS.items():
+    limits = ZERO_RUN_LIMITS if strategy in ZERO_STAGES else SHARDED_RUN_LIMITS
+    for key, (refused, works) in limits.items():
         if refused(cfg):
             raise ConfigError(f"hardware.strategy={strategy} needs {key}={works}")
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from lorabench.config import check_choice, check_positive
 from lorabench.errors import ConfigError
-from lorabench.method_params.registry import NoParams, params_for
+from lorabench.method_params.registry import ZERO_NEEDS_MATRICES, NoParams, params_for
 
 # galore family (lorabench/methods/optimizers/projectors.py): which side of G (m x n) a projector
 # works on, by galore-torch's proj_type rule (std: the smaller dimension)
@@ -45,7 +45,7 @@ class AdamWParams:
     eps: float = 1e-8
 
 
-@params_for("optimizer", "allora", requires_adapter=("lora",))
+@params_for("optimizer", "allora", requires_adapter=("lora",), zero=ZERO_NEEDS_MATRICES)
 @dataclass
 class ALLoRAParams:
     allora_eta: float = 1.0  # the coefficient's bound: 1 / sqrt(‖θ_row‖² + 1/η²) <= η
@@ -59,7 +59,9 @@ class ALLoRAParams:
         check_choice("method.allora_norm", self.allora_norm, NORMS)
 
 
-@params_for("optimizer", "dct_adamw")  # FSDP2: gathers each projected gradient (galore_family.py)
+@params_for(
+    "optimizer", "dct_adamw", zero=ZERO_NEEDS_MATRICES
+)  # FSDP2: gathers each projected gradient (galore_family.py)
 @dataclass
 class DCTAdamWParams:
     rank: int = 8
@@ -103,7 +105,9 @@ class ProjectedAdamParams:
         check_positive("method.eps", self.eps)
 
 
-@params_for("optimizer", "galore")  # FSDP2: gathers each projected gradient (galore_family.py)
+@params_for(
+    "optimizer", "galore", zero=ZERO_NEEDS_MATRICES
+)  # FSDP2: gathers each projected gradient (galore_family.py)
 @dataclass
 class GaLoreParams(ProjectedAdamParams):
     projector: str = "svd"  # svd (the paper), randomized_svd, random
@@ -114,7 +118,7 @@ class GaLoreParams(ProjectedAdamParams):
         check_choice("method.projector", self.projector, ("svd", "randomized_svd", "random"))
 
 
-@params_for("optimizer", "fira")  # FSDP2: gathers each projected gradient (galore_family.py)
+@params_for("optimizer", "fira", zero=ZERO_NEEDS_MATRICES)  # FSDP2: gathers each projected gradient (galore_family.py)
 @dataclass
 class FiraParams(ProjectedAdamParams):
     gamma: float = 1.01  # norm-growth limiter
@@ -127,7 +131,9 @@ class FiraParams(ProjectedAdamParams):
         check_choice("method.fira_residual", self.fira_residual, ("package", "exact"))
 
 
-@params_for("optimizer", "frugal")  # FSDP2: gathers each projected gradient (galore_family.py)
+@params_for(
+    "optimizer", "frugal", zero=ZERO_NEEDS_MATRICES
+)  # FSDP2: gathers each projected gradient (galore_family.py)
 @dataclass
 class FrugalParams:
     density: float = 0.25
@@ -155,7 +161,7 @@ class FrugalParams:
 
 
 # galore_torch.py imports it as GaLoreParams (the name above is the galore optimizer's)
-@params_for("optimizer", "galore_torch", sharding=PROJECTS_WHOLE_GRADIENT)
+@params_for("optimizer", "galore_torch", sharding=PROJECTS_WHOLE_GRADIENT, zero=ZERO_NEEDS_MATRICES)
 @dataclass
 class GaLoreTorchParams:
     rank: int = 8
@@ -175,6 +181,7 @@ class GaLoreTorchParams:
     "lora_pro",
     requires_adapter=("lora",),
     sharding="solves for each LoRA pair's gradients from both whole factors (their Gram matrices and products)",
+    zero=ZERO_NEEDS_MATRICES,
 )
 @dataclass
 class LoraProParams:
@@ -207,6 +214,7 @@ class LoraPlusParams:
     "q_galore",
     sharding="keeps the 8-bit Adam moments of its non-projected parameters in blocks of 256 over each whole "
     "flattened tensor, which an FSDP shard does not hold",
+    zero=ZERO_NEEDS_MATRICES,
 )
 @dataclass
 class QGaLoreParams:
@@ -252,4 +260,5 @@ params_for(
     "lorafa",
     requires_adapter=("lora",),
     sharding="projects B's gradient through the whole frozen A (peft's LoraFAOptimizer forms A's Gram matrix)",
+    zero=ZERO_NEEDS_MATRICES,
 )(NoParams)

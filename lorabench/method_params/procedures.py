@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from lorabench.config import check_choice, check_positive
 from lorabench.errors import ConfigError
 from lorabench.method_params.adapters import components_per_round
-from lorabench.method_params.registry import NoParams, params_for
+from lorabench.method_params.registry import ZERO_BETWEEN_BACKWARD_AND_STEP, ZERO_MOVES_TRAINABLE, NoParams, params_for
 
 # badam
 SWITCH_MODES = ("ascending", "descending", "random")
@@ -26,6 +26,7 @@ NON_LAYER = ("auto", "active", "frozen", "blocks")
     requires_adapter=("none",),
     ddp="switches the trained block during the run, and DDP's gradient reducer is built once for a fixed set "
     "of trainable parameters (FSDP2 handles the switch: use hardware.strategy=fsdp)",
+    zero=ZERO_MOVES_TRAINABLE,
 )
 @dataclass
 class BAdamParams:
@@ -39,7 +40,7 @@ class BAdamParams:
         check_choice("method.badam_non_layer", self.badam_non_layer, NON_LAYER)
 
 
-@params_for("procedure", "dylora", requires_adapter=("dylora",))
+@params_for("procedure", "dylora", requires_adapter=("dylora",), zero=ZERO_BETWEEN_BACKWARD_AND_STEP)
 @dataclass
 class DyLoraSamplingParams:
     frozen: bool = True  # the authors' GLUE scripts (set_rank(..., frozen=True) before every step)
@@ -51,6 +52,7 @@ class DyLoraSamplingParams:
     "increlora",
     requires_adapter=("increlora",),
     sharding="adds rank components (new tensors) to the adapter during the run, which FSDP2 cannot add to its shards",
+    zero=ZERO_BETWEEN_BACKWARD_AND_STEP,
 )
 @dataclass
 class IncreLoraAllocParams:
@@ -92,6 +94,7 @@ class IncreLoraAllocParams:
     "lamda",
     requires_adapter=("lamda",),
     sharding="freezes columns of whole projection matrices by in-place masks between steps",
+    zero=ZERO_BETWEEN_BACKWARD_AND_STEP,
 )
 @dataclass
 class LamdaFreezeParams:
@@ -105,7 +108,7 @@ class LamdaFreezeParams:
             )
 
 
-@params_for("procedure", "lisa", requires_adapter=("none",))
+@params_for("procedure", "lisa", requires_adapter=("none",), zero=ZERO_MOVES_TRAINABLE)
 @dataclass
 class LisaParams:
     lisa_activated_layers: int = 2  # γ: layers unfrozen per period
@@ -137,6 +140,7 @@ class SomaWdParams:
     "sora",
     requires_adapter=("sora",),
     sharding="adds the gates' L1 term to the loss outside the model's forward, where FSDP2 holds them as shards",
+    zero=ZERO_BETWEEN_BACKWARD_AND_STEP,
 )
 @dataclass
 class SoraProximalParams:
@@ -162,4 +166,5 @@ params_for(
     "adalora",
     requires_adapter=("adalora",),
     sharding="peft's rank allocator scores and masks ranks across whole lora_A/E/B tensors between steps",
+    zero=ZERO_BETWEEN_BACKWARD_AND_STEP,
 )(NoParams)

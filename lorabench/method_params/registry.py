@@ -28,6 +28,22 @@ class ParamsEntry:
     sharding: str = "any"
     # the same for hardware.strategy=ddp on more than one process: "any", or why DDP cannot run it
     ddp: str = "any"
+    # the same for DeepSpeed ZeRO (hardware.strategy=zero2 and zero3; zero3 also refuses what ``sharding``
+    # names): "any", or why not; the ZERO_* reasons below name the usual ones
+    zero: str = "any"
+
+
+# Why a component cannot run under DeepSpeed ZeRO (lorabench.distributed): its engine keeps its own fp32
+# partition of every trainable weight, hands the optimizer flat 1-D partitions, fixes the partitions
+# when the model is prepared, and steps inside the backward of the step's last micro-batch.
+ZERO_NEEDS_MATRICES = "works on each weight's gradient as a matrix, but ZeRO hands the optimizer flat 1-D partitions"
+ZERO_BETWEEN_BACKWARD_AND_STEP = (
+    "acts on gradients between the backward and the update, which ZeRO applies inside the backward"
+)
+ZERO_WRITES_WEIGHTS = (
+    "changes weights in place between steps, which ZeRO's fp32 partition overwrites at the next update"
+)
+ZERO_MOVES_TRAINABLE = "changes which parameters train during the run, while ZeRO fixes its partitions at prepare"
 
 
 @dataclass
@@ -45,13 +61,18 @@ PARAMS: dict[str, Registry] = {
 
 
 def params_for(
-    axis: str, name: str, requires_adapter: tuple[str, ...] = (), sharding: str = "any", ddp: str = "any"
+    axis: str,
+    name: str,
+    requires_adapter: tuple[str, ...] = (),
+    sharding: str = "any",
+    ddp: str = "any",
+    zero: str = "any",
 ) -> Callable[[type], type]:
     """Class decorator: ``cls`` declares the hyper-parameters of component ``name`` on ``axis``
     (stack it for a class two components share); returns ``cls`` unchanged."""
 
     def decorator(cls: type) -> type:
-        PARAMS[axis].register(name)(ParamsEntry(cls, tuple(requires_adapter), sharding, ddp))
+        PARAMS[axis].register(name)(ParamsEntry(cls, tuple(requires_adapter), sharding, ddp, zero))
         return cls
 
     return decorator

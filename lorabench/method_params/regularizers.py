@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from lorabench.config import check_positive
-from lorabench.method_params.registry import params_for
+from lorabench.method_params.registry import ZERO_BETWEEN_BACKWARD_AND_STEP, params_for
 
 
 @params_for("regularizer", "ba_lora", requires_adapter=("lora",))
@@ -33,7 +33,7 @@ class BaLoraParams:
         check_positive("method.svd_top_k", self.svd_top_k)
 
 
-@params_for("regularizer", "mgpo", requires_adapter=("lora",))
+@params_for("regularizer", "mgpo", requires_adapter=("lora",), zero=ZERO_BETWEEN_BACKWARD_AND_STEP)
 @dataclass
 class MgpoParams:
     """llm172/LoRA-MGPO ``lora_mgpo/trainer.py`` defaults (its NLU profile; the NLG profile of its
@@ -86,7 +86,7 @@ class PegoParams:
             )
 
 
-@params_for("regularizer", "gradient_norm_penalty")
+@params_for("regularizer", "gradient_norm_penalty", zero=ZERO_BETWEEN_BACKWARD_AND_STEP)
 @dataclass
 class GradientNormPenaltyParams:
     """Zhao, Zhang & Hu (ICML 2022, arXiv:2202.03599): L + lambda ||grad L||, by the finite-difference

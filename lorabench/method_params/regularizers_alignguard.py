@@ -15,7 +15,7 @@ from typing import Optional
 
 from lorabench.config import check_positive
 from lorabench.errors import ConfigError
-from lorabench.method_params.registry import params_for
+from lorabench.method_params.registry import ZERO_WRITES_WEIGHTS, params_for
 
 DATA_SUFFIXES = (".txt", ".jsonl")  # as analysis.forgetting_data (lorabench/analysis/forgetting.py)
 
@@ -25,6 +25,7 @@ DATA_SUFFIXES = (".txt", ".jsonl")  # as analysis.forgetting_data (lorabench/ana
     "alignguard",
     requires_adapter=("lora",),
     sharding="projects each whole ΔW = BA onto its Fisher-guided subspace outside the model's forward",
+    zero=ZERO_WRITES_WEIGHTS,
 )
 @dataclass
 class AlignGuardParams:
