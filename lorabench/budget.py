@@ -215,10 +215,18 @@ def _cap(base_model: nn.Module, spec: MethodSpec, ctx: MethodContext, axis: str,
     if size_limit is not None:
         return size_limit(shapes, spec.params[axis])
     if "rank" in fields:
-        # SVD-based components (rank_at_most_every_target) need r <= min(d_out, d_in) of every target (LoRA-GA:
-        # 2r); others may exceed a small target's (e.g. LoRA on GQA's narrow v_proj), so their cap is the largest
+        # SVD-based components (rank_at_most_every_target) need r <= min(d_out, d_in) of every target / k
+        # (LoRA-GA: 2r); every other factor rank r <= min(d_out, d_in) of every target, as the preflight
+        # check (lorabench.preflight.check_rank) requires of any run, so that a solved budget is a rank the
+        # run accepts (e.g. SmolLM2's 192-wide GQA v_proj); only ranks that are not a factor rank
+        # (RANK_IS_NOT_A_FACTOR_RANK: VeRA, RandLoRA, MiSS) may go up to the largest target's
+        from lorabench.preflight import RANK_IS_NOT_A_FACTOR_RANK
+
         limit = rank_limit(base_model, spec.components.values(), ctx.target_modules)
-        return max(min(shape) for shape in shapes) if limit is None else limit[0]
+        if limit is not None:
+            return limit[0]
+        widest = (axis, spec.names[axis]) in RANK_IS_NOT_A_FACTOR_RANK
+        return (max if widest else min)(min(shape) for shape in shapes)
     return INT_LIMIT
 
 

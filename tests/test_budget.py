@@ -20,6 +20,7 @@ from lorabench.errors import ConfigError
 from lorabench.measure import optimizer_state_bytes as measured_state_bytes
 from lorabench.measure import parameter_counts
 from lorabench.methods.build import apply_method, expected_trainable
+from lorabench.preflight import check_rank
 from tests.method_harness import build, one_step
 
 METHOD_DIR = Path(__file__).resolve().parent.parent / "conf" / "method"
@@ -115,13 +116,13 @@ def test_bone_budget_steps_down_to_a_block_size_that_divides_every_target(sst2_d
     assert result["value"] == 4 and result["predicted"] < budget and not result["capped"]
 
 
-# preset -> the cap on tiny_llama (q_proj 32 x 32, GQA v_proj 16 x 32): LoRA and the adapters that may exceed a
-# small target take the largest target's 32; SVD-based ones the smallest's 16; LoRA-GA 8 (2r gradient singular vectors);
-# knobs other than a rank their size_limit
+# preset -> the cap on tiny_llama (q_proj 32 x 32, GQA v_proj 16 x 32): a factor rank the smallest target's 16
+# (what the preflight check accepts); the ranks that are not a factor rank (VeRA) the largest target's 32;
+# LoRA-GA 8 (2r gradient singular vectors); knobs other than a rank their size_limit
 RANK_KNOB_PRESETS = {
-    "lora": 32,
+    "lora": 16,
     "vera": 32,
-    "slora": 32,
+    "slora": 16,
     "corda": 16,
     "pissa": 16,
     "olora": 16,
@@ -141,12 +142,14 @@ RANK_KNOB_PRESETS = {
 @pytest.mark.parametrize("preset, cap", RANK_KNOB_PRESETS.items())
 def test_an_unreachable_budget_caps_at_a_rank_every_target_accepts(preset, cap, sst2_dir, tmp_path):
     """tiny_llama's targets differ in size (q_proj 32 x 32, GQA v_proj 16 x 32, like SmolLM2's 576 vs
-    192): a budget no rank can reach must cap at a rank the method applies with (16 for the SVD-based
-    adapters, whose rank may not exceed any target's; 32 for LoRA), not fail at apply time."""
+    192): a budget no rank can reach must cap at a rank the run accepts (the preflight check: a factor
+    rank may not exceed any target's min(d_out, d_in); VeRA's shared rank may), not fail at preflight
+    or apply time (S2-LoRA's budget on SmolLM2 solved rank 232 for the 192-wide v_proj)."""
     _, spec, loaded, _, ctx = build(preset, sst2_dir, tmp_path, "model=tiny_llama")
     result = solve_budget(loaded.model, spec, ctx, trainable_params=10**9)
     assert result["capped"] and result["value"] == cap, result
-    _, spec2, loaded2, _, ctx2 = build(preset, sst2_dir, tmp_path, "model=tiny_llama", *_overrides(result))
+    cfg2, spec2, loaded2, _, ctx2 = build(preset, sst2_dir, tmp_path, "model=tiny_llama", *_overrides(result))
+    check_rank(spec2, cfg2, loaded2.model, ctx2)  # the solved rank passes the run's own check
     apply_method(loaded2.model, spec2, ctx2)  # raised "method.rank=32 exceeds min(d_out, d_in)=16" (corda:
     # peft's "rank mismatch: 16 vs. 32"; lora_ga: "shapes cannot be multiplied (32x0 and 32x32)") before the cap knew
 
