@@ -4,6 +4,8 @@
 # make mutation     set up .venv if needed, then mutation-test optimizers/ and procedures/ (tests/MUTATION.md;
 #                   MUTATION_JOBS=1 on a busy machine)
 PYTHON ?= python3
+# pytest-xdist workers of `make test` (TEST_WORKERS=0: one process)
+TEST_WORKERS ?= 2
 # the quickstart: GaLore with per-layer updates in < 2 GB (README "Quickstart"); QUICKSTART="method=galore" is the 5 GB form
 QUICKSTART ?= method=galore hardware=cpu_lowmem +method.layerwise=true train.max_grad_norm=null
 VENV ?= .venv
@@ -32,7 +34,7 @@ quickstart: install
 	$(BIN)/lorabench table
 
 test: install
-	$(BIN)/python -m pytest -q --durations=30
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=30
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow

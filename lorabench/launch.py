@@ -34,10 +34,41 @@ def _under_launcher() -> bool:
     return "LOCAL_RANK" in os.environ or "ACCELERATE_LAUNCHED" in os.environ
 
 
-def _free_port() -> int:
+PORT_RANGE_ENV = "LORABENCH_PORT_RANGE"  # "low-high": choose launch ports there (see _free_port)
+_last_port: list[int] = []
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port() -> int:
+    """A free local TCP port for a launch's rendezvous: the operating system's choice, or, with
+    ``LORABENCH_PORT_RANGE=low-high``, the next free one in that range after the last one given. A
+    port is only reserved once the launched process binds it, so concurrent launchers (e.g. parallel
+    test workers) given disjoint ranges cannot be handed the same port in between."""
+    wanted = os.environ.get(PORT_RANGE_ENV)
+    if not wanted:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    try:
+        low, high = (int(part) for part in wanted.split("-"))
+    except ValueError:
+        raise ConfigError(f"{PORT_RANGE_ENV}={wanted!r} is invalid; use low-high, e.g. 21000-21499") from None
+    span = high - low + 1
+    start = (_last_port[-1] + 1 - low) % span if _last_port else 0
+    for step in range(span):
+        port = low + (start + step) % span
+        if _bindable(port):
+            _last_port[:] = [port]
+            return port
+    raise ConfigError(f"{PORT_RANGE_ENV}={wanted}: no free port in the range")
 
 
 def launched_status(cfg, code: int) -> str:

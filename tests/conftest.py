@@ -15,6 +15,11 @@ from lorabench.config_store import compose  # noqa: F401  (re-exported for the t
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if (_worker := os.environ.get("PYTEST_XDIST_WORKER", "")).startswith("gw"):
+    # parallel test workers launch 2-process runs at the same time: disjoint rendezvous port ranges
+    # (below the ephemeral range) so that no two are handed the same port (lorabench.launch._free_port)
+    _low = 20000 + 500 * int(_worker[2:])
+    os.environ.setdefault("LORABENCH_PORT_RANGE", f"{_low}-{_low + 499}")
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 

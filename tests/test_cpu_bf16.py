@@ -39,14 +39,16 @@ def test_emulated_bf16_is_announced_only_where_it_applies(monkeypatch, capsys):
 
 def test_runs_at_different_precisions_share_one_process():
     """Accelerate refuses a second Accelerator at another precision in one process; each run's
-    accelerator (train.new_accelerator) clears that state, so a sweep, a protocol or a notebook can run
+    accelerator (lorabench.distributed.new_accelerator) clears that state, so a sweep, a protocol or a notebook can run
     fp32 after bf16 and back. The process-wide PartialState (device, process group) is kept."""
     from accelerate import Accelerator
     from accelerate.state import PartialState
 
+    from lorabench.distributed import new_accelerator
+
     Accelerator(cpu=True, mixed_precision="no")
     partial = PartialState._shared_state.copy()
     for precision in ("bf16", "no", "bf16"):
-        assert train.new_accelerator(True, precision).mixed_precision == precision
+        assert new_accelerator(True, precision).mixed_precision == precision
     assert PartialState._shared_state.keys() == partial.keys()
-    train.new_accelerator(True, "no")  # leave the default behind for the tests that follow
+    new_accelerator(True, "no")  # leave the default behind for the tests that follow
