@@ -24,6 +24,12 @@ optimizer state are gathered whole (torch.distributed.checkpoint's full state di
 taking part) and written by rank 0, the optimizer state keyed by parameter name; on resume each
 process loads the whole tensors and keeps its shard (``set_model_state_dict`` /
 ``set_optimizer_state_dict``), so the checkpoint is independent of the number of processes.
+
+A DeepSpeed ZeRO-2 run (``zero2``; ZeRO-3 runs are refused a checkpoint) writes the whole
+trainable tensors and, from every process, ``optimizer_<rank>.pt``: the state of its own flat partition as the
+optimizer inside DeepSpeed's holds it (``optimizer.pt`` then only says so). On resume each process
+loads the tensors, its partition's state, and DeepSpeed's fp32 master partition is refreshed from
+the loaded weights; it resumes with the same number of processes only.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from lorabench.distributed import zero_optimizer
 
 META = "meta.json"
 MANIFEST = "manifest.json"
@@ -146,6 +154,9 @@ def save_checkpoint(
     target = root / f"step_{step}"
     try:
         torch.save(_rng_state(), staging / f"rng_{accelerator.process_index}.pt")
+        zero = zero_optimizer(optimizer)
+        if zero is not None:  # this process's partition of the optimizer state
+            torch.save(zero.optimizer.state_dict(), staging / f"optimizer_{accelerator.process_index}.pt")
         accelerator.wait_for_everyone()
         unwrapped = accelerator.unwrap_model(model)
         every_parameter = bool(getattr(procedure, "moves_trainable_set", False))
@@ -180,6 +191,8 @@ def _states_to_save(model, optimizer, every_parameter: bool) -> tuple[dict, dict
     from torch.distributed.checkpoint (every process must call this; the others get empty dicts)."""
     from lorabench.distributed import is_sharded
 
+    if zero_optimizer(optimizer) is not None:  # ZeRO-2: whole weights; each process wrote its partition's state
+        return trainable_tensors(model, every_parameter), {"zero_partitions": "optimizer_<rank>.pt"}
     if not is_sharded(model):
         return trainable_tensors(model, every_parameter), optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import (
@@ -206,6 +219,21 @@ def _load_sharded(model, optimizer, tensors: dict, optimizer_state: dict) -> Non
     set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True, strict=False))
     inner = getattr(optimizer, "optimizer", optimizer)
     set_optimizer_state_dict(model, inner, optimizer_state, options=StateDictOptions(full_state_dict=True))
+
+
+def _load_zero(model, optimizer, tensors: dict, partition_state: dict) -> None:
+    """A ZeRO-2 run's resume: the whole trainable tensors into the weights, this process's partition
+    state into the optimizer inside DeepSpeed's, and DeepSpeed's fp32 master partition refreshed from
+    the loaded weights."""
+    zero = zero_optimizer(optimizer)
+    if zero is None:
+        raise ValueError("the checkpoint was written under DeepSpeed ZeRO-2; resume with hardware.strategy=zero2")
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for name, value in tensors.items():
+            params[name].copy_(value.to(params[name].device))
+    zero.optimizer.load_state_dict(partition_state)
+    zero.refresh_fp32_params()
 
 
 class CheckpointError(ValueError):
@@ -280,10 +308,19 @@ def read_checkpoint(path: Path, process_index: int) -> Checkpoint:
     meta = _read(path, META, _json)
     if not isinstance(meta, dict) or "step" not in meta:
         raise CheckpointError(f"{path / META}: no 'step' in it")
+    optimizer = _read(path, "optimizer.pt", _torch)
+    if isinstance(optimizer, dict) and "zero_partitions" in optimizer:  # DeepSpeed ZeRO: one file per process
+        name = f"optimizer_{process_index}.pt"
+        if not (path / name).exists():
+            raise CheckpointError(
+                f"{path / name}: missing; a ZeRO checkpoint holds one optimizer partition per process "
+                "(resume with the same number of processes)"
+            )
+        optimizer = {"zero_partition": _read(path, name, _torch)}
     return Checkpoint(
         path=path,
         tensors=_read(path, "trainable.safetensors", lambda f: load_file(str(f))),
-        optimizer=_read(path, "optimizer.pt", _torch),
+        optimizer=optimizer,
         scheduler=_read(path, "scheduler.json", _json),
         procedure=_read(path, "procedure.json", _json) if (path / "procedure.json").exists() else None,
         meta=meta,
@@ -328,7 +365,9 @@ def load_checkpoint(
     if missing:
         raise ValueError(f"checkpoint {path} lacks trainable tensors {missing[:5]}; was it written by another method?")
     try:
-        if is_sharded(unwrapped):
+        if "zero_partition" in checkpoint.optimizer:
+            _load_zero(unwrapped, optimizer, tensors, checkpoint.optimizer["zero_partition"])
+        elif is_sharded(unwrapped):
             _load_sharded(unwrapped, optimizer, tensors, checkpoint.optimizer)
         else:
             with torch.no_grad():

@@ -84,20 +84,28 @@ def fsdp_plugin():
     )
 
 
+OWN_LOCAL_RANK = "LORABENCH_OWN_LOCAL_RANK"  # set beside a LOCAL_RANK that a world of one set for itself
+
+
 def _init_single_process_group(cpu: bool) -> None:
     """FSDP and DeepSpeed need a process group even on one process (``hardware.num_processes=1``): a
-    world of one, named in the environment as a launcher would (DeepSpeed reads LOCAL_RANK)."""
+    world of one, on a rendezvous port of its own (passed directly: no MASTER_PORT left in the
+    environment for child processes to collide with). DeepSpeed's engine and ZeRO-3's gathering read
+    LOCAL_RANK, which a launcher sets: set here for the run, with the ``OWN_LOCAL_RANK`` mark
+    (``set_for_a_world_of_one``), and removed when the run ends (``end_world_of_one``), since a
+    LOCAL_RANK otherwise means "inside a launch" to lorabench.launch and to Accelerate, in this
+    process and in the processes it starts."""
     import torch.distributed as dist
 
+    if "LOCAL_RANK" not in os.environ and (not dist.is_initialized() or dist.get_world_size() == 1):
+        os.environ["LOCAL_RANK"] = "0"
+        os.environ[OWN_LOCAL_RANK] = "1"
     if dist.is_initialized():
         return
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    if "MASTER_PORT" not in os.environ:
-        from lorabench.launch import _free_port
+    from lorabench.launch import _free_port
 
-        os.environ["MASTER_PORT"] = str(_free_port())
-    dist.init_process_group("gloo" if cpu else "nccl", rank=0, world_size=1)
+    method = f"tcp://127.0.0.1:{_free_port()}"
+    dist.init_process_group("gloo" if cpu else "nccl", init_method=method, rank=0, world_size=1)
 
 
 def accelerator_for(cfg):
@@ -224,6 +232,13 @@ def zero_backward(accelerator, objective, last_micro_batch: bool) -> None:
     accelerator.gradient_state._set_sync_gradients(True)
 
 
+def zero_optimizer(optimizer):
+    """DeepSpeed's ZeRO optimizer behind Accelerate's wrapper, or None when the run is not under ZeRO."""
+    inner = getattr(optimizer, "optimizer", None)
+    found = hasattr(inner, "single_partition_of_fp32_groups") or hasattr(inner, "fp32_partitioned_groups_flat")
+    return inner if found else None
+
+
 def drop_empty_groups(accelerator, optimizer) -> None:
     """Before the LR schedule is built: under DeepSpeed, the optimizer's parameter groups without
     parameters removed (ZeRO drops them from the optimizer it steps, and a schedule built over them
@@ -331,6 +346,27 @@ def block_class_names(model) -> list[str]:
     if not names:
         raise ValueError(f"hardware.strategy=fsdp found no numbered transformer blocks in {type(model).__name__}")
     return sorted(names)
+
+
+def after_prepare(accelerator, model) -> None:
+    """After ``accelerator.prepare``: the autocast the FSDP2 and DeepSpeed paths leave out
+    (``autocast_sharded``)."""
+    autocast_sharded(accelerator, model)
+
+
+def end_world_of_one() -> None:
+    """At the end of a run: the LOCAL_RANK ``_init_single_process_group`` set removed (the process
+    group of one stays, for the next run in this process)."""
+    if set_for_a_world_of_one("LOCAL_RANK"):
+        os.environ.pop("LOCAL_RANK")
+        os.environ.pop(OWN_LOCAL_RANK)
+
+
+def set_for_a_world_of_one(name: str) -> bool:
+    """Whether environment variable ``name`` was set by ``_init_single_process_group`` (for
+    DeepSpeed's engine, which reads LOCAL_RANK whenever it runs) here or in a parent process, not
+    by a launcher."""
+    return name == "LOCAL_RANK" and os.environ.get(OWN_LOCAL_RANK) == "1" and os.environ.get(name) == "0"
 
 
 def autocast_sharded(accelerator, model) -> None:

@@ -31,7 +31,12 @@ def err(message: str) -> None:
 
 # -- one run ----------------------------------------------------------------------------------------
 def _under_launcher() -> bool:
-    return "LOCAL_RANK" in os.environ or "ACCELERATE_LAUNCHED" in os.environ
+    """Inside a launched process (a launcher set LOCAL_RANK, or lorabench's ACCELERATE_LAUNCHED); the
+    LOCAL_RANK an earlier one-process FSDP/ZeRO run set for itself does not count."""
+    from lorabench.distributed import set_for_a_world_of_one
+
+    own = "LOCAL_RANK" in os.environ and not set_for_a_world_of_one("LOCAL_RANK")
+    return own or "ACCELERATE_LAUNCHED" in os.environ
 
 
 PORT_RANGE_ENV = "LORABENCH_PORT_RANGE"  # "low-high": choose launch ports there (see _free_port)
@@ -122,6 +127,11 @@ def launch_distributed(cfg, command: str) -> int:
     )
     print(f"[lorabench] launching {cfg.hardware.num_processes} processes: {shlex.join(launch[2:])}")
     env = {**os.environ, "ACCELERATE_LAUNCHED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    from lorabench.distributed import OWN_LOCAL_RANK, set_for_a_world_of_one
+
+    if set_for_a_world_of_one("LOCAL_RANK"):  # this process's own world of one, not the launched processes'
+        env.pop("LOCAL_RANK")
+        env.pop(OWN_LOCAL_RANK)
     return subprocess.call(launch, env=env)
 
 

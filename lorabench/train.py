@@ -44,8 +44,9 @@ from lorabench.data.base import collate, count_tokens, resolve_primary
 from lorabench.data.cache import cached_features
 from lorabench.distributed import (
     accelerator_for,
-    autocast_sharded,
+    after_prepare,
     drop_empty_groups,
+    end_world_of_one,
     plan_sharding,
     uses_deepspeed,
     whole_model,
@@ -561,7 +562,7 @@ def prepare_run(
     )
     plan_sharding(accelerator, model)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, parts.loader, scheduler)
-    autocast_sharded(accelerator, model)
+    after_prepare(accelerator, model)
     trainable, total = parameter_counts(model)
     record["cost"].update({"trainable_params": trainable, "total_params": total, "expected_trainable_params": expected})
     record["method_report"].update({"target_modules": parts.targets, "lr": parts.lr, **parts.ctx.extras})
@@ -1015,6 +1016,7 @@ def run_with_record(cfg: RunConfig, spec: MethodSpec, command: str, body: Callab
         finally:
             stop.__exit__(None, None, None)
             claim.release()
+            end_world_of_one()
         if tracker:
             tracker.finish(record["status"] == "completed", record, record_path)
     if is_main:

@@ -178,9 +178,9 @@ SHARDED_RUN_LIMITS = {
 ZERO_RUN_LIMITS = {
     **SHARDED_RUN_LIMITS,
     "checkpoint.every": (
-        lambda cfg: bool(cfg.checkpoint.every),
-        "0 (a checkpoint holds the optimizer state by parameter; ZeRO's is flat partitions per process: "
-        "resume runs under hardware.strategy=ddp or fsdp)",
+        lambda cfg: cfg.hardware.strategy == "zero3" and bool(cfg.checkpoint.every),
+        "0 under zero3 (its optimizer keeps each partition's state under tensors it swaps in for the "
+        "step, which a checkpoint cannot address yet; zero2, fsdp and ddp runs checkpoint and resume)",
     ),
     "train.nonfinite": (
         lambda cfg: cfg.train.nonfinite == "skip",
