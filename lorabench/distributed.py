@@ -307,14 +307,23 @@ def whole_model(model) -> Iterator[None]:
     for unit in units:
         unit.set_reshard_after_forward(False, recurse=False)
         unit.unshard()
+    try:
+        with _marked_whole(model):
+            yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(True, recurse=False)
+
+
+@contextlib.contextmanager
+def _marked_whole(model) -> Iterator[None]:
+    """``WHOLE_FLAG`` set on ``model`` for the duration (a nested ``whole_model`` passes through)."""
     setattr(model, WHOLE_FLAG, True)
     try:
         yield
     finally:
         setattr(model, WHOLE_FLAG, False)
-        for unit in units:
-            unit.reshard()
-            unit.set_reshard_after_forward(True, recurse=False)
 
 
 @contextlib.contextmanager
@@ -326,11 +335,10 @@ def _zero3_whole(model) -> Iterator[None]:
     offload = getattr(model, ZERO3_OFFLOAD)
     with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
         offload._remove_module_hooks()
-        setattr(model, WHOLE_FLAG, True)
         try:
-            yield
+            with _marked_whole(model):
+                yield
         finally:
-            setattr(model, WHOLE_FLAG, False)
             offload.setup_zero_stage3_hooks()
 
 
