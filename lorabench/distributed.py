@@ -124,14 +124,6 @@ def accelerator_for(cfg):
     return new_accelerator(hw.device == "cpu", hw.mixed_precision, hw.strategy, deepspeed)
 
 
-def _distributed_type(strategy: str):
-    from accelerate.utils import DistributedType
-
-    return {"fsdp": DistributedType.FSDP, "zero2": DistributedType.DEEPSPEED, "zero3": DistributedType.DEEPSPEED}.get(
-        strategy
-    )
-
-
 def _reset_state_for(strategy: str, mixed_precision: str) -> None:
     """Clear Accelerate's process-wide state when the run needs another precision or strategy than
     the one it holds (an FSDP or DeepSpeed state is never reused: its plugin holds the last run's
@@ -143,7 +135,7 @@ def _reset_state_for(strategy: str, mixed_precision: str) -> None:
     special = (DistributedType.FSDP, DistributedType.DEEPSPEED)
     held = state.get("distributed_type") if state else None
     if state.get("_mixed_precision") not in (None, mixed_precision) or (
-        state and (held in special or _distributed_type(strategy) is not None)
+        state and (held in special or strategy == "fsdp" or strategy in ZERO_STAGES)
     ):
         AcceleratorState._reset_state(reset_partial_state=False)
         if _DETECTED_TYPE:
