@@ -372,6 +372,9 @@ also: lorabench --version; eval "$(lorabench -sc install=bash)" installs shell c
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     from lorabench.console import quiet_libraries
+    from lorabench.distributed import end_world_of_one
+
+    end_world_of_one()  # a LOCAL_RANK a one-process FSDP/ZeRO run set (here or in a parent) is not a launch's
 
     quiet_libraries()
     if not argv or argv[0] in ("-h", "--help", "help"):
