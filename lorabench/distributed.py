@@ -348,12 +348,6 @@ def block_class_names(model) -> list[str]:
     return sorted(names)
 
 
-def after_prepare(accelerator, model) -> None:
-    """After ``accelerator.prepare``: the autocast the FSDP2 and DeepSpeed paths leave out
-    (``autocast_sharded``)."""
-    autocast_sharded(accelerator, model)
-
-
 def end_world_of_one() -> None:
     """At the end of a run: the LOCAL_RANK ``_init_single_process_group`` set removed (the process
     group of one stays, for the next run in this process)."""

@@ -44,7 +44,7 @@ from lorabench.data.base import collate, count_tokens, resolve_primary
 from lorabench.data.cache import cached_features
 from lorabench.distributed import (
     accelerator_for,
-    after_prepare,
+    autocast_sharded,
     drop_empty_groups,
     end_world_of_one,
     plan_sharding,
@@ -562,7 +562,7 @@ def prepare_run(
     )
     plan_sharding(accelerator, model)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, parts.loader, scheduler)
-    after_prepare(accelerator, model)
+    autocast_sharded(accelerator, model)
     trainable, total = parameter_counts(model)
     record["cost"].update({"trainable_params": trainable, "total_params": total, "expected_trainable_params": expected})
     record["method_report"].update({"target_modules": parts.targets, "lr": parts.lr, **parts.ctx.extras})
